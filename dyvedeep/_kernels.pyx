@@ -1,0 +1,462 @@
+# cython: language_level=3
+"""Cython kernels of the engine: im2col, BLAS GEMM, pooling, LRN, and the knobs' kernels
+(channel statistics for SFMA, masked GEMM for SPET and SDSS, SDSS interpolation).
+
+Layout: one image at a time, channels first (C, H, W), float32, C-contiguous. Every inner loop
+runs without the GIL; ``threads`` spreads the outer loop over OpenMP threads. GEMM is the real
+BLAS that SciPy ships (scipy.linalg.cython_blas.sgemm), called in row-major form.
+"""
+from cython.parallel cimport prange
+from libc.math cimport expf, powf, sqrt, fabs
+from libc.string cimport memset
+from scipy.linalg.cython_blas cimport sgemm, sdot
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+ctypedef unsigned char uint8
+
+
+# --------------------------------------------------------------------------- GEMM
+
+cdef inline void gemm_rm(const float* A, int lda, const float* B, int ldb, float* C, int ldc,
+                         int M, int N, int K, float beta) noexcept nogil:
+    """C (M x N) = A (M x K) @ B (K x N) + beta * C, all row-major, via column-major sgemm."""
+    cdef char trans = b'N'
+    cdef float alpha = 1.0
+    cdef int i
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        if beta == 0.0:
+            for i in range(M):
+                memset(&C[i * ldc], 0, N * sizeof(float))
+        return
+    sgemm(&trans, &trans, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda, &beta, C, &ldc)
+
+
+def gemm(const float[:, :] A, const float[:, :] B, float[:, :] C, float beta=0.0):
+    """C = A @ B + beta * C for row-major matrices (rows may be strided, columns contiguous)."""
+    cdef int M = A.shape[0], K = A.shape[1], N = B.shape[1]
+    if B.shape[0] != K or C.shape[0] != M or C.shape[1] != N:
+        raise ValueError("gemm: shape mismatch")
+    if (K and A.strides[1] != 4) or (N and (B.strides[1] != 4 or C.strides[1] != 4)):
+        raise ValueError("gemm: columns must be contiguous")
+    if M == 0 or N == 0:
+        return
+    cdef int lda = <int>(A.strides[0] // 4) if M > 1 else max(K, 1)
+    cdef int ldb = <int>(B.strides[0] // 4) if K > 1 else max(N, 1)
+    cdef int ldc = <int>(C.strides[0] // 4) if M > 1 else max(N, 1)
+    cdef const float* pa = &A[0, 0] if K else NULL
+    cdef const float* pb = &B[0, 0] if K else NULL
+    with nogil:
+        gemm_rm(pa, lda, pb, ldb, &C[0, 0], ldc, M, N, K, beta)
+
+
+def gemv_rows(const float[:, ::1] W, const float[::1] x, float[::1] out, int k0, int k1,
+              const uint8[::1] mask, int threads=1):
+    """out[o] += W[o, k0:k1] . x[k0:k1] for every o with mask[o] (fully-connected SPET finish)."""
+    cdef Py_ssize_t O = W.shape[0], o
+    cdef int n = k1 - k0, inc = 1
+    if n <= 0:
+        return
+    for o in prange(O, nogil=True, num_threads=threads, schedule="static"):
+        if mask[o]:
+            out[o] = out[o] + sdot(&n, <float*>&W[o, k0], &inc, <float*>&x[k0], &inc)
+
+
+# --------------------------------------------------------------------------- im2col
+
+def im2col(const float[:, :, ::1] x, const int[::1] channels, int kh, int kw, int sh, int sw,
+           int pt, int pl, int dh, int dw, int wo, const int[::1] positions, float[:, ::1] cols,
+           int threads=1):
+    """Unfold ``x`` into ``cols`` (K x P): row (i*kh + ky)*kw + kx is channel ``channels[i]`` at
+    kernel tap (ky, kx); column j is output position ``positions[j]`` (= y * wo + x). Taps outside
+    the input (zero padding) give 0."""
+    cdef Py_ssize_t nch = channels.shape[0], npos = positions.shape[0]
+    cdef int H = x.shape[1], W = x.shape[2]
+    cdef Py_ssize_t i, j, row
+    cdef int c, ky, kx, p, oy, ox, iy, ix
+    if cols.shape[0] < nch * kh * kw or cols.shape[1] < npos:
+        raise ValueError("im2col: output too small")
+    for i in prange(nch, nogil=True, num_threads=threads, schedule="static"):
+        c = channels[i]
+        for ky in range(kh):
+            for kx in range(kw):
+                row = (i * kh + ky) * kw + kx
+                for j in range(npos):
+                    p = positions[j]
+                    oy = p // wo
+                    ox = p - oy * wo
+                    iy = oy * sh - pt + ky * dh
+                    ix = ox * sw - pl + kx * dw
+                    if iy >= 0 and iy < H and ix >= 0 and ix < W:
+                        cols[row, j] = x[c, iy, ix]
+                    else:
+                        cols[row, j] = 0.0
+
+
+def im2col_dense(const float[:, :, ::1] x, int c0, int c1, int kh, int kw, int sh, int sw,
+                 int pt, int pl, int dh, int dw, int ho, int wo, float[:, ::1] cols, int threads=1):
+    """im2col of channels c0..c1-1 over every output position (row-contiguous fast path)."""
+    cdef int H = x.shape[1], W = x.shape[2]
+    cdef Py_ssize_t i, row
+    cdef int c, ky, kx, oy, ox, iy, ix, x_lo, x_hi
+    cdef float* dst
+    for i in prange(c1 - c0, nogil=True, num_threads=threads, schedule="static"):
+        c = c0 + i
+        for ky in range(kh):
+            for kx in range(kw):
+                row = (i * kh + ky) * kw + kx
+                for oy in range(ho):
+                    iy = oy * sh - pt + ky * dh
+                    dst = &cols[row, oy * wo]
+                    if iy < 0 or iy >= H:
+                        memset(dst, 0, wo * sizeof(float))
+                        continue
+                    if sw == 1:
+                        # valid ox range: 0 <= ox - pl + kx*dw < W
+                        x_lo = pl - kx * dw
+                        if x_lo < 0:
+                            x_lo = 0
+                        x_hi = W + pl - kx * dw
+                        if x_hi > wo:
+                            x_hi = wo
+                        if x_hi < x_lo:
+                            x_hi = x_lo
+                        for ox in range(x_lo):
+                            dst[ox] = 0.0
+                        for ox in range(x_lo, x_hi):
+                            dst[ox] = x[c, iy, ox - pl + kx * dw]
+                        for ox in range(x_hi, wo):
+                            dst[ox] = 0.0
+                    else:
+                        for ox in range(wo):
+                            ix = ox * sw - pl + kx * dw
+                            if ix >= 0 and ix < W:
+                                dst[ox] = x[c, iy, ix]
+                            else:
+                                dst[ox] = 0.0
+
+
+# --------------------------------------------------------------------------- elementwise
+
+def bias_act(float[:, ::1] out, const float[::1] bias, bint relu, int threads=1):
+    """out[o, :] += bias[o], then ReLU if asked."""
+    cdef Py_ssize_t O = out.shape[0], N = out.shape[1], o, j
+    cdef float b, v
+    for o in prange(O, nogil=True, num_threads=threads, schedule="static"):
+        b = bias[o]
+        for j in range(N):
+            v = out[o, j] + b
+            if relu and v < 0.0:
+                v = 0.0
+            out[o, j] = v
+
+
+def relu_inplace(float[::1] x):
+    """x = max(x, 0) elementwise."""
+    cdef Py_ssize_t n = x.shape[0], i
+    with nogil:
+        for i in range(n):
+            if x[i] < 0.0:
+                x[i] = 0.0
+
+
+# --------------------------------------------------------------------------- pooling, LRN
+
+def maxpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int sh, int sw,
+            int pt, int pl, int threads=1):
+    """Max pooling with implicit -inf padding (ONNX / onnxruntime semantics)."""
+    cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
+    cdef Py_ssize_t c
+    cdef int oy, ox, y0, y1, x0, x1, iy, ix
+    cdef float m
+    for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
+        for oy in range(Ho):
+            y0 = oy * sh - pt
+            y1 = y0 + kh
+            if y0 < 0:
+                y0 = 0
+            if y1 > H:
+                y1 = H
+            for ox in range(Wo):
+                x0 = ox * sw - pl
+                x1 = x0 + kw
+                if x0 < 0:
+                    x0 = 0
+                if x1 > W:
+                    x1 = W
+                m = x[c, y0, x0]
+                for iy in range(y0, y1):
+                    for ix in range(x0, x1):
+                        if x[c, iy, ix] > m:
+                            m = x[c, iy, ix]
+                out[c, oy, ox] = m
+
+
+def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int sh, int sw,
+            int pt, int pl, int pb, int pr, bint count_include_pad, int threads=1):
+    """Average pooling as onnxruntime computes it: with count_include_pad the divisor is the
+    window clipped to the padded input (H + pad_end), else the taps inside the input."""
+    cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
+    cdef Py_ssize_t c
+    cdef int oy, ox, hs, he, ws, we, y0, y1, x0, x1, iy, ix, count
+    cdef float s
+    for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
+        for oy in range(Ho):
+            hs = oy * sh - pt
+            he = hs + kh
+            if he > H + pb:
+                he = H + pb
+            y0 = hs if hs > 0 else 0
+            y1 = he if he < H else H
+            for ox in range(Wo):
+                ws = ox * sw - pl
+                we = ws + kw
+                if we > W + pr:
+                    we = W + pr
+                x0 = ws if ws > 0 else 0
+                x1 = we if we < W else W
+                s = 0.0
+                for iy in range(y0, y1):
+                    for ix in range(x0, x1):
+                        s = s + x[c, iy, ix]
+                if count_include_pad:
+                    count = (he - hs) * (we - ws)
+                else:
+                    count = (y1 - y0) * (x1 - x0)
+                out[c, oy, ox] = s / count if count > 0 else 0.0
+
+
+def lrn_across(const float[:, :, ::1] x, float[:, :, ::1] out, int size, float alpha, float beta,
+               float bias, int threads=1):
+    """ONNX LRN: x / (bias + alpha / size * sum of x^2 over neighbouring channels) ** beta."""
+    cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2]
+    cdef int lo = (size - 1) // 2, hi = size - 1 - (size - 1) // 2
+    cdef Py_ssize_t c
+    cdef int y, xx, k, k0, k1
+    cdef float s, v
+    for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
+        k0 = c - lo if c - lo > 0 else 0
+        k1 = c + hi + 1 if c + hi + 1 < C else C
+        for y in range(H):
+            for xx in range(W):
+                s = 0.0
+                for k in range(k0, k1):
+                    v = x[k, y, xx]
+                    s = s + v * v
+                out[c, y, xx] = x[c, y, xx] / powf(bias + alpha / size * s, beta)
+
+
+# --------------------------------------------------------------------------- SFMA
+
+def channel_stats(const float[:, :, ::1] x, double[::1] sums, double[::1] sumsq, double[::1] sumabs,
+                  bint need_abs, int threads=1):
+    """Per channel: sum, sum of squares and (if asked) sum of absolute values, in double."""
+    cdef Py_ssize_t C = x.shape[0], c
+    cdef int H = x.shape[1], W = x.shape[2], y, xx
+    cdef double s, q, a, v
+    for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
+        s = 0.0
+        q = 0.0
+        a = 0.0
+        for y in range(H):
+            for xx in range(W):
+                v = x[c, y, xx]
+                s = s + v
+                q = q + v * v
+                if need_abs:
+                    a = a + fabs(v)
+        sums[c] = s
+        sumsq[c] = q
+        sumabs[c] = a
+
+
+# --------------------------------------------------------------------------- masked GEMM
+
+cdef enum:
+    TILE = 16
+
+
+cdef long long _masked_row(const float* w, const float* cols, Py_ssize_t ldc, const uint8* mask,
+                           float* out, int K, int N) noexcept nogil:
+    """One output channel of :func:`masked_gemm` (its own accumulator tile: thread-private)."""
+    cdef float acc[TILE]
+    cdef int j0, jj, jn, k, anyset
+    cdef float wk
+    cdef const float* row
+    cdef long long done = 0
+    j0 = 0
+    while j0 < N:
+        jn = N - j0
+        if jn > TILE:
+            jn = TILE
+        anyset = 0
+        for jj in range(jn):
+            anyset = anyset | mask[j0 + jj]
+        if not anyset:
+            j0 += TILE
+            continue
+        for jj in range(TILE):
+            acc[jj] = 0.0
+        if jn == TILE:
+            for k in range(K):
+                wk = w[k]
+                row = cols + k * ldc + j0
+                for jj in range(TILE):
+                    acc[jj] = acc[jj] + wk * row[jj]
+        else:
+            for k in range(K):
+                wk = w[k]
+                row = cols + k * ldc + j0
+                for jj in range(jn):
+                    acc[jj] = acc[jj] + wk * row[jj]
+        for jj in range(jn):
+            if mask[j0 + jj]:
+                out[j0 + jj] = out[j0 + jj] + acc[jj]
+                done += 1
+        j0 += TILE
+    return done
+
+
+def masked_gemm(const float[:, ::1] W, int k0, int k1, const float[:, ::1] cols, const uint8[:, ::1] mask,
+                float[:, ::1] out, int threads=1):
+    """out[o, j] += sum_{k0 <= k < k1} W[o, k] * cols[k - k0, j] for each (o, j) with mask[o, j].
+
+    ``cols`` holds rows k0..k1-1 of the unfolded input. Work is done in tiles of 16 columns of
+    one output channel; a tile with no masked entry is skipped whole (the GEMM-shaped part of
+    SPET and SDSS). Returns the number of (o, j) pairs computed."""
+    cdef Py_ssize_t O = W.shape[0], N = cols.shape[1], o
+    cdef int K = k1 - k0
+    cdef long long done = 0
+    if K <= 0 or O == 0 or N == 0:
+        return 0
+    if cols.shape[0] < K or mask.shape[0] != O or mask.shape[1] != N or out.shape[0] != O or out.shape[1] != N:
+        raise ValueError("masked_gemm: shape mismatch")
+    for o in prange(O, nogil=True, num_threads=threads, schedule="dynamic"):
+        done += _masked_row(&W[o, k0], &cols[0, 0], cols.shape[1], &mask[o, 0], &out[o, 0], K, <int>N)
+    return done
+
+
+def spet_decide(const float[:, ::1] partial, float margin, const uint8[:, ::1] active, uint8[:, ::1] cont):
+    """cont[o, j] = active[o, j] and partial[o, j] >= -margin. Returns the number terminated
+    (active entries predicted negative)."""
+    cdef Py_ssize_t O = partial.shape[0], N = partial.shape[1], o, j
+    cdef long long terminated = 0
+    cdef float neg = -margin
+    with nogil:
+        for o in range(O):
+            for j in range(N):
+                if active[o, j]:
+                    if partial[o, j] < neg:
+                        cont[o, j] = 0
+                        terminated += 1
+                    else:
+                        cont[o, j] = 1
+                else:
+                    cont[o, j] = 0
+    return terminated
+
+
+def finish_act(float[:, ::1] out, const uint8[:, ::1] active, const uint8[:, ::1] cont, bint relu):
+    """After SPET: terminated neurons (active but not continued) become 0; ReLU the rest."""
+    cdef Py_ssize_t O = out.shape[0], N = out.shape[1], o, j
+    with nogil:
+        for o in range(O):
+            for j in range(N):
+                if active[o, j]:
+                    if not cont[o, j]:
+                        out[o, j] = 0.0
+                    elif relu and out[o, j] < 0.0:
+                        out[o, j] = 0.0
+
+
+# --------------------------------------------------------------------------- SDSS
+
+def sdss_cells(const float[:, :, ::1] out, const int[::1] gy, const int[::1] gx, float threshold,
+               uint8[:, :, ::1] insignificant):
+    """insignificant[o, by, bx] = all four grid corners of cell (by, bx) of map o are < threshold.
+    Returns the number of insignificant cells."""
+    cdef Py_ssize_t O = out.shape[0], o
+    cdef int nby = gy.shape[0] - 1, nbx = gx.shape[0] - 1, by, bx
+    cdef long long n = 0
+    with nogil:
+        for o in range(O):
+            for by in range(nby):
+                for bx in range(nbx):
+                    if (out[o, gy[by], gx[bx]] < threshold and out[o, gy[by], gx[bx + 1]] < threshold
+                            and out[o, gy[by + 1], gx[bx]] < threshold and out[o, gy[by + 1], gx[bx + 1]] < threshold):
+                        insignificant[o, by, bx] = 1
+                        n += 1
+                    else:
+                        insignificant[o, by, bx] = 0
+    return n
+
+
+def sdss_needed(const uint8[:, :, ::1] insignificant, const int[::1] cell_y, const int[::1] cell_x,
+                uint8[:, ::1] needed, uint8[::1] column_needed):
+    """needed[o, j] = the cell of off-grid position j is significant for map o;
+    column_needed[j] = any map needs position j. Returns the number of (o, j) needed."""
+    cdef Py_ssize_t O = insignificant.shape[0], P = cell_y.shape[0], o, j
+    cdef long long n = 0
+    with nogil:
+        for j in range(P):
+            column_needed[j] = 0
+        for o in range(O):
+            for j in range(P):
+                if insignificant[o, cell_y[j], cell_x[j]]:
+                    needed[o, j] = 0
+                else:
+                    needed[o, j] = 1
+                    column_needed[j] = 1
+                    n += 1
+    return n
+
+
+def sdss_fill(float[:, :, ::1] out, const int[::1] gy, const int[::1] gx, const int[::1] pos_y,
+              const int[::1] pos_x, const int[::1] cell_y, const int[::1] cell_x,
+              const uint8[:, ::1] needed, bint bilinear):
+    """Fill every off-grid position not needed by its map: bilinear from the cell's corners
+    (or 0). Returns the number of positions filled."""
+    cdef Py_ssize_t O = out.shape[0], P = pos_y.shape[0], o, j
+    cdef int y, x, by, bx, y0, y1, x0, x1
+    cdef float fy, fx, top, bottom
+    cdef long long n = 0
+    with nogil:
+        for o in range(O):
+            for j in range(P):
+                if needed[o, j]:
+                    continue
+                n += 1
+                if not bilinear:
+                    out[o, pos_y[j], pos_x[j]] = 0.0
+                    continue
+                y = pos_y[j]
+                x = pos_x[j]
+                by = cell_y[j]
+                bx = cell_x[j]
+                y0 = gy[by]
+                y1 = gy[by + 1]
+                x0 = gx[bx]
+                x1 = gx[bx + 1]
+                fy = <float>(y - y0) / <float>(y1 - y0)
+                fx = <float>(x - x0) / <float>(x1 - x0)
+                top = out[o, y0, x0] + fx * (out[o, y0, x1] - out[o, y0, x0])
+                bottom = out[o, y1, x0] + fx * (out[o, y1, x1] - out[o, y1, x0])
+                out[o, y, x] = top + fy * (bottom - top)
+    return n
+
+
+def scatter_columns(const float[:, ::1] src, const int[::1] positions, const uint8[:, ::1] mask,
+                    float[:, ::1] dst):
+    """dst[o, positions[j]] = src[o, j] where mask[o, j] (mask may be 0 x 0 for 'all')."""
+    cdef Py_ssize_t O = src.shape[0], P = positions.shape[0], o, j
+    cdef bint use_mask = mask.shape[0] > 0
+    with nogil:
+        for o in range(O):
+            for j in range(P):
+                if not use_mask or mask[o, j]:
+                    dst[o, positions[j]] = src[o, j]

@@ -1,0 +1,549 @@
+"""The engine: runs a :class:`~dyvedeep.plan.Plan` one image at a time on the Cython kernels,
+with the three dynamic-effort knobs inside the conv and fully-connected layers, and counts
+scalar operations exactly in one :class:`OpCounter` shared by all knobs.
+
+Inside a conv layer the knobs apply in the specification's order: SFMA drops near-uniform input
+maps (their contribution becomes mean x kernel sum), SDSS computes the output on a coarse grid
+and interpolates insignificant cells, SPET stops the neurons whose partial sum over the leading
+input channels predicts a negative result. Whenever no knob fired in a layer for an image, the
+layer's result is the dense path's, bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from . import _kernels as K
+from .errors import DyveError
+from .knobs import KnobConfig, KnobSetting
+from .plan import Layer, Plan
+
+U8 = np.uint8
+#: Scalar ops of one bilinear fill (three lerps of 3 ops each); a zero fill costs nothing.
+BILINEAR_FILL_OPS = 9
+#: Scalar ops to turn one map's sums into its spread and test it (mean, variance, sqrt, ratio, compare).
+SFMA_TEST_OPS = 7
+
+# Counter columns: one row per layer.
+COUNTER_FIELDS = (
+    "images", "macs", "ops",
+    "overhead_sfma", "overhead_sdss", "overhead_spet",
+    "saved_sfma", "saved_sdss", "saved_spet",
+    "dropped_maps", "filled", "terminated", "fallbacks",
+)
+
+
+class OpCounter:
+    """Exact per-layer totals over the images run: MACs, scalar ops, and per knob the overhead
+    ops it added and the ops it saved. One instance is shared by every kernel path."""
+
+    def __init__(self, layer_names: list[str]) -> None:
+        self.layer_names = list(layer_names)
+        self.index = {name: i for i, name in enumerate(layer_names)}
+        self.table = np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64)
+        self.col = {name: j for j, name in enumerate(COUNTER_FIELDS)}
+
+    def add(self, layer: str, **counts: int) -> None:
+        """Add ``counts`` (field=value) to ``layer``'s row."""
+        row = self.table[self.index[layer]]
+        for key, value in counts.items():
+            row[self.col[key]] += int(value)
+
+    def get(self, layer: str, key: str) -> int:
+        """Total of ``key`` for ``layer``."""
+        return int(self.table[self.index[layer], self.col[key]])
+
+    def reset(self) -> None:
+        """Zero every count."""
+        self.table[:] = 0
+
+    def total(self, key: str) -> int:
+        """Sum of ``key`` over layers."""
+        return int(self.table[:, self.col[key]].sum())
+
+    def merge(self, other: "OpCounter") -> None:
+        """Add another counter of the same plan."""
+        self.table += other.table
+
+
+# ----------------------------------------------------------------------------- per-layer state
+
+
+@dataclass
+class SdssGrid:
+    """Static SDSS geometry of one output map: grid rows/cols and each off-grid position's cell."""
+
+    gy: np.ndarray
+    gx: np.ndarray
+    grid_positions: np.ndarray
+    off_positions: np.ndarray
+    off_y: np.ndarray
+    off_x: np.ndarray
+    cell_y: np.ndarray
+    cell_x: np.ndarray
+
+
+def sdss_grid(ho: int, wo: int, stride: int) -> SdssGrid:
+    """Grid rows 0, s, 2s, ... plus the last row (likewise columns); every off-grid position
+    belongs to the cell whose top-left grid corner precedes it."""
+    gy = np.unique(np.r_[np.arange(0, ho, stride), ho - 1]).astype(np.int32)
+    gx = np.unique(np.r_[np.arange(0, wo, stride), wo - 1]).astype(np.int32)
+    on_y = np.zeros(ho, bool)
+    on_y[gy] = True
+    on_x = np.zeros(wo, bool)
+    on_x[gx] = True
+    yy, xx = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
+    grid = on_y[yy] & on_x[xx]
+    grid_positions = np.flatnonzero(grid.ravel()).astype(np.int32)
+    off = np.flatnonzero(~grid.ravel()).astype(np.int32)
+    off_y, off_x = (off // wo).astype(np.int32), (off % wo).astype(np.int32)
+    cell_y = np.minimum(np.searchsorted(gy, off_y, side="right") - 1, len(gy) - 2).astype(np.int32)
+    cell_x = np.minimum(np.searchsorted(gx, off_x, side="right") - 1, len(gx) - 2).astype(np.int32)
+    return SdssGrid(gy, gx, grid_positions, off, off_y, off_x, cell_y, cell_x)
+
+
+@dataclass
+class ConvState:
+    """Precomputed data of one conv layer: weights per group in natural and SPET order,
+    geometry, SFMA border classes and scratch buffers."""
+
+    layer: Layer
+    groups: int
+    cin: int  # input channels per group
+    cout: int  # output channels per group
+    kh: int
+    kw: int
+    geometry: tuple[int, ...]  # sh, sw, pt, pl, dh, dw
+    ho: int
+    wo: int
+    is_pointwise: bool
+    weights: list[np.ndarray]  # per group, (cout, cin*kh*kw), natural channel order
+    cols: np.ndarray  # (cin*kh*kw, ho*wo) scratch
+    all_positions: np.ndarray
+    spet: KnobSetting | None = None
+    sdss: KnobSetting | None = None
+    sfma: KnobSetting | None = None
+    spet_order: list[np.ndarray] = field(default_factory=list)  # per group, channel order (relative)
+    spet_weights: list[np.ndarray] = field(default_factory=list)  # per group, columns in SPET order
+    grid: SdssGrid | None = None
+    # SFMA: per output position its border class; per class the valid kernel taps (kh*kw mask).
+    tap_class: np.ndarray | None = None
+    class_taps: np.ndarray | None = None
+
+    @property
+    def kk(self) -> int:
+        return self.kh * self.kw
+
+
+def _spet_channel_order(w: np.ndarray) -> np.ndarray:
+    """Input channels by decreasing L1 norm of their kernel slices over all outputs (shared order)."""
+    norms = np.abs(w).sum(axis=(0, 2, 3))
+    return np.argsort(-norms, kind="stable").astype(np.int32)
+
+
+def _border_classes(st: ConvState, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """For SFMA's exact border: each output position's class of valid kernel taps."""
+    sh, sw, pt, pl, dh, dw = st.geometry
+    ys = np.arange(st.ho)[:, None] * sh - pt + np.arange(st.kh)[None, :] * dh
+    xs = np.arange(st.wo)[:, None] * sw - pl + np.arange(st.kw)[None, :] * dw
+    vy = (ys >= 0) & (ys < h)
+    vx = (xs >= 0) & (xs < w)
+    taps = (vy[:, None, :, None] & vx[None, :, None, :]).reshape(st.ho * st.wo, st.kk)
+    classes, inverse = np.unique(taps, axis=0, return_inverse=True)
+    return inverse.reshape(-1).astype(np.int64), classes.astype(np.float32)
+
+
+def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
+    """Static data of a conv layer for the engine."""
+    w = layer.weight
+    groups = layer.attrs["group"]
+    cout_total, cin, kh, kw = w.shape
+    cout = cout_total // groups
+    _, ho, wo = layer.out_shape
+    sh, sw = layer.attrs["stride"]
+    pt, pl, pb, pr = layer.attrs["pads"]
+    dh, dw = layer.attrs["dilation"]
+    pointwise = (kh, kw, sh, sw, pt, pl, pb, pr) == (1, 1, 1, 1, 0, 0, 0, 0)
+    weights = [np.ascontiguousarray(w[g * cout:(g + 1) * cout].reshape(cout, -1)) for g in range(groups)]
+    st = ConvState(layer=layer, groups=groups, cin=cin, cout=cout, kh=kh, kw=kw,
+                   geometry=(sh, sw, pt, pl, dh, dw), ho=ho, wo=wo, is_pointwise=pointwise,
+                   weights=weights, cols=np.empty((cin * kh * kw, ho * wo), np.float32),
+                   all_positions=np.arange(ho * wo, dtype=np.int32))
+    if knobs is not None:
+        st.spet, st.sdss, st.sfma = (knobs.get(layer.name, k) for k in ("spet", "sdss", "sfma"))
+    if st.spet is not None:
+        for g in range(groups):
+            wg = w[g * cout:(g + 1) * cout]
+            order = _spet_channel_order(wg)
+            st.spet_order.append(order)
+            st.spet_weights.append(np.ascontiguousarray(wg[:, order].reshape(cout, -1)))
+    if st.sdss is not None:
+        st.grid = sdss_grid(ho, wo, int(st.sdss.option("sdss", "stride")))
+    if st.sfma is not None:
+        _, h, wi = layer.in_shapes[0]
+        st.tap_class, st.class_taps = _border_classes(st, h, wi)
+        if st.sfma.option("sfma", "border") == "interior":
+            st.class_taps = np.ones((1, st.kk), np.float32)
+            st.tap_class = np.zeros(ho * wo, np.int64)
+    return st
+
+
+@dataclass
+class FcState:
+    """Precomputed data of a fully-connected layer (SPET input order when SPET is on)."""
+
+    layer: Layer
+    spet: KnobSetting | None = None
+    order: np.ndarray | None = None
+    weight_perm: np.ndarray | None = None
+
+
+def make_fc_state(layer: Layer, knobs: KnobConfig | None) -> FcState:
+    """Static data of a fully-connected layer for the engine."""
+    st = FcState(layer=layer, spet=knobs.get(layer.name, "spet") if knobs is not None else None)
+    if st.spet is not None:
+        st.order = np.argsort(-np.abs(layer.weight).sum(axis=0), kind="stable").astype(np.int32)
+        st.weight_perm = np.ascontiguousarray(layer.weight[:, st.order])
+    return st
+
+
+def _scratch(buffer: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A C-contiguous (rows x cols) view at the start of a scratch buffer."""
+    return buffer.reshape(-1)[: rows * cols].reshape(rows, cols)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Runs a plan on batches of images; ``knobs=None`` (or an empty config) is the dense path."""
+
+    def __init__(self, plan: Plan, knobs: KnobConfig | None = None, threads: int = 1) -> None:
+        if threads < 1:
+            raise DyveError(f"threads must be >= 1, got {threads}")
+        self.plan = plan
+        self.knobs = knobs if knobs is not None else KnobConfig()
+        self.threads = int(threads)
+        self.counter = OpCounter([layer.name for layer in plan.layers])
+        self.states: dict[str, ConvState | FcState] = {}
+        for layer in plan.layers:
+            if layer.op == "conv":
+                self.states[layer.name] = make_conv_state(layer, self.knobs)
+            elif layer.op == "fc":
+                self.states[layer.name] = make_fc_state(layer, self.knobs)
+        self._blas_limits = None
+
+    # -- public API ------------------------------------------------------------------------
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Outputs (N, ...) of a batch of preprocessed inputs (N, C, H, W)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(self.plan.input_shape):
+            raise DyveError(f"{self.plan.path}: input shape {tuple(batch.shape)} does not match the model's "
+                            f"(N, {', '.join(map(str, self.plan.input_shape))})")
+        outputs = np.empty((batch.shape[0],) + tuple(self.plan.output_shape), np.float32)
+        with threadpool_limits(limits=self.threads, user_api="blas"):
+            for n in range(batch.shape[0]):
+                outputs[n] = self.run_image(batch[n])[self.plan.output_name]
+        return outputs
+
+    def run_image(self, image: np.ndarray, start: int = 0, tensors: dict[str, np.ndarray] | None = None,
+                  stop: int | None = None) -> dict[str, np.ndarray]:
+        """Run layers ``start``..``stop`` on one image; returns every tensor produced.
+
+        ``tensors`` supplies the inputs of the first layer run (for cached activations)."""
+        values: dict[str, np.ndarray] = dict(tensors) if tensors else {}
+        if start == 0:
+            values[self.plan.input_name] = image
+        layers = self.plan.layers[start:stop]
+        for layer in layers:
+            values[layer.output] = self._run_layer(layer, [values[i] for i in layer.inputs])
+            self.counter.add(layer.name, images=1)
+        return values
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _run_layer(self, layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
+        op = layer.op
+        if op == "conv":
+            return self._conv(self.states[layer.name], inputs[0])
+        if op == "fc":
+            return self._fc(self.states[layer.name], inputs[0])
+        self.counter.add(layer.name, ops=layer.dense_ops)
+        x = inputs[0] if inputs else None
+        if op == "alias":
+            return x.reshape(layer.out_shape)
+        if op == "relu":
+            out = np.array(x, dtype=np.float32, copy=True).reshape(-1)
+            K.relu_inplace(out)
+            return out.reshape(layer.out_shape)
+        if op in ("maxpool", "avgpool"):
+            out = np.empty(layer.out_shape, np.float32)
+            kh, kw = layer.attrs["kernel"]
+            sh, sw = layer.attrs["stride"]
+            pt, pl, pb, pr = layer.attrs["pads"]
+            if op == "maxpool":
+                K.maxpool(x, out, kh, kw, sh, sw, pt, pl, self.threads)
+            else:
+                K.avgpool(x, out, kh, kw, sh, sw, pt, pl, pb, pr, layer.attrs["count_include_pad"], self.threads)
+            return out
+        if op == "gap":
+            return x.reshape(x.shape[0], -1).mean(axis=1, dtype=np.float32).reshape(layer.out_shape)
+        if op == "gmp":
+            return x.reshape(x.shape[0], -1).max(axis=1).reshape(layer.out_shape)
+        if op == "lrn":
+            out = np.empty(layer.out_shape, np.float32)
+            a = layer.attrs
+            K.lrn_across(x, out, a["size"], a["alpha"], a["beta"], a["bias"], self.threads)
+            return out
+        if op == "concat":
+            return np.concatenate(inputs, axis=0)
+        if op == "softmax":
+            flat = x.reshape(-1, layer.out_shape[-1]) if len(layer.out_shape) == 1 else x.reshape(x.shape[0], -1).T
+            e = np.exp(flat - flat.max(axis=-1, keepdims=True))
+            s = e / e.sum(axis=-1, keepdims=True)
+            return (s if len(layer.out_shape) == 1 else s.T).reshape(layer.out_shape).astype(np.float32)
+        if op == "eltwise":
+            return self._eltwise(layer, inputs)
+        raise DyveError(f"{self.plan.path}: layer {layer.name}: op {op} is not supported by the engine")
+
+    def _eltwise(self, layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
+        it = iter(inputs)
+        args = [np.float32(s) if s is not None else next(it) for s in layer.attrs["scalars"]]
+        kind = layer.attrs["kind"]
+        a, b = args
+        if kind == "add":
+            r = a + b
+        elif kind == "sub":
+            r = a - b
+        elif kind == "mul":
+            r = a * b
+        elif kind == "div":
+            r = a / b
+        else:
+            r = np.power(a, b)
+        return np.asarray(r, dtype=np.float32).reshape(layer.out_shape)
+
+    # -- fully connected -------------------------------------------------------------------
+
+    def _fc(self, st: FcState, x: np.ndarray) -> np.ndarray:
+        layer = st.layer
+        x = np.ascontiguousarray(x.reshape(-1))
+        w, b = layer.weight, layer.bias
+        o = w.shape[0]
+        out = np.zeros(o, np.float32)
+        if st.spet is None:
+            self._fc_dense(layer, x, out)
+            self.counter.add(layer.name, macs=layer.dense_macs, ops=layer.dense_ops)
+            return out
+        kin = w.shape[1]
+        lead = min(kin, max(1, math.ceil(st.spet.option("spet", "fraction") * kin)))
+        xp = np.ascontiguousarray(x[st.order])
+        out[:] = b
+        K.gemm(st.weight_perm[:, :lead], xp[:lead, None], out[:, None], 1.0)
+        cont = np.empty((1, o), U8)
+        terminated = K.spet_decide(out[None, :], st.spet.threshold, np.ones((1, o), U8), cont)
+        K.gemv_rows(st.weight_perm, xp, out, lead, kin, cont[0], self.threads)
+        K.finish_act(out[None, :], np.ones((1, o), U8), cont, True)
+        if terminated == 0:
+            out[:] = 0
+            self._fc_dense(layer, x, out)
+            self.counter.add(layer.name, fallbacks=1)
+        macs = o * lead + (o - terminated) * (kin - lead)
+        # bias add per neuron, one compare per neuron (SPET), ReLU compare per finished neuron
+        ops = 2 * macs + o + o + (o - terminated)
+        self.counter.add(layer.name, macs=macs, ops=ops, overhead_spet=o,
+                         saved_spet=2 * terminated * (kin - lead) + terminated, terminated=terminated)
+        return out
+
+    def _fc_dense(self, layer: Layer, x: np.ndarray, out: np.ndarray) -> None:
+        K.gemm(layer.weight, x[:, None], out[:, None], 0.0)
+        K.bias_act(out[:, None], layer.bias, layer.relu, 1)
+
+    # -- convolution -----------------------------------------------------------------------
+
+    def _conv(self, st: ConvState, x: np.ndarray) -> np.ndarray:
+        layer = st.layer
+        out = np.empty((layer.out_shape[0], st.ho * st.wo), np.float32)
+        if st.spet is None and st.sdss is None and st.sfma is None:
+            self._conv_dense(st, x, out)
+            self.counter.add(layer.name, macs=layer.dense_macs, ops=layer.dense_ops)
+            return out.reshape(layer.out_shape)
+        fired = False
+        for g in range(st.groups):
+            fired |= self._conv_group_knobs(st, x, out[g * st.cout:(g + 1) * st.cout], g)
+        if not fired:
+            # nothing was skipped: give the dense path's result exactly (ops were counted above)
+            self._conv_dense(st, x, out)
+            self.counter.add(layer.name, fallbacks=1)
+        return out.reshape(layer.out_shape)
+
+    def _conv_dense(self, st: ConvState, x: np.ndarray, out: np.ndarray) -> None:
+        sh, sw, pt, pl, dh, dw = st.geometry
+        bias = st.layer.bias
+        for g in range(st.groups):
+            og = out[g * st.cout:(g + 1) * st.cout]
+            if st.is_pointwise:
+                cols = x[g * st.cin:(g + 1) * st.cin].reshape(st.cin, -1)
+            else:
+                cols = st.cols
+                K.im2col_dense(x, g * st.cin, (g + 1) * st.cin, st.kh, st.kw, sh, sw, pt, pl, dh, dw,
+                               st.ho, st.wo, cols, self.threads)
+            K.gemm(st.weights[g], cols, og, 0.0)
+        K.bias_act(out, bias, st.layer.relu, self.threads)
+
+    def _conv_group_knobs(self, st: ConvState, x: np.ndarray, out_g: np.ndarray, g: int) -> bool:
+        """One group of a conv layer with its knobs; returns whether any knob skipped work."""
+        layer, name = st.layer, st.layer.name
+        sh, sw, pt, pl, dh, dw = st.geometry
+        cin, cout, kk, npos = st.cin, st.cout, st.kk, st.ho * st.wo
+        xg = x[g * cin:(g + 1) * cin]
+        bias = layer.bias[g * cout:(g + 1) * cout]
+        count: dict[str, int] = dict.fromkeys(("macs", "ops", "overhead_sfma", "overhead_sdss", "overhead_spet",
+                                              "saved_sfma", "saved_sdss", "saved_spet", "dropped_maps",
+                                              "filled", "terminated"), 0)
+        # channel order: SPET's significance order, else natural
+        if st.spet is not None:
+            order, wmat = st.spet_order[g], st.spet_weights[g]
+        else:
+            order, wmat = np.arange(cin, dtype=np.int32), st.weights[g]
+
+        # ---- SFMA: drop near-uniform input maps
+        base = np.broadcast_to(bias[:, None], (cout, npos))
+        kept_rel = order
+        if st.sfma is not None:
+            dropped, means = self._sfma_select(st, xg, count)
+            if dropped.any():
+                keep_mask = ~dropped[order]
+                kept_rel = order[keep_mask]
+                drop_rel = np.flatnonzero(dropped).astype(np.int32)
+                const = self._sfma_constant(st, g, drop_rel, means[drop_rel], count)
+                base = base + const
+                wmat = np.ascontiguousarray(
+                    wmat.reshape(cout, cin, kk)[:, np.flatnonzero(keep_mask)].reshape(cout, -1))
+                count["dropped_maps"] += len(drop_rel)
+                count["saved_sfma"] += 2 * cout * npos * kk * len(drop_rel)
+        kept_abs = (kept_rel + g * cin).astype(np.int32)
+        kdim = len(kept_rel) * kk
+        lead = kdim
+        if st.spet is not None:
+            lead = min(len(kept_rel), max(1, math.ceil(st.spet.option("spet", "fraction") * len(kept_rel)))) * kk \
+                if len(kept_rel) else 0
+
+        # ---- computed positions: the SDSS grid, or everything
+        positions = st.grid.grid_positions if st.sdss is not None else st.all_positions
+        cols = _scratch(st.cols, kdim, len(positions))
+        K.im2col(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.wo, positions, cols, self.threads)
+        sel = np.ascontiguousarray(base[:, positions])
+        ones = np.ones(sel.shape, U8)
+        self._compute_neurons(st, wmat, cols, kdim, lead, sel, ones, count)
+        K.scatter_columns(sel, positions, np.zeros((0, 0), U8), out_g)
+
+        # ---- SDSS: interpolate insignificant cells, compute the rest of the map
+        if st.sdss is not None:
+            self._sdss_rest(st, x, out_g, wmat, kept_abs, kdim, lead, base, count)
+
+        count["ops"] += count["overhead_sfma"] + count["overhead_sdss"] + count["overhead_spet"]
+        self.counter.add(name, **count)
+        return bool(count["dropped_maps"] or count["filled"] or count["terminated"])
+
+    def _compute_neurons(self, st: ConvState, wmat: np.ndarray, cols: np.ndarray, kdim: int, lead: int,
+                         acc: np.ndarray, active: np.ndarray, count: dict[str, int]) -> None:
+        """acc (cout x P, holding bias + SFMA constants) += W @ cols for the active neurons, with
+        SPET when on; applies ReLU (layers with knobs that need it always have one)."""
+        n_active = int(active.sum())
+        dense_like = active.all()
+        relu = st.layer.relu
+        if st.spet is None:
+            if dense_like:
+                K.gemm(wmat, cols, acc, 1.0)
+            else:
+                K.masked_gemm(wmat, 0, kdim, cols, active, acc, self.threads)
+            K.finish_act(acc, active, active, relu)
+            count["macs"] += n_active * kdim
+            count["ops"] += 2 * n_active * kdim + n_active * (1 + int(relu))
+            return
+        if dense_like:
+            K.gemm(wmat[:, :lead], cols[:lead], acc, 1.0)
+        else:
+            K.masked_gemm(wmat, 0, lead, cols[:lead], active, acc, self.threads)
+        cont = np.empty(acc.shape, U8)
+        terminated = K.spet_decide(acc, st.spet.threshold, active, cont)
+        K.masked_gemm(wmat, lead, kdim, cols[lead:kdim], cont, acc, self.threads)
+        K.finish_act(acc, active, cont, relu)
+        finished = n_active - terminated
+        count["macs"] += n_active * lead + finished * (kdim - lead)
+        count["ops"] += 2 * (n_active * lead + finished * (kdim - lead)) + n_active + finished * int(relu)
+        count["overhead_spet"] += n_active
+        count["saved_spet"] += 2 * terminated * (kdim - lead) + terminated * int(relu)
+        count["terminated"] += terminated
+
+    def _sdss_rest(self, st: ConvState, x: np.ndarray, out_g: np.ndarray, wmat: np.ndarray, kept_abs: np.ndarray,
+                   kdim: int, lead: int, base: np.ndarray, count: dict[str, int]) -> None:
+        grid = st.grid
+        sh, sw, pt, pl, dh, dw = st.geometry
+        cout = st.cout
+        maps = out_g.reshape(cout, st.ho, st.wo)
+        ncells = (len(grid.gy) - 1) * (len(grid.gx) - 1)
+        insig = np.empty((cout, len(grid.gy) - 1, len(grid.gx) - 1), U8)
+        K.sdss_cells(maps, grid.gy, grid.gx, st.sdss.threshold, insig)
+        n_off = len(grid.off_positions)
+        needed = np.empty((cout, n_off), U8)
+        col_needed = np.empty(n_off, U8)
+        K.sdss_needed(insig, grid.cell_y, grid.cell_x, needed, col_needed)
+        # one compare per grid point per map, three ANDs per cell per map
+        count["overhead_sdss"] += cout * len(grid.grid_positions) + 3 * cout * ncells
+        union = np.flatnonzero(col_needed)
+        if len(union):
+            positions = grid.off_positions[union]
+            mask = np.ascontiguousarray(needed[:, union])
+            cols = _scratch(st.cols, kdim, len(positions))
+            K.im2col(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.wo, positions, cols, self.threads)
+            acc = np.ascontiguousarray(base[:, positions])
+            self._compute_neurons(st, wmat, cols, kdim, lead, acc, mask, count)
+            K.scatter_columns(acc, positions, mask, out_g)
+        bilinear = st.sdss.option("sdss", "fill") == "bilinear"
+        filled = K.sdss_fill(maps, grid.gy, grid.gx, grid.off_y, grid.off_x, grid.cell_y, grid.cell_x,
+                             needed, bilinear)
+        count["filled"] += filled
+        count["overhead_sdss"] += filled * (BILINEAR_FILL_OPS if bilinear else 0)
+        count["saved_sdss"] += filled * (2 * kdim + 1 + int(st.layer.relu))
+
+    # -- SFMA helpers ----------------------------------------------------------------------
+
+    def _sfma_select(self, st: ConvState, xg: np.ndarray, count: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Which input maps of the group are near-uniform, and every map's mean."""
+        cin = st.cin
+        hw = xg.shape[1] * xg.shape[2]
+        sums = np.empty(cin)
+        sumsq = np.empty(cin)
+        sumabs = np.empty(cin)
+        nonneg = st.layer.input_nonneg
+        K.channel_stats(xg, sums, sumsq, sumabs, not nonneg, self.threads)
+        means = sums / hw
+        std = np.sqrt(np.maximum(sumsq / hw - means * means, 0.0))
+        if st.sfma.option("sfma", "statistic") == "relative_std":
+            total_abs = (sums if nonneg else sumabs).sum()
+            scale = total_abs / (cin * hw)
+            spread = std / scale if scale > 0 else np.zeros_like(std)
+            count["overhead_sfma"] += cin + 1  # the layer's mean |x|: one add per map, one divide
+        else:
+            spread = std
+        # sum (1 add) and sum of squares (1 mul + 1 add) per element; |x| (abs + add) if signed
+        count["overhead_sfma"] += cin * hw * (3 + (0 if nonneg else 2)) + cin * SFMA_TEST_OPS
+        return spread < st.sfma.threshold, means.astype(np.float32)
+
+    def _sfma_constant(self, st: ConvState, g: int, drop: np.ndarray, means: np.ndarray,
+                       count: dict[str, int]) -> np.ndarray:
+        """Contribution (cout x positions) of the dropped maps, each taken as its mean: per output
+        channel, the mean-weighted kernel restricted to each position's valid taps."""
+        w = st.layer.weight[g * st.cout:(g + 1) * st.cout][:, drop].reshape(st.cout, len(drop), st.kk)
+        weighted = np.einsum("ock,c->ok", w, means, dtype=np.float32, optimize=False)  # cout x kk
+        per_class = weighted @ st.class_taps.T  # cout x n_classes
+        # MACs for the weighted kernel; adds for the class sums; one add per output neuron
+        taps = int(st.class_taps.sum())
+        count["overhead_sfma"] += 2 * st.cout * len(drop) * st.kk + st.cout * taps + st.cout * st.ho * st.wo
+        return per_class[:, st.tap_class].astype(np.float32)

@@ -1,0 +1,198 @@
+"""Knob files: which dynamic-effort knob is on in which layer, with its threshold and options.
+
+A knob file is YAML::
+
+    model: cifar10_quick.onnx        # informative
+    layers:
+      conv2:
+        spet: {enabled: true, threshold: 0.5, fraction: 0.5}
+        sdss: {enabled: true, threshold: 0.2, stride: 2, fill: bilinear}
+        sfma: {enabled: true, threshold: 0.05}
+
+Thresholds (the rules are a reconstruction of the DyVEDeep papers, see docs/knobs.md):
+- SPET: margin t >= 0; a neuron stops when its partial sum < -t (``.inf`` never fires).
+- SDSS: significance t >= 0; a cell is interpolated when all its corners are < t (0 never fires).
+- SFMA: relative spread t >= 0; a map is replaced by its mean when spread < t (0 never fires).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import DyveError
+from .io_utils import write_text_atomic
+from .plan import Layer, Plan
+
+KNOB_NAMES = ("sfma", "sdss", "spet")  # order of application inside a layer
+
+#: Options of each knob with the specification's defaults and their allowed values.
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "spet": {"fraction": 0.5, "order": "shared"},
+    "sdss": {"stride": 2, "fill": "bilinear"},
+    "sfma": {"statistic": "relative_std", "border": "exact"},
+}
+ALLOWED_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("spet", "order"): ("shared",),
+    ("sdss", "fill"): ("bilinear", "zero"),
+    ("sfma", "statistic"): ("relative_std", "std"),
+    ("sfma", "border"): ("exact", "interior"),
+}
+
+
+@dataclass
+class KnobSetting:
+    """One knob of one layer."""
+
+    enabled: bool
+    threshold: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def option(self, knob: str, name: str) -> Any:
+        """The option's value, or the specification's default."""
+        return self.options.get(name, DEFAULT_OPTIONS[knob][name])
+
+
+@dataclass
+class KnobConfig:
+    """Knob settings per layer name and knob name."""
+
+    layers: dict[str, dict[str, KnobSetting]] = field(default_factory=dict)
+    model: str | None = None
+
+    def get(self, layer: str, knob: str) -> KnobSetting | None:
+        """The enabled setting of ``knob`` in ``layer``, or None when it is off."""
+        setting = self.layers.get(layer, {}).get(knob)
+        return setting if setting is not None and setting.enabled else None
+
+    def set(self, layer: str, knob: str, threshold: float, **options: Any) -> None:
+        """Turn ``knob`` on in ``layer`` with ``threshold``."""
+        self.layers.setdefault(layer, {})[knob] = KnobSetting(True, float(threshold), dict(options))
+
+    def disable(self, layer: str, knob: str) -> None:
+        """Turn ``knob`` off in ``layer``."""
+        self.layers.get(layer, {}).pop(knob, None)
+
+    def copy(self) -> "KnobConfig":
+        """A deep copy."""
+        return KnobConfig({l: {k: KnobSetting(s.enabled, s.threshold, dict(s.options)) for k, s in ks.items()}
+                           for l, ks in self.layers.items()}, self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for YAML."""
+        layers = {}
+        for lname, knobs in self.layers.items():
+            entry = {}
+            for kname, s in knobs.items():
+                thr = s.threshold if math.isfinite(s.threshold) else float("inf")
+                entry[kname] = {"enabled": s.enabled, "threshold": thr, **s.options}
+            if entry:
+                layers[lname] = entry
+        out: dict[str, Any] = {"layers": layers}
+        if self.model:
+            out["model"] = self.model
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML, atomically."""
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
+
+
+def applicable_knobs(layer: Layer) -> tuple[str, ...]:
+    """The knobs that can act on ``layer`` (SPET and SDSS need a ReLU; SDSS and SFMA a conv)."""
+    if layer.op == "conv":
+        knobs = ["sfma"]
+        if layer.relu and layer.out_shape[1] >= 2 and layer.out_shape[2] >= 2:
+            knobs.append("sdss")
+        if layer.relu:
+            knobs.append("spet")
+        return tuple(knobs)
+    if layer.op == "fc" and layer.relu:
+        return ("spet",)
+    return ()
+
+
+def _check_threshold(path: Path, lname: str, kname: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DyveError(f"{path}: layer {lname}, knob {kname}: threshold must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise DyveError(f"{path}: layer {lname}, knob {kname}: threshold must be >= 0, got {value}")
+    return value
+
+
+def _check_option(path: Path, lname: str, kname: str, name: str, value: Any) -> Any:
+    if name not in DEFAULT_OPTIONS[kname]:
+        raise DyveError(f"{path}: layer {lname}, knob {kname}: unknown option {name!r} "
+                        f"(known: enabled, threshold, {', '.join(DEFAULT_OPTIONS[kname])})")
+    choices = ALLOWED_CHOICES.get((kname, name))
+    if choices is not None and value not in choices:
+        raise DyveError(f"{path}: layer {lname}, knob {kname}: option {name} must be one of {', '.join(choices)}, got {value!r}")
+    if (kname, name) == ("spet", "fraction"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) <= 1:
+            raise DyveError(f"{path}: layer {lname}, knob spet: fraction must be a number in (0, 1], got {value!r}")
+        return float(value)
+    if (kname, name) == ("sdss", "stride"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise DyveError(f"{path}: layer {lname}, knob sdss: stride must be an integer >= 2, got {value!r}")
+    return value
+
+
+def parse_knobs(data: Any, plan: Plan, path: Path) -> KnobConfig:
+    """Validate knob data against the model's layers; every problem is one line naming ``path``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DyveError(f"{path}: a knob file must be a mapping with a 'layers' key")
+    unknown_top = set(data) - {"layers", "model", "budget", "calibration"}
+    if unknown_top:
+        raise DyveError(f"{path}: unknown key(s) {', '.join(sorted(unknown_top))} (known: layers, model)")
+    layers = data.get("layers") or {}
+    if not isinstance(layers, dict):
+        raise DyveError(f"{path}: 'layers' must map layer names to knobs")
+    by_name = {layer.name: layer for layer in plan.layers}
+    config = KnobConfig(model=data.get("model"))
+    for lname, knobs in layers.items():
+        if lname not in by_name:
+            compute = ", ".join(l.name for l in plan.compute_layers())
+            raise DyveError(f"{path}: unknown layer {lname!r} (the model's conv/fc layers: {compute})")
+        if not isinstance(knobs, dict):
+            raise DyveError(f"{path}: layer {lname}: expected a mapping of knobs")
+        allowed = applicable_knobs(by_name[lname])
+        for kname, spec in knobs.items():
+            if kname not in KNOB_NAMES:
+                raise DyveError(f"{path}: layer {lname}: unknown knob {kname!r} (known: {', '.join(KNOB_NAMES)})")
+            if kname not in allowed:
+                raise DyveError(f"{path}: layer {lname}: knob {kname} does not apply to this layer "
+                                f"(applicable: {', '.join(allowed) or 'none'})")
+            if not isinstance(spec, dict):
+                raise DyveError(f"{path}: layer {lname}, knob {kname}: expected a mapping with enabled/threshold")
+            enabled = spec.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise DyveError(f"{path}: layer {lname}, knob {kname}: enabled must be true or false, got {enabled!r}")
+            if "threshold" not in spec:
+                raise DyveError(f"{path}: layer {lname}, knob {kname}: missing threshold")
+            threshold = _check_threshold(path, lname, kname, spec["threshold"])
+            options = {k: _check_option(path, lname, kname, k, v)
+                       for k, v in spec.items() if k not in ("enabled", "threshold")}
+            config.layers.setdefault(lname, {})[kname] = KnobSetting(enabled, threshold, options)
+    return config
+
+
+def load_knobs(path: str | Path, plan: Plan) -> KnobConfig:
+    """Read and validate a knob file for ``plan``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise DyveError(f"{path}: cannot read knob file ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise DyveError(f"{path}: not valid YAML{where}") from None
+    return parse_knobs(data, plan, path)
