@@ -256,7 +256,7 @@ class Engine:
 
         ``tensors`` supplies the inputs of the first layer run (for cached activations)."""
         values: dict[str, np.ndarray] = dict(tensors) if tensors else {}
-        if start == 0:
+        if image is not None:
             values[self.plan.input_name] = image
         layers = self.plan.layers[start:stop]
         for layer in layers:
@@ -547,3 +547,67 @@ class Engine:
         taps = int(st.class_taps.sum())
         count["overhead_sfma"] += 2 * st.cout * len(drop) * st.kk + st.cout * taps + st.cout * st.ho * st.wo
         return per_class[:, st.tap_class].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- knob statistics
+
+
+def knob_statistics(engine: Engine, layer: Layer, x: np.ndarray, knob: str) -> np.ndarray:
+    """The values that ``knob``'s threshold is compared with in ``layer`` for one input ``x``
+    (under the engine's current knobs for the other knobs), for calibration's candidate grids:
+    SFMA: each input map's spread; SDSS: each cell's largest grid corner (after ReLU);
+    SPET: each neuron's margin -partial where the partial sum is negative."""
+    if knob == "sfma":
+        st = engine.states[layer.name]
+        probe = ConvState(**{**st.__dict__, "sfma": KnobSetting(True, 0.0)})
+        spreads = []
+        for g in range(st.groups):
+            xg = x[g * st.cin:(g + 1) * st.cin]
+            cin, hw = st.cin, xg.shape[1] * xg.shape[2]
+            sums, sumsq, sumabs = np.empty(cin), np.empty(cin), np.empty(cin)
+            K.channel_stats(xg, sums, sumsq, sumabs, not layer.input_nonneg, 1)
+            means = sums / hw
+            std = np.sqrt(np.maximum(sumsq / hw - means * means, 0.0))
+            if probe.sfma.option("sfma", "statistic") == "relative_std":
+                scale = (sums if layer.input_nonneg else sumabs).sum() / (cin * hw)
+                std = std / scale if scale > 0 else np.zeros_like(std)
+            spreads.append(std)
+        return np.concatenate(spreads)
+    out = engine._run_layer(layer, [x]).reshape(layer.out_shape[0], -1)
+    if knob == "sdss":
+        ho, wo = layer.out_shape[1], layer.out_shape[2]
+        setting = engine.knobs.get(layer.name, "sdss")
+        stride = int(setting.option("sdss", "stride")) if setting else 2
+        grid = sdss_grid(ho, wo, stride)
+        maps = out.reshape(-1, ho, wo)
+        corners = np.stack([maps[:, grid.gy[:-1]][:, :, grid.gx[:-1]], maps[:, grid.gy[:-1]][:, :, grid.gx[1:]],
+                            maps[:, grid.gy[1:]][:, :, grid.gx[:-1]], maps[:, grid.gy[1:]][:, :, grid.gx[1:]]])
+        return corners.max(axis=0).reshape(-1)
+    if knob == "spet":
+        return _spet_margins(engine, layer, x)
+    raise ValueError(knob)
+
+
+def _spet_margins(engine: Engine, layer: Layer, x: np.ndarray) -> np.ndarray:
+    """-partial for the neurons whose partial sum (bias + leading inputs) is negative."""
+    setting = engine.knobs.get(layer.name, "spet")
+    fraction = float(setting.option("spet", "fraction")) if setting else 0.5
+    w = layer.weight
+    if layer.op == "fc":
+        order = np.argsort(-np.abs(w).sum(axis=0), kind="stable")
+        lead = max(1, math.ceil(fraction * w.shape[1]))
+        partial = w[:, order[:lead]] @ x.reshape(-1)[order[:lead]] + layer.bias
+    else:
+        st = engine.states[layer.name]
+        sh, sw, pt, pl, dh, dw = st.geometry
+        parts = []
+        for g in range(st.groups):
+            wg = w[g * st.cout:(g + 1) * st.cout]
+            order = _spet_channel_order(wg)
+            lead_ch = order[: max(1, math.ceil(fraction * st.cin))].astype(np.int32) + g * st.cin
+            cols = np.empty((len(lead_ch) * st.kk, st.ho * st.wo), np.float32)
+            K.im2col(x, lead_ch, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.wo, st.all_positions, cols, 1)
+            wl = np.ascontiguousarray(wg[:, lead_ch - g * st.cin].reshape(st.cout, -1))
+            parts.append(wl @ cols + layer.bias[g * st.cout:(g + 1) * st.cout, None])
+        partial = np.concatenate(parts).reshape(-1)
+    return -partial[partial < 0]

@@ -1,0 +1,123 @@
+"""Bench: batch-1 latency of the dense engine, of DyVEDeep (a knob file) and of onnxruntime on
+the same images and threads, measured in one run (interleaved image by image so that machine
+noise hits all three alike); reports medians after warm-up and the speed-ups."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from .engine import Engine
+from .errors import DyveError
+from .evaluate import Progress, onnxruntime_session, open_dataset, platform_info
+from .io_utils import write_json_atomic
+from .knobs import load_knobs
+from .plan import build_plan
+
+DEFAULT_DATA = {"cifar10": "cifar10:test", "imagenet": "imagenet-sample:test"}
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int, warmup: int,
+          with_onnxruntime: bool = True, rounds: int = 3) -> dict[str, Any]:
+    """Median per-image latency (ms) of each engine over ``images`` (N, C, H, W), batch 1."""
+    plan = build_plan(model)
+    knobs = load_knobs(knobs_path, plan) if knobs_path else None
+    dense = Engine(plan, threads=threads)
+    dyve = Engine(plan, knobs, threads=threads) if knobs is not None else None
+    session = None
+    if with_onnxruntime:
+        try:
+            session = onnxruntime_session(plan.path, threads)
+        except DyveError:
+            session = None  # a board without onnxruntime still gets our two engines
+    input_name = session.get_inputs()[0].name if session is not None else None
+    runners: dict[str, Callable[[np.ndarray], Any]] = {"dense": dense.run}
+    if dyve is not None:
+        runners["dyvedeep"] = dyve.run
+    if session is not None:
+        runners["onnxruntime"] = lambda b: session.run(None, {input_name: b})
+    times: dict[str, list[float]] = {"dense": [], "dyvedeep": [], "onnxruntime": []}
+    progress = Progress("bench", rounds * len(runners) * len(images))
+    done = 0
+    # Each engine runs a block of images on its own (so that one engine's idle, spinning thread
+    # pool never competes with another's), and the blocks alternate over several rounds (so
+    # that slow drifts of the machine hit every engine alike).
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for _ in range(rounds):
+            for name, run in runners.items():
+                for i, x in enumerate(images):
+                    t = _timed(lambda: run(x[None]))
+                    if i >= warmup:
+                        times[name].append(t)
+                    done += 1
+                    progress.update(done)
+    med = {k: (statistics.median(v) if v else None) for k, v in times.items()}
+    if med["dyvedeep"] is None:
+        med["dyvedeep"] = med["dense"]
+    return {
+        "model": str(model),
+        "knobs": str(knobs_path) if knobs_path else None,
+        "threads": threads,
+        "n_images": len(images) - warmup,
+        "warmup": warmup,
+        "rounds": rounds,
+        "latency_dense_ms": med["dense"],
+        "latency_dyvedeep_ms": med["dyvedeep"],
+        "latency_onnxruntime_ms": med["onnxruntime"],
+        "speedup": med["dense"] / med["dyvedeep"] if med["dyvedeep"] else None,
+        "speedup_vs_onnxruntime": (med["onnxruntime"] / med["dyvedeep"]) if med["onnxruntime"] else None,
+        "dense_vs_onnxruntime": (med["dense"] / med["onnxruntime"]) if med["onnxruntime"] else None,
+        "platform": platform_info(),
+    }
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    plan = build_plan(args.model)
+    spec = args.data or DEFAULT_DATA.get(plan.labels or "", None)
+    if spec is None:
+        raise DyveError(f"{args.model}: no default dataset for its labels; give --data")
+    dataset = open_dataset(plan, spec, args.images + args.warmup, args.mirror)
+    if len(dataset) <= args.warmup:
+        raise DyveError(f"{spec}: {len(dataset)} images, need more than --warmup {args.warmup}")
+    images = dataset.images(0, len(dataset))
+    result = bench(args.model, images, args.knobs, args.threads, args.warmup, not args.no_onnxruntime, args.rounds)
+    print(f"threads: {result['threads']}, images: {result['n_images']} (after {result['warmup']} warm-up)")
+    print(f"median latency, dense engine: {result['latency_dense_ms']:.3f} ms")
+    if args.knobs:
+        print(f"median latency, DyVEDeep:     {result['latency_dyvedeep_ms']:.3f} ms "
+              f"(speed-up over dense {result['speedup']:.2f}x)")
+    if result["latency_onnxruntime_ms"] is not None:
+        print(f"median latency, onnxruntime:  {result['latency_onnxruntime_ms']:.3f} ms "
+              f"(dense engine / onnxruntime = {result['dense_vs_onnxruntime']:.2f}x)")
+    else:
+        print("onnxruntime: not installed here")
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bench``."""
+    p = subparsers.add_parser("bench", help="batch-1 latency: dense engine, DyVEDeep, onnxruntime")
+    p.add_argument("model", type=Path, metavar="MODEL.onnx")
+    p.add_argument("--knobs", type=Path, default=None, metavar="KNOBS.yaml")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", default=None, metavar="SPEC", help="images to time (default: the model's test split)")
+    p.add_argument("--images", type=int, default=30, help="images timed after warm-up, per round (default 30)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each engine's block (default 3)")
+    p.add_argument("--mirror", type=Path, default=None, metavar="DIR")
+    p.add_argument("--no-onnxruntime", action="store_true", help="skip the onnxruntime reference")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT.json")
+    p.set_defaults(func=cmd_bench)

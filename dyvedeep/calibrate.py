@@ -1,0 +1,337 @@
+"""Calibrate: choose per-layer knob thresholds that maximise the op reduction while the top-1
+loss on the calibration split stays within a budget (absolute percentage points).
+
+The search (a reconstruction of the papers' procedure, see docs/knobs.md):
+- layers with an applicable knob and at least ``min_share`` of the dense ops, in decreasing
+  order of their op share (greedy); inside a layer the knobs in their order of application
+  (SFMA, SDSS, SPET);
+- per knob a small grid of candidate thresholds from quantiles of the statistic it tests,
+  observed on calibration images; candidates are tried from the most aggressive down (binary
+  search, accuracy being monotone in the threshold), and the most aggressive one is kept whose
+  cumulative calibration loss stays within the allowance and which lowers the op count;
+- the allowance grows with the op share of the layers done so far, up to ``budget - margin``
+  in the first pass; a second pass lets every layer use what is left;
+- activations are cached: the tensors live at a layer's input are computed once per layer (under
+  the settings accepted so far) and a candidate then runs only from that layer to the output.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from .engine import Engine, knob_statistics
+from .errors import DyveError
+from .evaluate import add_data_arguments, open_dataset, topk_correct
+from .io_utils import write_text_atomic
+from .knobs import KNOB_NAMES, KnobConfig, applicable_knobs
+from .plan import Plan, build_plan
+
+#: Quantiles of each knob's statistic that become candidate thresholds, most aggressive first.
+CANDIDATE_QUANTILES = {
+    "sfma": (0.6, 0.45, 0.3, 0.2, 0.1, 0.05),
+    "sdss": (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
+    "spet": (0.0, 0.05, 0.1, 0.2, 0.35, 0.5),
+}
+STAT_IMAGES = 64  # calibration images whose statistics make the candidate grids
+TRACE_FIELDS = ("step", "pass", "layer", "knob", "threshold", "options", "calib_top1", "calib_loss_pt", "ops",
+                "accepted")
+#: SPET's leading fraction p is a per-layer option; calibration tries these, most aggressive first.
+SPET_FRACTIONS = (0.25, 0.5)
+
+
+def candidate_thresholds(knob: str, values: np.ndarray) -> list[float]:
+    """Distinct thresholds, most aggressive first, from quantiles of the knob's statistic."""
+    if values.size == 0:
+        return []
+    qs = np.quantile(values.astype(np.float64), CANDIDATE_QUANTILES[knob])
+    out: list[float] = []
+    for q in qs:
+        if knob == "spet":
+            t = float(max(q, 0.0))  # terminate when partial < -t: smaller t is more aggressive
+        else:
+            t = float(np.nextafter(np.float32(q), np.float32(np.inf)))  # fire when stat < t: include q
+            if t <= 0:
+                continue
+        if not out or not math.isclose(t, out[-1], rel_tol=1e-6, abs_tol=1e-12):
+            out.append(t)
+    return out
+
+
+def live_tensors(plan: Plan, index: int) -> list[str]:
+    """Tensors produced before layer ``index`` (or the input) that layers from ``index`` on read."""
+    produced = {plan.input_name} | {layer.output for layer in plan.layers[:index]}
+    needed: list[str] = []
+    for layer in plan.layers[index:]:
+        for t in layer.inputs:
+            if t in produced and t not in needed:
+                needed.append(t)
+    return needed
+
+
+# Worker processes inherit the activation cache of the layer under calibration by fork.
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _run_chunk(job: tuple[KnobConfig, int, int, int]) -> tuple[np.ndarray, int]:
+    """In a worker: outputs of images ``lo``..``hi`` of the cache from layer ``index``, and ops."""
+    config, index, lo, hi = job
+    plan, cache = _WORKER_STATE["plan"], _WORKER_STATE["cache"]
+    engine = Engine(plan, config, 1)
+    outputs = np.empty((hi - lo,) + tuple(plan.output_shape), np.float32)
+    for n in range(lo, hi):
+        outputs[n - lo] = engine.run_image(None, start=index, tensors=cache[n])[plan.output_name]
+    return outputs, engine.counter.total("ops")
+
+
+@dataclass
+class Trial:
+    """The outcome of one configuration on the calibration images."""
+
+    top1: float
+    ops: float
+    correct: np.ndarray
+
+
+class Calibrator:
+    """Greedy threshold search with cached activations."""
+
+    def __init__(self, plan: Plan, images: np.ndarray, labels: np.ndarray, budget: float, margin: float,
+                 min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES) -> None:
+        self.plan, self.images, self.labels = plan, images, labels
+        self.budget, self.margin, self.min_share = budget, margin, min_share
+        self.threads = threads
+        self.knobs_allowed = knobs_allowed
+        self.config = KnobConfig(model=plan.path.name)
+        self.trace: list[dict[str, Any]] = []
+        self.step = 0
+        self.index_of = {layer.name: i for i, layer in enumerate(plan.layers)}
+        self.pool = None
+
+    # -- running -------------------------------------------------------------------------
+
+    def cache_inputs(self, index: int, config: KnobConfig) -> list[dict[str, np.ndarray]]:
+        """Per image, the tensors live at layer ``index``'s input under ``config``."""
+        engine = Engine(self.plan, config, self.threads)
+        live = live_tensors(self.plan, index)
+        cache = []
+        for img in self.images:
+            values = engine.run_image(img, stop=index)
+            cache.append({t: values[t] for t in live})
+        return cache
+
+    def trial(self, index: int, cache: list[dict[str, np.ndarray]], config: KnobConfig,
+              prefix_ops: float) -> Trial:
+        """Run layers ``index``.. from the cache under ``config``: top-1 and mean ops per image.
+        The images are split over ``threads`` worker processes."""
+        n = len(cache)
+        bounds = np.linspace(0, n, self.threads + 1).astype(int)
+        jobs = [(config, index, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        _WORKER_STATE.update(plan=self.plan, cache=cache)
+        if self.pool is not None and len(jobs) > 1:
+            parts = self.pool.map(_run_chunk, jobs)
+        else:
+            parts = [_run_chunk(job) for job in jobs]
+        outputs = np.concatenate([p[0] for p in parts])
+        correct = topk_correct(outputs.reshape(n, -1), self.labels, 1)
+        ops = prefix_ops + sum(p[1] for p in parts) / max(n, 1)
+        return Trial(float(correct.mean() * 100), ops, correct)
+
+    def prefix_ops(self, index: int, config: KnobConfig) -> float:
+        """Mean ops per image of layers before ``index`` under ``config`` (on a sample)."""
+        engine = Engine(self.plan, config, self.threads)
+        sample = self.images[: min(len(self.images), STAT_IMAGES)]
+        for img in sample:
+            engine.run_image(img, stop=index)
+        return engine.counter.total("ops") / max(len(sample), 1)
+
+    # -- search --------------------------------------------------------------------------
+
+    def layers_by_share(self) -> list[tuple[str, float]]:
+        """(layer, op share) of the layers worth calibrating, largest share first."""
+        total = self.plan.dense_ops
+        rows = [(layer.name, layer.dense_ops / total) for layer in self.plan.layers
+                if any(k in self.knobs_allowed for k in applicable_knobs(layer))
+                and layer.dense_ops / total >= self.min_share]
+        return sorted(rows, key=lambda r: -r[1])
+
+    def run(self, passes: int = 2) -> KnobConfig:
+        """The greedy search; returns the chosen knob configuration."""
+        start = time.monotonic()
+        with threadpool_limits(limits=self.threads, user_api="blas"):
+            dense_engine = Engine(self.plan, None, self.threads)
+            outputs = np.stack([dense_engine.run_image(img)[self.plan.output_name] for img in self.images])
+            self.dense_correct = topk_correct(outputs.reshape(len(self.images), -1), self.labels, 1)
+            self.dense_top1 = float(self.dense_correct.mean() * 100)
+            self.dense_ops = self.plan.dense_ops
+            self.current = Trial(self.dense_top1, float(self.dense_ops), self.dense_correct)
+            self.log(f"dense top-1 on {len(self.images)} calibration images: {self.dense_top1:.2f} %; "
+                     f"budget {self.budget} pt, margin {self.margin} pt")
+            layers = self.layers_by_share()
+            total_share = sum(s for _, s in layers) or 1.0
+            limit = self.budget - self.margin
+            for pass_no in range(1, passes + 1):
+                done_share = 0.0
+                for name, share in layers:
+                    done_share += share
+                    allowance = limit * (done_share / total_share if pass_no == 1 else 1.0)
+                    self.calibrate_layer(name, allowance, pass_no)
+                self.log(f"pass {pass_no} done: calib top-1 {self.current.top1:.2f} % "
+                         f"(loss {self.dense_top1 - self.current.top1:.2f} pt), ops {self.dense_ops / self.current.ops:.2f}x "
+                         f"fewer, {time.monotonic() - start:.0f} s")
+        return self.config
+
+    def calibrate_layer(self, name: str, allowance: float, pass_no: int) -> None:
+        """Try each applicable knob of one layer; keep the most aggressive acceptable threshold."""
+        index = self.index_of[name]
+        layer = self.plan.layers[index]
+        cache = self.cache_inputs(index, self.config)
+        prefix = self.prefix_ops(index, self.config)
+        _WORKER_STATE.update(plan=self.plan, cache=cache)
+        if self.threads > 1 and "fork" in multiprocessing.get_all_start_methods():
+            self.pool = multiprocessing.get_context("fork").Pool(self.threads)
+        try:
+            self._calibrate_knobs(name, layer, index, cache, prefix, allowance, pass_no)
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+                self.pool.join()
+                self.pool = None
+
+    def _calibrate_knobs(self, name: str, layer, index: int, cache, prefix: float, allowance: float,
+                         pass_no: int) -> None:
+        for knob in applicable_knobs(layer):
+            if knob not in self.knobs_allowed:
+                continue
+            current = self.config.get(name, knob)
+            options_grid = [{"fraction": f} for f in SPET_FRACTIONS] if knob == "spet" else [{}]
+            for options in options_grid:
+                candidates = self.candidates(layer, knob, cache, options)
+                if current is not None and current.options == options:
+                    # a later pass only tries more aggressive settings of the same options
+                    candidates = [t for t in candidates if self._more_aggressive(knob, t, current.threshold)]
+                if not candidates:
+                    continue
+                best = self.search(name, knob, candidates, options, cache, index, prefix, allowance, pass_no)
+                if best is not None:
+                    self.config.set(name, knob, best[0], **options)
+                    self.current = best[1]
+                    current = self.config.get(name, knob)
+
+    @staticmethod
+    def _more_aggressive(knob: str, t: float, than: float) -> bool:
+        return t < than if knob == "spet" else t > than
+
+    def candidates(self, layer, knob: str, cache: list[dict[str, np.ndarray]],
+                   options: dict[str, Any]) -> list[float]:
+        """Candidate thresholds from the knob's statistic on a sample of cached inputs."""
+        probe = self.config.copy()
+        probe.disable(layer.name, knob)
+        if knob == "spet":  # the statistic depends on the fraction: let the probe know it
+            probe.set(layer.name, "spet", math.inf, **options)
+        engine = Engine(self.plan, probe, 1)
+        values = [knob_statistics(engine, layer, tensors[layer.inputs[0]], knob)
+                  for tensors in cache[:STAT_IMAGES]]
+        return candidate_thresholds(knob, np.concatenate(values) if values else np.zeros(0))
+
+    def search(self, name: str, knob: str, candidates: list[float], options: dict[str, Any], cache,
+               index: int, prefix: float, allowance: float, pass_no: int) -> tuple[float, Trial] | None:
+        """Binary search for the most aggressive acceptable candidate (list is most aggressive first)."""
+        lo, hi = 0, len(candidates) - 1
+        best: tuple[float, Trial] | None = None
+        tried: dict[int, bool] = {}
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            t = candidates[mid]
+            config = self.config.copy()
+            config.set(name, knob, t, **options)
+            trial = self.trial(index, cache, config, prefix)
+            loss = self.dense_top1 - trial.top1
+            ok = loss <= allowance + 1e-9 and trial.ops < self.current.ops
+            tried[mid] = ok
+            self.record(pass_no, name, knob, t, options, trial, ok)
+            if ok:
+                best = (t, trial)
+                hi = mid - 1
+            else:
+                lo = mid + 1
+        return best
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def record(self, pass_no: int, name: str, knob: str, t: float, options: dict[str, Any], trial: Trial,
+               ok: bool) -> None:
+        self.step += 1
+        loss = self.dense_top1 - trial.top1
+        self.trace.append({"step": self.step, "pass": pass_no, "layer": name, "knob": knob, "threshold": t,
+                           "options": " ".join(f"{k}={v}" for k, v in options.items()),
+                           "calib_top1": round(trial.top1, 4), "calib_loss_pt": round(loss, 4),
+                           "ops": round(trial.ops, 1), "accepted": int(ok)})
+        opts = "".join(f" {k}={v}" for k, v in options.items())
+        self.log(f"[{self.step}] pass {pass_no} {name} {knob}{opts} t={t:.4g}: top-1 {trial.top1:.2f} % "
+                 f"(loss {loss:+.2f} pt), ops {self.dense_ops / trial.ops:.2f}x fewer -> "
+                 f"{'candidate' if ok else 'rejected'}")
+
+    @staticmethod
+    def log(message: str) -> None:
+        print(f"calibrate: {message}", file=sys.stderr, flush=True)
+
+    def trace_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=TRACE_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerow({"step": 0, "pass": 0, "layer": "", "knob": "dense", "threshold": "", "options": "",
+                         "calib_top1": round(self.dense_top1, 4), "calib_loss_pt": 0.0,
+                         "ops": float(self.dense_ops), "accepted": 1})
+        writer.writerows(self.trace)
+        return buf.getvalue()
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    plan = build_plan(args.model)
+    split = args.data.rsplit(":", 1)[-1]
+    if split == "test":
+        raise DyveError(f"{args.data}: calibration never uses the test split; use the calib split")
+    dataset = open_dataset(plan, args.data, args.limit, args.mirror)
+    if len(dataset) == 0:
+        raise DyveError(f"{args.data}: no calibration images")
+    images = dataset.images(0, len(dataset))
+    knobs = tuple(k for k in args.knobs.split(",") if k) if args.knobs else KNOB_NAMES
+    for k in knobs:
+        if k not in KNOB_NAMES:
+            raise DyveError(f"--knobs: unknown knob {k!r} (known: {', '.join(KNOB_NAMES)})")
+    cal = Calibrator(plan, images, np.asarray(dataset.labels), args.budget, args.margin, args.min_share,
+                     args.threads, knobs)
+    config = cal.run(passes=args.passes)
+    config.save(args.output)
+    if args.trace:
+        write_text_atomic(args.trace, cal.trace_csv())
+    print(f"calibration top-1 {cal.current.top1:.2f} % (dense {cal.dense_top1:.2f} %), "
+          f"ops {cal.dense_ops / cal.current.ops:.2f}x fewer; knobs written to {args.output}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``calibrate``."""
+    p = subparsers.add_parser("calibrate", help="choose knob thresholds under an accuracy budget")
+    p.add_argument("model", type=Path, metavar="MODEL.onnx")
+    add_data_arguments(p)
+    p.add_argument("--budget", type=float, default=0.5, help="top-1 loss budget, percentage points (default 0.5)")
+    p.add_argument("--margin", type=float, default=0.1, help="kept in reserve from the budget (default 0.1 pt)")
+    p.add_argument("--min-share", type=float, default=0.01, help="skip layers under this share of dense ops")
+    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--knobs", default="", help="comma-separated subset of sfma,sdss,spet (default all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="KNOBS.yaml")
+    p.add_argument("--trace", type=Path, default=None, metavar="TRACE.csv")
+    p.set_defaults(func=cmd_calibrate)
