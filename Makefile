@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-KERNELS := $(wildcard dyvedeep/*.pyx dyvedeep/*.pxd) setup.py
+KERNELS := $(wildcard dyvedeep/*.pyx dyvedeep/*.pxd dyvedeep/*.h) setup.py
 CORES ?= 32
 
 .PHONY: setup build test test-fast test-pi all lint clean proto bench
@@ -27,8 +27,21 @@ dyvedeep/.built: $(KERNELS)
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-test-pi: setup
+# The Pi path on an emulated aarch64 board (root; first build about 5 min, cached in .pi/).
+test-pi: setup pi-build
 	$(BIN)/python -m pytest -q tests/pi
+
+# The emulated Raspberry Pi (tools/pi_emulator.py): build caches its root filesystem in .pi/,
+# start prints (and writes .pi/board.json) host, port, user and key; stop ends it by its PID.
+.PHONY: pi-build pi-start pi-stop pi-status sshd
+pi-build pi-start pi-stop pi-status:
+	$(PYTHON) tools/pi_emulator.py $(@:pi-%=%)
+
+# Debian's OpenSSH server, for the loopback SSH test (tests/test_remote_ssh.py skips without it).
+sshd:
+	@test -x /usr/sbin/sshd || DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server \
+	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server) \
+	  || echo "sshd: could not install openssh-server; the loopback SSH test will skip"
 
 all: setup
 	$(BIN)/snakemake --cores $(CORES) all

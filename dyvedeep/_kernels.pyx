@@ -8,6 +8,7 @@ BLAS that SciPy ships (scipy.linalg.cython_blas.sgemm), called in row-major form
 """
 from cython.parallel cimport prange
 from libc.math cimport expf, powf, sqrt, fabs
+from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, sdot
 
@@ -17,6 +18,13 @@ cimport numpy as cnp
 cnp.import_array()
 
 ctypedef unsigned char uint8
+
+cdef extern from "_simd.h" nogil:
+    long long dv_masked_gemm_tiles(const float* W, long ldw, int O, const float* cols, long ldc,
+                                   const unsigned char* mask, long ldm, float* out, long ldo,
+                                   int K, int N, int tile_begin, int tile_end, int* scratch)
+    void dv_im2col_positions(const float* x, int H, int W, const int* channels, int nch, int kh, int kw,
+                             int dh, int dw, const int* iy0, const int* ix0, int npos, float* cols, long ldc)
 
 
 # --------------------------------------------------------------------------- GEMM
@@ -75,27 +83,29 @@ def im2col(const float[:, :, ::1] x, const int[::1] channels, int kh, int kw, in
     """Unfold ``x`` into ``cols`` (K x P): row (i*kh + ky)*kw + kx is channel ``channels[i]`` at
     kernel tap (ky, kx); column j is output position ``positions[j]`` (= y * wo + x). Taps outside
     the input (zero padding) give 0."""
-    cdef Py_ssize_t nch = channels.shape[0], npos = positions.shape[0]
+    cdef int nch = channels.shape[0], npos = positions.shape[0]
     cdef int H = x.shape[1], W = x.shape[2]
-    cdef Py_ssize_t i, j, row
-    cdef int c, ky, kx, p, oy, ox, iy, ix
+    cdef int i, j, p, oy
     if cols.shape[0] < nch * kh * kw or cols.shape[1] < npos:
         raise ValueError("im2col: output too small")
+    if nch == 0 or npos == 0:
+        return
+    cdef int* iy0 = <int*>malloc(npos * sizeof(int))
+    cdef int* ix0 = <int*>malloc(npos * sizeof(int))
+    if iy0 == NULL or ix0 == NULL:
+        free(iy0)
+        free(ix0)
+        raise MemoryError()
+    for j in range(npos):
+        p = positions[j]
+        oy = p // wo
+        iy0[j] = oy * sh - pt
+        ix0[j] = (p - oy * wo) * sw - pl
     for i in prange(nch, nogil=True, num_threads=threads, schedule="static"):
-        c = channels[i]
-        for ky in range(kh):
-            for kx in range(kw):
-                row = (i * kh + ky) * kw + kx
-                for j in range(npos):
-                    p = positions[j]
-                    oy = p // wo
-                    ox = p - oy * wo
-                    iy = oy * sh - pt + ky * dh
-                    ix = ox * sw - pl + kx * dw
-                    if iy >= 0 and iy < H and ix >= 0 and ix < W:
-                        cols[row, j] = x[c, iy, ix]
-                    else:
-                        cols[row, j] = 0.0
+        dv_im2col_positions(&x[0, 0, 0], H, W, &channels[i], 1, kh, kw, dh, dw, iy0, ix0, npos,
+                            &cols[i * kh * kw, 0], cols.shape[1])
+    free(iy0)
+    free(ix0)
 
 
 def im2col_dense(const float[:, :, ::1] x, int c0, int c1, int kh, int kw, int sh, int sw,
@@ -277,67 +287,31 @@ def channel_stats(const float[:, :, ::1] x, double[::1] sums, double[::1] sumsq,
 
 # --------------------------------------------------------------------------- masked GEMM
 
-cdef enum:
-    TILE = 16
-
-
-cdef long long _masked_row(const float* w, const float* cols, Py_ssize_t ldc, const uint8* mask,
-                           float* out, int K, int N) noexcept nogil:
-    """One output channel of :func:`masked_gemm` (its own accumulator tile: thread-private)."""
-    cdef float acc[TILE]
-    cdef int j0, jj, jn, k, anyset
-    cdef float wk
-    cdef const float* row
-    cdef long long done = 0
-    j0 = 0
-    while j0 < N:
-        jn = N - j0
-        if jn > TILE:
-            jn = TILE
-        anyset = 0
-        for jj in range(jn):
-            anyset = anyset | mask[j0 + jj]
-        if not anyset:
-            j0 += TILE
-            continue
-        for jj in range(TILE):
-            acc[jj] = 0.0
-        if jn == TILE:
-            for k in range(K):
-                wk = w[k]
-                row = cols + k * ldc + j0
-                for jj in range(TILE):
-                    acc[jj] = acc[jj] + wk * row[jj]
-        else:
-            for k in range(K):
-                wk = w[k]
-                row = cols + k * ldc + j0
-                for jj in range(jn):
-                    acc[jj] = acc[jj] + wk * row[jj]
-        for jj in range(jn):
-            if mask[j0 + jj]:
-                out[j0 + jj] = out[j0 + jj] + acc[jj]
-                done += 1
-        j0 += TILE
-    return done
-
-
 def masked_gemm(const float[:, ::1] W, int k0, int k1, const float[:, ::1] cols, const uint8[:, ::1] mask,
                 float[:, ::1] out, int threads=1):
     """out[o, j] += sum_{k0 <= k < k1} W[o, k] * cols[k - k0, j] for each (o, j) with mask[o, j].
 
-    ``cols`` holds rows k0..k1-1 of the unfolded input. Work is done in tiles of 16 columns of
-    one output channel; a tile with no masked entry is skipped whole (the GEMM-shaped part of
-    SPET and SDSS). Returns the number of (o, j) pairs computed."""
-    cdef Py_ssize_t O = W.shape[0], N = cols.shape[1], o
+    ``cols`` holds rows k0..k1-1 of the unfolded input. The work is done in tiles of 16 columns;
+    in each tile only the output channels with a masked entry are computed, four at a time (the
+    GEMM-shaped part of SPET and SDSS). Returns the number of (o, j) pairs computed."""
+    cdef int O = W.shape[0], N = cols.shape[1]
     cdef int K = k1 - k0
     cdef long long done = 0
+    cdef int ntiles = (N + 15) // 16
+    cdef int nchunks = threads if threads < ntiles else ntiles
+    cdef int c
     if K <= 0 or O == 0 or N == 0:
         return 0
     if cols.shape[0] < K or mask.shape[0] != O or mask.shape[1] != N or out.shape[0] != O or out.shape[1] != N:
         raise ValueError("masked_gemm: shape mismatch")
-    for o in prange(O, nogil=True, num_threads=threads, schedule="dynamic"):
-        done += _masked_row(&W[o, k0], &cols[0, 0], cols.shape[1], &mask[o, 0], &out[o, 0], K, <int>N)
+    cdef int* scratch = <int*>malloc(max(nchunks, 1) * O * sizeof(int))
+    if scratch == NULL:
+        raise MemoryError()
+    for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
+        done += dv_masked_gemm_tiles(&W[0, k0], W.shape[1], O, &cols[0, 0], cols.shape[1], &mask[0, 0],
+                                     mask.shape[1], &out[0, 0], out.shape[1], K, N,
+                                     c * ntiles // nchunks, (c + 1) * ntiles // nchunks, scratch + c * O)
+    free(scratch)
     return done
 
 

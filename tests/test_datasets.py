@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import mirror_path
+from tests.conftest import mirror_path
 from dyvedeep import catalog, datasets
 from dyvedeep.datasets import export_npz, load_dataset, parse_spec
 from dyvedeep.errors import DyveError

@@ -1,0 +1,134 @@
+/* Vector micro-kernels of the engine, written with GCC/Clang vector extensions so that they
+ * compile to AVX2/AVX-512 on x86-64 and to NEON on aarch64 (Raspberry Pi) alike.
+ * Used from _kernels.pyx; no Python API here. */
+#ifndef DYVEDEEP_SIMD_H
+#define DYVEDEEP_SIMD_H
+
+#include <string.h>
+
+typedef float dv_v8 __attribute__((vector_size(32)));
+
+typedef float dv_v16 __attribute__((vector_size(64)));
+
+static inline dv_v8 dv_load8(const float *p) { dv_v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline dv_v16 dv_load16(const float *p) { dv_v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void dv_store16(float *p, dv_v16 v) { memcpy(p, &v, sizeof v); }
+static inline void dv_store8(float *p, dv_v8 v) { memcpy(p, &v, sizeof v); }
+
+/* One output channel of a masked GEMM: for each tile of 16 columns with a masked entry,
+ * acc[j] = sum_k w[k] * cols[k * ldc + j] in order k = 0..K-1, then out[j] += acc[j] where
+ * mask[j]. Returns the number of (masked) outputs written. */
+static long long dv_masked_row(const float *w, const float *cols, long ldc, const unsigned char *mask,
+                               float *out, int K, int N)
+{
+    long long done = 0;
+    float acc[16];
+    for (int j0 = 0; j0 < N; j0 += 16) {
+        int jn = N - j0 < 16 ? N - j0 : 16;
+        int any = 0;
+        for (int jj = 0; jj < jn; ++jj) any |= mask[j0 + jj];
+        if (!any) continue;
+        if (jn == 16) {
+            dv_v8 a0 = {0}, a1 = {0};
+            const float *row = cols + j0;
+            for (int k = 0; k < K; ++k, row += ldc) {
+                dv_v8 wk = (dv_v8){0} + w[k];
+                a0 += wk * dv_load8(row);
+                a1 += wk * dv_load8(row + 8);
+            }
+            dv_store8(acc, a0);
+            dv_store8(acc + 8, a1);
+        } else {
+            for (int jj = 0; jj < 16; ++jj) acc[jj] = 0.0f;
+            const float *row = cols + j0;
+            for (int k = 0; k < K; ++k, row += ldc) {
+                float wk = w[k];
+                for (int jj = 0; jj < jn; ++jj) acc[jj] += wk * row[jj];
+            }
+        }
+        for (int jj = 0; jj < jn; ++jj) {
+            if (mask[j0 + jj]) { out[j0 + jj] += acc[jj]; ++done; }
+        }
+    }
+    return done;
+}
+
+/* Masked GEMM over a range of 16-column tiles (sampled dense-dense product):
+ * out[o, j] += sum_{k<K} W[o, k] * cols[k, j] for each (o, j) with mask[o, j]. Per tile, the
+ * output channels with a masked entry in it are gathered and computed four at a time (register
+ * blocking: each loaded row of cols serves four channels); a channel with no masked entry in a
+ * tile costs nothing there. `list` is scratch for O ints. Returns the outputs written. */
+static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const float *cols, long ldc,
+                                      const unsigned char *mask, long ldm, float *out, long ldo,
+                                      int K, int N, int tile_begin, int tile_end, int *list)
+{
+    enum { R = 8 };  /* output channels per register block */
+    long long done = 0;
+    float acc[R][16];
+    for (int t = tile_begin; t < tile_end; ++t) {
+        int j0 = t * 16;
+        int jn = N - j0 < 16 ? N - j0 : 16;
+        int n = 0;
+        for (int o = 0; o < O; ++o) {
+            const unsigned char *m = mask + (long)o * ldm + j0;
+            int any = 0;
+            for (int jj = 0; jj < jn; ++jj) any |= m[jj];
+            if (any) list[n++] = o;
+        }
+        for (int g = 0; g < n; g += R) {
+            int rows = n - g < R ? n - g : R;
+            const float *wr[R];
+            for (int r = 0; r < R; ++r) wr[r] = W + (long)list[g + (r < rows ? r : 0)] * ldw;
+            if (jn == 16) {
+                dv_v16 a[R];
+                for (int r = 0; r < R; ++r) a[r] = (dv_v16){0};
+                const float *row = cols + j0;
+                for (int k = 0; k < K; ++k, row += ldc) {
+                    dv_v16 c = dv_load16(row);
+                    for (int r = 0; r < R; ++r) a[r] += ((dv_v16){0} + wr[r][k]) * c;
+                }
+                for (int r = 0; r < R; ++r) dv_store16(acc[r], a[r]);
+            } else {
+                for (int r = 0; r < rows; ++r) {
+                    for (int jj = 0; jj < 16; ++jj) acc[r][jj] = 0.0f;
+                    const float *row = cols + j0;
+                    for (int k = 0; k < K; ++k, row += ldc) {
+                        float wk = wr[r][k];
+                        for (int jj = 0; jj < jn; ++jj) acc[r][jj] += wk * row[jj];
+                    }
+                }
+            }
+            for (int r = 0; r < rows; ++r) {
+                int o = list[g + r];
+                const unsigned char *m = mask + (long)o * ldm + j0;
+                float *dst = out + (long)o * ldo + j0;
+                for (int jj = 0; jj < jn; ++jj) {
+                    if (m[jj]) { dst[jj] += acc[r][jj]; ++done; }
+                }
+            }
+        }
+    }
+    return done;
+}
+
+/* im2col of selected output positions: rows (channel i, ky, kx), columns j = positions[j].
+ * iy0[j] = oy*sh - pt and ix0[j] = ox*sw - pl are precomputed per position. */
+static void dv_im2col_positions(const float *x, int H, int W, const int *channels, int nch, int kh, int kw,
+                                int dh, int dw, const int *iy0, const int *ix0, int npos, float *cols, long ldc)
+{
+    for (int i = 0; i < nch; ++i) {
+        const float *plane = x + (long)channels[i] * H * W;
+        for (int ky = 0; ky < kh; ++ky) {
+            for (int kx = 0; kx < kw; ++kx) {
+                float *dst = cols + ((long)(i * kh + ky) * kw + kx) * ldc;
+                int oy = ky * dh, ox = kx * dw;
+                for (int j = 0; j < npos; ++j) {
+                    int iy = iy0[j] + oy, ix = ix0[j] + ox;
+                    dst[j] = ((unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W) ? plane[iy * W + ix] : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+#endif

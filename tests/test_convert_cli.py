@@ -1,0 +1,182 @@
+"""``dyvedeep convert`` on the command line: format detection, preprocessing presets and
+overrides in the metadata, and bad inputs (one line on stderr naming the file, exit != 0, no
+output file left behind)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from dyvedeep.cli import main
+from dyvedeep.preprocess import LABELS_KEY, METADATA_KEY, Preprocess
+from tests.factory import (
+    DEEP_COMPRESSION_TINY,
+    TINY_NETS,
+    encode_deep_compression,
+    tiny_model,
+    write_caffe_model,
+    write_mean_binaryproto,
+    write_openvino_ir,
+)
+
+
+def metadata_of(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(path).metadata_props}
+
+
+def assert_fails_cleanly(capsys, argv: list[str], out: Path, *needles: str) -> str:
+    """Run the CLI expecting failure: non-zero exit, one stderr line naming ``needles``, no output."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dyvedeep: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "temporary file left"
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- success
+
+
+def test_cifar10_preset_with_mean_file(tmp_path):
+    files = tiny_model(tmp_path, "global_pool")
+    mean = np.arange(3 * 9 * 7, dtype=np.float32).reshape(3, 9, 7) / 7
+    mean_file = tmp_path / "mean.binaryproto"
+    write_mean_binaryproto(mean_file, mean)
+    out = tmp_path / "models" / "tiny.onnx"
+    argv = ["convert", str(files.prototxt), str(files.caffemodel), "-o", str(out),
+            "--preset", "cifar10-caffe", "--mean", str(mean_file)]
+    assert main(argv) == 0
+    meta = metadata_of(out)
+    preprocess = Preprocess.from_json(meta[METADATA_KEY])
+    assert preprocess.channel_order == "RGB" and preprocess.mean_shape == [3, 9, 7]
+    np.testing.assert_array_equal(np.asarray(preprocess.mean_image, np.float32).reshape(3, 9, 7), mean)
+    assert meta[LABELS_KEY] == "cifar10"
+    assert json.loads(meta["dyvedeep.source"])["format"] == "caffe"
+
+
+def test_imagenet_preset_and_overrides(tmp_path):
+    files = write_caffe_model(tmp_path, "big_input", TINY_NETS["global_pool"].replace("dim: 9 dim: 7", "dim: 224 dim: 224"))
+    out = tmp_path / "m.onnx"
+    argv = ["convert", str(files.prototxt), str(files.caffemodel), "-o", str(out), "--preset", "imagenet-caffe-224",
+            "--mean-values", "1,2,3", "--channel-order", "RGB", "--resize", "240,250", "--pixel-scale", "1/255",
+            "--std", "0.5,0.25,0.125", "--scale", "2", "--labels", "imagenet"]
+    assert main(argv) == 0
+    meta = metadata_of(out)
+    assert Preprocess.from_json(meta[METADATA_KEY]) == Preprocess(
+        channel_order="RGB", resize=[240, 250], crop=[224, 224], pixel_scale=1 / 255,
+        mean_values=[1.0, 2.0, 3.0], std=[0.5, 0.25, 0.125], scale=2.0)
+    assert meta[LABELS_KEY] == "imagenet"
+
+
+def test_deep_compression_and_openvino_detected_from_names(tmp_path):
+    files = write_caffe_model(tmp_path, "dc_tiny", DEEP_COMPRESSION_TINY)
+    net_file = tmp_path / "dc_tiny.net"
+    encode_deep_compression(net_file, files.net, files.weights)
+    out = tmp_path / "dc.onnx"
+    assert main(["convert", str(files.prototxt), str(net_file), "-o", str(out)]) == 0
+    meta = metadata_of(out)
+    assert json.loads(meta["dyvedeep.source"])["format"] == "deep_compression"
+    assert meta[LABELS_KEY] == "cifar10" and "dyvedeep.nonzero_weights" in meta  # 10 classes
+    ir = write_openvino_ir(tmp_path / "ir")
+    out = tmp_path / "ir.onnx"
+    assert main(["convert", str(ir.xml), "-o", str(out)]) == 0, "the .bin beside the .xml is found"
+    assert json.loads(metadata_of(out)["dyvedeep.source"]) == {"format": "openvino", "files": ["tiny_fire.xml", "tiny_fire.bin"]}
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_model(tmp_path, "concat_eltwise_split")
+
+
+def test_truncated_caffemodel(tmp_path, capsys, tiny):
+    tiny.caffemodel.write_bytes(tiny.caffemodel.read_bytes()[:-37])
+    out = tmp_path / "m.onnx"
+    assert_fails_cleanly(capsys, ["convert", str(tiny.prototxt), str(tiny.caffemodel), "-o", str(out)],
+                         out, str(tiny.caffemodel), "not a valid caffemodel")
+
+
+def test_corrupt_caffemodel(tmp_path, capsys, tiny):
+    data = bytearray(tiny.caffemodel.read_bytes())
+    data[:12] = b"\xff" * 12
+    tiny.caffemodel.write_bytes(bytes(data))
+    out = tmp_path / "m.onnx"
+    assert_fails_cleanly(capsys, ["convert", str(tiny.prototxt), str(tiny.caffemodel), "-o", str(out)],
+                         out, str(tiny.caffemodel), "not a valid caffemodel")
+
+
+def test_empty_caffemodel(tmp_path, capsys, tiny):
+    tiny.caffemodel.write_bytes(b"")
+    out = tmp_path / "m.onnx"
+    assert_fails_cleanly(capsys, ["convert", str(tiny.prototxt), str(tiny.caffemodel), "-o", str(out)],
+                         out, str(tiny.caffemodel))
+
+
+def test_unknown_layer_type(tmp_path, capsys, tiny):
+    prototxt = tmp_path / "odd.prototxt"
+    prototxt.write_text(TINY_NETS["concat_eltwise_split"].replace('type: "Flatten"', 'type: "Frobnicate"'))
+    out = tmp_path / "m.onnx"
+    assert_fails_cleanly(capsys, ["convert", str(prototxt), str(tiny.caffemodel), "-o", str(out)],
+                         out, str(prototxt), "'flat'", "Frobnicate")
+
+
+def test_weight_shape_mismatch(tmp_path, capsys, tiny):
+    prototxt = tmp_path / "wider.prototxt"
+    prototxt.write_text(TINY_NETS["concat_eltwise_split"].replace("num_output: 6", "num_output: 7"))
+    out = tmp_path / "m.onnx"
+    assert_fails_cleanly(capsys, ["convert", str(prototxt), str(tiny.caffemodel), "-o", str(out)],
+                         out, str(tiny.caffemodel), "'ip'", "[7, 320]", "[6, 320]")
+
+
+def test_invalid_prototxt(tmp_path, capsys, tiny):
+    prototxt = tmp_path / "broken.prototxt"
+    prototxt.write_text("layer { name: 'x' \n type: ")
+    out = tmp_path / "m.onnx"
+    assert_fails_cleanly(capsys, ["convert", str(prototxt), str(tiny.caffemodel), "-o", str(out)], out, str(prototxt))
+
+
+def test_truncated_net_file(tmp_path, capsys):
+    files = write_caffe_model(tmp_path, "dc_tiny", DEEP_COMPRESSION_TINY)
+    net_file = tmp_path / "dc_tiny.net"
+    encode_deep_compression(net_file, files.net, files.weights)
+    net_file.write_bytes(net_file.read_bytes()[:-1])
+    out = tmp_path / "m.onnx"
+    assert_fails_cleanly(capsys, ["convert", str(files.prototxt), str(net_file), "-o", str(out)],
+                         out, str(net_file), "truncated")
+
+
+def test_missing_weights_and_unknown_formats(tmp_path, capsys, tiny):
+    out = tmp_path / "m.onnx"
+    missing = tmp_path / "absent.caffemodel"
+    assert_fails_cleanly(capsys, ["convert", str(tiny.prototxt), str(missing), "-o", str(out)], out, str(missing))
+    assert_fails_cleanly(capsys, ["convert", str(tiny.prototxt), "-o", str(out)], out, str(tiny.prototxt))
+    other = tmp_path / "weights.h5"
+    other.write_bytes(b"x")
+    assert_fails_cleanly(capsys, ["convert", str(tiny.prototxt), str(other), "-o", str(out)], out, str(other))
+
+
+def test_preprocessing_that_does_not_fit_the_model(tmp_path, capsys, tiny):
+    out = tmp_path / "m.onnx"
+    assert_fails_cleanly(capsys, ["convert", str(tiny.prototxt), str(tiny.caffemodel), "-o", str(out),
+                                  "--preset", "imagenet-caffe"], out, str(tiny.prototxt), "227")
+    assert_fails_cleanly(capsys, ["convert", str(tiny.prototxt), str(tiny.caffemodel), "-o", str(out),
+                                  "--preset", "cifar10-caffe"], out, "--mean")
+
+
+def test_failure_keeps_an_existing_output(tmp_path, capsys, tiny):
+    out = tmp_path / "m.onnx"
+    assert main(["convert", str(tiny.prototxt), str(tiny.caffemodel), "-o", str(out)]) == 0
+    before = out.read_bytes()
+    tiny.caffemodel.write_bytes(tiny.caffemodel.read_bytes()[:100])
+    assert main(["convert", str(tiny.prototxt), str(tiny.caffemodel), "-o", str(out)]) != 0
+    assert "not a valid caffemodel" in capsys.readouterr().err
+    assert out.read_bytes() == before
