@@ -108,15 +108,18 @@ def im2col(const float[:, :, ::1] x, const int[::1] channels, int kh, int kw, in
     free(ix0)
 
 
-def im2col_dense(const float[:, :, ::1] x, int c0, int c1, int kh, int kw, int sh, int sw,
+def im2col_dense(const float[:, :, ::1] x, const int[::1] channels, int kh, int kw, int sh, int sw,
                  int pt, int pl, int dh, int dw, int ho, int wo, float[:, ::1] cols, int threads=1):
-    """im2col of channels c0..c1-1 over every output position (row-contiguous fast path)."""
+    """im2col of the listed channels over every output position (row-contiguous fast path):
+    row (i*kh + ky)*kw + kx holds channel ``channels[i]`` at tap (ky, kx), column y * wo + x."""
     cdef int H = x.shape[1], W = x.shape[2]
-    cdef Py_ssize_t i, row
+    cdef Py_ssize_t i, row, nch = channels.shape[0]
     cdef int c, ky, kx, oy, ox, iy, ix, x_lo, x_hi
     cdef float* dst
-    for i in prange(c1 - c0, nogil=True, num_threads=threads, schedule="static"):
-        c = c0 + i
+    if cols.shape[0] < nch * kh * kw or cols.shape[1] < ho * wo:
+        raise ValueError("im2col_dense: output too small")
+    for i in prange(nch, nogil=True, num_threads=threads, schedule="static"):
+        c = channels[i]
         for ky in range(kh):
             for kx in range(kw):
                 row = (i * kh + ky) * kw + kx

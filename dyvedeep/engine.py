@@ -121,6 +121,7 @@ class ConvState:
     wo: int
     is_pointwise: bool
     weights: list[np.ndarray]  # per group, (cout, cin*kh*kw), natural channel order
+    channels: list[np.ndarray]  # per group, the absolute input channel indices in natural order
     cols: np.ndarray  # (cin*kh*kw, ho*wo) scratch
     all_positions: np.ndarray
     spet: KnobSetting | None = None
@@ -170,7 +171,8 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     weights = [np.ascontiguousarray(w[g * cout:(g + 1) * cout].reshape(cout, -1)) for g in range(groups)]
     st = ConvState(layer=layer, groups=groups, cin=cin, cout=cout, kh=kh, kw=kw,
                    geometry=(sh, sw, pt, pl, dh, dw), ho=ho, wo=wo, is_pointwise=pointwise,
-                   weights=weights, cols=np.empty((cin * kh * kw, ho * wo), np.float32),
+                   weights=weights, channels=[np.arange(g * cin, (g + 1) * cin, dtype=np.int32) for g in range(groups)],
+                   cols=np.empty((cin * kh * kw, ho * wo), np.float32),
                    all_positions=np.arange(ho * wo, dtype=np.int32))
     if knobs is not None:
         st.spet, st.sdss, st.sfma = (knobs.get(layer.name, k) for k in ("spet", "sdss", "sfma"))
@@ -208,6 +210,18 @@ def make_fc_state(layer: Layer, knobs: KnobConfig | None) -> FcState:
         st.order = np.argsort(-np.abs(layer.weight).sum(axis=0), kind="stable").astype(np.int32)
         st.weight_perm = np.ascontiguousarray(layer.weight[:, st.order])
     return st
+
+
+_NO_MASK = np.zeros((0, 0), U8)
+_ONES: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _ones_mask(shape: tuple[int, int]) -> np.ndarray:
+    """A cached all-ones uint8 mask of ``shape`` (read-only use)."""
+    mask = _ONES.get(shape)
+    if mask is None:
+        mask = _ONES[shape] = np.ones(shape, U8)
+    return mask
 
 
 def _scratch(buffer: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -390,8 +404,8 @@ class Engine:
                 cols = x[g * st.cin:(g + 1) * st.cin].reshape(st.cin, -1)
             else:
                 cols = st.cols
-                K.im2col_dense(x, g * st.cin, (g + 1) * st.cin, st.kh, st.kw, sh, sw, pt, pl, dh, dw,
-                               st.ho, st.wo, cols, self.threads)
+                K.im2col_dense(x, st.channels[g], st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols,
+                               self.threads)
             K.gemm(st.weights[g], cols, og, 0.0)
         K.bias_act(out, bias, st.layer.relu, self.threads)
 
@@ -434,13 +448,18 @@ class Engine:
                 if len(kept_rel) else 0
 
         # ---- computed positions: the SDSS grid, or everything
-        positions = st.grid.grid_positions if st.sdss is not None else st.all_positions
-        cols = _scratch(st.cols, kdim, len(positions))
-        K.im2col(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.wo, positions, cols, self.threads)
-        sel = np.ascontiguousarray(base[:, positions])
-        ones = np.ones(sel.shape, U8)
-        self._compute_neurons(st, wmat, cols, kdim, lead, sel, ones, count)
-        K.scatter_columns(sel, positions, np.zeros((0, 0), U8), out_g)
+        if st.sdss is not None:
+            positions = st.grid.grid_positions
+            cols = _scratch(st.cols, kdim, len(positions))
+            K.im2col(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.wo, positions, cols, self.threads)
+            sel = np.ascontiguousarray(base[:, positions])
+            self._compute_neurons(st, wmat, cols, kdim, lead, sel, None, count)
+            K.scatter_columns(sel, positions, _NO_MASK, out_g)
+        else:
+            cols = _scratch(st.cols, kdim, npos)
+            K.im2col_dense(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, self.threads)
+            out_g[:] = base
+            self._compute_neurons(st, wmat, cols, kdim, lead, out_g, None, count)
 
         # ---- SDSS: interpolate insignificant cells, compute the rest of the map
         if st.sdss is not None:
@@ -451,11 +470,15 @@ class Engine:
         return bool(count["dropped_maps"] or count["filled"] or count["terminated"])
 
     def _compute_neurons(self, st: ConvState, wmat: np.ndarray, cols: np.ndarray, kdim: int, lead: int,
-                         acc: np.ndarray, active: np.ndarray, count: dict[str, int]) -> None:
-        """acc (cout x P, holding bias + SFMA constants) += W @ cols for the active neurons, with
-        SPET when on; applies ReLU (layers with knobs that need it always have one)."""
-        n_active = int(active.sum())
-        dense_like = active.all()
+                         acc: np.ndarray, active: np.ndarray | None, count: dict[str, int]) -> None:
+        """acc (cout x P, holding bias + SFMA constants) += W @ cols for the active neurons
+        (``None``: all), with SPET when on; applies ReLU when the layer has one."""
+        dense_like = active is None
+        if dense_like:
+            n_active = acc.shape[0] * acc.shape[1]
+            active = _ones_mask(acc.shape)
+        else:
+            n_active = int(np.count_nonzero(active))
         relu = st.layer.relu
         if st.spet is None:
             if dense_like:
