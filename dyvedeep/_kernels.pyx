@@ -22,7 +22,11 @@ ctypedef unsigned char uint8
 cdef extern from "_simd.h" nogil:
     long long dv_masked_gemm_tiles(const float* W, long ldw, int O, const float* cols, long ldc,
                                    const unsigned char* mask, long ldm, float* out, long ldo,
-                                   int K, int N, int tile_begin, int tile_end, int* scratch)
+                                   int K, int N, int tile_begin, int tile_end, int* scratch, int relu)
+    long long dv_spet_finish_tiles(const float* W, long ldw, int O, const float* cols, long ldc,
+                                   const unsigned char* mask, long ldm, float* out, long ldo,
+                                   int lead, int K, int N, float margin, int relu,
+                                   int tile_begin, int tile_end, int* scratch, unsigned char* cont)
     void dv_im2col_positions(const float* x, int H, int W, const int* channels, int nch, int kh, int kw,
                              int dh, int dw, const int* iy0, const int* ix0, int npos, float* cols, long ldc)
 
@@ -169,6 +173,16 @@ def bias_act(float[:, ::1] out, const float[::1] bias, bint relu, int threads=1)
             out[o, j] = v
 
 
+def relu_rows(float[:, ::1] x):
+    """x = max(x, 0) elementwise, for a C-contiguous matrix."""
+    cdef Py_ssize_t n = x.shape[0] * x.shape[1], i
+    cdef float* p = &x[0, 0] if n else NULL
+    with nogil:
+        for i in range(n):
+            if p[i] < 0.0:
+                p[i] = 0.0
+
+
 def relu_inplace(float[::1] x):
     """x = max(x, 0) elementwise."""
     cdef Py_ssize_t n = x.shape[0], i
@@ -291,12 +305,13 @@ def channel_stats(const float[:, :, ::1] x, double[::1] sums, double[::1] sumsq,
 # --------------------------------------------------------------------------- masked GEMM
 
 def masked_gemm(const float[:, ::1] W, int k0, int k1, const float[:, ::1] cols, const uint8[:, ::1] mask,
-                float[:, ::1] out, int threads=1):
+                float[:, ::1] out, int threads=1, bint relu=False):
     """out[o, j] += sum_{k0 <= k < k1} W[o, k] * cols[k - k0, j] for each (o, j) with mask[o, j].
 
     ``cols`` holds rows k0..k1-1 of the unfolded input. The work is done in tiles of 16 columns;
     in each tile only the output channels with a masked entry are computed, four at a time (the
-    GEMM-shaped part of SPET and SDSS). Returns the number of (o, j) pairs computed."""
+    GEMM-shaped part of SPET and SDSS); with ``relu`` the written entries are ReLU'd. Returns
+    the number of (o, j) pairs computed."""
     cdef int O = W.shape[0], N = cols.shape[1]
     cdef int K = k1 - k0
     cdef long long done = 0
@@ -313,9 +328,45 @@ def masked_gemm(const float[:, ::1] W, int k0, int k1, const float[:, ::1] cols,
     for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
         done += dv_masked_gemm_tiles(&W[0, k0], W.shape[1], O, &cols[0, 0], cols.shape[1], &mask[0, 0],
                                      mask.shape[1], &out[0, 0], out.shape[1], K, N,
-                                     c * ntiles // nchunks, (c + 1) * ntiles // nchunks, scratch + c * O)
+                                     c * ntiles // nchunks, (c + 1) * ntiles // nchunks, scratch + c * O, relu)
     free(scratch)
     return done
+
+
+def spet_finish(const float[:, ::1] W, int lead, const float[:, ::1] cols, float[:, ::1] out,
+                float margin, bint relu, const uint8[:, ::1] mask=None, int threads=1):
+    """SPET after the partial sums: ``out`` (O x N) holds bias + constants + the leading ``lead``
+    inputs of each active neuron (``mask``; None: all). Neurons with partial < -margin become 0;
+    the others get inputs lead..K-1 of ``cols`` (K x N) and ReLU. Returns the number stopped."""
+    cdef int O = W.shape[0], N = cols.shape[1], K = W.shape[1]
+    cdef int ntiles = (N + 15) // 16
+    cdef int nchunks = threads if threads < ntiles else ntiles
+    cdef int c
+    cdef long long stopped = 0
+    cdef const unsigned char* m = NULL
+    cdef long ldm = 0
+    if O == 0 or N == 0:
+        return 0
+    if cols.shape[0] < K or out.shape[0] != O or out.shape[1] != N or lead > K:
+        raise ValueError("spet_finish: shape mismatch")
+    if mask is not None:
+        if mask.shape[0] != O or mask.shape[1] != N:
+            raise ValueError("spet_finish: mask shape mismatch")
+        m = &mask[0, 0]
+        ldm = mask.shape[1]
+    cdef int* scratch = <int*>malloc(max(nchunks, 1) * O * sizeof(int))
+    cdef unsigned char* cont = <unsigned char*>malloc(max(nchunks, 1) * O * 16)
+    if scratch == NULL or cont == NULL:
+        free(scratch)
+        free(cont)
+        raise MemoryError()
+    for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
+        stopped += dv_spet_finish_tiles(&W[0, 0], W.shape[1], O, &cols[0, 0], cols.shape[1], m, ldm, &out[0, 0],
+                                        out.shape[1], lead, K, N, margin, relu, c * ntiles // nchunks,
+                                        (c + 1) * ntiles // nchunks, scratch + c * O, cont + c * O * 16)
+    free(scratch)
+    free(cont)
+    return stopped
 
 
 def spet_decide(const float[:, ::1] partial, float margin, const uint8[:, ::1] active, uint8[:, ::1] cont):

@@ -60,7 +60,7 @@ static long long dv_masked_row(const float *w, const float *cols, long ldc, cons
  * tile costs nothing there. `list` is scratch for O ints. Returns the outputs written. */
 static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const float *cols, long ldc,
                                       const unsigned char *mask, long ldm, float *out, long ldo,
-                                      int K, int N, int tile_begin, int tile_end, int *list)
+                                      int K, int N, int tile_begin, int tile_end, int *list, int relu)
 {
     enum { R = 8 };  /* output channels per register block */
     long long done = 0;
@@ -103,12 +103,48 @@ static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const flo
                 const unsigned char *m = mask + (long)o * ldm + j0;
                 float *dst = out + (long)o * ldo + j0;
                 for (int jj = 0; jj < jn; ++jj) {
-                    if (m[jj]) { dst[jj] += acc[r][jj]; ++done; }
+                    if (m[jj]) {
+                        float v = dst[jj] + acc[r][jj];
+                        dst[jj] = (relu && v < 0.0f) ? 0.0f : v;
+                        ++done;
+                    }
                 }
             }
         }
     }
     return done;
+}
+
+/* SPET's second half over a range of 16-column tiles, in one pass: `out` holds the partial sums
+ * (bias, SFMA constant and the leading `lead` inputs) of the active neurons (mask == NULL: all).
+ * A neuron whose partial sum is < -margin stops: its output is 0. The others are finished with
+ * inputs lead..K-1 (register blocks of eight channels, as dv_masked_gemm_tiles) and ReLU'd.
+ * `cont` is scratch for O*16 bytes, `list` for O ints. Returns the number of stopped neurons. */
+static long long dv_spet_finish_tiles(const float *W, long ldw, int O, const float *cols, long ldc,
+                                      const unsigned char *mask, long ldm, float *out, long ldo,
+                                      int lead, int K, int N, float margin, int relu,
+                                      int tile_begin, int tile_end, int *list, unsigned char *cont)
+{
+    long long stopped = 0;
+    for (int t = tile_begin; t < tile_end; ++t) {
+        int j0 = t * 16;
+        int jn = N - j0 < 16 ? N - j0 : 16;
+        for (int o = 0; o < O; ++o) {
+            float *v = out + (long)o * ldo + j0;
+            const unsigned char *m = mask ? mask + (long)o * ldm + j0 : NULL;
+            unsigned char *c = cont + (long)o * 16;
+            for (int jj = 0; jj < 16; ++jj) c[jj] = 0;
+            for (int jj = 0; jj < jn; ++jj) {
+                if (m && !m[jj]) continue;
+                if (v[jj] < -margin) { v[jj] = 0.0f; ++stopped; }
+                else c[jj] = 1;
+            }
+        }
+        /* finish the continuing neurons of this tile (a one-tile masked GEMM over lead..K-1) */
+        dv_masked_gemm_tiles(W + lead, ldw, O, cols + (long)lead * ldc, ldc, cont - j0, 16, out, ldo,
+                             K - lead, N, t, t + 1, list, relu);
+    }
+    return stopped;
 }
 
 /* im2col of selected output positions: rows (channel i, ky, kx), columns j = positions[j].

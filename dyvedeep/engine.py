@@ -473,30 +473,23 @@ class Engine:
                          acc: np.ndarray, active: np.ndarray | None, count: dict[str, int]) -> None:
         """acc (cout x P, holding bias + SFMA constants) += W @ cols for the active neurons
         (``None``: all), with SPET when on; applies ReLU when the layer has one."""
-        dense_like = active is None
-        if dense_like:
-            n_active = acc.shape[0] * acc.shape[1]
-            active = _ones_mask(acc.shape)
-        else:
-            n_active = int(np.count_nonzero(active))
         relu = st.layer.relu
+        n_active = acc.size if active is None else int(np.count_nonzero(active))
         if st.spet is None:
-            if dense_like:
+            if active is None:
                 K.gemm(wmat, cols, acc, 1.0)
+                if relu:
+                    K.relu_rows(acc)
             else:
-                K.masked_gemm(wmat, 0, kdim, cols, active, acc, self.threads)
-            K.finish_act(acc, active, active, relu)
+                K.masked_gemm(wmat, 0, kdim, cols, active, acc, self.threads, relu)
             count["macs"] += n_active * kdim
             count["ops"] += 2 * n_active * kdim + n_active * (1 + int(relu))
             return
-        if dense_like:
+        if active is None:
             K.gemm(wmat[:, :lead], cols[:lead], acc, 1.0)
         else:
             K.masked_gemm(wmat, 0, lead, cols[:lead], active, acc, self.threads)
-        cont = np.empty(acc.shape, U8)
-        terminated = K.spet_decide(acc, st.spet.threshold, active, cont)
-        K.masked_gemm(wmat, lead, kdim, cols[lead:kdim], cont, acc, self.threads)
-        K.finish_act(acc, active, cont, relu)
+        terminated = K.spet_finish(wmat, lead, cols, acc, st.spet.threshold, relu, active, self.threads)
         finished = n_active - terminated
         count["macs"] += n_active * lead + finished * (kdim - lead)
         count["ops"] += 2 * (n_active * lead + finished * (kdim - lead)) + n_active + finished * int(relu)
