@@ -27,7 +27,7 @@ dyvedeep/.built: $(KERNELS)
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# The Pi path on an emulated aarch64 board (root; first build about 5 min, cached in .pi/).
+# The Pi path on an emulated aarch64 board (root; first build 5-20 min, then cached in .pi/).
 test-pi: setup pi-build
 	$(BIN)/python -m pytest -q tests/pi
 
