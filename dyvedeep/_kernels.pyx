@@ -27,6 +27,12 @@ cdef extern from "_simd.h" nogil:
                                    const unsigned char* mask, long ldm, float* out, long ldo,
                                    int lead, int K, int N, float margin, int relu,
                                    int tile_begin, int tile_end, int* scratch, unsigned char* cont)
+    void dv_im2col_plane(const float* plane, int H, int W, int kh, int kw, int sh, int sw, int pt, int pl,
+                         int dh, int dw, int ho, int wo, float* dst, long ldc)
+    void dv_maxpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
+                          int sh, int sw, int pt, int pl)
+    void dv_avgpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
+                          int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad)
     void dv_im2col_positions(const float* x, int H, int W, const int* channels, int nch, int kh, int kw,
                              int dh, int dw, const int* iy0, const int* ix0, int npos, float* cols, long ldc)
 
@@ -117,45 +123,14 @@ def im2col_dense(const float[:, :, ::1] x, const int[::1] channels, int kh, int 
     """im2col of the listed channels over every output position (row-contiguous fast path):
     row (i*kh + ky)*kw + kx holds channel ``channels[i]`` at tap (ky, kx), column y * wo + x."""
     cdef int H = x.shape[1], W = x.shape[2]
-    cdef Py_ssize_t i, row, nch = channels.shape[0]
-    cdef int c, ky, kx, oy, ox, iy, ix, x_lo, x_hi
-    cdef float* dst
+    cdef Py_ssize_t i, nch = channels.shape[0]
     if cols.shape[0] < nch * kh * kw or cols.shape[1] < ho * wo:
         raise ValueError("im2col_dense: output too small")
+    if nch == 0:
+        return
     for i in prange(nch, nogil=True, num_threads=threads, schedule="static"):
-        c = channels[i]
-        for ky in range(kh):
-            for kx in range(kw):
-                row = (i * kh + ky) * kw + kx
-                for oy in range(ho):
-                    iy = oy * sh - pt + ky * dh
-                    dst = &cols[row, oy * wo]
-                    if iy < 0 or iy >= H:
-                        memset(dst, 0, wo * sizeof(float))
-                        continue
-                    if sw == 1:
-                        # valid ox range: 0 <= ox - pl + kx*dw < W
-                        x_lo = pl - kx * dw
-                        if x_lo < 0:
-                            x_lo = 0
-                        x_hi = W + pl - kx * dw
-                        if x_hi > wo:
-                            x_hi = wo
-                        if x_hi < x_lo:
-                            x_hi = x_lo
-                        for ox in range(x_lo):
-                            dst[ox] = 0.0
-                        for ox in range(x_lo, x_hi):
-                            dst[ox] = x[c, iy, ox - pl + kx * dw]
-                        for ox in range(x_hi, wo):
-                            dst[ox] = 0.0
-                    else:
-                        for ox in range(wo):
-                            ix = ox * sw - pl + kx * dw
-                            if ix >= 0 and ix < W:
-                                dst[ox] = x[c, iy, ix]
-                            else:
-                                dst[ox] = 0.0
+        dv_im2col_plane(&x[channels[i], 0, 0], H, W, kh, kw, sh, sw, pt, pl, dh, dw, ho, wo,
+                        &cols[i * kh * kw, 0], cols.shape[1])
 
 
 # --------------------------------------------------------------------------- elementwise
@@ -199,29 +174,8 @@ def maxpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
     """Max pooling with implicit -inf padding (ONNX / onnxruntime semantics)."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
     cdef Py_ssize_t c
-    cdef int oy, ox, y0, y1, x0, x1, iy, ix
-    cdef float m
     for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
-        for oy in range(Ho):
-            y0 = oy * sh - pt
-            y1 = y0 + kh
-            if y0 < 0:
-                y0 = 0
-            if y1 > H:
-                y1 = H
-            for ox in range(Wo):
-                x0 = ox * sw - pl
-                x1 = x0 + kw
-                if x0 < 0:
-                    x0 = 0
-                if x1 > W:
-                    x1 = W
-                m = x[c, y0, x0]
-                for iy in range(y0, y1):
-                    for ix in range(x0, x1):
-                        if x[c, iy, ix] > m:
-                            m = x[c, iy, ix]
-                out[c, oy, ox] = m
+        dv_maxpool_plane(&x[c, 0, 0], H, W, &out[c, 0, 0], Ho, Wo, kh, kw, sh, sw, pt, pl)
 
 
 def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int sh, int sw,
@@ -230,32 +184,9 @@ def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
     window clipped to the padded input (H + pad_end), else the taps inside the input."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
     cdef Py_ssize_t c
-    cdef int oy, ox, hs, he, ws, we, y0, y1, x0, x1, iy, ix, count
-    cdef float s
     for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
-        for oy in range(Ho):
-            hs = oy * sh - pt
-            he = hs + kh
-            if he > H + pb:
-                he = H + pb
-            y0 = hs if hs > 0 else 0
-            y1 = he if he < H else H
-            for ox in range(Wo):
-                ws = ox * sw - pl
-                we = ws + kw
-                if we > W + pr:
-                    we = W + pr
-                x0 = ws if ws > 0 else 0
-                x1 = we if we < W else W
-                s = 0.0
-                for iy in range(y0, y1):
-                    for ix in range(x0, x1):
-                        s = s + x[c, iy, ix]
-                if count_include_pad:
-                    count = (he - hs) * (we - ws)
-                else:
-                    count = (y1 - y0) * (x1 - x0)
-                out[c, oy, ox] = s / count if count > 0 else 0.0
+        dv_avgpool_plane(&x[c, 0, 0], H, W, &out[c, 0, 0], Ho, Wo, kh, kw, sh, sw, pt, pl, pb, pr,
+                         count_include_pad)
 
 
 def lrn_across(const float[:, :, ::1] x, float[:, :, ::1] out, int size, float alpha, float beta,

@@ -147,6 +147,87 @@ static long long dv_spet_finish_tiles(const float *W, long ldw, int O, const flo
     return stopped;
 }
 
+/* im2col over every output position for one input channel `plane` (H x W): rows (ky, kx) of
+ * `dst` (row stride ldc) get the input under tap (ky, kx) for all ho x wo positions; stride-1
+ * rows are copied as contiguous runs. */
+static void dv_im2col_plane(const float *plane, int H, int W, int kh, int kw, int sh, int sw, int pt, int pl,
+                            int dh, int dw, int ho, int wo, float *dst, long ldc)
+{
+    for (int ky = 0; ky < kh; ++ky) {
+        for (int kx = 0; kx < kw; ++kx) {
+            float *row = dst + (long)(ky * kw + kx) * ldc;
+            int off_x = kx * dw - pl;
+            int x_lo = 0, x_hi = wo;  /* outputs whose tap is inside the input (stride-1 case) */
+            if (sw == 1) {
+                x_lo = off_x < 0 ? -off_x : 0;
+                x_hi = W - off_x < wo ? W - off_x : wo;
+                if (x_hi < x_lo) x_hi = x_lo;
+            }
+            for (int oy = 0; oy < ho; ++oy) {
+                float *out = row + (long)oy * wo;
+                int iy = oy * sh - pt + ky * dh;
+                if ((unsigned)iy >= (unsigned)H) { memset(out, 0, sizeof(float) * wo); continue; }
+                const float *in = plane + (long)iy * W;
+                if (sw == 1) {
+                    if (x_lo) memset(out, 0, sizeof(float) * x_lo);
+                    if (x_hi > x_lo) memcpy(out + x_lo, in + x_lo + off_x, sizeof(float) * (x_hi - x_lo));
+                    if (x_hi < wo) memset(out + x_hi, 0, sizeof(float) * (wo - x_hi));
+                } else {
+                    for (int ox = 0; ox < wo; ++ox) {
+                        int ix = ox * sw + off_x;
+                        out[ox] = (unsigned)ix < (unsigned)W ? in[ix] : 0.0f;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Max pooling of one H x W plane into ho x wo (windows clipped to the input: -inf padding). */
+static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
+                             int sh, int sw, int pt, int pl)
+{
+    for (int oy = 0; oy < ho; ++oy) {
+        int y0 = oy * sh - pt, y1 = y0 + kh;
+        if (y0 < 0) y0 = 0;
+        if (y1 > H) y1 = H;
+        for (int ox = 0; ox < wo; ++ox) {
+            int x0 = ox * sw - pl, x1 = x0 + kw;
+            if (x0 < 0) x0 = 0;
+            if (x1 > W) x1 = W;
+            float m = in[(long)y0 * W + x0];
+            for (int iy = y0; iy < y1; ++iy) {
+                const float *r = in + (long)iy * W;
+                for (int ix = x0; ix < x1; ++ix) m = r[ix] > m ? r[ix] : m;
+            }
+            out[(long)oy * wo + ox] = m;
+        }
+    }
+}
+
+/* Average pooling of one plane, onnxruntime's divisor rule (see _kernels.avgpool). */
+static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
+                             int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad)
+{
+    for (int oy = 0; oy < ho; ++oy) {
+        int hs = oy * sh - pt, he = hs + kh;
+        if (he > H + pb) he = H + pb;
+        int y0 = hs > 0 ? hs : 0, y1 = he < H ? he : H;
+        for (int ox = 0; ox < wo; ++ox) {
+            int ws = ox * sw - pl, we = ws + kw;
+            if (we > W + pr) we = W + pr;
+            int x0 = ws > 0 ? ws : 0, x1 = we < W ? we : W;
+            float sum = 0.0f;
+            for (int iy = y0; iy < y1; ++iy) {
+                const float *r = in + (long)iy * W;
+                for (int ix = x0; ix < x1; ++ix) sum += r[ix];
+            }
+            int count = count_include_pad ? (he - hs) * (we - ws) : (y1 - y0) * (x1 - x0);
+            out[(long)oy * wo + ox] = count > 0 ? sum / count : 0.0f;
+        }
+    }
+}
+
 /* im2col of selected output positions: rows (channel i, ky, kx), columns j = positions[j].
  * iy0[j] = oy*sh - pt and ix0[j] = ox*sw - pl are precomputed per position. */
 static void dv_im2col_positions(const float *x, int H, int W, const int *channels, int nch, int kh, int kw,
