@@ -33,7 +33,7 @@ test-pi: setup pi-build
 
 # The emulated Raspberry Pi (tools/pi_emulator.py): build caches its root filesystem in .pi/,
 # start prints (and writes .pi/board.json) host, port, user and key; stop ends it by its PID.
-.PHONY: pi-build pi-start pi-stop pi-status sshd
+.PHONY: pi-build pi-start pi-stop pi-status sshd chromium
 pi-build pi-start pi-stop pi-status:
 	$(PYTHON) tools/pi_emulator.py $(@:pi-%=%)
 
@@ -42,6 +42,12 @@ sshd:
 	@test -x /usr/sbin/sshd || DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server \
 	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server) \
 	  || echo "sshd: could not install openssh-server; the loopback SSH test will skip"
+
+# Debian's Chromium, for the test that opens the report in a real browser (it skips without it).
+chromium:
+	@command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+	  || echo "chromium: could not install it; the report browser test will skip"
 
 all: setup
 	$(BIN)/snakemake --cores $(CORES) all

@@ -67,17 +67,23 @@ def read_prototxt(path: Path) -> caffe_pb2.NetParameter:
     return net
 
 
-def read_net_binary(path: Path, what: str) -> caffe_pb2.NetParameter:
-    """Parse a binary NetParameter (caffemodel); ``what`` names the kind of file in errors."""
+def parse_binary_message(path: Path, message, what: str):
+    """Fill protobuf ``message`` from the binary file ``path``; ``what`` names the kind of file in
+    the one-line error an unreadable or corrupt file gives."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise DyveError(f"{path}: cannot read {what}: {err}") from err
-    net = caffe_pb2.NetParameter()
     try:
-        net.ParseFromString(data)
+        message.ParseFromString(data)
     except DecodeError as err:
         raise DyveError(f"{path}: not a valid {what}: {err}") from err
+    return message
+
+
+def read_net_binary(path: Path, what: str) -> caffe_pb2.NetParameter:
+    """Parse a binary NetParameter (caffemodel); ``what`` names the kind of file in errors."""
+    net = parse_binary_message(path, caffe_pb2.NetParameter(), what)
     if not net.layer and not net.layers:
         raise DyveError(f"{path}: not a valid {what}: it holds no layers")
     return net
@@ -125,15 +131,7 @@ def read_caffemodel(path: Path) -> dict[str, list[np.ndarray]]:
 
 def read_mean_binaryproto(path: Path) -> np.ndarray:
     """The mean image of a Caffe ``mean.binaryproto`` as float32 (C, H, W)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise DyveError(f"{path}: cannot read mean file: {err}") from err
-    blob = caffe_pb2.BlobProto()
-    try:
-        blob.ParseFromString(data)
-    except DecodeError as err:
-        raise DyveError(f"{path}: not a valid mean.binaryproto: {err}") from err
+    blob = parse_binary_message(path, caffe_pb2.BlobProto(), "mean.binaryproto")
     array = blob_to_array(blob)
     if array is None or array.size == 0:
         raise DyveError(f"{path}: not a valid mean.binaryproto: shape and data disagree or are empty")
