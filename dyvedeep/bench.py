@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
-from .engine import Engine
+from .engine import Engine, set_blas_threads
 from .errors import DyveError
 from .evaluate import Progress, onnxruntime_session, open_dataset, platform_info
 from .io_utils import write_json_atomic
@@ -53,15 +52,15 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
     # Each engine runs a block of images on its own (so that one engine's idle, spinning thread
     # pool never competes with another's), and the blocks alternate over several rounds (so
     # that slow drifts of the machine hit every engine alike).
-    with threadpool_limits(limits=threads, user_api="blas"):
-        for _ in range(rounds):
-            for name, run in runners.items():
-                for i, x in enumerate(images):
-                    t = _timed(lambda: run(x[None]))
-                    if i >= warmup:
-                        times[name].append(t)
-                    done += 1
-                    progress.update(done)
+    set_blas_threads(threads)
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for i, x in enumerate(images):
+                t = _timed(lambda: run(x[None]))
+                if i >= warmup:
+                    times[name].append(t)
+                done += 1
+                progress.update(done)
     med = {k: (statistics.median(v) if v else None) for k, v in times.items()}
     if med["dyvedeep"] is None:
         med["dyvedeep"] = med["dense"]

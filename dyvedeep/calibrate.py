@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
-from .engine import Engine, knob_statistics
+from .engine import Engine, knob_statistics, set_blas_threads
 from .errors import DyveError
 from .evaluate import add_data_arguments, open_dataset, topk_correct
 from .io_utils import write_text_atomic
@@ -87,6 +86,7 @@ def _run_chunk(job: tuple[KnobConfig, int, int, int]) -> tuple[np.ndarray, int]:
     """In a worker: outputs of images ``lo``..``hi`` of the cache from layer ``index``, and ops."""
     config, index, lo, hi = job
     plan, cache = _WORKER_STATE["plan"], _WORKER_STATE["cache"]
+    set_blas_threads(1)  # one BLAS thread per worker process
     engine = Engine(plan, config, 1)
     outputs = np.empty((hi - lo,) + tuple(plan.output_shape), np.float32)
     for n in range(lo, hi):
@@ -168,27 +168,27 @@ class Calibrator:
     def run(self, passes: int = 2) -> KnobConfig:
         """The greedy search; returns the chosen knob configuration."""
         start = time.monotonic()
-        with threadpool_limits(limits=self.threads, user_api="blas"):
-            dense_engine = Engine(self.plan, None, self.threads)
-            outputs = np.stack([dense_engine.run_image(img)[self.plan.output_name] for img in self.images])
-            self.dense_correct = topk_correct(outputs.reshape(len(self.images), -1), self.labels, 1)
-            self.dense_top1 = float(self.dense_correct.mean() * 100)
-            self.dense_ops = self.plan.dense_ops
-            self.current = Trial(self.dense_top1, float(self.dense_ops), self.dense_correct)
-            self.log(f"dense top-1 on {len(self.images)} calibration images: {self.dense_top1:.2f} %; "
-                     f"budget {self.budget} pt, margin {self.margin} pt")
-            layers = self.layers_by_share()
-            total_share = sum(s for _, s in layers) or 1.0
-            limit = self.budget - self.margin
-            for pass_no in range(1, passes + 1):
-                done_share = 0.0
-                for name, share in layers:
-                    done_share += share
-                    allowance = limit * (done_share / total_share if pass_no == 1 else 1.0)
-                    self.calibrate_layer(name, allowance, pass_no)
-                self.log(f"pass {pass_no} done: calib top-1 {self.current.top1:.2f} % "
-                         f"(loss {self.dense_top1 - self.current.top1:.2f} pt), ops {self.dense_ops / self.current.ops:.2f}x "
-                         f"fewer, {time.monotonic() - start:.0f} s")
+        set_blas_threads(self.threads)
+        dense_engine = Engine(self.plan, None, self.threads)
+        outputs = np.stack([dense_engine.run_image(img)[self.plan.output_name] for img in self.images])
+        self.dense_correct = topk_correct(outputs.reshape(len(self.images), -1), self.labels, 1)
+        self.dense_top1 = float(self.dense_correct.mean() * 100)
+        self.dense_ops = self.plan.dense_ops
+        self.current = Trial(self.dense_top1, float(self.dense_ops), self.dense_correct)
+        self.log(f"dense top-1 on {len(self.images)} calibration images: {self.dense_top1:.2f} %; "
+                 f"budget {self.budget} pt, margin {self.margin} pt")
+        layers = self.layers_by_share()
+        total_share = sum(s for _, s in layers) or 1.0
+        limit = self.budget - self.margin
+        for pass_no in range(1, passes + 1):
+            done_share = 0.0
+            for name, share in layers:
+                done_share += share
+                allowance = limit * (done_share / total_share if pass_no == 1 else 1.0)
+                self.calibrate_layer(name, allowance, pass_no)
+            self.log(f"pass {pass_no} done: calib top-1 {self.current.top1:.2f} % "
+                     f"(loss {self.dense_top1 - self.current.top1:.2f} pt), ops {self.dense_ops / self.current.ops:.2f}x "
+                     f"fewer, {time.monotonic() - start:.0f} s")
         return self.config
 
     def calibrate_layer(self, name: str, allowance: float, pass_no: int) -> None:

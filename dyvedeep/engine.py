@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from . import _kernels as K
 from .errors import DyveError
@@ -212,6 +212,20 @@ def make_fc_state(layer: Layer, knobs: KnobConfig | None) -> FcState:
     return st
 
 
+_BLAS = {"controller": None, "threads": None}
+
+
+def set_blas_threads(threads: int) -> None:
+    """Limit the BLAS libraries to ``threads`` threads for the process (only when it changes:
+    looking the libraries up costs far more than a small network's batch-1 run)."""
+    if _BLAS["threads"] == threads:
+        return
+    if _BLAS["controller"] is None:
+        _BLAS["controller"] = ThreadpoolController()
+    _BLAS["controller"].limit(limits=threads, user_api="blas")
+    _BLAS["threads"] = threads
+
+
 _NO_MASK = np.zeros((0, 0), U8)
 _ONES: dict[tuple[int, int], np.ndarray] = {}
 
@@ -259,9 +273,9 @@ class Engine:
             raise DyveError(f"{self.plan.path}: input shape {tuple(batch.shape)} does not match the model's "
                             f"(N, {', '.join(map(str, self.plan.input_shape))})")
         outputs = np.empty((batch.shape[0],) + tuple(self.plan.output_shape), np.float32)
-        with threadpool_limits(limits=self.threads, user_api="blas"):
-            for n in range(batch.shape[0]):
-                outputs[n] = self.run_image(batch[n])[self.plan.output_name]
+        set_blas_threads(self.threads)
+        for n in range(batch.shape[0]):
+            outputs[n] = self.run_image(batch[n])[self.plan.output_name]
         return outputs
 
     def run_image(self, image: np.ndarray, start: int = 0, tensors: dict[str, np.ndarray] | None = None,
