@@ -33,8 +33,6 @@ cdef extern from "_simd.h" nogil:
                           int sh, int sw, int pt, int pl)
     void dv_avgpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
                           int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad)
-    void dv_im2col_positions(const float* x, int H, int W, const int* channels, int nch, int kh, int kw,
-                             int dh, int dw, const int* iy0, const int* ix0, int npos, float* cols, long ldc)
 
 
 # --------------------------------------------------------------------------- GEMM
@@ -86,37 +84,6 @@ def gemv_rows(const float[:, ::1] W, const float[::1] x, float[::1] out, int k0,
 
 
 # --------------------------------------------------------------------------- im2col
-
-def im2col(const float[:, :, ::1] x, const int[::1] channels, int kh, int kw, int sh, int sw,
-           int pt, int pl, int dh, int dw, int wo, const int[::1] positions, float[:, ::1] cols,
-           int threads=1):
-    """Unfold ``x`` into ``cols`` (K x P): row (i*kh + ky)*kw + kx is channel ``channels[i]`` at
-    kernel tap (ky, kx); column j is output position ``positions[j]`` (= y * wo + x). Taps outside
-    the input (zero padding) give 0."""
-    cdef int nch = channels.shape[0], npos = positions.shape[0]
-    cdef int H = x.shape[1], W = x.shape[2]
-    cdef int i, j, p, oy
-    if cols.shape[0] < nch * kh * kw or cols.shape[1] < npos:
-        raise ValueError("im2col: output too small")
-    if nch == 0 or npos == 0:
-        return
-    cdef int* iy0 = <int*>malloc(npos * sizeof(int))
-    cdef int* ix0 = <int*>malloc(npos * sizeof(int))
-    if iy0 == NULL or ix0 == NULL:
-        free(iy0)
-        free(ix0)
-        raise MemoryError()
-    for j in range(npos):
-        p = positions[j]
-        oy = p // wo
-        iy0[j] = oy * sh - pt
-        ix0[j] = (p - oy * wo) * sw - pl
-    for i in prange(nch, nogil=True, num_threads=threads, schedule="static"):
-        dv_im2col_positions(&x[0, 0, 0], H, W, &channels[i], 1, kh, kw, dh, dw, iy0, ix0, npos,
-                            &cols[i * kh * kw, 0], cols.shape[1])
-    free(iy0)
-    free(ix0)
-
 
 def im2col_dense(const float[:, :, ::1] x, const int[::1] channels, int kh, int kw, int sh, int sw,
                  int pt, int pl, int dh, int dw, int ho, int wo, float[:, ::1] cols, int threads=1):
@@ -355,22 +322,18 @@ def sdss_cells(const float[:, :, ::1] out, const int[::1] gy, const int[::1] gx,
     return n
 
 
-def sdss_needed(const uint8[:, :, ::1] insignificant, const int[::1] cell_y, const int[::1] cell_x,
-                uint8[:, ::1] needed, uint8[::1] column_needed):
-    """needed[o, j] = the cell of off-grid position j is significant for map o;
-    column_needed[j] = any map needs position j. Returns the number of (o, j) needed."""
-    cdef Py_ssize_t O = insignificant.shape[0], P = cell_y.shape[0], o, j
+def sdss_needed(const uint8[:, :, ::1] insignificant, const int[::1] off_positions, const int[::1] cell_y,
+                const int[::1] cell_x, uint8[:, ::1] needed):
+    """needed[o, p] = 1 for each off-grid position p (``off_positions[j]``, in cell
+    (cell_y[j], cell_x[j])) whose cell is significant in map o; other entries are left as they
+    are (the caller zeroes them). Returns the number of (o, p) needed."""
+    cdef Py_ssize_t O = insignificant.shape[0], P = off_positions.shape[0], o, j
     cdef long long n = 0
     with nogil:
-        for j in range(P):
-            column_needed[j] = 0
         for o in range(O):
             for j in range(P):
-                if insignificant[o, cell_y[j], cell_x[j]]:
-                    needed[o, j] = 0
-                else:
-                    needed[o, j] = 1
-                    column_needed[j] = 1
+                if not insignificant[o, cell_y[j], cell_x[j]]:
+                    needed[o, off_positions[j]] = 1
                     n += 1
     return n
 
@@ -378,23 +341,24 @@ def sdss_needed(const uint8[:, :, ::1] insignificant, const int[::1] cell_y, con
 def sdss_fill(float[:, :, ::1] out, const int[::1] gy, const int[::1] gx, const int[::1] pos_y,
               const int[::1] pos_x, const int[::1] cell_y, const int[::1] cell_x,
               const uint8[:, ::1] needed, bint bilinear):
-    """Fill every off-grid position not needed by its map: bilinear from the cell's corners
-    (or 0). Returns the number of positions filled."""
+    """Fill every off-grid position (pos_y[j], pos_x[j]) that its map does not need
+    (``needed`` over all positions, y * width + x): bilinear from its cell's corners, or 0.
+    Returns the number of positions filled."""
     cdef Py_ssize_t O = out.shape[0], P = pos_y.shape[0], o, j
-    cdef int y, x, by, bx, y0, y1, x0, x1
+    cdef int y, x, by, bx, y0, y1, x0, x1, wo = out.shape[2]
     cdef float fy, fx, top, bottom
     cdef long long n = 0
     with nogil:
         for o in range(O):
             for j in range(P):
-                if needed[o, j]:
+                y = pos_y[j]
+                x = pos_x[j]
+                if needed[o, y * wo + x]:
                     continue
                 n += 1
                 if not bilinear:
-                    out[o, pos_y[j], pos_x[j]] = 0.0
+                    out[o, y, x] = 0.0
                     continue
-                y = pos_y[j]
-                x = pos_x[j]
                 by = cell_y[j]
                 bx = cell_x[j]
                 y0 = gy[by]
@@ -407,15 +371,3 @@ def sdss_fill(float[:, :, ::1] out, const int[::1] gy, const int[::1] gx, const 
                 bottom = out[o, y1, x0] + fx * (out[o, y1, x1] - out[o, y1, x0])
                 out[o, y, x] = top + fy * (bottom - top)
     return n
-
-
-def scatter_columns(const float[:, ::1] src, const int[::1] positions, const uint8[:, ::1] mask,
-                    float[:, ::1] dst):
-    """dst[o, positions[j]] = src[o, j] where mask[o, j] (mask may be 0 x 0 for 'all')."""
-    cdef Py_ssize_t O = src.shape[0], P = positions.shape[0], o, j
-    cdef bint use_mask = mask.shape[0] > 0
-    with nogil:
-        for o in range(O):
-            for j in range(P):
-                if not use_mask or mask[o, j]:
-                    dst[o, positions[j]] = src[o, j]

@@ -228,24 +228,4 @@ static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, 
     }
 }
 
-/* im2col of selected output positions: rows (channel i, ky, kx), columns j = positions[j].
- * iy0[j] = oy*sh - pt and ix0[j] = ox*sw - pl are precomputed per position. */
-static void dv_im2col_positions(const float *x, int H, int W, const int *channels, int nch, int kh, int kw,
-                                int dh, int dw, const int *iy0, const int *ix0, int npos, float *cols, long ldc)
-{
-    for (int i = 0; i < nch; ++i) {
-        const float *plane = x + (long)channels[i] * H * W;
-        for (int ky = 0; ky < kh; ++ky) {
-            for (int kx = 0; kx < kw; ++kx) {
-                float *dst = cols + ((long)(i * kh + ky) * kw + kx) * ldc;
-                int oy = ky * dh, ox = kx * dw;
-                for (int j = 0; j < npos; ++j) {
-                    int iy = iy0[j] + oy, ix = ix0[j] + ox;
-                    dst[j] = ((unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W) ? plane[iy * W + ix] : 0.0f;
-                }
-            }
-        }
-    }
-}
-
 #endif

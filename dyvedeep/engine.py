@@ -123,13 +123,13 @@ class ConvState:
     weights: list[np.ndarray]  # per group, (cout, cin*kh*kw), natural channel order
     channels: list[np.ndarray]  # per group, the absolute input channel indices in natural order
     cols: np.ndarray  # (cin*kh*kw, ho*wo) scratch
-    all_positions: np.ndarray
     spet: KnobSetting | None = None
     sdss: KnobSetting | None = None
     sfma: KnobSetting | None = None
     spet_order: list[np.ndarray] = field(default_factory=list)  # per group, channel order (relative)
     spet_weights: list[np.ndarray] = field(default_factory=list)  # per group, columns in SPET order
     grid: SdssGrid | None = None
+    grid_mask: np.ndarray | None = None  # (cout, ho*wo): 1 at the SDSS grid positions
     # SFMA: per output position its border class; per class the valid kernel taps (kh*kw mask).
     tap_class: np.ndarray | None = None
     class_taps: np.ndarray | None = None
@@ -172,8 +172,7 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     st = ConvState(layer=layer, groups=groups, cin=cin, cout=cout, kh=kh, kw=kw,
                    geometry=(sh, sw, pt, pl, dh, dw), ho=ho, wo=wo, is_pointwise=pointwise,
                    weights=weights, channels=[np.arange(g * cin, (g + 1) * cin, dtype=np.int32) for g in range(groups)],
-                   cols=np.empty((cin * kh * kw, ho * wo), np.float32),
-                   all_positions=np.arange(ho * wo, dtype=np.int32))
+                   cols=np.empty((cin * kh * kw, ho * wo), np.float32))
     if knobs is not None:
         st.spet, st.sdss, st.sfma = (knobs.get(layer.name, k) for k in ("spet", "sdss", "sfma"))
     if st.spet is not None:
@@ -184,6 +183,8 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
             st.spet_weights.append(np.ascontiguousarray(wg[:, order].reshape(cout, -1)))
     if st.sdss is not None:
         st.grid = sdss_grid(ho, wo, int(st.sdss.option("sdss", "stride")))
+        st.grid_mask = np.zeros((cout, ho * wo), U8)
+        st.grid_mask[:, st.grid.grid_positions] = 1
     if st.sfma is not None:
         _, h, wi = layer.in_shapes[0]
         st.tap_class, st.class_taps = _border_classes(st, h, wi)
@@ -226,7 +227,6 @@ def set_blas_threads(threads: int) -> None:
     _BLAS["threads"] = threads
 
 
-_NO_MASK = np.zeros((0, 0), U8)
 _ONES: dict[tuple[int, int], np.ndarray] = {}
 
 
@@ -461,23 +461,15 @@ class Engine:
             lead = min(len(kept_rel), max(1, math.ceil(st.spet.option("spet", "fraction") * len(kept_rel)))) * kk \
                 if len(kept_rel) else 0
 
-        # ---- computed positions: the SDSS grid, or everything
-        if st.sdss is not None:
-            positions = st.grid.grid_positions
-            cols = _scratch(st.cols, kdim, len(positions))
-            K.im2col(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.wo, positions, cols, self.threads)
-            sel = np.ascontiguousarray(base[:, positions])
-            self._compute_neurons(st, wmat, cols, kdim, lead, sel, None, count)
-            K.scatter_columns(sel, positions, _NO_MASK, out_g)
-        else:
-            cols = _scratch(st.cols, kdim, npos)
-            K.im2col_dense(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, self.threads)
-            out_g[:] = base
-            self._compute_neurons(st, wmat, cols, kdim, lead, out_g, None, count)
+        # ---- one unfolding of the input for every output position; the SDSS grid first, if on
+        cols = _scratch(st.cols, kdim, npos)
+        K.im2col_dense(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, self.threads)
+        out_g[:] = base
+        self._compute_neurons(st, wmat, cols, kdim, lead, out_g, st.grid_mask, count)
 
         # ---- SDSS: interpolate insignificant cells, compute the rest of the map
         if st.sdss is not None:
-            self._sdss_rest(st, x, out_g, wmat, kept_abs, kdim, lead, base, count)
+            self._sdss_rest(st, out_g, wmat, cols, kdim, lead, count)
 
         count["ops"] += count["overhead_sfma"] + count["overhead_sdss"] + count["overhead_spet"]
         self.counter.add(name, **count)
@@ -511,30 +503,21 @@ class Engine:
         count["saved_spet"] += 2 * terminated * (kdim - lead) + terminated * int(relu)
         count["terminated"] += terminated
 
-    def _sdss_rest(self, st: ConvState, x: np.ndarray, out_g: np.ndarray, wmat: np.ndarray, kept_abs: np.ndarray,
-                   kdim: int, lead: int, base: np.ndarray, count: dict[str, int]) -> None:
+    def _sdss_rest(self, st: ConvState, out_g: np.ndarray, wmat: np.ndarray, cols: np.ndarray, kdim: int,
+                   lead: int, count: dict[str, int]) -> None:
+        """After the grid: decide the cells, compute the off-grid positions of significant cells
+        (a masked GEMM over the same unfolded input) and fill the others."""
         grid = st.grid
-        sh, sw, pt, pl, dh, dw = st.geometry
         cout = st.cout
         maps = out_g.reshape(cout, st.ho, st.wo)
         ncells = (len(grid.gy) - 1) * (len(grid.gx) - 1)
         insig = np.empty((cout, len(grid.gy) - 1, len(grid.gx) - 1), U8)
         K.sdss_cells(maps, grid.gy, grid.gx, st.sdss.threshold, insig)
-        n_off = len(grid.off_positions)
-        needed = np.empty((cout, n_off), U8)
-        col_needed = np.empty(n_off, U8)
-        K.sdss_needed(insig, grid.cell_y, grid.cell_x, needed, col_needed)
         # one compare per grid point per map, three ANDs per cell per map
         count["overhead_sdss"] += cout * len(grid.grid_positions) + 3 * cout * ncells
-        union = np.flatnonzero(col_needed)
-        if len(union):
-            positions = grid.off_positions[union]
-            mask = np.ascontiguousarray(needed[:, union])
-            cols = _scratch(st.cols, kdim, len(positions))
-            K.im2col(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.wo, positions, cols, self.threads)
-            acc = np.ascontiguousarray(base[:, positions])
-            self._compute_neurons(st, wmat, cols, kdim, lead, acc, mask, count)
-            K.scatter_columns(acc, positions, mask, out_g)
+        needed = np.zeros((cout, st.ho * st.wo), U8)
+        if K.sdss_needed(insig, grid.off_positions, grid.cell_y, grid.cell_x, needed):
+            self._compute_neurons(st, wmat, cols, kdim, lead, out_g, needed, count)
         bilinear = st.sdss.option("sdss", "fill") == "bilinear"
         filled = K.sdss_fill(maps, grid.gy, grid.gx, grid.off_y, grid.off_x, grid.cell_y, grid.cell_x,
                              needed, bilinear)
@@ -636,7 +619,7 @@ def _spet_margins(engine: Engine, layer: Layer, x: np.ndarray) -> np.ndarray:
             order = _spet_channel_order(wg)
             lead_ch = order[: max(1, math.ceil(fraction * st.cin))].astype(np.int32) + g * st.cin
             cols = np.empty((len(lead_ch) * st.kk, st.ho * st.wo), np.float32)
-            K.im2col(x, lead_ch, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.wo, st.all_positions, cols, 1)
+            K.im2col_dense(x, lead_ch, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, 1)
             wl = np.ascontiguousarray(wg[:, lead_ch - g * st.cin].reshape(st.cout, -1))
             parts.append(wl @ cols + layer.bias[g * st.cout:(g + 1) * st.cout, None])
         partial = np.concatenate(parts).reshape(-1)
