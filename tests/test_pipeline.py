@@ -1,0 +1,243 @@
+"""End-to-end test of the Snakemake pipeline on a reduced configuration.
+
+The real `snakemake` runs the real workflow (Snakefile of the project) in a temporary working
+directory on cifar10_quick alone, with small limits, from the offline mirror, on the host and
+on a board that cannot be reached; it checks the tables (the board's row is "missing", the
+host's rows are there), the plots, the report, that a second run does nothing, that a checksum
+mismatch in the mirror stops that benchmark (one line naming the file) while the pipeline still
+finishes, and that the report renders in a headless Chromium. Skips, with the reason, without the mirror,
+without Snakemake, or (the browser test) without Chromium.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, find_mirror, mirror_path
+
+pytestmark = [pytest.mark.slow, pytest.mark.mirror]
+
+SUMMARY_COLUMNS = [
+    "benchmark", "platform", "emulated", "threads", "n_test",
+    "top1_dense", "top1_dyvedeep", "top1_loss_pt", "loss_ci_low", "loss_ci_high",
+    "ops_dense", "ops_dyvedeep", "ops_reduction",
+    "latency_dense_ms", "latency_dyvedeep_ms", "latency_onnxruntime_ms",
+    "speedup", "speedup_vs_onnxruntime",
+]
+LAYER_COLUMNS = ["benchmark", "layer", "knob", "ops_dense", "ops_dyvedeep"]
+PLOTS = ["op_reduction.png", "layer_ops.png", "tradeoff.png", "latency.png", "paper_vs_ours.png"]
+
+QUICK = "https://github.com/Simshang/pycaffe/raw/c59f61709b0c981f63eec8681327994e73e8f411/"
+QUICK_FILES = ["cifar10_quick.prototxt", "cifar10_quick_iter_5000.caffemodel", "mean.binaryproto"]
+CIFAR_PNG = "https://github.com/PeterJensen/cnn/raw/7246f8d20604aeff3d31080f28cb124a6171e6bd/demo/cifar10/"
+CIFAR_LABELS = "https://github.com/PeterJensen/cnn/raw/8f2fb298ae528a1fe410e580e4ad9f5b6813bb2a/demo/cifar10/cifar10_labels.js"
+N_TEST = 40
+CI_TIMEOUT_S = 600
+
+
+def needed_urls() -> list[str]:
+    pngs = [CIFAR_PNG + f"cifar10_batch_{i}.png" for i in (0, 1, 2, 3, 50)]
+    return [QUICK + f for f in QUICK_FILES] + pngs + [CIFAR_LABELS]
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ci_config(mirror: Path, workdir: Path) -> str:
+    """The reduced configuration (an overlay of config/config.yaml), as YAML/JSON text: the
+    host, and a board that cannot be reached (nothing listens on its port)."""
+    key = workdir / "unreachable_key"
+    key.write_text("not a key\n", encoding="utf-8")
+    return json.dumps({
+        "suite": "ci",
+        "suites": {"ci": {"benchmarks": ["cifar10_quick"]}},
+        "mirror": str(mirror),
+        "limit_calib": 40,
+        "limit_test": N_TEST,
+        "bench": {"images": 6, "warmup": 1},
+        "calibrate": {"passes": 1},
+        "platforms": {"board": {"kind": "ssh", "label": "Unreachable board", "host": "127.0.0.1",
+                                "port": closed_port(), "user": "pi", "key": str(key),
+                                "emulated": True, "threads": [1]}},
+        "platforms_enabled": ["x86", "board"],
+    }, indent=2)
+
+
+@pytest.fixture(scope="module")
+def real_mirror() -> Path:
+    pytest.importorskip("snakemake", reason="Snakemake is not installed (pip install -e '.[pipeline]')")
+    found = find_mirror()
+    if found is None:
+        pytest.skip("no mirror of real models/data (set DYVEDEEP_MIRROR or put ../shared/mirror beside the project)")
+    absent = [u for u in needed_urls() if not mirror_path(found, u).is_file()]
+    if absent:
+        pytest.skip(f"the mirror {found} lacks {len(absent)} files of cifar10_quick, e.g. {absent[0]}")
+    return found
+
+
+def make_workdir(path: Path, mirror: Path) -> Path:
+    """A working directory with the project's config/ and the CI overlay."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(PROJECT_ROOT / "config", path / "config")
+    (path / "ci.yaml").write_text(ci_config(mirror, path), encoding="utf-8")
+    return path
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = CI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run the project's workflow in ``workdir`` with the CI overlay; output captured."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.pop("DYVEDEEP_MIRROR", None)  # the config's mirror decides
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "Snakefile"),
+           "--directory", str(workdir), "--cores", "2", *args, "--configfile", str(workdir / "ci.yaml")]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return proc
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.fixture(scope="module")
+def pipeline(real_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reduced pipeline, run once for the tests of this module; its working directory."""
+    workdir = make_workdir(tmp_path_factory.mktemp("pipeline"), real_mirror)
+    proc = snakemake(workdir)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return workdir
+
+
+def test_summary_table(pipeline: Path) -> None:
+    columns, rows = read_csv(pipeline / "results" / "tables" / "summary.csv")
+    assert columns == SUMMARY_COLUMNS
+    threads = sorted({1, os.cpu_count() or 1})
+    assert [(r["benchmark"], r["platform"], int(r["threads"])) for r in rows] == [
+        ("cifar10_quick", "x86", t) for t in threads] + [("cifar10_quick", "board", 1)]
+    board = rows.pop()  # unreachable: a row without numbers, listed as missing
+    assert board["emulated"] == "True"
+    assert all(board[c] == "" for c in SUMMARY_COLUMNS[4:])
+    for r in rows:
+        assert r["emulated"] == "False"
+        assert int(r["n_test"]) == N_TEST
+        for key in ("top1_dense", "top1_dyvedeep"):
+            assert 0.0 <= float(r[key]) <= 100.0
+        assert float(r["top1_loss_pt"]) == pytest.approx(float(r["top1_dense"]) - float(r["top1_dyvedeep"]), abs=1e-6)
+        assert float(r["loss_ci_low"]) <= float(r["top1_loss_pt"]) <= float(r["loss_ci_high"])
+        assert float(r["ops_dense"]) > 0 and float(r["ops_dyvedeep"]) > 0
+        assert float(r["ops_reduction"]) == pytest.approx(float(r["ops_dense"]) / float(r["ops_dyvedeep"]), rel=1e-6)
+        assert float(r["latency_dense_ms"]) > 0 and float(r["latency_dyvedeep_ms"]) > 0
+        assert float(r["speedup"]) > 0
+    _, missing = read_csv(pipeline / "results" / "tables" / "missing.csv")
+    assert [(m["benchmark"], m["platform"]) for m in missing] == [("cifar10_quick", "board")]
+    assert "127.0.0.1" in missing[0]["reason"] or "connect" in missing[0]["reason"].lower(), missing
+    html = (pipeline / "results" / "tables" / "summary.html").read_text(encoding="utf-8")
+    assert "Unreachable board (emulated aarch64)" in html
+
+
+def test_layers_table(pipeline: Path) -> None:
+    columns, rows = read_csv(pipeline / "results" / "tables" / "layers.csv")
+    assert columns == LAYER_COLUMNS
+    assert rows and {r["benchmark"] for r in rows} == {"cifar10_quick"}
+    layers = {r["layer"] for r in rows}
+    assert {"conv1", "conv2", "conv3"} <= layers  # Caffe layer names of cifar10_quick
+    _, summary = read_csv(pipeline / "results" / "tables" / "summary.csv")
+    totals = [r for r in rows if r["knob"] == "all"]  # one row per layer; per knob the others
+    assert sum(float(r["ops_dense"]) for r in totals) == pytest.approx(float(summary[0]["ops_dense"]), rel=1e-6)
+    assert sum(float(r["ops_dyvedeep"]) for r in totals) == pytest.approx(float(summary[0]["ops_dyvedeep"]), rel=1e-6)
+
+
+def test_html_plots_and_report(pipeline: Path) -> None:
+    tables = pipeline / "results" / "tables"
+    for name in ("summary.html", "layers.html", "paper_comparison.html"):
+        assert "<table" in (tables / name).read_text(encoding="utf-8")
+    for name in PLOTS:
+        data = (pipeline / "results" / "plots" / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+    report = (pipeline / "results" / "report.html").read_text(encoding="utf-8", errors="replace")
+    assert len(report) > 100_000 and "<html" in report.lower()
+    for name in ("summary.html", "op_reduction.png", "config_used.yaml"):
+        assert name in report, f"{name} not embedded in the report"
+
+
+def test_second_run_does_nothing(pipeline: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in (pipeline / "results").rglob("*") if p.is_file()}
+    proc = snakemake(pipeline)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Nothing to be done" in proc.stdout, proc.stdout[-4000:]
+    after = {p: p.stat().st_mtime_ns for p in (pipeline / "results").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_checksum_mismatch_stops_that_benchmark(real_mirror: Path, tmp_path: Path) -> None:
+    # A mirror with the real data and a corrupted copy of the cifar10_quick weights.
+    mirror = tmp_path / "mirror"
+    for url in needed_urls():
+        target = mirror_path(mirror, url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = mirror_path(real_mirror, url)
+        if url.endswith("cifar10_quick_iter_5000.caffemodel"):
+            data = bytearray(source.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            target.write_bytes(bytes(data))
+        else:
+            target.symlink_to(source)
+    workdir = make_workdir(tmp_path / "work", mirror)
+    proc = snakemake(workdir)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("dyvedeep: benchmark cifar10_quick missing:")]
+    assert len(lines) == 1, proc.stdout[-6000:]
+    assert "cifar10_quick_iter_5000.caffemodel" in lines[0]
+    status = json.loads((workdir / "resources" / "cifar10_quick" / "status.json").read_text())
+    assert status["status"] == "missing" and "cifar10_quick_iter_5000.caffemodel" in status["reason"]
+    assert not (workdir / "results" / "models" / "cifar10_quick.onnx").exists()
+    columns, rows = read_csv(workdir / "results" / "tables" / "summary.csv")
+    assert columns == SUMMARY_COLUMNS
+    assert rows and all(r["benchmark"] == "cifar10_quick" and r["top1_dense"] == "" for r in rows)
+    _, missing = read_csv(workdir / "results" / "tables" / "missing.csv")
+    assert [(m["benchmark"], m["stage"]) for m in missing] == [("cifar10_quick", "fetch")]
+    assert not (workdir / "results" / "remote" / "board" / "eval").exists()
+    assert "cifar10_quick_iter_5000.caffemodel" in missing[0]["reason"]
+    assert (workdir / "results" / "report.html").is_file()
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_report_renders_in_chromium(pipeline: Path, tmp_path: Path) -> None:
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("no headless browser (install the Debian package chromium)")
+    report = pipeline / "results" / "report.html"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=10000", "--dump-dom", report.resolve().as_uri()]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # What the page shows (the report's data also sits in its scripts: leave those out).
+    dom = re.sub(r"<script\b.*?</script>", "", proc.stdout, flags=re.S | re.I)
+    # The report opens on the workflow description, which shows the summary table and plots.
+    assert "<table" in dom and "top1_dyvedeep" in dom and "cifar10_quick" in dom, dom[:3000]
+    assert dom.count("data:image/png;base64,") >= len(PLOTS)
+    assert "The paper's results beside ours" in dom

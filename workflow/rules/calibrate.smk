@@ -1,0 +1,28 @@
+# Calibrate: per layer and knob, the most aggressive thresholds whose calibration top-1 loss
+# stays within the budget (`dyvedeep calibrate`), and the trace of every candidate tried.
+
+
+rule calibrate:
+    input:
+        model="results/models/{bench}.onnx",
+    output:
+        knobs="results/knobs/{bench}.yaml",
+        trace="results/calibration/{bench}.trace.csv",
+    params:
+        dyvedeep=DYVEDEEP,
+        data=lambda wildcards: data_spec(wildcards.bench, "calib"),
+        budget=config["budget"],
+        limit=limit_arg("calib"),
+        mirror=mirror_arg(),
+        options=calibrate_args(),
+    threads: JOB_THREADS
+    log:
+        "logs/calibrate/{bench}.log",
+    resources:
+        cpu_lock=1,
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.dyvedeep} calibrate {input.model} --data {params.data:q}"
+        " --budget {params.budget} {params.options} -o {output.knobs} --trace {output.trace}"
+        " {params.limit} {params.mirror} --threads {threads} > {log} 2>&1"

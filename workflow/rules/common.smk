@@ -1,0 +1,281 @@
+# Shared definitions: the benchmarks of the chosen suite, their files and data specs, the
+# platforms, and the input functions that read the fetch checkpoint.
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from snakemake.exceptions import WorkflowError
+
+# The project's root (where the Snakefile is): files that ship with the workflow.
+REPO = Path(workflow.basedir)
+PAPER_RESULTS = str(REPO / "reports" / "paper_results.yaml")
+CONDA_ENV = "../envs/dyvedeep.yaml"
+
+# The harness's command, run by the Python that runs Snakemake (its directory goes first on the
+# jobs' PATH), so that it works without an activated venv. A fixed string: the jobs' params do
+# not change with the way Snakemake was started (python vs python3, venv/bin/snakemake).
+envvars:
+    "PATH",
+
+
+_PATH = os.environ["PATH"]
+os.environ.update(PATH=os.pathsep.join([os.path.dirname(sys.executable), _PATH]))
+DYVEDEEP = "python3 -m dyvedeep"
+
+# Remote jobs are tried twice (`retries: 1`); the last failure becomes a "missing" result.
+REMOTE_RETRIES = 1
+
+
+def _config_error(message):
+    raise WorkflowError(f"config: {message}")
+
+
+if config["suite"] not in config["suites"]:
+    _config_error(
+        f"suite {config['suite']!r} is not one of {', '.join(sorted(config['suites']))}"
+    )
+SUITE = config["suites"][config["suite"]]
+BENCHMARKS = list(dict.fromkeys(SUITE["benchmarks"]))
+for _b in BENCHMARKS:
+    if _b not in config["benchmarks"]:
+        _config_error(f"suite {config['suite']!r} lists {_b!r}, which `benchmarks` lacks")
+
+# The mirror (looked up before the URL); relative to the working directory. A configured
+# mirror that does not exist is simply not used (a user's fresh clone has none).
+MIRROR = ""
+if config["mirror"] and Path(config["mirror"]).expanduser().is_dir():
+    MIRROR = str(Path(config["mirror"]).expanduser().resolve())
+
+# Every job holds one unit of `cpu_lock`; a timing job holds all of them and so runs alone.
+# The total is declared in the workflow profile (profiles/default/config.yaml).
+_lock = workflow.global_resources.get("cpu_lock")
+CPU_LOCK_ALL = int(getattr(_lock, "value", _lock) or 1)
+
+
+# --- platforms -------------------------------------------------------------------------------
+def _thread_settings(name, platform):
+    out = []
+    for t in platform["threads"]:
+        if t == "all":
+            if platform["kind"] != "local":
+                _config_error(
+                    f"platform {name}: threads 'all' is only known for local platforms; "
+                    "give the board's core count"
+                )
+            t = os.cpu_count() or 1
+        if int(t) not in out:
+            out.append(int(t))
+    return out
+
+
+PLATFORMS = {}
+for _p in config["platforms_enabled"]:
+    if _p not in config["platforms"]:
+        _config_error(f"platforms_enabled names {_p!r}, which `platforms` lacks")
+    _spec = dict(config["platforms"][_p])
+    if _spec["kind"] == "ssh" and not (_spec["board"] or (_spec.get("host") and _spec.get("user"))):
+        _config_error(f"platform {_p}: an ssh platform needs a board file, or host and user")
+    _spec["threads"] = _thread_settings(_p, _spec)
+    _spec["label"] = _spec["label"] or _p
+    PLATFORMS[_p] = _spec
+LOCAL_PLATFORMS = [p for p, s in PLATFORMS.items() if s["kind"] == "local"]
+REMOTE_PLATFORMS = [p for p, s in PLATFORMS.items() if s["kind"] == "ssh"]
+
+
+# --- benchmarks: files and data --------------------------------------------------------------
+def _file_name(url):
+    """The name a downloaded file keeps: the last path component (or, for a query-style URL
+    such as fetch.php?media=x:name.tgz, the last component of the query)."""
+    parts = urlparse(url)
+    name = os.path.basename(parts.path)
+    if parts.query:
+        tail = re.split(r"[=:&/]", parts.query)[-1]
+        if "." in tail:
+            name = tail
+    return name or "file"
+
+
+def bench_files(bench):
+    """[{role, url, checksum, path}] of a benchmark's model files, in role order."""
+    files, seen = [], set()
+    for role in ("source", "weights", "mean"):
+        spec = config["benchmarks"][bench]["files"].get(role)
+        if not spec:
+            continue
+        name = _file_name(spec["url"])
+        if name in seen:
+            name = f"{role}-{name}"
+        seen.add(name)
+        files.append(
+            {
+                "role": role,
+                "url": spec["url"],
+                "checksum": spec.get("checksum", ""),
+                "path": f"resources/{bench}/files/{name}",
+            }
+        )
+    return files
+
+
+def bench_file(bench, role):
+    """The local path of one role's file, or None."""
+    for f in bench_files(bench):
+        if f["role"] == role:
+            return f["path"]
+    return None
+
+
+def data_spec(bench, split):
+    """The `--data` spec of a benchmark's calib or test split."""
+    b = config["benchmarks"][bench]
+    spec = b["data"].get(split)
+    if not spec:
+        name = SUITE["datasets"].get(b["dataset"])
+        if not name:
+            _config_error(f"suite {config['suite']!r} maps no data to dataset {b['dataset']!r}")
+        spec = f"{name}:{b['splits'][split]}"
+    return spec.replace("{imagenet_val_dir}", config["imagenet_val_dir"])
+
+
+def data_key(spec):
+    """The data name of a spec (cifar10, imagenet-sample, imagenet-val, ...)."""
+    return spec.split("=", 1)[0].split(":", 1)[0]
+
+
+def data_source(spec):
+    """The spec without its split (imagenet-val=DIR keeps its directory)."""
+    if "=" in spec:
+        head, rest = spec.split("=", 1)
+        for split in (":all", ":calib", ":test"):
+            if rest.endswith(split):
+                rest = rest[: -len(split)]
+        return f"{head}={rest}"
+    return spec.split(":", 1)[0]
+
+
+DATA_SOURCES = {}
+for _b in BENCHMARKS:
+    for _split in ("calib", "test"):
+        _s = data_spec(_b, _split)
+        DATA_SOURCES.setdefault(data_key(_s), data_source(_s))
+
+
+def bench_data_keys(bench):
+    return sorted({data_key(data_spec(bench, s)) for s in ("calib", "test")})
+
+
+def convert_source(wildcards):
+    """OverFeat has no separate architecture file: its weights archive stands for both."""
+    return bench_file(wildcards.bench, "source") or bench_file(wildcards.bench, "weights")
+
+
+def convert_mean(wildcards):
+    mean = bench_file(wildcards.bench, "mean")
+    return f"--mean {mean}" if mean else ""
+
+
+def ssh_params(wildcards):
+    """What `dyvedeep remote` needs to reach a board."""
+    p = PLATFORMS[wildcards.platform]
+    keys = ("board", "host", "port", "user", "key", "python", "workdir")
+    options = {k: p[k] for k in keys if p.get(k) not in (None, "")}
+    return {"name": wildcards.platform, "emulated": bool(p["emulated"]), "options": options}
+
+
+def mirror_arg():
+    return f"--mirror {MIRROR}" if MIRROR else ""
+
+
+# Threads of the jobs that can use several (calibration, evaluation): every core there is.
+JOB_THREADS = max(1, min(workflow.cores, os.cpu_count() or 1))
+
+
+def calibrate_args():
+    c = config["calibrate"]
+    args = ["--knobs", ",".join(dict.fromkeys(c["knobs"]))]
+    for key in ("margin", "passes", "min_share"):
+        if c[key] is not None:
+            args += [f"--{key.replace('_', '-')}", str(c[key])]
+    return " ".join(args)
+
+
+def limit_arg(split):
+    n = config[f"limit_{split}"]
+    return f"--limit {int(n)}" if n else ""
+
+
+# --- the fetch checkpoint --------------------------------------------------------------------
+def fetch_status():
+    """{benchmark: {status, reason}} once every benchmark was fetched (checkpoint)."""
+    path = checkpoints.fetch_summary.get().output[0]
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def ok_benchmarks():
+    status = fetch_status()
+    return [b for b in BENCHMARKS if status.get(b, {}).get("status") == "ok"]
+
+
+def result_plan():
+    """One entry per (benchmark, platform, threads) row of the summary, with the files that
+    make it. Missing benchmarks have no files (their row says missing)."""
+    status = fetch_status()
+    plan = []
+    for bench in BENCHMARKS:
+        ok = status.get(bench, {}).get("status") == "ok"
+        for name, plat in PLATFORMS.items():
+            for t in plat["threads"]:
+                row = {
+                    "benchmark": bench,
+                    "platform": name,
+                    "threads": t,
+                    "status": "ok" if ok else "missing",
+                    "reason": "" if ok else status.get(bench, {}).get("reason", ""),
+                    "eval": None,
+                    "bench": None,
+                }
+                if ok and plat["kind"] == "local":
+                    row["eval"] = f"results/eval/{bench}.json"
+                    row["bench"] = f"results/bench/{name}/{bench}/t{t}.json"
+                elif ok:
+                    row["eval"] = f"results/remote/{name}/eval/{bench}.json"
+                    row["bench"] = f"results/remote/{name}/bench/{bench}/t{t}.json"
+                plan.append(row)
+    return plan
+
+
+def result_files(wildcards):
+    files = ["results/status/fetch.json"]
+    for row in result_plan():
+        for key in ("eval", "bench"):
+            if row[key] and row[key] not in files:
+                files.append(row[key])
+    return files
+
+
+def trace_files(wildcards):
+    return [f"results/calibration/{b}.trace.csv" for b in ok_benchmarks()]
+
+
+def platform_table():
+    """What the tables and plots need to know of the platforms."""
+    return {
+        name: {
+            "kind": p["kind"],
+            "label": p["label"],
+            "emulated": bool(p["emulated"]),
+            "threads": p["threads"],
+        }
+        for name, p in PLATFORMS.items()
+    }
+
+
+wildcard_constraints:
+    bench=r"[A-Za-z0-9_.\-]+",
+    platform=r"[A-Za-z0-9_\-]+",
+    threads=r"\d+",
+    data=r"[A-Za-z0-9_\-]+",

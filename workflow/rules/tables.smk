@@ -1,0 +1,63 @@
+# Tables: one summary row per benchmark, platform and thread setting (missing benchmarks and
+# unreachable boards give rows without numbers, listed with their reason in missing.csv), the
+# per-layer ops, and our results beside the paper's.
+
+
+rule tables:
+    input:
+        results=result_files,
+        paper=PAPER_RESULTS,
+    output:
+        summary=report(
+            "results/tables/summary.csv",
+            caption="../report/summary.rst",
+            category="1. Results",
+            subcategory="Tables",
+            labels={"table": "summary (CSV)"},
+        ),
+        summary_html=report(
+            "results/tables/summary.html",
+            caption="../report/summary.rst",
+            category="1. Results",
+            subcategory="Tables",
+            labels={"table": "summary"},
+        ),
+        layers=report(
+            "results/tables/layers.csv",
+            caption="../report/layers.rst",
+            category="1. Results",
+            subcategory="Tables",
+            labels={"table": "layers (CSV)"},
+        ),
+        layers_html=report(
+            "results/tables/layers.html",
+            caption="../report/layers.rst",
+            category="1. Results",
+            subcategory="Tables",
+            labels={"table": "layers"},
+        ),
+        missing=report(
+            "results/tables/missing.csv",
+            caption="../report/missing.rst",
+            category="1. Results",
+            subcategory="Tables",
+            labels={"table": "missing"},
+        ),
+        paper=report(
+            "results/tables/paper_comparison.html",
+            caption="../report/paper_table.rst",
+            category="2. Paper vs ours",
+            labels={"table": "paper vs ours"},
+        ),
+        paper_csv="results/tables/paper_comparison.csv",
+    params:
+        plan=lambda wildcards: result_plan(),
+        platforms=platform_table(),
+    log:
+        "logs/tables.log",
+    resources:
+        cpu_lock=1,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/tables.py"

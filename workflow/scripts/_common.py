@@ -1,0 +1,58 @@
+"""Helpers shared by the workflow's scripts (imported through ``snakemake.scriptdir``)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def start_log(snakemake: Any) -> None:
+    """Send this script's stdout and stderr to the rule's log file (line-buffered)."""
+    if snakemake.log:
+        Path(snakemake.log[0]).parent.mkdir(parents=True, exist_ok=True)
+        stream = open(snakemake.log[0], "w", buffering=1, encoding="utf-8")
+        sys.stdout = stream
+        sys.stderr = stream
+
+
+def say(message: str) -> None:
+    """One line to the log and to the console (Snakemake's own stderr)."""
+    print(message, file=sys.stderr, flush=True)
+    if sys.stderr is not sys.__stderr__:
+        print(message, file=sys.__stderr__, flush=True)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def last_error_line(text: str) -> str:
+    """The one line that explains a failed command: its ``dyvedeep: error:`` line, else the
+    last non-empty line of its output."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("dyvedeep: error:"):
+            return ln[len("dyvedeep: error:"):].strip()
+    return lines[-1] if lines else "failed without a message"
