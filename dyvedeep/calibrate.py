@@ -202,6 +202,10 @@ class Calibrator:
             self.pool = multiprocessing.get_context("fork").Pool(self.threads)
         try:
             self._calibrate_knobs(name, layer, index, cache, prefix, allowance, pass_no)
+        except BaseException:  # Ctrl-C or an error: no worker may outlive the command
+            if self.pool is not None:
+                self.pool.terminate()
+            raise
         finally:
             if self.pool is not None:
                 self.pool.close()

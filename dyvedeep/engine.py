@@ -24,6 +24,9 @@ from .plan import Layer, Plan
 U8 = np.uint8
 #: Scalar ops of one bilinear fill (three lerps of 3 ops each); a zero fill costs nothing.
 BILINEAR_FILL_OPS = 9
+#: A layer gets several threads for its own kernels only above this much work (MACs, or
+#: elements for the layers without weights): waking threads costs more than small kernels take.
+PARALLEL_MIN_WORK = 2_000_000
 #: Scalar ops to turn one map's sums into its spread and test it (mean, variance, sqrt, ratio, compare).
 SFMA_TEST_OPS = 7
 
@@ -257,6 +260,9 @@ class Engine:
         self.threads = int(threads)
         self.counter = OpCounter([layer.name for layer in plan.layers])
         self.states: dict[str, ConvState | FcState] = {}
+        self.layer_threads = {layer.name: self.threads if max(layer.dense_macs, 8 * int(np.prod(layer.out_shape)))
+                              >= PARALLEL_MIN_WORK else 1 for layer in plan.layers}
+        self.kernel_threads = 1
         for layer in plan.layers:
             if layer.op == "conv":
                 self.states[layer.name] = make_conv_state(layer, self.knobs)
@@ -295,6 +301,7 @@ class Engine:
     # -- dispatch --------------------------------------------------------------------------
 
     def _run_layer(self, layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
+        self.kernel_threads = self.layer_threads[layer.name]  # threads of this layer's own kernels
         op = layer.op
         if op == "conv":
             return self._conv(self.states[layer.name], inputs[0])
@@ -314,9 +321,9 @@ class Engine:
             sh, sw = layer.attrs["stride"]
             pt, pl, pb, pr = layer.attrs["pads"]
             if op == "maxpool":
-                K.maxpool(x, out, kh, kw, sh, sw, pt, pl, self.threads)
+                K.maxpool(x, out, kh, kw, sh, sw, pt, pl, self.kernel_threads)
             else:
-                K.avgpool(x, out, kh, kw, sh, sw, pt, pl, pb, pr, layer.attrs["count_include_pad"], self.threads)
+                K.avgpool(x, out, kh, kw, sh, sw, pt, pl, pb, pr, layer.attrs["count_include_pad"], self.kernel_threads)
             return out
         if op == "gap":
             return x.reshape(x.shape[0], -1).mean(axis=1, dtype=np.float32).reshape(layer.out_shape)
@@ -325,7 +332,7 @@ class Engine:
         if op == "lrn":
             out = np.empty(layer.out_shape, np.float32)
             a = layer.attrs
-            K.lrn_across(x, out, a["size"], a["alpha"], a["beta"], a["bias"], self.threads)
+            K.lrn_across(x, out, a["size"], a["alpha"], a["beta"], a["bias"], self.kernel_threads)
             return out
         if op == "concat":
             return np.concatenate(inputs, axis=0)
@@ -374,7 +381,7 @@ class Engine:
         K.gemm(st.weight_perm[:, :lead], xp[:lead, None], out[:, None], 1.0)
         cont = np.empty((1, o), U8)
         terminated = K.spet_decide(out[None, :], st.spet.threshold, np.ones((1, o), U8), cont)
-        K.gemv_rows(st.weight_perm, xp, out, lead, kin, cont[0], self.threads)
+        K.gemv_rows(st.weight_perm, xp, out, lead, kin, cont[0], self.kernel_threads)
         K.finish_act(out[None, :], np.ones((1, o), U8), cont, True)
         if terminated == 0:
             out[:] = 0
@@ -419,9 +426,9 @@ class Engine:
             else:
                 cols = st.cols
                 K.im2col_dense(x, st.channels[g], st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols,
-                               self.threads)
+                               self.kernel_threads)
             K.gemm(st.weights[g], cols, og, 0.0)
-        K.bias_act(out, bias, st.layer.relu, self.threads)
+        K.bias_act(out, bias, st.layer.relu, self.kernel_threads)
 
     def _conv_group_knobs(self, st: ConvState, x: np.ndarray, out_g: np.ndarray, g: int) -> bool:
         """One group of a conv layer with its knobs; returns whether any knob skipped work."""
@@ -463,7 +470,7 @@ class Engine:
 
         # ---- one unfolding of the input for every output position; the SDSS grid first, if on
         cols = _scratch(st.cols, kdim, npos)
-        K.im2col_dense(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, self.threads)
+        K.im2col_dense(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, self.kernel_threads)
         out_g[:] = base
         self._compute_neurons(st, wmat, cols, kdim, lead, out_g, st.grid_mask, count)
 
@@ -487,15 +494,15 @@ class Engine:
                 if relu:
                     K.relu_rows(acc)
             else:
-                K.masked_gemm(wmat, 0, kdim, cols, active, acc, self.threads, relu)
+                K.masked_gemm(wmat, 0, kdim, cols, active, acc, self.kernel_threads, relu)
             count["macs"] += n_active * kdim
             count["ops"] += 2 * n_active * kdim + n_active * (1 + int(relu))
             return
         if active is None:
             K.gemm(wmat[:, :lead], cols[:lead], acc, 1.0)
         else:
-            K.masked_gemm(wmat, 0, lead, cols[:lead], active, acc, self.threads)
-        terminated = K.spet_finish(wmat, lead, cols, acc, st.spet.threshold, relu, active, self.threads)
+            K.masked_gemm(wmat, 0, lead, cols[:lead], active, acc, self.kernel_threads)
+        terminated = K.spet_finish(wmat, lead, cols, acc, st.spet.threshold, relu, active, self.kernel_threads)
         finished = n_active - terminated
         count["macs"] += n_active * lead + finished * (kdim - lead)
         count["ops"] += 2 * (n_active * lead + finished * (kdim - lead)) + n_active + finished * int(relu)
@@ -535,7 +542,7 @@ class Engine:
         sumsq = np.empty(cin)
         sumabs = np.empty(cin)
         nonneg = st.layer.input_nonneg
-        K.channel_stats(xg, sums, sumsq, sumabs, not nonneg, self.threads)
+        K.channel_stats(xg, sums, sumsq, sumabs, not nonneg, self.kernel_threads)
         means = sums / hw
         std = np.sqrt(np.maximum(sumsq / hw - means * means, 0.0))
         if st.sfma.option("sfma", "statistic") == "relative_std":

@@ -30,6 +30,7 @@ rule fetch:
         status="resources/{bench}/status.json",
     params:
         files=lambda wildcards: bench_files(wildcards.bench),
+        format=lambda wildcards: config["benchmarks"][wildcards.bench]["format"],
         mirror=MIRROR,
         dyvedeep=DYVEDEEP,
     log:

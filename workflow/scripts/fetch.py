@@ -41,6 +41,14 @@ for f in sm.params.files:
         continue
     files.append({"role": f["role"], "url": f["url"], "path": f["path"]})
 
+# Formats whose weights can be downloaded but not converted here.
+UNCONVERTIBLE = {
+    "overfeat": "OverFeat's own weight format has no converter in dyvedeep convert; turn the weights "
+                "into a caffemodel (with the overfeat_fast prototxt of tests/factory.py) and use format caffe",
+}
+if sm.params.format in UNCONVERTIBLE:
+    reasons.append(UNCONVERTIBLE[sm.params.format])
+
 status = {"benchmark": bench, "status": "missing" if reasons else "ok",
           "reason": "; ".join(reasons), "files": files}
 if reasons:
