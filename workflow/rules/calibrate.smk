@@ -12,9 +12,9 @@ rule calibrate:
         dyvedeep=DYVEDEEP,
         data=lambda wildcards: data_spec(wildcards.bench, "calib"),
         budget=config["budget"],
-        limit=limit_arg("calib"),
+        limit=lambda wildcards: limit_arg("calib", wildcards.bench),
         mirror=mirror_arg(),
-        options=calibrate_args(),
+        options=lambda wildcards: calibrate_args(wildcards.bench),
     threads: JOB_THREADS
     log:
         "logs/calibrate/{bench}.log",

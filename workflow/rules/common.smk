@@ -193,17 +193,26 @@ def mirror_arg():
 JOB_THREADS = max(1, min(workflow.cores, os.cpu_count() or 1))
 
 
-def calibrate_args():
-    c = config["calibrate"]
+def bench_calibrate(bench):
+    """The calibration settings of ``bench``: its own over the global section."""
+    own = {k: v for k, v in config["benchmarks"][bench].get("calibrate", {}).items() if v is not None}
+    return {**config["calibrate"], **own}
+
+
+def calibrate_args(bench):
+    c = bench_calibrate(bench)
     args = ["--knobs", ",".join(dict.fromkeys(c["knobs"]))]
     for key in ("margin", "passes", "min_share"):
-        if c[key] is not None:
+        if c.get(key) is not None:
             args += [f"--{key.replace('_', '-')}", str(c[key])]
     return " ".join(args)
 
 
-def limit_arg(split):
+def limit_arg(split, bench=None):
+    """--limit N: the global limit_{split}, else (calibration) the benchmark's own limit."""
     n = config[f"limit_{split}"]
+    if not n and split == "calib" and bench is not None:
+        n = bench_calibrate(bench).get("limit")
     return f"--limit {int(n)}" if n else ""
 
 
