@@ -13,17 +13,16 @@ from typing import Any
 import pytest
 
 from dyvedeep import remote
-from tests.conftest import find_mirror
-from tests.test_pipeline import make_workdir, read_csv, snakemake
+from tests.test_pipeline import make_workdir, read_csv, real_mirror, snakemake  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.mirror]
 
 
 @pytest.fixture(scope="module")
-def pi_pipeline(real_mirror_for_pi: Path, emulator_paths: Any, pi_board: remote.Board,
+def pi_pipeline(real_mirror: Path, emulator_paths: Any, pi_board: remote.Board,
                 pi_engine: remote.SetupResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reduced pipeline with the Pi profile's board, run once; its working directory."""
-    workdir = make_workdir(tmp_path_factory.mktemp("pi_pipeline"), real_mirror_for_pi)
+    workdir = make_workdir(tmp_path_factory.mktemp("pi_pipeline"), real_mirror)
     overlay = json.loads((workdir / "ci.yaml").read_text(encoding="utf-8"))
     overlay["platforms"] = {"pi": {"kind": "ssh", "label": "Raspberry Pi", "emulated": True, "threads": [1],
                                    "board": str(emulator_paths.cache / "board.json")}}
@@ -32,16 +31,6 @@ def pi_pipeline(real_mirror_for_pi: Path, emulator_paths: Any, pi_board: remote.
     proc = snakemake(workdir, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:]
     return workdir
-
-
-@pytest.fixture(scope="module")
-def real_mirror_for_pi() -> Path:
-    """The offline mirror (skips without it, or without Snakemake)."""
-    pytest.importorskip("snakemake", reason="Snakemake is not installed (pip install -e '.[pipeline]')")
-    found = find_mirror()
-    if found is None:
-        pytest.skip("no mirror of real models/data (set DYVEDEEP_MIRROR or put ../shared/mirror beside the project)")
-    return found
 
 
 def test_board_rows_come_back_and_agree_with_x86(pi_pipeline: Path) -> None:

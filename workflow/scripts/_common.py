@@ -56,3 +56,12 @@ def last_error_line(text: str) -> str:
         if ln.startswith("dyvedeep: error:"):
             return ln[len("dyvedeep: error:"):].strip()
     return lines[-1] if lines else "failed without a message"
+
+
+def platform_label(name: str, platforms: dict, emulated: bool | None = None) -> str:
+    """How the report names a platform; an emulated board is "emulated aarch64"."""
+    p = platforms.get(name, {})
+    label = p.get("label") or name
+    if emulated if emulated is not None else p.get("emulated"):
+        label += " (emulated aarch64)"
+    return label

@@ -22,18 +22,10 @@ import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import start_log  # noqa: E402
+from _common import platform_label, start_log  # noqa: E402
 
 DPI = 110
 sns.set_theme(style="whitegrid", context="notebook")
-
-
-def platform_label(name: str, platforms: dict, emulated: bool | None = None) -> str:
-    p = platforms.get(name, {})
-    label = p.get("label") or name
-    if emulated if emulated is not None else p.get("emulated"):
-        label += " (emulated aarch64)"
-    return label
 
 
 def empty(path: str, title: str, why: str) -> None:

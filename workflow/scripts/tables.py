@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import read_json, start_log, write_text  # noqa: E402
+from _common import platform_label, read_json, start_log, write_text  # noqa: E402
 
 SUMMARY_COLUMNS = [
     "benchmark", "platform", "emulated", "threads", "n_test",
@@ -35,15 +35,6 @@ BENCH_FIELDS = [
 ]
 LAYER_COLUMNS = ["benchmark", "layer", "knob", "ops_dense", "ops_dyvedeep"]
 MISSING_COLUMNS = ["benchmark", "platform", "threads", "stage", "reason"]
-
-
-def platform_label(name: str, platforms: dict, emulated: bool | None = None) -> str:
-    """How the report names a platform; an emulated board is "emulated aarch64"."""
-    p = platforms.get(name, {})
-    label = p.get("label") or name
-    if emulated if emulated is not None else p.get("emulated"):
-        label += " (emulated aarch64)"
-    return label
 
 
 def is_missing(obj: dict) -> bool:
