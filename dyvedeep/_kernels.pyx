@@ -207,7 +207,7 @@ def masked_gemm(const float[:, ::1] W, int k0, int k1, const float[:, ::1] cols,
     """out[o, j] += sum_{k0 <= k < k1} W[o, k] * cols[k - k0, j] for each (o, j) with mask[o, j].
 
     ``cols`` holds rows k0..k1-1 of the unfolded input. The work is done in tiles of 16 columns;
-    in each tile only the output channels with a masked entry are computed, four at a time (the
+    in each tile only the output channels with a masked entry are computed, eight at a time (the
     GEMM-shaped part of SPET and SDSS); with ``relu`` the written entries are ReLU'd. Returns
     the number of (o, j) pairs computed."""
     cdef int O = W.shape[0], N = cols.shape[1]

@@ -6,57 +6,15 @@
 
 #include <string.h>
 
-typedef float dv_v8 __attribute__((vector_size(32)));
-
 typedef float dv_v16 __attribute__((vector_size(64)));
 
-static inline dv_v8 dv_load8(const float *p) { dv_v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline dv_v16 dv_load16(const float *p) { dv_v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void dv_store16(float *p, dv_v16 v) { memcpy(p, &v, sizeof v); }
-static inline void dv_store8(float *p, dv_v8 v) { memcpy(p, &v, sizeof v); }
-
-/* One output channel of a masked GEMM: for each tile of 16 columns with a masked entry,
- * acc[j] = sum_k w[k] * cols[k * ldc + j] in order k = 0..K-1, then out[j] += acc[j] where
- * mask[j]. Returns the number of (masked) outputs written. */
-static long long dv_masked_row(const float *w, const float *cols, long ldc, const unsigned char *mask,
-                               float *out, int K, int N)
-{
-    long long done = 0;
-    float acc[16];
-    for (int j0 = 0; j0 < N; j0 += 16) {
-        int jn = N - j0 < 16 ? N - j0 : 16;
-        int any = 0;
-        for (int jj = 0; jj < jn; ++jj) any |= mask[j0 + jj];
-        if (!any) continue;
-        if (jn == 16) {
-            dv_v8 a0 = {0}, a1 = {0};
-            const float *row = cols + j0;
-            for (int k = 0; k < K; ++k, row += ldc) {
-                dv_v8 wk = (dv_v8){0} + w[k];
-                a0 += wk * dv_load8(row);
-                a1 += wk * dv_load8(row + 8);
-            }
-            dv_store8(acc, a0);
-            dv_store8(acc + 8, a1);
-        } else {
-            for (int jj = 0; jj < 16; ++jj) acc[jj] = 0.0f;
-            const float *row = cols + j0;
-            for (int k = 0; k < K; ++k, row += ldc) {
-                float wk = w[k];
-                for (int jj = 0; jj < jn; ++jj) acc[jj] += wk * row[jj];
-            }
-        }
-        for (int jj = 0; jj < jn; ++jj) {
-            if (mask[j0 + jj]) { out[j0 + jj] += acc[jj]; ++done; }
-        }
-    }
-    return done;
-}
 
 /* Masked GEMM over a range of 16-column tiles (sampled dense-dense product):
  * out[o, j] += sum_{k<K} W[o, k] * cols[k, j] for each (o, j) with mask[o, j]. Per tile, the
- * output channels with a masked entry in it are gathered and computed four at a time (register
- * blocking: each loaded row of cols serves four channels); a channel with no masked entry in a
+ * output channels with a masked entry in it are gathered and computed eight at a time (register
+ * blocking: each loaded row of cols serves eight channels); a channel with no masked entry in a
  * tile costs nothing there. `list` is scratch for O ints. Returns the outputs written. */
 static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const float *cols, long ldc,
                                       const unsigned char *mask, long ldm, float *out, long ldo,

@@ -18,7 +18,7 @@ from threadpoolctl import ThreadpoolController
 
 from . import _kernels as K
 from .errors import DyveError
-from .knobs import KnobConfig, KnobSetting
+from .knobs import DEFAULT_OPTIONS, KnobConfig, KnobSetting
 from .plan import Layer, Plan
 
 U8 = np.uint8
@@ -230,15 +230,18 @@ def set_blas_threads(threads: int) -> None:
     _BLAS["threads"] = threads
 
 
-_ONES: dict[tuple[int, int], np.ndarray] = {}
-
-
-def _ones_mask(shape: tuple[int, int]) -> np.ndarray:
-    """A cached all-ones uint8 mask of ``shape`` (read-only use)."""
-    mask = _ONES.get(shape)
-    if mask is None:
-        mask = _ONES[shape] = np.ones(shape, U8)
-    return mask
+def sfma_spread(xg: np.ndarray, nonneg: bool, statistic: str, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """SFMA's statistic of each input map of ``xg`` (C, H, W), and each map's mean: the standard
+    deviation, relative to the maps' mean |x| for ``relative_std`` (``nonneg``: x >= 0 known)."""
+    cin, hw = xg.shape[0], xg.shape[1] * xg.shape[2]
+    sums, sumsq, sumabs = np.empty(cin), np.empty(cin), np.empty(cin)
+    K.channel_stats(xg, sums, sumsq, sumabs, not nonneg, threads)
+    means = sums / hw
+    spread = np.sqrt(np.maximum(sumsq / hw - means * means, 0.0))
+    if statistic == "relative_std":
+        scale = (sums if nonneg else sumabs).sum() / (cin * hw)
+        spread = spread / scale if scale > 0 else np.zeros_like(spread)
+    return spread, means
 
 
 def _scratch(buffer: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -536,22 +539,12 @@ class Engine:
 
     def _sfma_select(self, st: ConvState, xg: np.ndarray, count: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
         """Which input maps of the group are near-uniform, and every map's mean."""
-        cin = st.cin
-        hw = xg.shape[1] * xg.shape[2]
-        sums = np.empty(cin)
-        sumsq = np.empty(cin)
-        sumabs = np.empty(cin)
+        cin, hw = st.cin, xg.shape[1] * xg.shape[2]
         nonneg = st.layer.input_nonneg
-        K.channel_stats(xg, sums, sumsq, sumabs, not nonneg, self.kernel_threads)
-        means = sums / hw
-        std = np.sqrt(np.maximum(sumsq / hw - means * means, 0.0))
-        if st.sfma.option("sfma", "statistic") == "relative_std":
-            total_abs = (sums if nonneg else sumabs).sum()
-            scale = total_abs / (cin * hw)
-            spread = std / scale if scale > 0 else np.zeros_like(std)
+        statistic = st.sfma.option("sfma", "statistic")
+        spread, means = sfma_spread(xg, nonneg, statistic, self.kernel_threads)
+        if statistic == "relative_std":
             count["overhead_sfma"] += cin + 1  # the layer's mean |x|: one add per map, one divide
-        else:
-            spread = std
         # sum (1 add) and sum of squares (1 mul + 1 add) per element; |x| (abs + add) if signed
         count["overhead_sfma"] += cin * hw * (3 + (0 if nonneg else 2)) + cin * SFMA_TEST_OPS
         return spread < st.sfma.threshold, means.astype(np.float32)
@@ -579,20 +572,10 @@ def knob_statistics(engine: Engine, layer: Layer, x: np.ndarray, knob: str) -> n
     SPET: each neuron's margin -partial where the partial sum is negative."""
     if knob == "sfma":
         st = engine.states[layer.name]
-        probe = ConvState(**{**st.__dict__, "sfma": KnobSetting(True, 0.0)})
-        spreads = []
-        for g in range(st.groups):
-            xg = x[g * st.cin:(g + 1) * st.cin]
-            cin, hw = st.cin, xg.shape[1] * xg.shape[2]
-            sums, sumsq, sumabs = np.empty(cin), np.empty(cin), np.empty(cin)
-            K.channel_stats(xg, sums, sumsq, sumabs, not layer.input_nonneg, 1)
-            means = sums / hw
-            std = np.sqrt(np.maximum(sumsq / hw - means * means, 0.0))
-            if probe.sfma.option("sfma", "statistic") == "relative_std":
-                scale = (sums if layer.input_nonneg else sumabs).sum() / (cin * hw)
-                std = std / scale if scale > 0 else np.zeros_like(std)
-            spreads.append(std)
-        return np.concatenate(spreads)
+        setting = engine.knobs.get(layer.name, "sfma")
+        statistic = setting.option("sfma", "statistic") if setting else DEFAULT_OPTIONS["sfma"]["statistic"]
+        return np.concatenate([sfma_spread(x[g * st.cin:(g + 1) * st.cin], layer.input_nonneg, statistic)[0]
+                               for g in range(st.groups)])
     out = engine._run_layer(layer, [x]).reshape(layer.out_shape[0], -1)
     if knob == "sdss":
         ho, wo = layer.out_shape[1], layer.out_shape[2]
