@@ -7,22 +7,234 @@
 #include <string.h>
 
 typedef float dv_v16 __attribute__((vector_size(64)));
+typedef int dv_i16 __attribute__((vector_size(64)));
+
+/* Every lane = x (a plain broadcast: adding x to a zero vector would also flip -0.0 to +0.0). */
+#define DV_SPLAT(x) ((dv_v16){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
 
 static inline dv_v16 dv_load16(const float *p) { dv_v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void dv_store16(float *p, dv_v16 v) { memcpy(p, &v, sizeof v); }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* The first n (1..16) floats at p, zeros in the other lanes (no read past p + n). */
+static inline dv_v16 dv_load16_part(const float *p, int n)
+{
+#if defined(__AVX512F__)
+    __m512 m = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+    dv_v16 v;
+    memcpy(&v, &m, sizeof v);
+    return v;
+#else
+    dv_v16 v = {0};
+    memcpy(&v, p, sizeof(float) * (size_t)n);
+    return v;
+#endif
+}
+
+/* Rows of the unfolded input fetched ahead in the GEMM loops: its rows are a row stride apart
+ * (often in different pages), where the hardware prefetchers do not follow. */
+#ifndef DV_PREFETCH_ROWS
+#define DV_PREFETCH_ROWS 8
+#endif
+
+/* Store the first n (1..16) lanes of v at p (nothing written past p + n). */
+static inline void dv_store16_part(float *p, dv_v16 v, int n)
+{
+#if defined(__AVX512F__)
+    __m512 m;
+    memcpy(&m, &v, sizeof m);
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), m);
+#else
+    memcpy(p, &v, sizeof(float) * (size_t)n);
+#endif
+}
+
+/* Copy n floats (short runs: whole vectors, then one partial vector). */
+static inline void dv_copy_run(float *d, const float *s, int n)
+{
+    for (; n >= 16; n -= 16, d += 16, s += 16) dv_store16(d, dv_load16(s));
+    if (n > 0) dv_store16_part(d, dv_load16_part(s, n), n);
+}
+
+/* The register tile of the engine's GEMMs: eight output rows (wr[r][k], k < K) times up to 32
+ * columns (cols[k * ldc + j], j < jn) of the unfolded input, summed over k in order into
+ * acc[2 r] (columns 0..15) and acc[2 r + 1] (16..31). Each loaded row of cols serves eight
+ * output rows, each weight two vectors: 16 fused multiply-adds for 10 loads. */
+static inline void dv_tile_8x32(const float *const *wr, int K, const float *cols, long ldc, int jn,
+                                dv_v16 *acc)
+{
+    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
+    const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
+    dv_v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+    dv_v16 a40 = {0}, a41 = {0}, a50 = {0}, a51 = {0}, a60 = {0}, a61 = {0}, a70 = {0}, a71 = {0};
+#define DV_STEP(c0, c1, k)                                                                  \
+    do {                                                                                    \
+        dv_v16 b;                                                                           \
+        b = DV_SPLAT(w0[k]); a00 += b * c0; a01 += b * c1;                              \
+        b = DV_SPLAT(w1[k]); a10 += b * c0; a11 += b * c1;                              \
+        b = DV_SPLAT(w2[k]); a20 += b * c0; a21 += b * c1;                              \
+        b = DV_SPLAT(w3[k]); a30 += b * c0; a31 += b * c1;                              \
+        b = DV_SPLAT(w4[k]); a40 += b * c0; a41 += b * c1;                              \
+        b = DV_SPLAT(w5[k]); a50 += b * c0; a51 += b * c1;                              \
+        b = DV_SPLAT(w6[k]); a60 += b * c0; a61 += b * c1;                              \
+        b = DV_SPLAT(w7[k]); a70 += b * c0; a71 += b * c1;                              \
+    } while (0)
+    const float *row = cols;
+    const long ahead = DV_PREFETCH_ROWS * ldc;
+    if (jn == 32) {
+        for (int k = 0; k < K; ++k, row += ldc) {
+            __builtin_prefetch(row + ahead);
+            __builtin_prefetch(row + ahead + 16);
+            dv_v16 c0 = dv_load16(row), c1 = dv_load16(row + 16);
+            DV_STEP(c0, c1, k);
+        }
+    } else {
+        int n1 = jn - 16;  /* 1..15 */
+        for (int k = 0; k < K; ++k, row += ldc) {
+            dv_v16 c0 = dv_load16(row), c1 = dv_load16_part(row + 16, n1);
+            DV_STEP(c0, c1, k);
+        }
+    }
+#undef DV_STEP
+    acc[0] = a00; acc[1] = a01; acc[2] = a10; acc[3] = a11; acc[4] = a20; acc[5] = a21;
+    acc[6] = a30; acc[7] = a31; acc[8] = a40; acc[9] = a41; acc[10] = a50; acc[11] = a51;
+    acc[12] = a60; acc[13] = a61; acc[14] = a70; acc[15] = a71;
+}
+
+/* As dv_tile_8x32 for up to 16 columns: acc[r] holds row r. */
+static inline void dv_tile_8x16(const float *const *wr, int K, const float *cols, long ldc, int jn,
+                                dv_v16 *acc)
+{
+    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
+    const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
+    dv_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+#define DV_STEP(c, k)                                                                       \
+    do {                                                                                    \
+        a0 += DV_SPLAT(w0[k]) * c; a1 += DV_SPLAT(w1[k]) * c;                  \
+        a2 += DV_SPLAT(w2[k]) * c; a3 += DV_SPLAT(w3[k]) * c;                  \
+        a4 += DV_SPLAT(w4[k]) * c; a5 += DV_SPLAT(w5[k]) * c;                  \
+        a6 += DV_SPLAT(w6[k]) * c; a7 += DV_SPLAT(w7[k]) * c;                  \
+    } while (0)
+    const float *row = cols;
+    const long ahead = DV_PREFETCH_ROWS * ldc;
+    if (jn == 16) {
+        for (int k = 0; k < K; ++k, row += ldc) {
+            __builtin_prefetch(row + ahead);
+            dv_v16 c = dv_load16(row);
+            DV_STEP(c, k);
+        }
+    } else {
+        for (int k = 0; k < K; ++k, row += ldc) {
+            dv_v16 c = dv_load16_part(row, jn);
+            DV_STEP(c, k);
+        }
+    }
+#undef DV_STEP
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3; acc[4] = a4; acc[5] = a5; acc[6] = a6; acc[7] = a7;
+}
+
+/* Write one register tile: for each of the `rows` output rows orow[r], columns j0..j0+jn-1 get
+ * v = bias[o] + sum (bias != NULL) or out + sum (bias == NULL), only where mask[o, j] is set
+ * (mask == NULL: everywhere), then ReLU if asked. `nv` vectors per row in acc. Returns the
+ * entries written. */
+static inline long long dv_tile_store(const dv_v16 *acc, int nv, const int *orow, int rows, int j0, int jn,
+                                      float *out, long ldo, const float *bias, const unsigned char *mask,
+                                      long ldm, int relu)
+{
+    long long done = 0;
+    float sum[32];
+    for (int r = 0; r < rows; ++r) {
+        int o = orow[r];
+        float *dst = out + (long)o * ldo + j0;
+        if (mask == NULL) {
+            /* whole vectors: the bias (or the output) plus the sum, ReLU as (v < 0 ? 0 : v) */
+            dv_v16 base = bias != NULL ? DV_SPLAT(bias[o]) : (dv_v16){0};
+            for (int v = 0; v < nv && 16 * v < jn; ++v) {
+                int n = jn - 16 * v < 16 ? jn - 16 * v : 16;
+                dv_v16 x = acc[r * nv + v];
+                if (bias != NULL) x = base + x;
+                else x = (n == 16 ? dv_load16(dst + 16 * v) : dv_load16_part(dst + 16 * v, n)) + x;
+                if (relu) x = (dv_v16)((dv_i16)x & ~(dv_i16)(x < (dv_v16){0}));
+                if (n == 16) dv_store16(dst + 16 * v, x);
+                else dv_store16_part(dst + 16 * v, x, n);
+            }
+            done += jn;
+        } else {
+            memcpy(sum, &acc[r * nv], sizeof(float) * 16 * (size_t)nv);
+            const unsigned char *m = mask + (long)o * ldm + j0;
+            float b = bias != NULL ? bias[o] : 0.0f;
+            for (int j = 0; j < jn; ++j) {
+                if (m[j]) {
+                    float v = (bias != NULL ? b : dst[j]) + sum[j];
+                    dst[j] = (relu && v < 0.0f) ? 0.0f : v;
+                    ++done;
+                }
+            }
+        }
+    }
+    return done;
+}
+
+/* One 8-row block (rows g..g+rows-1) times one 32-column tile t of the dense GEMM; `tile`
+ * points at the tile's first row (rows ldc apart). */
+static inline void dv_gemm_block(const float *W, long ldw, const float *tile, long ldc, float *out,
+                                 long ldo, int K, int N, const float *bias, int relu, int g, int rows, int t)
+{
+    dv_v16 acc[16];
+    int orow[8];
+    const float *wr[8];
+    int j0 = t * 32;
+    int jn = N - j0 < 32 ? N - j0 : 32;
+    for (int r = 0; r < 8; ++r) {
+        orow[r] = g + (r < rows ? r : 0);
+        wr[r] = W + (long)orow[r] * ldw;
+    }
+    if (jn > 16) {
+        dv_tile_8x32(wr, K, tile, ldc, jn, acc);
+        dv_tile_store(acc, 2, orow, rows, j0, jn, out, ldo, bias, NULL, 0, relu);
+    } else {
+        dv_tile_8x16(wr, K, tile, ldc, jn, acc);
+        dv_tile_store(acc, 1, orow, rows, j0, jn, out, ldo, bias, NULL, 0, relu);
+    }
+}
+
+/* The unfolded input `cols` (K x N) is addressed in 32-column panels: element (k, j) is at
+ * cols[(j / 32) * lds + k * ldc + j % 32]. Row-major storage is lds = 32, ldc = N; the engine's
+ * packed storage (each panel's K rows of 32 contiguous) is ldc = 32, lds = rows * 32.
+
+ * Dense GEMM over a range of 32-column tiles: out[o, j] = bias[o] + sum_k W[o, k] cols[k, j]
+ * (bias == NULL: out[o, j] += the sum), ReLU if asked, for all O rows and j < N. The operand
+ * re-read from cache is the smaller one: with more rows than columns (large weights, small
+ * map) each 8-row block of weights stays in L1 while it sweeps the tiles. */
+static void dv_gemm_tiles(const float *W, long ldw, int O, const float *cols, long ldc, long lds, float *out,
+                          long ldo, int K, int N, const float *bias, int relu, int tile_begin, int tile_end)
+{
+    if (O > N) {
+        for (int g = 0; g < O; g += 8)
+            for (int t = tile_begin; t < tile_end; ++t)
+                dv_gemm_block(W, ldw, cols + (long)t * lds, ldc, out, ldo, K, N, bias, relu, g, O - g < 8 ? O - g : 8, t);
+    } else {
+        for (int t = tile_begin; t < tile_end; ++t)
+            for (int g = 0; g < O; g += 8)
+                dv_gemm_block(W, ldw, cols + (long)t * lds, ldc, out, ldo, K, N, bias, relu, g, O - g < 8 ? O - g : 8, t);
+    }
+}
+
 /* Masked GEMM over a range of 16-column tiles (sampled dense-dense product):
  * out[o, j] += sum_{k<K} W[o, k] * cols[k, j] for each (o, j) with mask[o, j]. Per tile, the
- * output channels with a masked entry in it are gathered and computed eight at a time (register
- * blocking: each loaded row of cols serves eight channels); a channel with no masked entry in a
- * tile costs nothing there. `list` is scratch for O ints. Returns the outputs written. */
-static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const float *cols, long ldc,
+ * output channels with a masked entry in it are gathered and computed eight at a time (the
+ * register tile dv_tile_8x16); a channel with no masked entry in a tile costs nothing there.
+ * `list` is scratch for O ints. Returns the outputs written. */
+static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const float *cols, long ldc, long lds,
                                       const unsigned char *mask, long ldm, float *out, long ldo,
                                       int K, int N, int tile_begin, int tile_end, int *list, int relu)
 {
-    enum { R = 8 };  /* output channels per register block */
     long long done = 0;
-    float acc[R][16];
+    dv_v16 acc[8];
+    const float *wr[8];
     for (int t = tile_begin; t < tile_end; ++t) {
         int j0 = t * 16;
         int jn = N - j0 < 16 ? N - j0 : 16;
@@ -33,41 +245,11 @@ static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const flo
             for (int jj = 0; jj < jn; ++jj) any |= m[jj];
             if (any) list[n++] = o;
         }
-        for (int g = 0; g < n; g += R) {
-            int rows = n - g < R ? n - g : R;
-            const float *wr[R];
-            for (int r = 0; r < R; ++r) wr[r] = W + (long)list[g + (r < rows ? r : 0)] * ldw;
-            if (jn == 16) {
-                dv_v16 a[R];
-                for (int r = 0; r < R; ++r) a[r] = (dv_v16){0};
-                const float *row = cols + j0;
-                for (int k = 0; k < K; ++k, row += ldc) {
-                    dv_v16 c = dv_load16(row);
-                    for (int r = 0; r < R; ++r) a[r] += ((dv_v16){0} + wr[r][k]) * c;
-                }
-                for (int r = 0; r < R; ++r) dv_store16(acc[r], a[r]);
-            } else {
-                for (int r = 0; r < rows; ++r) {
-                    for (int jj = 0; jj < 16; ++jj) acc[r][jj] = 0.0f;
-                    const float *row = cols + j0;
-                    for (int k = 0; k < K; ++k, row += ldc) {
-                        float wk = wr[r][k];
-                        for (int jj = 0; jj < jn; ++jj) acc[r][jj] += wk * row[jj];
-                    }
-                }
-            }
-            for (int r = 0; r < rows; ++r) {
-                int o = list[g + r];
-                const unsigned char *m = mask + (long)o * ldm + j0;
-                float *dst = out + (long)o * ldo + j0;
-                for (int jj = 0; jj < jn; ++jj) {
-                    if (m[jj]) {
-                        float v = dst[jj] + acc[r][jj];
-                        dst[jj] = (relu && v < 0.0f) ? 0.0f : v;
-                        ++done;
-                    }
-                }
-            }
+        for (int g = 0; g < n; g += 8) {
+            int rows = n - g < 8 ? n - g : 8;
+            for (int r = 0; r < 8; ++r) wr[r] = W + (long)list[g + (r < rows ? r : 0)] * ldw;
+            dv_tile_8x16(wr, K, cols + (long)(t >> 1) * lds + (t & 1) * 16, ldc, jn, acc);
+            done += dv_tile_store(acc, 1, list + g, rows, j0, jn, out, ldo, NULL, mask, ldm, relu);
         }
     }
     return done;
@@ -78,7 +260,7 @@ static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const flo
  * A neuron whose partial sum is < -margin stops: its output is 0. The others are finished with
  * inputs lead..K-1 (register blocks of eight channels, as dv_masked_gemm_tiles) and ReLU'd.
  * `cont` is scratch for O*16 bytes, `list` for O ints. Returns the number of stopped neurons. */
-static long long dv_spet_finish_tiles(const float *W, long ldw, int O, const float *cols, long ldc,
+static long long dv_spet_finish_tiles(const float *W, long ldw, int O, const float *cols, long ldc, long lds,
                                       const unsigned char *mask, long ldm, float *out, long ldo,
                                       int lead, int K, int N, float margin, int relu,
                                       int tile_begin, int tile_end, int *list, unsigned char *cont)
@@ -99,89 +281,213 @@ static long long dv_spet_finish_tiles(const float *W, long ldw, int O, const flo
             }
         }
         /* finish the continuing neurons of this tile (a one-tile masked GEMM over lead..K-1) */
-        dv_masked_gemm_tiles(W + lead, ldw, O, cols + (long)lead * ldc, ldc, cont - j0, 16, out, ldo,
+        dv_masked_gemm_tiles(W + lead, ldw, O, cols + (long)lead * ldc, ldc, lds, cont - j0, 16, out, ldo,
                              K - lead, N, t, t + 1, list, relu);
     }
     return stopped;
 }
 
-/* im2col over every output position for one input channel `plane` (H x W): rows (ky, kx) of
- * `dst` (row stride ldc) get the input under tap (ky, kx) for all ho x wo positions; stride-1
- * rows are copied as contiguous runs. */
-static void dv_im2col_plane(const float *plane, int H, int W, int kh, int kw, int sh, int sw, int pt, int pl,
-                            int dh, int dw, int ho, int wo, float *dst, long ldc)
+/* Copy n floats (src == NULL: zeros) to columns j.. of one row of packed panels (see above:
+ * ldc = 32; `row` points at the row's place in panel 0, `lds` is the panel stride). */
+static inline void dv_put_run(float *row, long lds, int j, const float *src, int n)
 {
+    while (n > 0) {
+        int at = j & 31;
+        int chunk = 32 - at < n ? 32 - at : n;
+        float *dst = row + (long)(j >> 5) * lds + at;
+        if (src) { memcpy(dst, src, sizeof(float) * (size_t)chunk); src += chunk; }
+        else memset(dst, 0, sizeof(float) * (size_t)chunk);
+        j += chunk;
+        n -= chunk;
+    }
+}
+
+/* The runs of an im2col into packed panels: output positions j = oy * wo + ox, cut where a panel
+ * (32 positions) or an output row ends. Run r is (panel, first lane, offset in the padded input
+ * of its first position's tap (0, 0), length); a padded input has (wo - 1) * sw + (kw - 1) * dw + 1
+ * columns (Wp) and row oy's taps start at row oy * sh. Returns the number of runs written to
+ * `runs` (room for 4 * (ho * wo / 32 + ho + 1) ints). */
+static int dv_im2col_runs(int ho, int wo, int sh, int sw, int Wp, int *runs)
+{
+    int n = 0, N = ho * wo;
+    for (int j = 0; j < N;) {
+        int oy = j / wo, ox = j % wo;
+        int len = wo - ox;
+        if (len > 32 - (j & 31)) len = 32 - (j & 31);
+        runs[4 * n] = j >> 5;
+        runs[4 * n + 1] = j & 31;
+        runs[4 * n + 2] = oy * sh * Wp + ox * sw;
+        runs[4 * n + 3] = len;
+        ++n;
+        j += len;
+    }
+    return n;
+}
+
+/* im2col of one input channel `plane` (H x W) into packed panels: rows (ky, kx) starting at
+ * `dst` (the channel's first row in panel 0; rows 32 floats apart, panels lds apart) get the
+ * input under that tap for every output position. `pad` (Hp x Wp, zero outside the copied
+ * input, which lands at row pt, column pl) is the channel with its zero padding, so that every
+ * run is a plain (strided) copy. */
+static void dv_im2col_plane_packed(const float *plane, int H, int W, int kh, int kw, int sw, int pt, int pl,
+                                   int dh, int dw, int Hp, int Wp, float *pad, const int *runs, int nruns,
+                                   float *dst, long lds)
+{
+    int rows = H < Hp - pt ? H : Hp - pt;
+    int width = W < Wp - pl ? W : Wp - pl;
+    for (int y = 0; y < rows; ++y)
+        memcpy(pad + (long)(y + pt) * Wp + pl, plane + (long)y * W, sizeof(float) * (size_t)(width > 0 ? width : 0));
     for (int ky = 0; ky < kh; ++ky) {
         for (int kx = 0; kx < kw; ++kx) {
-            float *row = dst + (long)(ky * kw + kx) * ldc;
-            int off_x = kx * dw - pl;
-            int x_lo = 0, x_hi = wo;  /* outputs whose tap is inside the input (stride-1 case) */
-            if (sw == 1) {
-                x_lo = off_x < 0 ? -off_x : 0;
-                x_hi = W - off_x < wo ? W - off_x : wo;
-                if (x_hi < x_lo) x_hi = x_lo;
-            }
-            for (int oy = 0; oy < ho; ++oy) {
-                float *out = row + (long)oy * wo;
-                int iy = oy * sh - pt + ky * dh;
-                if ((unsigned)iy >= (unsigned)H) { memset(out, 0, sizeof(float) * wo); continue; }
-                const float *in = plane + (long)iy * W;
+            float *row = dst + (long)(ky * kw + kx) * 32;
+            const float *src = pad + (long)ky * dh * Wp + (long)kx * dw;
+            for (int r = 0; r < nruns; ++r) {
+                const int *run = runs + 4 * r;
+                float *d = row + (long)run[0] * lds + run[1];
+                const float *s = src + run[2];
+                int len = run[3];
                 if (sw == 1) {
-                    if (x_lo) memset(out, 0, sizeof(float) * x_lo);
-                    if (x_hi > x_lo) memcpy(out + x_lo, in + x_lo + off_x, sizeof(float) * (x_hi - x_lo));
-                    if (x_hi < wo) memset(out + x_hi, 0, sizeof(float) * (wo - x_hi));
+                    dv_copy_run(d, s, len);
                 } else {
-                    for (int ox = 0; ox < wo; ++ox) {
-                        int ix = ox * sw + off_x;
-                        out[ox] = (unsigned)ix < (unsigned)W ? in[ix] : 0.0f;
-                    }
+                    for (int i = 0; i < len; ++i) d[i] = s[(long)i * sw];
                 }
             }
         }
     }
 }
 
-/* Max pooling of one H x W plane into ho x wo (windows clipped to the input: -inf padding). */
-static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
-                             int sh, int sw, int pt, int pl)
+/* Dense convolution, im2col fused into the GEMM one 32-position panel at a time, so that the
+ * unfolded input never leaves L1: for each tile t in [tile_begin, tile_end), its panel (K rows
+ * of 32; row k is tap tap_off[k] of the source) is built from the runs
+ * panel_first[t]..panel_first[t+1]-1 (see dv_im2col_runs; offsets in `src`, which is the input
+ * with its zero padding, rows row_w apart), then every 8-row block of W (O x K) is applied:
+ * out[o, j] = bias[o] + sum_k W[o, k] * panel[k, j], ReLU if asked. `panel` is K * 32 floats. */
+static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, const int *runs,
+                                const int *panel_first, const float *W, int O, int K, int N,
+                                const float *bias, int relu, float *out, float *panel,
+                                int tile_begin, int tile_end)
 {
+    for (int t = tile_begin; t < tile_end; ++t) {
+        for (int k = 0; k < K; ++k) {
+            const float *base = src + tap_off[k];
+            float *row = panel + (long)k * 32;
+            for (int r = panel_first[t]; r < panel_first[t + 1]; ++r) {
+                const int *run = runs + 4 * r;
+                const float *s = base + run[2];
+                float *d = row + run[1];
+                int len = run[3];
+                if (sw == 1) dv_copy_run(d, s, len);
+                else for (int i = 0; i < len; ++i) d[i] = s[(long)i * sw];
+            }
+        }
+        for (int g = 0; g < O; g += 8)
+            dv_gemm_block(W, K, panel, 32, out, N, K, N, bias, relu, g, O - g < 8 ? O - g : 8, t);
+    }
+}
+
+/* Copy channels of a (C x H x W) input into zero-padded planes (C x Hp x Wp, input at row pt,
+ * column pl); every element of the padded planes is written. */
+static void dv_pad_planes(const float *x, int C, int H, int W, int pt, int pl, int Hp, int Wp, float *dst)
+{
+    for (int c = 0; c < C; ++c) {
+        const float *plane = x + (long)c * H * W;
+        float *d = dst + (long)c * Hp * Wp;
+        for (int y = 0; y < Hp; ++y) {
+            float *row = d + (long)y * Wp;
+            int iy = y - pt;
+            if (iy < 0 || iy >= H) { memset(row, 0, sizeof(float) * (size_t)Wp); continue; }
+            int x0 = pl < Wp ? pl : Wp;
+            int n = W < Wp - x0 ? W : Wp - x0;
+            if (x0) memset(row, 0, sizeof(float) * (size_t)x0);
+            if (n > 0) memcpy(row + x0, plane + (long)iy * W, sizeof(float) * (size_t)n);
+            if (x0 + n < Wp) memset(row + x0 + (n > 0 ? n : 0), 0, sizeof(float) * (size_t)(Wp - x0 - (n > 0 ? n : 0)));
+        }
+    }
+}
+
+/* Copy a row-major (K x N) matrix into packed panels (ldc = 32, panel stride lds). */
+static void dv_pack_rows(const float *src, long lda, int K, int N, float *dst, long lds)
+{
+    for (int k = 0; k < K; ++k) dv_put_run(dst + (long)k * 32, lds, 0, src + (long)k * lda, N);
+}
+
+/* Pooling works on a window-row reduction: for each output row, the rows of its window are
+ * reduced into `acc` (the input row with pl padding entries on the left, enough on the right for
+ * every window), then each output takes its kw entries of `acc`. Both loops run over contiguous
+ * or independent elements, so they vectorise; `acc` holds (wo - 1) * sw + kw + pl floats. */
+static inline int dv_pool_span(int W, int wo, int kw, int sw, int pl)
+{
+    int span = (wo - 1) * sw + kw;
+    return span > W + pl ? span : W + pl;
+}
+
+/* m[x] = max(m[x], r[x]). */
+static inline void dv_row_max(float *restrict m, const float *restrict r, int n)
+{
+    for (int x = 0; x < n; ++x) m[x] = r[x] > m[x] ? r[x] : m[x];
+}
+
+/* o[ox] = max of acc[ox * sw + kx] over kx < kw. */
+static inline __attribute__((always_inline)) void dv_window_max(float *restrict o, const float *restrict acc,
+                                                                  int wo, int sw, int kw)
+{
+    for (int ox = 0; ox < wo; ++ox) o[ox] = acc[ox * sw];
+    for (int kx = 1; kx < kw; ++kx)
+        for (int ox = 0; ox < wo; ++ox) {
+            float v = acc[ox * sw + kx];
+            o[ox] = v > o[ox] ? v : o[ox];
+        }
+}
+
+/* Max pooling of one H x W plane into ho x wo (-inf padding: windows clipped to the input). */
+static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
+                             int sh, int sw, int pt, int pl, float *acc)
+{
+    const float ninf = -__builtin_inff();
+    int span = dv_pool_span(W, wo, kw, sw, pl);
+    for (int p = 0; p < span; ++p) acc[p] = ninf;
+    float *mid = acc + pl;  /* mid[x] is input column x */
     for (int oy = 0; oy < ho; ++oy) {
         int y0 = oy * sh - pt, y1 = y0 + kh;
         if (y0 < 0) y0 = 0;
         if (y1 > H) y1 = H;
-        for (int ox = 0; ox < wo; ++ox) {
-            int x0 = ox * sw - pl, x1 = x0 + kw;
-            if (x0 < 0) x0 = 0;
-            if (x1 > W) x1 = W;
-            float m = in[(long)y0 * W + x0];
-            for (int iy = y0; iy < y1; ++iy) {
-                const float *r = in + (long)iy * W;
-                for (int ix = x0; ix < x1; ++ix) m = r[ix] > m ? r[ix] : m;
-            }
-            out[(long)oy * wo + ox] = m;
-        }
+        memcpy(mid, in + (long)y0 * W, sizeof(float) * (size_t)W);
+        for (int iy = y0 + 1; iy < y1; ++iy) dv_row_max(mid, in + (long)iy * W, W);
+        float *o = out + (long)oy * wo;
+        if (sw == 2)  /* a constant stride lets the compiler vectorise the strided reads */
+            dv_window_max(o, acc, wo, 2, kw);
+        else if (sw == 1)
+            dv_window_max(o, acc, wo, 1, kw);
+        else
+            dv_window_max(o, acc, wo, sw, kw);
     }
 }
 
 /* Average pooling of one plane, onnxruntime's divisor rule (see _kernels.avgpool). */
 static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
-                             int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad)
+                             int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad, float *acc)
 {
+    int span = dv_pool_span(W, wo, kw, sw, pl);
+    for (int p = 0; p < span; ++p) acc[p] = 0.0f;
+    float *mid = acc + pl;
     for (int oy = 0; oy < ho; ++oy) {
         int hs = oy * sh - pt, he = hs + kh;
         if (he > H + pb) he = H + pb;
         int y0 = hs > 0 ? hs : 0, y1 = he < H ? he : H;
+        memset(mid, 0, sizeof(float) * (size_t)W);
+        for (int iy = y0; iy < y1; ++iy) {
+            const float *r = in + (long)iy * W;
+            for (int x = 0; x < W; ++x) mid[x] += r[x];
+        }
+        float *o = out + (long)oy * wo;
         for (int ox = 0; ox < wo; ++ox) {
             int ws = ox * sw - pl, we = ws + kw;
             if (we > W + pr) we = W + pr;
             int x0 = ws > 0 ? ws : 0, x1 = we < W ? we : W;
             float sum = 0.0f;
-            for (int iy = y0; iy < y1; ++iy) {
-                const float *r = in + (long)iy * W;
-                for (int ix = x0; ix < x1; ++ix) sum += r[ix];
-            }
+            for (int x = x0; x < x1; ++x) sum += mid[x];
             int count = count_include_pad ? (he - hs) * (we - ws) : (y1 - y0) * (x1 - x0);
-            out[(long)oy * wo + ox] = count > 0 ? sum / count : 0.0f;
+            o[ox] = count > 0 ? sum / count : 0.0f;
         }
     }
 }

@@ -27,6 +27,9 @@ BILINEAR_FILL_OPS = 9
 #: A layer gets several threads for its own kernels only above this much work (MACs, or
 #: elements for the layers without weights): waking threads costs more than small kernels take.
 PARALLEL_MIN_WORK = 2_000_000
+#: A 1x1 convolution with at most this many output channels (per group) reads its input map in
+#: place: building panels would cost as much as the few output rows that use them.
+POINTWISE_ROWS_MAX_OUT = 32
 #: Scalar ops to turn one map's sums into its spread and test it (mean, variance, sqrt, ratio, compare).
 SFMA_TEST_OPS = 7
 
@@ -43,15 +46,28 @@ class OpCounter:
     """Exact per-layer totals over the images run: MACs, scalar ops, and per knob the overhead
     ops it added and the ops it saved. One instance is shared by every kernel path."""
 
-    def __init__(self, layer_names: list[str]) -> None:
+    def __init__(self, layer_names: list[str], dense_rows: np.ndarray | None = None) -> None:
         self.layer_names = list(layer_names)
         self.index = {name: i for i, name in enumerate(layer_names)}
-        self.table = np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64)
+        self._table = np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64)
         self.col = {name: j for j, name in enumerate(COUNTER_FIELDS)}
+        # Layers run on their dense path are counted by run (one int per layer, no per-field
+        # work on the hot path) and folded in as multiples of their dense row when read.
+        self.dense_rows = (dense_rows if dense_rows is not None
+                           else np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64))
+        self.dense_runs = [0] * len(layer_names)
+
+    @property
+    def table(self) -> np.ndarray:
+        """The per-layer totals (layers x COUNTER_FIELDS)."""
+        if any(self.dense_runs):
+            self._table += np.asarray(self.dense_runs, dtype=np.int64)[:, None] * self.dense_rows
+            self.dense_runs = [0] * len(self.layer_names)
+        return self._table
 
     def add(self, layer: str, **counts: int) -> None:
         """Add ``counts`` (field=value) to ``layer``'s row."""
-        row = self.table[self.index[layer]]
+        row = self._table[self.index[layer]]
         for key, value in counts.items():
             row[self.col[key]] += int(value)
 
@@ -61,7 +77,8 @@ class OpCounter:
 
     def reset(self) -> None:
         """Zero every count."""
-        self.table[:] = 0
+        self._table[:] = 0
+        self.dense_runs = [0] * len(self.layer_names)
 
     def total(self, key: str) -> int:
         """Sum of ``key`` over layers."""
@@ -69,7 +86,8 @@ class OpCounter:
 
     def merge(self, other: "OpCounter") -> None:
         """Add another counter of the same plan."""
-        self.table += other.table
+        totals = self.table  # folds this counter's dense runs in (as reading other.table does)
+        totals += other.table
 
 
 # ----------------------------------------------------------------------------- per-layer state
@@ -125,7 +143,7 @@ class ConvState:
     is_pointwise: bool
     weights: list[np.ndarray]  # per group, (cout, cin*kh*kw), natural channel order
     channels: list[np.ndarray]  # per group, the absolute input channel indices in natural order
-    cols: np.ndarray  # (cin*kh*kw, ho*wo) scratch
+    cols: np.ndarray  # the unfolded input, packed: (panels of 32 positions, cin*kh*kw rows, 32) scratch
     spet: KnobSetting | None = None
     sdss: KnobSetting | None = None
     sfma: KnobSetting | None = None
@@ -133,6 +151,14 @@ class ConvState:
     spet_weights: list[np.ndarray] = field(default_factory=list)  # per group, columns in SPET order
     grid: SdssGrid | None = None
     grid_mask: np.ndarray | None = None  # (cout, ho*wo): 1 at the SDSS grid positions
+    # Dense path (im2col fused into the GEMM): the source planes (padded copies when the layer
+    # pads), the runs of each 32-position panel, and each unfolded row's offset in the source.
+    dense_route: str = "fused"  # "fused", "unfold" (more output channels than positions) or "rows" (1x1)
+    pad_src: bool = False
+    src_hw: tuple[int, int] = (0, 0)  # Hp, Wp of the padded planes
+    runs: np.ndarray | None = None
+    panel_first: np.ndarray | None = None
+    tap_off: np.ndarray | None = None
     # SFMA: per output position its border class; per class the valid kernel taps (kh*kw mask).
     tap_class: np.ndarray | None = None
     class_taps: np.ndarray | None = None
@@ -140,6 +166,14 @@ class ConvState:
     @property
     def kk(self) -> int:
         return self.kh * self.kw
+
+
+def packed_cols(rows: int, positions: int, allocate: bool = True) -> np.ndarray:
+    """A buffer for an unfolded input in the kernels' packed layout: panels of 32 output
+    positions, each ``rows`` x 32 (the kernels never read the lanes past the last position).
+    ``allocate=False`` gives a broadcast placeholder of the right shape (no memory)."""
+    shape = ((positions + 31) // 32, max(rows, 1), 32)
+    return np.zeros(shape, np.float32) if allocate else np.broadcast_to(np.float32(0), shape)
 
 
 def _spet_channel_order(w: np.ndarray) -> np.ndarray:
@@ -175,7 +209,19 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     st = ConvState(layer=layer, groups=groups, cin=cin, cout=cout, kh=kh, kw=kw,
                    geometry=(sh, sw, pt, pl, dh, dw), ho=ho, wo=wo, is_pointwise=pointwise,
                    weights=weights, channels=[np.arange(g * cin, (g + 1) * cin, dtype=np.int32) for g in range(groups)],
-                   cols=np.empty((cin * kh * kw, ho * wo), np.float32))
+                   cols=packed_cols(cin * kh * kw, ho * wo, allocate=False))
+    _, h_in, w_in = layer.in_shapes[0]
+    hp, wp = (ho - 1) * sh + (kh - 1) * dh + 1, (wo - 1) * sw + (kw - 1) * dw + 1
+    st.pad_src = not (pt == 0 and pl == 0 and hp <= h_in and wp <= w_in)
+    rows_apart, plane = (wp, hp * wp) if st.pad_src else (w_in, h_in * w_in)
+    st.src_hw = (hp, wp)
+    if cout > ho * wo:
+        st.dense_route = "unfold"
+    elif pointwise and cout <= POINTWISE_ROWS_MAX_OUT:
+        st.dense_route = "rows"
+    st.runs, st.panel_first = K.im2col_run_table(ho, wo, sh, sw, rows_apart)
+    taps = (np.arange(kh)[:, None] * dh * rows_apart + np.arange(kw)[None, :] * dw).reshape(-1)
+    st.tap_off = (np.arange(cin)[:, None] * plane + taps[None, :]).reshape(-1).astype(np.int64)
     if knobs is not None:
         st.spet, st.sdss, st.sfma = (knobs.get(layer.name, k) for k in ("spet", "sdss", "sfma"))
     if st.spet is not None:
@@ -244,16 +290,94 @@ def sfma_spread(xg: np.ndarray, nonneg: bool, statistic: str, threads: int = 1) 
     return spread, means
 
 
-def _scratch(buffer: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """A C-contiguous (rows x cols) view at the start of a scratch buffer."""
-    return buffer.reshape(-1)[: rows * cols].reshape(rows, cols)
+def _plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Output buffers of the layers, as onnxruntime's memory planner does: a buffer is reused
+    once every reader of its tensor has run, so that the working set stays in cache.
+
+    A Concat's inputs are written in place into their slices of its buffer when they are made
+    by a layer that writes into a buffer (not an alias, not the graph input or output) and read
+    by that Concat alone. Aliases (Flatten, Reshape) are views of their input and keep it live.
+    Returns the buffer of every tensor that has one and the set of in-place Concat inputs."""
+    layers = plan.layers
+    producer = {layer.output: layer for layer in layers}
+    produced_at = {layer.output: i for i, layer in enumerate(layers)}
+    readers: dict[str, list[int]] = {}
+    for i, layer in enumerate(layers):
+        for t in layer.inputs:
+            readers.setdefault(t, []).append(i)
+    # in-place Concat inputs: tensor -> (concat output, first channel)
+    in_place: dict[str, tuple[str, int]] = {}
+    for layer in layers:
+        if layer.op != "concat":
+            continue
+        channel = 0
+        for t, shape in zip(layer.inputs, layer.in_shapes):
+            src = producer.get(t)
+            if (src is not None and src.op != "alias" and len(readers.get(t, [])) == 1 and t != plan.output_name
+                    and layer.inputs.count(t) == 1 and t not in in_place):
+                in_place[t] = (layer.output, channel)
+            channel += shape[0]
+
+    def owner(t: str) -> str:
+        """The tensor whose buffer holds ``t`` (itself, its alias source, or its Concat)."""
+        while True:
+            if t in in_place:
+                t = in_place[t][0]
+            elif t in producer and producer[t].op == "alias":
+                t = producer[t].inputs[0]
+            else:
+                return t
+
+    end_of_graph = len(layers)
+    start: dict[str, int] = {}
+    end: dict[str, int] = {}
+    for t, i in produced_at.items():
+        o = owner(t)
+        if o == plan.input_name:
+            continue
+        last = end_of_graph if t == plan.output_name else max(readers.get(t, [i]))
+        start[o] = min(start.get(o, i), i)
+        end[o] = max(end.get(o, last), last)
+    buffers: dict[str, np.ndarray] = {}
+    blocks: dict[str, np.ndarray] = {}  # owner -> the flat block its buffer is cut from
+    free: list[np.ndarray] = []  # flat float32 blocks no longer in use
+    releases: dict[int, list[str]] = {}
+    for o in sorted(start, key=lambda t: (start[t], produced_at[t])):
+        i = start[o]
+        for j in sorted(k for k in releases if k < i):  # owners whose last reader has run
+            free.extend(blocks[t] for t in releases.pop(j))
+        size = int(np.prod(producer[o].out_shape))
+        fits = [k for k, block in enumerate(free) if block.size >= size]
+        if fits:
+            block = free.pop(min(fits, key=lambda k: free[k].size))
+        else:
+            block = np.zeros(size, np.float32)
+        blocks[o] = block
+        buffers[o] = block[:size].reshape(producer[o].out_shape)
+        releases.setdefault(end[o], []).append(o)
+
+    def place(t: str) -> np.ndarray:
+        if t not in buffers:
+            concat, channel = in_place[t]
+            shape = producer[t].out_shape
+            buffers[t] = place(concat)[channel:channel + shape[0]]
+        return buffers[t]
+
+    for t in in_place:
+        place(t)
+    return buffers, set(in_place)
 
 
 # ----------------------------------------------------------------------------- the engine
 
 
 class Engine:
-    """Runs a plan on batches of images; ``knobs=None`` (or an empty config) is the dense path."""
+    """Runs a plan on batches of images; ``knobs=None`` (or an empty config) is the dense path.
+
+    Every layer writes into an output buffer allocated once per engine (no allocation, hence no
+    page faults, per image); a Concat's inputs are written in place into their slices of its
+    buffer. :meth:`forward` returns views of these buffers (valid until the next call);
+    :meth:`run` and :meth:`run_image` return copies."""
 
     def __init__(self, plan: Plan, knobs: KnobConfig | None = None, threads: int = 1) -> None:
         if threads < 1:
@@ -261,7 +385,11 @@ class Engine:
         self.plan = plan
         self.knobs = knobs if knobs is not None else KnobConfig()
         self.threads = int(threads)
-        self.counter = OpCounter([layer.name for layer in plan.layers])
+        dense_rows = np.zeros((len(plan.layers), len(COUNTER_FIELDS)), np.int64)
+        for i, layer in enumerate(plan.layers):
+            dense_rows[i, [COUNTER_FIELDS.index(f) for f in ("images", "macs", "ops")]] = \
+                (1, layer.dense_macs if layer.is_compute else 0, layer.dense_ops)
+        self.counter = OpCounter([layer.name for layer in plan.layers], dense_rows)
         self.states: dict[str, ConvState | FcState] = {}
         self.layer_threads = {layer.name: self.threads if max(layer.dense_macs, 8 * int(np.prod(layer.out_shape)))
                               >= PARALLEL_MIN_WORK else 1 for layer in plan.layers}
@@ -271,7 +399,18 @@ class Engine:
                 self.states[layer.name] = make_conv_state(layer, self.knobs)
             elif layer.op == "fc":
                 self.states[layer.name] = make_fc_state(layer, self.knobs)
-        self._blas_limits = None
+        # one unfolded-input scratch for all conv layers (it stays in cache from layer to layer)
+        conv_states = [st for st in self.states.values() if isinstance(st, ConvState)]
+        scratch = np.zeros(max([st.cols.size for st in conv_states], default=0), np.float32)
+        for st in conv_states:
+            st.cols = scratch[:st.cols.size].reshape(st.cols.shape)
+        # the dense path's padded input planes and per-thread panels
+        self._pad_scratch = np.zeros(max([st.cin * st.src_hw[0] * st.src_hw[1] for st in conv_states if st.pad_src],
+                                         default=1), np.float32)
+        self._panels = np.zeros((self.threads, max([st.cin * st.kk * 32 for st in conv_states], default=32)),
+                                np.float32)
+        self.buffers, self.in_place = _plan_buffers(plan)
+        self._steps = [(i, layer, layer.inputs, self.buffers.get(layer.output)) for i, layer in enumerate(plan.layers)]
 
     # -- public API ------------------------------------------------------------------------
 
@@ -284,42 +423,56 @@ class Engine:
         outputs = np.empty((batch.shape[0],) + tuple(self.plan.output_shape), np.float32)
         set_blas_threads(self.threads)
         for n in range(batch.shape[0]):
-            outputs[n] = self.run_image(batch[n])[self.plan.output_name]
+            outputs[n] = self.forward(batch[n])[self.plan.output_name]
         return outputs
 
     def run_image(self, image: np.ndarray, start: int = 0, tensors: dict[str, np.ndarray] | None = None,
                   stop: int | None = None) -> dict[str, np.ndarray]:
-        """Run layers ``start``..``stop`` on one image; returns every tensor produced.
+        """Run layers ``start``..``stop`` on one image; returns copies of the tensors still live
+        after it: those that later layers read, and the graph output once made.
 
         ``tensors`` supplies the inputs of the first layer run (for cached activations)."""
+        values = self.forward(image, start, tensors, stop)
+        later = self.plan.layers[stop:] if stop is not None else []
+        live = {t for layer in later for t in layer.inputs} | {self.plan.output_name}
+        return {name: np.array(v, copy=True) for name, v in values.items() if name in live}
+
+    def forward(self, image: np.ndarray | None, start: int = 0, tensors: dict[str, np.ndarray] | None = None,
+                stop: int | None = None) -> dict[str, np.ndarray]:
+        """As :meth:`run_image`, but returns every tensor produced as a view of the engine's
+        buffers: a dead tensor's buffer may already hold a later tensor, and the next call
+        overwrites them all."""
         values: dict[str, np.ndarray] = dict(tensors) if tensors else {}
         if image is not None:
             values[self.plan.input_name] = image
-        layers = self.plan.layers[start:stop]
-        for layer in layers:
-            values[layer.output] = self._run_layer(layer, [values[i] for i in layer.inputs])
-            self.counter.add(layer.name, images=1)
+        for i, layer, inputs, out in self._steps[start:stop]:
+            values[layer.output] = self._run_layer(layer, [values[t] for t in inputs], out, i)
         return values
 
     # -- dispatch --------------------------------------------------------------------------
 
-    def _run_layer(self, layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
+    def _run_layer(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray | None = None,
+                   index: int | None = None) -> np.ndarray:
+        """One layer into ``out`` (allocated when None); counts its ops. Returns its output."""
+        if index is None:
+            index = self.counter.index[layer.name]
+        if out is None and layer.op != "alias":
+            out = np.empty(layer.out_shape, np.float32)
         self.kernel_threads = self.layer_threads[layer.name]  # threads of this layer's own kernels
         op = layer.op
         if op == "conv":
-            return self._conv(self.states[layer.name], inputs[0])
+            return self._conv(self.states[layer.name], inputs[0], out, index)
         if op == "fc":
-            return self._fc(self.states[layer.name], inputs[0])
-        self.counter.add(layer.name, ops=layer.dense_ops)
+            return self._fc(self.states[layer.name], inputs[0], out, index)
+        self.counter.dense_runs[index] += 1
         x = inputs[0] if inputs else None
         if op == "alias":
             return x.reshape(layer.out_shape)
         if op == "relu":
-            out = np.array(x, dtype=np.float32, copy=True).reshape(-1)
-            K.relu_inplace(out)
-            return out.reshape(layer.out_shape)
+            np.copyto(out, x.reshape(layer.out_shape))
+            K.relu_inplace(out.reshape(-1))
+            return out
         if op in ("maxpool", "avgpool"):
-            out = np.empty(layer.out_shape, np.float32)
             kh, kw = layer.attrs["kernel"]
             sh, sw = layer.attrs["stride"]
             pt, pl, pb, pr = layer.attrs["pads"]
@@ -329,23 +482,29 @@ class Engine:
                 K.avgpool(x, out, kh, kw, sh, sw, pt, pl, pb, pr, layer.attrs["count_include_pad"], self.kernel_threads)
             return out
         if op == "gap":
-            return x.reshape(x.shape[0], -1).mean(axis=1, dtype=np.float32).reshape(layer.out_shape)
+            K.global_avgpool(x.reshape(x.shape[0], -1), out.reshape(-1))
+            return out
         if op == "gmp":
-            return x.reshape(x.shape[0], -1).max(axis=1).reshape(layer.out_shape)
+            np.max(x.reshape(x.shape[0], -1), axis=1, out=out.reshape(-1))
+            return out
         if op == "lrn":
-            out = np.empty(layer.out_shape, np.float32)
             a = layer.attrs
             K.lrn_across(x, out, a["size"], a["alpha"], a["beta"], a["bias"], self.kernel_threads)
             return out
         if op == "concat":
-            return np.concatenate(inputs, axis=0)
+            channel = 0
+            for name, t in zip(layer.inputs, inputs):
+                if name not in self.in_place:  # written in place by its producer otherwise
+                    out[channel:channel + t.shape[0]] = t
+                channel += t.shape[0]
+            return out
         if op == "softmax":
-            flat = x.reshape(-1, layer.out_shape[-1]) if len(layer.out_shape) == 1 else x.reshape(x.shape[0], -1).T
-            e = np.exp(flat - flat.max(axis=-1, keepdims=True))
-            s = e / e.sum(axis=-1, keepdims=True)
-            return (s if len(layer.out_shape) == 1 else s.T).reshape(layer.out_shape).astype(np.float32)
+            flat = x.reshape(-1, 1) if len(layer.out_shape) == 1 else x.reshape(x.shape[0], -1)
+            K.softmax_columns(np.ascontiguousarray(flat), out.reshape(flat.shape))
+            return out
         if op == "eltwise":
-            return self._eltwise(layer, inputs)
+            out[...] = self._eltwise(layer, inputs)
+            return out
         raise DyveError(f"{self.plan.path}: layer {layer.name}: op {op} is not supported by the engine")
 
     def _eltwise(self, layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
@@ -367,15 +526,15 @@ class Engine:
 
     # -- fully connected -------------------------------------------------------------------
 
-    def _fc(self, st: FcState, x: np.ndarray) -> np.ndarray:
+    def _fc(self, st: FcState, x: np.ndarray, out: np.ndarray, index: int) -> np.ndarray:
         layer = st.layer
         x = np.ascontiguousarray(x.reshape(-1))
         w, b = layer.weight, layer.bias
         o = w.shape[0]
-        out = np.zeros(o, np.float32)
+        out = out.reshape(-1)
         if st.spet is None:
             self._fc_dense(layer, x, out)
-            self.counter.add(layer.name, macs=layer.dense_macs, ops=layer.dense_ops)
+            self.counter.dense_runs[index] += 1
             return out
         kin = w.shape[1]
         lead = min(kin, max(1, math.ceil(st.spet.option("spet", "fraction") * kin)))
@@ -386,52 +545,55 @@ class Engine:
         terminated = K.spet_decide(out[None, :], st.spet.threshold, np.ones((1, o), U8), cont)
         K.gemv_rows(st.weight_perm, xp, out, lead, kin, cont[0], self.kernel_threads)
         K.finish_act(out[None, :], np.ones((1, o), U8), cont, True)
+        fallbacks = 0
         if terminated == 0:
-            out[:] = 0
             self._fc_dense(layer, x, out)
-            self.counter.add(layer.name, fallbacks=1)
+            fallbacks = 1
         macs = o * lead + (o - terminated) * (kin - lead)
         # bias add per neuron, one compare per neuron (SPET), ReLU compare per finished neuron
         ops = 2 * macs + o + o + (o - terminated)
-        self.counter.add(layer.name, macs=macs, ops=ops, overhead_spet=o,
+        self.counter.add(layer.name, images=1, macs=macs, ops=ops, overhead_spet=o, fallbacks=fallbacks,
                          saved_spet=2 * terminated * (kin - lead) + terminated, terminated=terminated)
         return out
 
     def _fc_dense(self, layer: Layer, x: np.ndarray, out: np.ndarray) -> None:
-        K.gemm(layer.weight, x[:, None], out[:, None], 0.0)
-        K.bias_act(out[:, None], layer.bias, layer.relu, 1)
+        K.gemv_bias(layer.weight, x, layer.bias, out, layer.relu)
 
     # -- convolution -----------------------------------------------------------------------
 
-    def _conv(self, st: ConvState, x: np.ndarray) -> np.ndarray:
+    def _conv(self, st: ConvState, x: np.ndarray, out: np.ndarray, index: int) -> np.ndarray:
         layer = st.layer
-        out = np.empty((layer.out_shape[0], st.ho * st.wo), np.float32)
+        out2 = out.reshape(layer.out_shape[0], st.ho * st.wo)
         if st.spet is None and st.sdss is None and st.sfma is None:
-            self._conv_dense(st, x, out)
-            self.counter.add(layer.name, macs=layer.dense_macs, ops=layer.dense_ops)
-            return out.reshape(layer.out_shape)
+            self._conv_dense(st, x, out2)
+            self.counter.dense_runs[index] += 1
+            return out
         fired = False
         for g in range(st.groups):
-            fired |= self._conv_group_knobs(st, x, out[g * st.cout:(g + 1) * st.cout], g)
+            fired |= self._conv_group_knobs(st, x, out2[g * st.cout:(g + 1) * st.cout], g)
+        self.counter.add(layer.name, images=1)
         if not fired:
             # nothing was skipped: give the dense path's result exactly (ops were counted above)
-            self._conv_dense(st, x, out)
+            self._conv_dense(st, x, out2)
             self.counter.add(layer.name, fallbacks=1)
-        return out.reshape(layer.out_shape)
+        return out
 
     def _conv_dense(self, st: ConvState, x: np.ndarray, out: np.ndarray) -> None:
         sh, sw, pt, pl, dh, dw = st.geometry
         bias = st.layer.bias
         for g in range(st.groups):
-            og = out[g * st.cout:(g + 1) * st.cout]
-            if st.is_pointwise:
-                cols = x[g * st.cin:(g + 1) * st.cin].reshape(st.cin, -1)
-            else:
-                cols = st.cols
-                K.im2col_dense(x, st.channels[g], st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols,
-                               self.kernel_threads)
-            K.gemm(st.weights[g], cols, og, 0.0)
-        K.bias_act(out, bias, st.layer.relu, self.kernel_threads)
+            og, bg = out[g * st.cout:(g + 1) * st.cout], bias[g * st.cout:(g + 1) * st.cout]
+            if st.dense_route == "rows":  # 1x1, few outputs: read the input map in place
+                K.conv_gemm_rows(st.weights[g], x[g * st.cin:(g + 1) * st.cin].reshape(st.cin, -1), og, bg,
+                                 st.layer.relu, self.kernel_threads)
+            elif st.dense_route == "unfold":  # large weights, small map: unfold once, weights stay in L1
+                K.im2col_packed(x, st.channels[g], st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, st.cols,
+                                self.kernel_threads)
+                K.conv_gemm(st.weights[g], st.cols, st.ho * st.wo, og, bg, st.layer.relu, self.kernel_threads)
+            else:  # im2col fused into the GEMM, one 32-position panel at a time
+                K.conv_dense(x, g * st.cin, pt, pl, st.src_hw[0], st.src_hw[1], st.pad_src, self._pad_scratch,
+                             st.tap_off, sw, st.runs, st.panel_first, st.weights[g], bg, st.layer.relu, og,
+                             self._panels, self.kernel_threads)
 
     def _conv_group_knobs(self, st: ConvState, x: np.ndarray, out_g: np.ndarray, g: int) -> bool:
         """One group of a conv layer with its knobs; returns whether any knob skipped work."""
@@ -472,8 +634,8 @@ class Engine:
                 if len(kept_rel) else 0
 
         # ---- one unfolding of the input for every output position; the SDSS grid first, if on
-        cols = _scratch(st.cols, kdim, npos)
-        K.im2col_dense(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, self.kernel_threads)
+        cols = st.cols
+        K.im2col_packed(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, self.kernel_threads)
         out_g[:] = base
         self._compute_neurons(st, wmat, cols, kdim, lead, out_g, st.grid_mask, count)
 
@@ -490,22 +652,21 @@ class Engine:
         """acc (cout x P, holding bias + SFMA constants) += W @ cols for the active neurons
         (``None``: all), with SPET when on; applies ReLU when the layer has one."""
         relu = st.layer.relu
+        npos = st.ho * st.wo
         n_active = acc.size if active is None else int(np.count_nonzero(active))
         if st.spet is None:
             if active is None:
-                K.gemm(wmat, cols, acc, 1.0)
-                if relu:
-                    K.relu_rows(acc)
+                K.conv_gemm(wmat, cols, npos, acc, None, relu, self.kernel_threads)
             else:
-                K.masked_gemm(wmat, 0, kdim, cols, active, acc, self.kernel_threads, relu)
+                K.masked_gemm(wmat, 0, kdim, cols, npos, active, acc, self.kernel_threads, relu)
             count["macs"] += n_active * kdim
             count["ops"] += 2 * n_active * kdim + n_active * (1 + int(relu))
             return
         if active is None:
-            K.gemm(wmat[:, :lead], cols[:lead], acc, 1.0)
+            K.conv_gemm(wmat[:, :lead], cols, npos, acc, None, False, self.kernel_threads)
         else:
-            K.masked_gemm(wmat, 0, lead, cols[:lead], active, acc, self.kernel_threads)
-        terminated = K.spet_finish(wmat, lead, cols, acc, st.spet.threshold, relu, active, self.kernel_threads)
+            K.masked_gemm(wmat, 0, lead, cols, npos, active, acc, self.kernel_threads)
+        terminated = K.spet_finish(wmat, lead, cols, npos, acc, st.spet.threshold, relu, active, self.kernel_threads)
         finished = n_active - terminated
         count["macs"] += n_active * lead + finished * (kdim - lead)
         count["ops"] += 2 * (n_active * lead + finished * (kdim - lead)) + n_active + finished * int(relu)
@@ -608,9 +769,11 @@ def _spet_margins(engine: Engine, layer: Layer, x: np.ndarray) -> np.ndarray:
             wg = w[g * st.cout:(g + 1) * st.cout]
             order = _spet_channel_order(wg)
             lead_ch = order[: max(1, math.ceil(fraction * st.cin))].astype(np.int32) + g * st.cin
-            cols = np.empty((len(lead_ch) * st.kk, st.ho * st.wo), np.float32)
-            K.im2col_dense(x, lead_ch, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, 1)
+            cols = packed_cols(len(lead_ch) * st.kk, st.ho * st.wo)
+            K.im2col_packed(x, lead_ch, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, 1)
             wl = np.ascontiguousarray(wg[:, lead_ch - g * st.cin].reshape(st.cout, -1))
-            parts.append(wl @ cols + layer.bias[g * st.cout:(g + 1) * st.cout, None])
+            part = np.empty((st.cout, st.ho * st.wo), np.float32)
+            K.conv_gemm(wl, cols, st.ho * st.wo, part, layer.bias[g * st.cout:(g + 1) * st.cout])
+            parts.append(part)
         partial = np.concatenate(parts).reshape(-1)
     return -partial[partial < 0]
