@@ -40,6 +40,9 @@ cdef extern from "_simd.h" nogil:
                              const float* bias, int relu, float* out, float* panel,
                              int tile_begin, int tile_end)
     void dv_pad_planes(const float* x, int C, int H, int W, int pt, int pl, int Hp, int Wp, float* dst)
+    int dv_position_runs(const int* pos, int n, int wo, int sh, int sw, int Wp, int* runs)
+    void dv_unfold_runs(const float* src, const long* tap_off, int K, const int* runs, int nruns,
+                        float* dst, long lds)
     void dv_maxpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
                           int sh, int sw, int pt, int pl, float* scratch)
     void dv_avgpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
@@ -269,6 +272,33 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
         dv_conv_dense_tiles(src, &tap_off[0], sw, &runs[0, 0], &panel_first[0], &W[0, 0], O, K, N,
                             &bias[0], relu, &out[0, 0], &panels[c, 0], c * ntiles // nchunks,
                             (c + 1) * ntiles // nchunks)
+
+
+def pad_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, int Hp, int Wp,
+               float[::1] dst):
+    """Channels channel0..channel0+nch-1 of x with their zero padding, as Hp x Wp planes in dst."""
+    if channel0 < 0 or channel0 + nch > x.shape[0] or dst.shape[0] < nch * Hp * Wp:
+        raise ValueError("pad_planes: shape mismatch")
+    if nch == 0:
+        return
+    with nogil:
+        dv_pad_planes(&x[channel0, 0, 0], nch, x.shape[1], x.shape[2], pt, pl, Hp, Wp, &dst[0])
+
+
+def unfold_positions(const float[::1] src, const long[::1] tap_off, const int[::1] positions, int wo, int sh,
+                     int sw, int row_width, float[:, :, ::1] cols):
+    """Unfold the listed output positions (increasing) into packed panels ``cols`` (panels x
+    rows x 32, column i = positions[i]): row k reads ``src`` (padded planes, rows
+    ``row_width`` apart) at tap_off[k] plus each position's offset."""
+    cdef int n = positions.shape[0], K = tap_off.shape[0], nruns
+    if cols.shape[0] * 32 < n or cols.shape[1] < K or cols.shape[2] != 32:
+        raise ValueError("unfold_positions: output too small")
+    if n == 0 or K == 0:
+        return
+    cdef int[::1] runs = np.empty(5 * n, np.int32)
+    with nogil:
+        nruns = dv_position_runs(&positions[0], n, wo, sh, sw, row_width, &runs[0])
+        dv_unfold_runs(&src[0], &tap_off[0], K, &runs[0], nruns, &cols[0, 0, 0], cols.shape[1] * 32)
 
 
 def pack_rows(const float[:, ::1] src, float[:, :, ::1] cols):

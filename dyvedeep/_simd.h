@@ -59,6 +59,14 @@ static inline void dv_copy_run(float *d, const float *s, int n)
     if (n > 0) dv_store16_part(d, dv_load16_part(s, n), n);
 }
 
+/* d[i] = s[i * stride] for i < n (a constant stride 2 lets the compiler vectorise it). */
+static inline void dv_copy_strided(float *restrict d, const float *restrict s, int n, int stride)
+{
+    if (stride == 1) dv_copy_run(d, s, n);
+    else if (stride == 2) for (int i = 0; i < n; ++i) d[i] = s[2 * i];
+    else for (int i = 0; i < n; ++i) d[i] = s[(long)i * stride];
+}
+
 /* The register tile of the engine's GEMMs: eight output rows (wr[r][k], k < K) times up to 32
  * columns (cols[k * ldc + j], j < jn) of the unfolded input, summed over k in order into
  * acc[2 r] (columns 0..15) and acc[2 r + 1] (16..31). Each loaded row of cols serves eight
@@ -349,7 +357,7 @@ static void dv_im2col_plane_packed(const float *plane, int H, int W, int kh, int
                 if (sw == 1) {
                     dv_copy_run(d, s, len);
                 } else {
-                    for (int i = 0; i < len; ++i) d[i] = s[(long)i * sw];
+                    dv_copy_strided(d, s, len, sw);
                 }
             }
         }
@@ -376,8 +384,7 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
                 const float *s = base + run[2];
                 float *d = row + run[1];
                 int len = run[3];
-                if (sw == 1) dv_copy_run(d, s, len);
-                else for (int i = 0; i < len; ++i) d[i] = s[(long)i * sw];
+                dv_copy_strided(d, s, len, sw);
             }
         }
         for (int g = 0; g < O; g += 8)
@@ -401,6 +408,55 @@ static void dv_pad_planes(const float *x, int C, int H, int W, int pt, int pl, i
             if (x0) memset(row, 0, sizeof(float) * (size_t)x0);
             if (n > 0) memcpy(row + x0, plane + (long)iy * W, sizeof(float) * (size_t)n);
             if (x0 + n < Wp) memset(row + x0 + (n > 0 ? n : 0), 0, sizeof(float) * (size_t)(Wp - x0 - (n > 0 ? n : 0)));
+        }
+    }
+}
+
+/* The runs of an unfolding of the output positions pos[0..n-1] (increasing, y * wo + x) into
+ * packed panels, column i of the unfolded matrix being position pos[i]: a run is (panel, first
+ * lane, offset of its first position's tap (0, 0) in the padded input (rows Wp apart), length,
+ * stride in the input between its positions). A run stays in one panel and one output row, with
+ * one x step. Returns the number of runs (room for 5 * n ints in `runs`). */
+static int dv_position_runs(const int *pos, int n, int wo, int sh, int sw, int Wp, int *runs)
+{
+    int nr = 0;
+    for (int i = 0; i < n;) {
+        int oy = pos[i] / wo, ox = pos[i] % wo;
+        int len = 1, step = 0;
+        while (i + len < n && ((i + len) & 31) != 0) {
+            int q = pos[i + len];
+            int qy = q / wo, qx = q % wo;
+            int d = qx - (ox + (len - 1) * step);
+            if (qy != oy) break;
+            if (len == 1) { step = qx - ox; if (step <= 0) break; }
+            else if (d != step) break;
+            ++len;
+        }
+        int *r = runs + 5 * nr++;
+        r[0] = i >> 5;
+        r[1] = i & 31;
+        r[2] = oy * sh * Wp + ox * sw;
+        r[3] = len;
+        r[4] = (len > 1 ? step : 1) * sw;
+        i += len;
+    }
+    return nr;
+}
+
+/* Unfold into packed panels (rows 32 floats apart, panels lds apart): row k of every panel gets
+ * the source at tap_off[k] + each run's offsets (see dv_position_runs). */
+static void dv_unfold_runs(const float *src, const long *tap_off, int K, const int *runs, int nruns,
+                           float *dst, long lds)
+{
+    for (int k = 0; k < K; ++k) {
+        const float *base = src + tap_off[k];
+        float *row = dst + (long)k * 32;
+        for (int r = 0; r < nruns; ++r) {
+            const int *run = runs + 5 * r;
+            float *d = row + (long)run[0] * lds + run[1];
+            const float *s = base + run[2];
+            int len = run[3], stride = run[4];
+            dv_copy_strided(d, s, len, stride);
         }
     }
 }

@@ -150,11 +150,12 @@ class ConvState:
     spet_order: list[np.ndarray] = field(default_factory=list)  # per group, channel order (relative)
     spet_weights: list[np.ndarray] = field(default_factory=list)  # per group, columns in SPET order
     grid: SdssGrid | None = None
-    grid_mask: np.ndarray | None = None  # (cout, ho*wo): 1 at the SDSS grid positions
     # Dense path (im2col fused into the GEMM): the source planes (padded copies when the layer
     # pads), the runs of each 32-position panel, and each unfolded row's offset in the source.
     dense_route: str = "fused"  # "fused", "unfold" (more output channels than positions) or "rows" (1x1)
     pad_src: bool = False
+    src_row_width: int = 0
+    all_positions: np.ndarray | None = None
     src_hw: tuple[int, int] = (0, 0)  # Hp, Wp of the padded planes
     runs: np.ndarray | None = None
     panel_first: np.ndarray | None = None
@@ -215,6 +216,8 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     st.pad_src = not (pt == 0 and pl == 0 and hp <= h_in and wp <= w_in)
     rows_apart, plane = (wp, hp * wp) if st.pad_src else (w_in, h_in * w_in)
     st.src_hw = (hp, wp)
+    st.src_row_width = rows_apart
+    st.all_positions = np.arange(ho * wo, dtype=np.int32)
     if cout > ho * wo:
         st.dense_route = "unfold"
     elif pointwise and cout <= POINTWISE_ROWS_MAX_OUT:
@@ -232,8 +235,6 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
             st.spet_weights.append(np.ascontiguousarray(wg[:, order].reshape(cout, -1)))
     if st.sdss is not None:
         st.grid = sdss_grid(ho, wo, int(st.sdss.option("sdss", "stride")))
-        st.grid_mask = np.zeros((cout, ho * wo), U8)
-        st.grid_mask[:, st.grid.grid_positions] = 1
     if st.sfma is not None:
         _, h, wi = layer.in_shapes[0]
         st.tap_class, st.class_taps = _border_classes(st, h, wi)
@@ -404,6 +405,7 @@ class Engine:
         scratch = np.zeros(max([st.cols.size for st in conv_states], default=0), np.float32)
         for st in conv_states:
             st.cols = scratch[:st.cols.size].reshape(st.cols.shape)
+        self._unfold_scratch = scratch
         # the dense path's padded input planes and per-thread panels
         self._pad_scratch = np.zeros(max([st.cin * st.src_hw[0] * st.src_hw[1] for st in conv_states if st.pad_src],
                                          default=1), np.float32)
@@ -633,26 +635,52 @@ class Engine:
             lead = min(len(kept_rel), max(1, math.ceil(st.spet.option("spet", "fraction") * len(kept_rel)))) * kk \
                 if len(kept_rel) else 0
 
-        # ---- one unfolding of the input for every output position; the SDSS grid first, if on
-        cols = st.cols
-        K.im2col_packed(x, kept_abs, st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, cols, self.kernel_threads)
+        # ---- the positions computed first (the SDSS grid, or all), unfolded into compact panels
+        src, tap_off = self._knob_source(st, x, g, kept_rel)
         out_g[:] = base
-        self._compute_neurons(st, wmat, cols, kdim, lead, out_g, st.grid_mask, count)
-
-        # ---- SDSS: interpolate insignificant cells, compute the rest of the map
-        if st.sdss is not None:
-            self._sdss_rest(st, out_g, wmat, cols, kdim, lead, count)
+        if st.sdss is None:
+            cols = self._unfold(st, src, tap_off, st.all_positions)
+            self._compute_neurons(st, wmat, cols, kdim, lead, out_g, None, count)
+        else:
+            positions = st.grid.grid_positions
+            cols = self._unfold(st, src, tap_off, positions)
+            acc = np.ascontiguousarray(out_g[:, positions])
+            self._compute_neurons(st, wmat, cols, kdim, lead, acc, None, count)
+            out_g[:, positions] = acc
+            # ---- SDSS: interpolate insignificant cells, compute the rest of the map
+            self._sdss_rest(st, out_g, wmat, src, tap_off, kdim, lead, count)
 
         count["ops"] += count["overhead_sfma"] + count["overhead_sdss"] + count["overhead_spet"]
         self.counter.add(name, **count)
         return bool(count["dropped_maps"] or count["filled"] or count["terminated"])
+
+    def _knob_source(self, st: ConvState, x: np.ndarray, g: int, kept_rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The group's input planes as the unfolding reads them (zero-padded copies when the layer
+        pads) and the offset of every unfolded row of the kept channels, in their order."""
+        sh, sw, pt, pl, dh, dw = st.geometry
+        if st.pad_src:
+            src = self._pad_scratch
+            K.pad_planes(x, g * st.cin, st.cin, pt, pl, st.src_hw[0], st.src_hw[1], src)
+        else:
+            src = x[g * st.cin:(g + 1) * st.cin].reshape(-1)
+        tap_off = np.ascontiguousarray(st.tap_off.reshape(st.cin, st.kk)[kept_rel].reshape(-1))
+        return src, tap_off
+
+    def _unfold(self, st: ConvState, src: np.ndarray, tap_off: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The kept rows of the unfolded input at ``positions``, as compact packed panels."""
+        rows, n = len(tap_off), len(positions)
+        panels = max(1, (n + 31) // 32)
+        cols = self._unfold_scratch[:panels * max(rows, 1) * 32].reshape(panels, max(rows, 1), 32)
+        sh, sw = st.geometry[0], st.geometry[1]
+        K.unfold_positions(src, tap_off, positions, st.wo, sh, sw, st.src_row_width, cols)
+        return cols
 
     def _compute_neurons(self, st: ConvState, wmat: np.ndarray, cols: np.ndarray, kdim: int, lead: int,
                          acc: np.ndarray, active: np.ndarray | None, count: dict[str, int]) -> None:
         """acc (cout x P, holding bias + SFMA constants) += W @ cols for the active neurons
         (``None``: all), with SPET when on; applies ReLU when the layer has one."""
         relu = st.layer.relu
-        npos = st.ho * st.wo
+        npos = acc.shape[1]
         n_active = acc.size if active is None else int(np.count_nonzero(active))
         if st.spet is None:
             if active is None:
@@ -674,8 +702,8 @@ class Engine:
         count["saved_spet"] += 2 * terminated * (kdim - lead) + terminated * int(relu)
         count["terminated"] += terminated
 
-    def _sdss_rest(self, st: ConvState, out_g: np.ndarray, wmat: np.ndarray, cols: np.ndarray, kdim: int,
-                   lead: int, count: dict[str, int]) -> None:
+    def _sdss_rest(self, st: ConvState, out_g: np.ndarray, wmat: np.ndarray, src: np.ndarray, tap_off: np.ndarray,
+                   kdim: int, lead: int, count: dict[str, int]) -> None:
         """After the grid: decide the cells, compute the off-grid positions of significant cells
         (a masked GEMM over the same unfolded input) and fill the others."""
         grid = st.grid
@@ -688,7 +716,12 @@ class Engine:
         count["overhead_sdss"] += cout * len(grid.grid_positions) + 3 * cout * ncells
         needed = np.zeros((cout, st.ho * st.wo), U8)
         if K.sdss_needed(insig, grid.off_positions, grid.cell_y, grid.cell_x, needed):
-            self._compute_neurons(st, wmat, cols, kdim, lead, out_g, needed, count)
+            # the positions some map needs, unfolded compactly; each map computes its own
+            positions = np.flatnonzero(needed.any(axis=0)).astype(np.int32)
+            cols = self._unfold(st, src, tap_off, positions)
+            acc = np.ascontiguousarray(out_g[:, positions])
+            self._compute_neurons(st, wmat, cols, kdim, lead, acc, np.ascontiguousarray(needed[:, positions]), count)
+            out_g[:, positions] = acc
         bilinear = st.sdss.option("sdss", "fill") == "bilinear"
         filled = K.sdss_fill(maps, grid.gy, grid.gx, grid.off_y, grid.off_x, grid.cell_y, grid.cell_x,
                              needed, bilinear)
