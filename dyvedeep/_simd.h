@@ -72,12 +72,17 @@ static inline void dv_copy_strided(float *restrict d, const float *restrict s, i
  * acc[2 r] (columns 0..15) and acc[2 r + 1] (16..31). Each loaded row of cols serves eight
  * output rows, each weight two vectors: 16 fused multiply-adds for 10 loads. */
 static inline void dv_tile_8x32(const float *const *wr, int K, const float *cols, long ldc, int jn,
-                                dv_v16 *acc)
+                                dv_v16 *acc, int resume)
 {
     const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
     const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
     dv_v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
     dv_v16 a40 = {0}, a41 = {0}, a50 = {0}, a51 = {0}, a60 = {0}, a61 = {0}, a70 = {0}, a71 = {0};
+    if (resume) {  /* go on from the sums in acc (the same sequence of operations as one pass) */
+        a00 = acc[0]; a01 = acc[1]; a10 = acc[2]; a11 = acc[3]; a20 = acc[4]; a21 = acc[5];
+        a30 = acc[6]; a31 = acc[7]; a40 = acc[8]; a41 = acc[9]; a50 = acc[10]; a51 = acc[11];
+        a60 = acc[12]; a61 = acc[13]; a70 = acc[14]; a71 = acc[15];
+    }
 #define DV_STEP(c0, c1, k)                                                                  \
     do {                                                                                    \
         dv_v16 b;                                                                           \
@@ -114,11 +119,14 @@ static inline void dv_tile_8x32(const float *const *wr, int K, const float *cols
 
 /* As dv_tile_8x32 for up to 16 columns: acc[r] holds row r. */
 static inline void dv_tile_8x16(const float *const *wr, int K, const float *cols, long ldc, int jn,
-                                dv_v16 *acc)
+                                dv_v16 *acc, int resume)
 {
     const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
     const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
     dv_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+    if (resume) {
+        a0 = acc[0]; a1 = acc[1]; a2 = acc[2]; a3 = acc[3]; a4 = acc[4]; a5 = acc[5]; a6 = acc[6]; a7 = acc[7];
+    }
 #define DV_STEP(c, k)                                                                       \
     do {                                                                                    \
         a0 += DV_SPLAT(w0[k]) * c; a1 += DV_SPLAT(w1[k]) * c;                  \
@@ -186,8 +194,45 @@ static inline long long dv_tile_store(const dv_v16 *acc, int nv, const int *orow
     return done;
 }
 
-/* One 8-row block (rows g..g+rows-1) times one 32-column tile t of the dense GEMM; `tile`
- * points at the tile's first row (rows ldc apart). */
+/* Inner-dimension block of the dense GEMM: the rows of a panel that one pass over all 8-row
+ * blocks reads stay in L1 (DV_KC x 128 bytes), the running sums going through `accbuf`. */
+#ifndef DV_KC
+#define DV_KC 192
+#endif
+
+/* One 32-column tile t (rows ldc apart from `tile`) times every 8-row block of W (O x K):
+ * out[o, j] = bias[o] + sum (bias == NULL: out += sum), ReLU if asked. `accbuf` holds
+ * ceil(O / 8) * 16 vectors when K > DV_KC. */
+static void dv_gemm_tile_rows(const float *W, long ldw, int O, const float *tile, long ldc, float *out, long ldo,
+                              int K, int N, const float *bias, int relu, int t, dv_v16 *accbuf)
+{
+    dv_v16 acc[16];
+    int orow[8];
+    const float *wr[8];
+    int j0 = t * 32;
+    int jn = N - j0 < 32 ? N - j0 : 32;
+    int nv = jn > 16 ? 2 : 1;
+    for (int k0 = 0; k0 < K; k0 += DV_KC) {
+        int kc = K - k0 < DV_KC ? K - k0 : DV_KC;
+        int first = k0 == 0, last = k0 + kc == K;
+        for (int g = 0; g < O; g += 8) {
+            int rows = O - g < 8 ? O - g : 8;
+            dv_v16 *saved = accbuf + (long)(g / 8) * 16;
+            for (int r = 0; r < 8; ++r) {
+                orow[r] = g + (r < rows ? r : 0);
+                wr[r] = W + (long)orow[r] * ldw + k0;
+            }
+            if (!first) memcpy(acc, saved, sizeof(dv_v16) * 8 * (size_t)nv);
+            if (nv == 2) dv_tile_8x32(wr, kc, tile + (long)k0 * ldc, ldc, jn, acc, !first);
+            else dv_tile_8x16(wr, kc, tile + (long)k0 * ldc, ldc, jn, acc, !first);
+            if (last) dv_tile_store(acc, nv, orow, rows, j0, jn, out, ldo, bias, NULL, 0, relu);
+            else memcpy(saved, acc, sizeof(dv_v16) * 8 * (size_t)nv);
+        }
+    }
+}
+
+/* One 8-row block (rows g..g+rows-1) times one 32-column tile t over all of K (the row-outer
+ * order, where W is the large operand). */
 static inline void dv_gemm_block(const float *W, long ldw, const float *tile, long ldc, float *out,
                                  long ldo, int K, int N, const float *bias, int relu, int g, int rows, int t)
 {
@@ -201,10 +246,10 @@ static inline void dv_gemm_block(const float *W, long ldw, const float *tile, lo
         wr[r] = W + (long)orow[r] * ldw;
     }
     if (jn > 16) {
-        dv_tile_8x32(wr, K, tile, ldc, jn, acc);
+        dv_tile_8x32(wr, K, tile, ldc, jn, acc, 0);
         dv_tile_store(acc, 2, orow, rows, j0, jn, out, ldo, bias, NULL, 0, relu);
     } else {
-        dv_tile_8x16(wr, K, tile, ldc, jn, acc);
+        dv_tile_8x16(wr, K, tile, ldc, jn, acc, 0);
         dv_tile_store(acc, 1, orow, rows, j0, jn, out, ldo, bias, NULL, 0, relu);
     }
 }
@@ -225,9 +270,10 @@ static void dv_gemm_tiles(const float *W, long ldw, int O, const float *cols, lo
             for (int t = tile_begin; t < tile_end; ++t)
                 dv_gemm_block(W, ldw, cols + (long)t * lds, ldc, out, ldo, K, N, bias, relu, g, O - g < 8 ? O - g : 8, t);
     } else {
+        dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)((O + 7) / 8) + 64);
+        accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
         for (int t = tile_begin; t < tile_end; ++t)
-            for (int g = 0; g < O; g += 8)
-                dv_gemm_block(W, ldw, cols + (long)t * lds, ldc, out, ldo, K, N, bias, relu, g, O - g < 8 ? O - g : 8, t);
+            dv_gemm_tile_rows(W, ldw, O, cols + (long)t * lds, ldc, out, ldo, K, N, bias, relu, t, accbuf);
     }
 }
 
@@ -256,7 +302,7 @@ static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const flo
         for (int g = 0; g < n; g += 8) {
             int rows = n - g < 8 ? n - g : 8;
             for (int r = 0; r < 8; ++r) wr[r] = W + (long)list[g + (r < rows ? r : 0)] * ldw;
-            dv_tile_8x16(wr, K, cols + (long)(t >> 1) * lds + (t & 1) * 16, ldc, jn, acc);
+            dv_tile_8x16(wr, K, cols + (long)(t >> 1) * lds + (t & 1) * 16, ldc, jn, acc, 0);
             done += dv_tile_store(acc, 1, list + g, rows, j0, jn, out, ldo, NULL, mask, ldm, relu);
         }
     }
@@ -375,6 +421,8 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
                                 const float *bias, int relu, float *out, float *panel,
                                 int tile_begin, int tile_end)
 {
+    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)((O + 7) / 8) + 64);
+    accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
     for (int t = tile_begin; t < tile_end; ++t) {
         for (int k = 0; k < K; ++k) {
             const float *base = src + tap_off[k];
@@ -387,8 +435,7 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
                 dv_copy_strided(d, s, len, sw);
             }
         }
-        for (int g = 0; g < O; g += 8)
-            dv_gemm_block(W, K, panel, 32, out, N, K, N, bias, relu, g, O - g < 8 ? O - g : 8, t);
+        dv_gemm_tile_rows(W, K, O, panel, 32, out, N, K, N, bias, relu, t, accbuf);
     }
 }
 
