@@ -1,15 +1,17 @@
 # cython: language_level=3
-"""Cython kernels of the engine: im2col, BLAS GEMM, pooling, LRN, and the knobs' kernels
-(channel statistics for SFMA, masked GEMM for SPET and SDSS, SDSS interpolation).
+"""Cython kernels of the engine: convolution (im2col fused into the engine's own GEMM, see
+_simd.h), pooling, LRN, softmax, fully connected (BLAS sgemv), and the knobs' kernels (SFMA's
+channel statistics, the knob conv kernel with SPET inside, SDSS's cells, union and fill).
 
 Layout: one image at a time, channels first (C, H, W), float32, C-contiguous. Every inner loop
-runs without the GIL; ``threads`` spreads the outer loop over OpenMP threads. GEMM is the real
-BLAS that SciPy ships (scipy.linalg.cython_blas.sgemm), called in row-major form.
+runs without the GIL; ``threads`` spreads the outer loop over OpenMP threads. The convolutions'
+GEMM is the register-tiled kernel of _simd.h (AVX-512 here, NEON on the Pi); the fully connected
+layers use the BLAS that SciPy ships (scipy.linalg.cython_blas), called in row-major form.
 """
 from cython.parallel cimport prange
 cimport openmp
 from libc.math cimport expf, powf, sqrt, fabs
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, sgemv, sdot
 
@@ -23,26 +25,21 @@ ctypedef unsigned char uint8
 cdef extern from "_simd.h" nogil:
     void dv_gemm_tiles(const float* W, long ldw, int O, const float* cols, long ldc, long lds, float* out,
                        long ldo, int K, int N, const float* bias, int relu, int tile_begin, int tile_end)
-    long long dv_masked_gemm_tiles(const float* W, long ldw, int O, const float* cols, long ldc, long lds,
-                                   const unsigned char* mask, long ldm, float* out, long ldo,
-                                   int K, int N, int tile_begin, int tile_end, int* scratch, int relu)
-    long long dv_spet_finish_tiles(const float* W, long ldw, int O, const float* cols, long ldc, long lds,
-                                   const unsigned char* mask, long ldm, float* out, long ldo,
-                                   int lead, int K, int N, float margin, int relu,
-                                   int tile_begin, int tile_end, int* scratch, unsigned char* cont)
     int dv_im2col_runs(int ho, int wo, int sh, int sw, int Wp, int* runs)
     void dv_im2col_plane_packed(const float* plane, int H, int W, int kh, int kw, int sw, int pt, int pl,
                                 int dh, int dw, int Hp, int Wp, float* pad, const int* runs, int nruns,
                                 float* dst, long lds)
-    void dv_pack_rows(const float* src, long lda, int K, int N, float* dst, long lds)
     void dv_conv_dense_tiles(const float* src, const long* tap_off, int sw, const int* runs,
                              const int* panel_first, const float* W, int O, int K, int N,
                              const float* bias, int relu, float* out, float* panel,
                              int tile_begin, int tile_end)
     void dv_pad_planes(const float* x, int C, int H, int W, int pt, int pl, int Hp, int Wp, float* dst)
     int dv_position_runs(const int* pos, int n, int wo, int sh, int sw, int Wp, int* runs)
-    void dv_unfold_runs(const float* src, const long* tap_off, int K, const int* runs, int nruns,
-                        float* dst, long lds)
+    void dv_knob_tiles(const float* src, const long* tap_off, const int* runs, const int* runs_first,
+                       int wo, int sh, int sw, int row_width, const float* W, long ldw, int O, int K, int lead, const int* pos, int n,
+                       const unsigned char* mask, const float* bias, const float* cst, float* out, int npos,
+                       int spet, float margin, int relu, float* panel, int* list, int tile_begin,
+                       int tile_end, long long* stats)
     void dv_maxpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
                           int sh, int sw, int pt, int pl, float* scratch)
     void dv_avgpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
@@ -285,57 +282,78 @@ def pad_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, 
         dv_pad_planes(&x[channel0, 0, 0], nch, x.shape[1], x.shape[2], pt, pl, Hp, Wp, &dst[0])
 
 
-def unfold_positions(const float[::1] src, const long[::1] tap_off, const int[::1] positions, int wo, int sh,
-                     int sw, int row_width, float[:, :, ::1] cols):
-    """Unfold the listed output positions (increasing) into packed panels ``cols`` (panels x
-    rows x 32, column i = positions[i]): row k reads ``src`` (padded planes, rows
-    ``row_width`` apart) at tap_off[k] plus each position's offset."""
-    cdef int n = positions.shape[0], K = tap_off.shape[0], nruns
-    if cols.shape[0] * 32 < n or cols.shape[1] < K or cols.shape[2] != 32:
-        raise ValueError("unfold_positions: output too small")
-    if n == 0 or K == 0:
-        return
-    cdef int[::1] runs = np.empty(5 * n, np.int32)
+def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] positions, int wo, int sh, int sw,
+              int row_width, const float[:, ::1] W, int lead, bint spet, float margin, bint relu,
+              const float[::1] bias, const float[:, ::1] cst, const uint8[:, ::1] mask, float[:, ::1] out,
+              float[:, ::1] panels, int threads=1):
+    """The knobs' conv kernel for one group (see dv_knob_tiles): the outputs of ``out`` (O x
+    positions of the map) at ``positions`` (increasing), over the K = W's columns rows of the
+    unfolded input (row k at ``src[tap_off[k] + ...]``), SPET first when ``spet`` (partial
+    over rows < ``lead``), only where ``mask`` (O x len(positions); None: all) is set, starting
+    from bias (+ ``cst``, O x positions of the map, when not None). ``panels``: one row of at
+    least K * 32 floats per thread. Returns (outputs stopped by SPET, outputs computed)."""
+    cdef int O = W.shape[0], K = W.shape[1], n = positions.shape[0], npos = out.shape[1]
+    cdef int ntiles = (n + 31) // 32
+    cdef int nchunks = threads if threads < ntiles else ntiles
+    cdef int c, nruns, i
+    cdef const unsigned char* m = NULL
+    cdef const float* pc = NULL
+    if n == 0 or O == 0:
+        return 0, 0
+    if (tap_off.shape[0] != K or out.shape[0] != O or bias.shape[0] != O or lead < 0 or lead > K
+            or panels.shape[1] < max(K, 1) * 32 or panels.shape[0] < max(nchunks, 1)):
+        raise ValueError("knob_conv: shape mismatch")
+    for i in range(n):
+        if positions[i] < 0 or positions[i] >= npos or (i and positions[i] <= positions[i - 1]):
+            raise ValueError("knob_conv: positions must be increasing map positions")
+    if mask is not None:
+        if mask.shape[0] != O or mask.shape[1] != n:
+            raise ValueError("knob_conv: mask shape mismatch")
+        m = &mask[0, 0]
+    if cst is not None:
+        if cst.shape[0] != O or cst.shape[1] != npos:
+            raise ValueError("knob_conv: constant shape mismatch")
+        pc = &cst[0, 0]
+    # scratch in one allocation: runs (5n), each tile's first run (ntiles + 1), row lists
+    # (O per chunk), and two counters per chunk
+    cdef int nch = max(nchunks, 1)
+    cdef int* scratch = <int*>malloc((5 * n + ntiles + 1 + nch * O) * sizeof(int))
+    cdef long long* stats = <long long*>calloc(2 * nch, sizeof(long long))
+    cdef int* runs
+    cdef int* runs_first
+    cdef int* lists
+    cdef int r, t
+    if scratch == NULL or stats == NULL:
+        free(scratch)
+        free(stats)
+        raise MemoryError()
+    runs = scratch
+    runs_first = scratch + 5 * n
+    lists = runs_first + ntiles + 1
+    cdef long ldw = W.strides[0] // 4 if O > 1 else max(K, 1)
+    cdef const float* pw = &W[0, 0] if K else &bias[0]
+    cdef const long* pt = &tap_off[0] if K else NULL
     with nogil:
-        nruns = dv_position_runs(&positions[0], n, wo, sh, sw, row_width, &runs[0])
-        dv_unfold_runs(&src[0], &tap_off[0], K, &runs[0], nruns, &cols[0, 0, 0], cols.shape[1] * 32)
-
-
-def pack_rows(const float[:, ::1] src, float[:, :, ::1] cols):
-    """Copy a row-major (K x N) matrix into packed panels (panels x rows x 32)."""
-    cdef int K = src.shape[0], N = src.shape[1]
-    if cols.shape[1] < K or cols.shape[0] * 32 < N or cols.shape[2] != 32:
-        raise ValueError("pack_rows: output too small")
-    if K == 0 or N == 0:
-        return
-    with nogil:
-        dv_pack_rows(&src[0, 0], N, K, N, &cols[0, 0, 0], cols.shape[1] * 32)
+        nruns = dv_position_runs(&positions[0], n, wo, sh, sw, row_width, runs)
+        r = 0
+        for t in range(ntiles + 1):  # runs never cross a tile, so tile t starts at its first run
+            while r < nruns and runs[5 * r] < t:
+                r = r + 1
+            runs_first[t] = r
+    for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
+        dv_knob_tiles(&src[0], pt, runs, runs_first, wo, sh, sw, row_width, pw, ldw, O, K, lead, &positions[0], n,
+                      m, &bias[0], pc, &out[0, 0], npos, spet, margin, relu, &panels[c, 0], lists + c * O,
+                      c * ntiles // nchunks, (c + 1) * ntiles // nchunks, stats + 2 * c)
+    cdef long long stopped = 0, active = 0
+    for c in range(nch):
+        stopped += stats[2 * c]
+        active += stats[2 * c + 1]
+    free(scratch)
+    free(stats)
+    return stopped, active
 
 
 # --------------------------------------------------------------------------- elementwise
-
-def bias_act(float[:, ::1] out, const float[::1] bias, bint relu, int threads=1):
-    """out[o, :] += bias[o], then ReLU if asked."""
-    cdef Py_ssize_t O = out.shape[0], N = out.shape[1], o, j
-    cdef float b, v
-    for o in prange(O, nogil=True, num_threads=threads, schedule="static"):
-        b = bias[o]
-        for j in range(N):
-            v = out[o, j] + b
-            if relu and v < 0.0:
-                v = 0.0
-            out[o, j] = v
-
-
-def relu_rows(float[:, ::1] x):
-    """x = max(x, 0) elementwise, for a C-contiguous matrix."""
-    cdef Py_ssize_t n = x.shape[0] * x.shape[1], i
-    cdef float* p = &x[0, 0] if n else NULL
-    with nogil:
-        for i in range(n):
-            if p[i] < 0.0:
-                p[i] = 0.0
-
 
 def relu_inplace(float[::1] x):
     """x = max(x, 0) elementwise."""
@@ -455,75 +473,31 @@ def channel_stats(const float[:, :, ::1] x, double[::1] sums, double[::1] sumsq,
         sumabs[c] = a
 
 
-# --------------------------------------------------------------------------- masked GEMM
-
-def masked_gemm(const float[:, ::1] W, int k0, int k1, const float[:, :, ::1] cols, int N,
-                const uint8[:, ::1] mask, float[:, ::1] out, int threads=1, bint relu=False):
-    """out[o, j] += sum_{k0 <= k < k1} W[o, k] * cols[k, j] for each (o, j) with mask[o, j]
-    (``cols`` packed: panels x rows x 32, N columns).
-
-    The work is done in tiles of 16 columns; in each tile only the output channels with a
-    masked entry are computed, eight at a time (the GEMM-shaped part of SPET and SDSS); with
-    ``relu`` the written entries are ReLU'd. Returns the number of (o, j) pairs computed."""
-    cdef int O = W.shape[0]
-    cdef int K = k1 - k0
-    cdef long long done = 0
-    cdef int ntiles = (N + 15) // 16
-    cdef int nchunks = threads if threads < ntiles else ntiles
-    cdef int c
-    if K <= 0 or O == 0 or N == 0:
-        return 0
-    if (k0 < 0 or k1 > W.shape[1] or cols.shape[1] < k1 or cols.shape[0] * 32 < N or mask.shape[0] != O
-            or mask.shape[1] != N or out.shape[0] != O or out.shape[1] != N):
-        raise ValueError("masked_gemm: shape mismatch")
-    cdef long lds = cols.shape[1] * 32
-    cdef int* scratch = <int*>malloc(max(nchunks, 1) * O * sizeof(int))
-    if scratch == NULL:
-        raise MemoryError()
-    for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
-        done += dv_masked_gemm_tiles(&W[0, k0], W.shape[1], O, &cols[0, k0, 0], 32, lds, &mask[0, 0],
-                                     mask.shape[1], &out[0, 0], out.shape[1], K, N,
-                                     c * ntiles // nchunks, (c + 1) * ntiles // nchunks, scratch + c * O, relu)
-    free(scratch)
-    return done
+def channel_spread(const float[:, :, ::1] x, bint nonneg, bint relative, double[::1] spread, double[::1] means,
+                   int threads=1):
+    """SFMA's statistic in one call: per channel the mean and the standard deviation (over
+    H x W, in double), divided by the maps' mean |x| when ``relative`` (``nonneg``: x >= 0, so
+    |x| = x) (0 when that mean is 0)."""
+    cdef Py_ssize_t C = x.shape[0], c
+    cdef double hw = x.shape[1] * x.shape[2], total = 0.0, var, scale
+    sums = np.empty(C)
+    sumsq = np.empty(C)
+    sumabs = np.empty(C)
+    channel_stats(x, sums, sumsq, sumabs, not nonneg, threads)
+    cdef double[::1] s1 = sums, s2 = sumsq, sa = sumabs
+    with nogil:
+        for c in range(C):
+            means[c] = s1[c] / hw
+            var = s2[c] / hw - means[c] * means[c]
+            spread[c] = sqrt(var if var > 0.0 else 0.0)
+            total = total + (s1[c] if nonneg else sa[c])
+        if relative:
+            scale = total / (C * hw)
+            for c in range(C):
+                spread[c] = spread[c] / scale if scale > 0.0 else 0.0
 
 
-def spet_finish(const float[:, ::1] W, int lead, const float[:, :, ::1] cols, int N, float[:, ::1] out,
-                float margin, bint relu, const uint8[:, ::1] mask=None, int threads=1):
-    """SPET after the partial sums: ``out`` (O x N) holds bias + constants + the leading ``lead``
-    inputs of each active neuron (``mask``; None: all). Neurons with partial < -margin become 0;
-    the others get inputs lead..K-1 of the packed ``cols`` and ReLU. Returns the number stopped."""
-    cdef int O = W.shape[0], K = W.shape[1]
-    cdef int ntiles = (N + 15) // 16
-    cdef int nchunks = threads if threads < ntiles else ntiles
-    cdef int c
-    cdef long long stopped = 0
-    cdef const unsigned char* m = NULL
-    cdef long ldm = 0
-    if O == 0 or N == 0:
-        return 0
-    if cols.shape[1] < K or cols.shape[0] * 32 < N or out.shape[0] != O or out.shape[1] != N or lead > K:
-        raise ValueError("spet_finish: shape mismatch")
-    if mask is not None:
-        if mask.shape[0] != O or mask.shape[1] != N:
-            raise ValueError("spet_finish: mask shape mismatch")
-        m = &mask[0, 0]
-        ldm = mask.shape[1]
-    cdef long lds = cols.shape[1] * 32
-    cdef int* scratch = <int*>malloc(max(nchunks, 1) * O * sizeof(int))
-    cdef unsigned char* cont = <unsigned char*>malloc(max(nchunks, 1) * O * 16)
-    if scratch == NULL or cont == NULL:
-        free(scratch)
-        free(cont)
-        raise MemoryError()
-    for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
-        stopped += dv_spet_finish_tiles(&W[0, 0], W.shape[1], O, &cols[0, 0, 0], 32, lds, m, ldm, &out[0, 0],
-                                        out.shape[1], lead, K, N, margin, relu, c * ntiles // nchunks,
-                                        (c + 1) * ntiles // nchunks, scratch + c * O, cont + c * O * 16)
-    free(scratch)
-    free(cont)
-    return stopped
-
+# --------------------------------------------------------------------------- SPET (fully connected)
 
 def spet_decide(const float[:, ::1] partial, float margin, const uint8[:, ::1] active, uint8[:, ::1] cont):
     """cont[o, j] = active[o, j] and partial[o, j] >= -margin. Returns the number terminated
@@ -580,45 +554,61 @@ def sdss_cells(const float[:, :, ::1] out, const int[::1] gy, const int[::1] gx,
     return n
 
 
-def sdss_needed(const uint8[:, :, ::1] insignificant, const int[::1] off_positions, const int[::1] cell_y,
-                const int[::1] cell_x, uint8[:, ::1] needed):
-    """needed[o, p] = 1 for each off-grid position p (``off_positions[j]``, in cell
-    (cell_y[j], cell_x[j])) whose cell is significant in map o; other entries are left as they
-    are (the caller zeroes them). Returns the number of (o, p) needed."""
+def sdss_union(const uint8[:, :, ::1] insignificant, const int[::1] off_positions, const int[::1] cell_y,
+               const int[::1] cell_x):
+    """The off-grid positions (increasing) that some map needs (their cell is significant in
+    it), and per map which of them it needs (maps x positions). Returns (positions, needed,
+    total needed)."""
     cdef Py_ssize_t O = insignificant.shape[0], P = off_positions.shape[0], o, j
-    cdef long long n = 0
+    cdef long long total = 0
+    cdef int n = 0
+    cdef uint8[::1] any_map = np.zeros(P, np.uint8)
     with nogil:
         for o in range(O):
             for j in range(P):
                 if not insignificant[o, cell_y[j], cell_x[j]]:
-                    needed[o, off_positions[j]] = 1
-                    n += 1
-    return n
+                    any_map[j] = 1
+        for j in range(P):
+            n += any_map[j]
+    positions_arr = np.empty(n, np.int32)
+    needed_arr = np.empty((O, n), np.uint8)
+    cdef int[::1] positions = positions_arr
+    cdef uint8[:, ::1] needed = needed_arr
+    cdef int i
+    with nogil:
+        i = 0
+        for j in range(P):
+            if any_map[j]:
+                positions[i] = off_positions[j]
+                for o in range(O):
+                    needed[o, i] = 0 if insignificant[o, cell_y[j], cell_x[j]] else 1
+                    total += needed[o, i]
+                i = i + 1
+    return positions_arr, needed_arr, total
 
 
 def sdss_fill(float[:, :, ::1] out, const int[::1] gy, const int[::1] gx, const int[::1] pos_y,
               const int[::1] pos_x, const int[::1] cell_y, const int[::1] cell_x,
-              const uint8[:, ::1] needed, bint bilinear):
-    """Fill every off-grid position (pos_y[j], pos_x[j]) that its map does not need
-    (``needed`` over all positions, y * width + x): bilinear from its cell's corners, or 0.
-    Returns the number of positions filled."""
+              const uint8[:, :, ::1] insignificant, bint bilinear):
+    """Fill every off-grid position (pos_y[j], pos_x[j]) whose cell (cell_y[j], cell_x[j]) is
+    insignificant in its map: bilinear from the cell's corners, or 0. Returns the number filled."""
     cdef Py_ssize_t O = out.shape[0], P = pos_y.shape[0], o, j
-    cdef int y, x, by, bx, y0, y1, x0, x1, wo = out.shape[2]
+    cdef int y, x, by, bx, y0, y1, x0, x1
     cdef float fy, fx, top, bottom
     cdef long long n = 0
     with nogil:
         for o in range(O):
             for j in range(P):
+                by = cell_y[j]
+                bx = cell_x[j]
+                if not insignificant[o, by, bx]:
+                    continue
                 y = pos_y[j]
                 x = pos_x[j]
-                if needed[o, y * wo + x]:
-                    continue
                 n += 1
                 if not bilinear:
                     out[o, y, x] = 0.0
                     continue
-                by = cell_y[j]
-                bx = cell_x[j]
                 y0 = gy[by]
                 y1 = gy[by + 1]
                 x0 = gx[bx]

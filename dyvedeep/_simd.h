@@ -277,85 +277,6 @@ static void dv_gemm_tiles(const float *W, long ldw, int O, const float *cols, lo
     }
 }
 
-/* Masked GEMM over a range of 16-column tiles (sampled dense-dense product):
- * out[o, j] += sum_{k<K} W[o, k] * cols[k, j] for each (o, j) with mask[o, j]. Per tile, the
- * output channels with a masked entry in it are gathered and computed eight at a time (the
- * register tile dv_tile_8x16); a channel with no masked entry in a tile costs nothing there.
- * `list` is scratch for O ints. Returns the outputs written. */
-static long long dv_masked_gemm_tiles(const float *W, long ldw, int O, const float *cols, long ldc, long lds,
-                                      const unsigned char *mask, long ldm, float *out, long ldo,
-                                      int K, int N, int tile_begin, int tile_end, int *list, int relu)
-{
-    long long done = 0;
-    dv_v16 acc[8];
-    const float *wr[8];
-    for (int t = tile_begin; t < tile_end; ++t) {
-        int j0 = t * 16;
-        int jn = N - j0 < 16 ? N - j0 : 16;
-        int n = 0;
-        for (int o = 0; o < O; ++o) {
-            const unsigned char *m = mask + (long)o * ldm + j0;
-            int any = 0;
-            for (int jj = 0; jj < jn; ++jj) any |= m[jj];
-            if (any) list[n++] = o;
-        }
-        for (int g = 0; g < n; g += 8) {
-            int rows = n - g < 8 ? n - g : 8;
-            for (int r = 0; r < 8; ++r) wr[r] = W + (long)list[g + (r < rows ? r : 0)] * ldw;
-            dv_tile_8x16(wr, K, cols + (long)(t >> 1) * lds + (t & 1) * 16, ldc, jn, acc, 0);
-            done += dv_tile_store(acc, 1, list + g, rows, j0, jn, out, ldo, NULL, mask, ldm, relu);
-        }
-    }
-    return done;
-}
-
-/* SPET's second half over a range of 16-column tiles, in one pass: `out` holds the partial sums
- * (bias, SFMA constant and the leading `lead` inputs) of the active neurons (mask == NULL: all).
- * A neuron whose partial sum is < -margin stops: its output is 0. The others are finished with
- * inputs lead..K-1 (register blocks of eight channels, as dv_masked_gemm_tiles) and ReLU'd.
- * `cont` is scratch for O*16 bytes, `list` for O ints. Returns the number of stopped neurons. */
-static long long dv_spet_finish_tiles(const float *W, long ldw, int O, const float *cols, long ldc, long lds,
-                                      const unsigned char *mask, long ldm, float *out, long ldo,
-                                      int lead, int K, int N, float margin, int relu,
-                                      int tile_begin, int tile_end, int *list, unsigned char *cont)
-{
-    long long stopped = 0;
-    for (int t = tile_begin; t < tile_end; ++t) {
-        int j0 = t * 16;
-        int jn = N - j0 < 16 ? N - j0 : 16;
-        for (int o = 0; o < O; ++o) {
-            float *v = out + (long)o * ldo + j0;
-            const unsigned char *m = mask ? mask + (long)o * ldm + j0 : NULL;
-            unsigned char *c = cont + (long)o * 16;
-            for (int jj = 0; jj < 16; ++jj) c[jj] = 0;
-            for (int jj = 0; jj < jn; ++jj) {
-                if (m && !m[jj]) continue;
-                if (v[jj] < -margin) { v[jj] = 0.0f; ++stopped; }
-                else c[jj] = 1;
-            }
-        }
-        /* finish the continuing neurons of this tile (a one-tile masked GEMM over lead..K-1) */
-        dv_masked_gemm_tiles(W + lead, ldw, O, cols + (long)lead * ldc, ldc, lds, cont - j0, 16, out, ldo,
-                             K - lead, N, t, t + 1, list, relu);
-    }
-    return stopped;
-}
-
-/* Copy n floats (src == NULL: zeros) to columns j.. of one row of packed panels (see above:
- * ldc = 32; `row` points at the row's place in panel 0, `lds` is the panel stride). */
-static inline void dv_put_run(float *row, long lds, int j, const float *src, int n)
-{
-    while (n > 0) {
-        int at = j & 31;
-        int chunk = 32 - at < n ? 32 - at : n;
-        float *dst = row + (long)(j >> 5) * lds + at;
-        if (src) { memcpy(dst, src, sizeof(float) * (size_t)chunk); src += chunk; }
-        else memset(dst, 0, sizeof(float) * (size_t)chunk);
-        j += chunk;
-        n -= chunk;
-    }
-}
-
 /* The runs of an im2col into packed panels: output positions j = oy * wo + ox, cut where a panel
  * (32 positions) or an output row ends. Run r is (panel, first lane, offset in the padded input
  * of its first position's tap (0, 0), length); a padded input has (wo - 1) * sw + (kw - 1) * dw + 1
@@ -490,28 +411,155 @@ static int dv_position_runs(const int *pos, int n, int wo, int sh, int sw, int W
     return nr;
 }
 
-/* Unfold into packed panels (rows 32 floats apart, panels lds apart): row k of every panel gets
- * the source at tap_off[k] + each run's offsets (see dv_position_runs). */
-static void dv_unfold_runs(const float *src, const long *tap_off, int K, const int *runs, int nruns,
-                           float *dst, long lds)
+/* d[j] = s[idx[j]] for j < n. */
+static inline void dv_gather(float *restrict d, const float *restrict s, const int *restrict idx, int n)
 {
-    for (int k = 0; k < K; ++k) {
-        const float *base = src + tap_off[k];
-        float *row = dst + (long)k * 32;
-        for (int r = 0; r < nruns; ++r) {
-            const int *run = runs + 5 * r;
-            float *d = row + (long)run[0] * lds + run[1];
-            const float *s = base + run[2];
-            int len = run[3], stride = run[4];
-            dv_copy_strided(d, s, len, stride);
+    for (int j = 0; j < n; ++j) d[j] = s[idx[j]];
+}
+
+/* Write a knob tile: entry (r, j) goes to out[orow[r] * npos + pos[j]]: part + sum (acc, nv
+ * vectors per row; acc == NULL: part alone) ReLU'd where act, 0 where stop, else unchanged.
+ * Positions that are consecutive (the whole tile in one run) are written as a block. */
+static inline void dv_knob_store(float *out, int npos, const int *orow, int rows, const int *pos, int jn,
+                                 float part[8][32], unsigned char act[8][32], unsigned char stop[8][32],
+                                 const dv_v16 *acc, int nv, int relu)
+{
+    int block = pos[jn - 1] - pos[0] == jn - 1;
+    for (int r = 0; r < rows; ++r) {
+        float v[32];
+        if (acc != NULL) memcpy(v, &acc[r * nv], sizeof(float) * 16 * (size_t)nv);
+        else memset(v, 0, sizeof v);
+        for (int j = 0; j < jn; ++j) {
+            float x = part[r][j] + (acc != NULL ? v[j] : 0.0f);
+            v[j] = (relu && x < 0.0f) ? 0.0f : x;
+        }
+        float *dst = out + (long)orow[r] * npos;
+        if (block) {
+            float *d = dst + pos[0];
+            for (int j = 0; j < jn; ++j) d[j] = act[r][j] ? v[j] : (stop[r][j] ? 0.0f : d[j]);
+        } else {
+            for (int j = 0; j < jn; ++j) {
+                float *d = dst + pos[j];
+                *d = act[r][j] ? v[j] : (stop[r][j] ? 0.0f : *d);
+            }
         }
     }
 }
 
-/* Copy a row-major (K x N) matrix into packed panels (ldc = 32, panel stride lds). */
-static void dv_pack_rows(const float *src, long lda, int K, int N, float *dst, long lds)
+/* The knobs' conv kernel, for one group: the outputs at output positions pos[0..n-1] (the SDSS
+ * grid, the positions some map still needs, or all), unfolded tile by tile into `panel` (K x 32,
+ * row k = source at tap_off[k], runs from dv_position_runs with runs_first[t] indexing tile t).
+ * Output (o, i) is active when mask == NULL or mask[o * n + i]; a tile computes, eight at a time,
+ * the output channels with an active entry in it. Each active output starts from
+ * b = bias[o] (+ cst[o * npos + pos[i]] when cst != NULL, SFMA's constant maps). Without SPET
+ * (spet == 0) it is b + the dot product over all K rows; with SPET the partial p = b + the dot
+ * product over rows < lead is compared first: p < -margin stops it (output 0), else it is
+ * p + the dot product over rows lead..K-1. ReLU if asked. Results go to out[o * npos + pos[i]].
+ * stats[0] += outputs stopped, stats[1] += outputs active. `list` holds O ints. */
+static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs, const int *runs_first,
+                          int wo, int sh, int sw, int row_width,
+                          const float *W, long ldw, int O, int K, int lead, const int *pos, int n,
+                          const unsigned char *mask, const float *bias, const float *cst, float *out, int npos,
+                          int spet, float margin, int relu, float *panel, int *list, int tile_begin,
+                          int tile_end, long long *stats)
 {
-    for (int k = 0; k < K; ++k) dv_put_run(dst + (long)k * 32, lds, 0, src + (long)k * lda, N);
+    dv_v16 acc[16];
+    const float *wr[8];
+    float part[8][32];
+    unsigned char act[8][32], stop[8][32];
+    for (int t = tile_begin; t < tile_end; ++t) {
+        int j0 = t * 32;
+        int jn = n - j0 < 32 ? n - j0 : 32;
+        int nv = jn > 16 ? 2 : 1;
+        /* the rows with an active entry in this tile */
+        int nrows = 0;
+        for (int o = 0; o < O; ++o) {
+            int any = mask == NULL;
+            if (!any) {
+                const unsigned char *m = mask + (long)o * n + j0;
+                for (int j = 0; j < jn; ++j) any |= m[j];
+            }
+            if (any) list[nrows++] = o;
+        }
+        if (nrows == 0) continue;
+        if (runs_first[t + 1] - runs_first[t] <= 2) {  /* one or two runs: block copies */
+            for (int k = 0; k < K; ++k) {
+                const float *base = src + tap_off[k];
+                float *row = panel + (long)k * 32;
+                for (int r = runs_first[t]; r < runs_first[t + 1]; ++r) {
+                    const int *run = runs + 5 * r;
+                    dv_copy_strided(row + run[1], base + run[2], run[3], run[4]);
+                }
+            }
+        } else {  /* scattered positions (SDSS): one gather per row */
+            int idx[32];
+            for (int j = 0; j < jn; ++j) {
+                int q = pos[j0 + j];
+                idx[j] = (q / wo) * sh * row_width + (q % wo) * sw;
+            }
+            for (int k = 0; k < K; ++k) dv_gather(panel + (long)k * 32, src + tap_off[k], idx, jn);
+        }
+        for (int g = 0; g < nrows; g += 8) {
+            int rows = nrows - g < 8 ? nrows - g : 8;
+            for (int r = 0; r < 8; ++r) wr[r] = W + (long)list[g + (r < rows ? r : 0)] * ldw;
+            /* the starting values, and which entries are active (branch-free: SPET's outcome is
+             * data-dependent and would defeat the branch predictor) */
+            for (int r = 0; r < rows; ++r) {
+                int o = list[g + r];
+                const unsigned char *m = mask != NULL ? mask + (long)o * n + j0 : NULL;
+                float b0 = bias[o];
+                for (int j = 0; j < 32; ++j) act[r][j] = j < jn && (m == NULL || m[j < jn ? j : 0]);
+                if (cst != NULL) {
+                    const float *cr = cst + (long)o * npos;
+                    for (int j = 0; j < jn; ++j) part[r][j] = b0 + cr[pos[j0 + j]];
+                } else {
+                    for (int j = 0; j < 32; ++j) part[r][j] = b0;
+                }
+            }
+            int any_cont = 0;
+            long long stopped = 0, active = 0;
+            if (spet) {
+                float neg = -margin;
+                if (lead > 0) {
+                    if (nv == 2) dv_tile_8x32(wr, lead, panel, 32, jn, acc, 0);
+                    else dv_tile_8x16(wr, lead, panel, 32, jn, acc, 0);
+                }
+                for (int r = 0; r < rows; ++r) {
+                    float sum[32];
+                    if (lead > 0) memcpy(sum, &acc[r * nv], sizeof(float) * 16 * (size_t)nv);
+                    else memset(sum, 0, sizeof sum);
+                    if (nv == 1) memset(sum + 16, 0, sizeof(float) * 16);
+                    for (int j = 0; j < 32; ++j) {
+                        float p = part[r][j] + sum[j];
+                        int a = act[r][j];
+                        int st = a & (p < neg);
+                        part[r][j] = p;
+                        stop[r][j] = (unsigned char)st;
+                        act[r][j] = (unsigned char)(a & !st);
+                        stopped += st;
+                        active += a;
+                        any_cont |= a & !st;
+                    }
+                }
+                stats[0] += stopped;
+                stats[1] += active;
+                if (!any_cont) {
+                    dv_knob_store(out, npos, list + g, rows, pos + j0, jn, part, act, stop, NULL, 0, relu);
+                    continue;
+                }
+                for (int r = 0; r < 8; ++r) wr[r] += lead;
+                if (nv == 2) dv_tile_8x32(wr, K - lead, panel + (long)lead * 32, 32, jn, acc, 0);
+                else dv_tile_8x16(wr, K - lead, panel + (long)lead * 32, 32, jn, acc, 0);
+            } else {
+                for (int r = 0; r < rows; ++r)
+                    for (int j = 0; j < 32; ++j) { active += act[r][j]; stop[r][j] = 0; }
+                stats[1] += active;
+                if (nv == 2) dv_tile_8x32(wr, K, panel, 32, jn, acc, 0);
+                else dv_tile_8x16(wr, K, panel, 32, jn, acc, 0);
+            }
+            dv_knob_store(out, npos, list + g, rows, pos + j0, jn, part, act, stop, acc, nv, relu);
+        }
+    }
 }
 
 /* Pooling works on a window-row reduction: for each output row, the rows of its window are

@@ -280,14 +280,8 @@ def set_blas_threads(threads: int) -> None:
 def sfma_spread(xg: np.ndarray, nonneg: bool, statistic: str, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """SFMA's statistic of each input map of ``xg`` (C, H, W), and each map's mean: the standard
     deviation, relative to the maps' mean |x| for ``relative_std`` (``nonneg``: x >= 0 known)."""
-    cin, hw = xg.shape[0], xg.shape[1] * xg.shape[2]
-    sums, sumsq, sumabs = np.empty(cin), np.empty(cin), np.empty(cin)
-    K.channel_stats(xg, sums, sumsq, sumabs, not nonneg, threads)
-    means = sums / hw
-    spread = np.sqrt(np.maximum(sumsq / hw - means * means, 0.0))
-    if statistic == "relative_std":
-        scale = (sums if nonneg else sumabs).sum() / (cin * hw)
-        spread = spread / scale if scale > 0 else np.zeros_like(spread)
+    spread, means = np.empty(xg.shape[0]), np.empty(xg.shape[0])
+    K.channel_spread(xg, nonneg, statistic == "relative_std", spread, means, threads)
     return spread, means
 
 
@@ -405,7 +399,6 @@ class Engine:
         scratch = np.zeros(max([st.cols.size for st in conv_states], default=0), np.float32)
         for st in conv_states:
             st.cols = scratch[:st.cols.size].reshape(st.cols.shape)
-        self._unfold_scratch = scratch
         # the dense path's padded input planes and per-thread panels
         self._pad_scratch = np.zeros(max([st.cin * st.src_hw[0] * st.src_hw[1] for st in conv_states if st.pad_src],
                                          default=1), np.float32)
@@ -613,8 +606,8 @@ class Engine:
         else:
             order, wmat = np.arange(cin, dtype=np.int32), st.weights[g]
 
-        # ---- SFMA: drop near-uniform input maps
-        base = np.broadcast_to(bias[:, None], (cout, npos))
+        # ---- SFMA: drop near-uniform input maps (their contribution becomes a constant map)
+        constant = None
         kept_rel = order
         if st.sfma is not None:
             dropped, means = self._sfma_select(st, xg, count)
@@ -622,33 +615,24 @@ class Engine:
                 keep_mask = ~dropped[order]
                 kept_rel = order[keep_mask]
                 drop_rel = np.flatnonzero(dropped).astype(np.int32)
-                const = self._sfma_constant(st, g, drop_rel, means[drop_rel], count)
-                base = base + const
+                constant = self._sfma_constant(st, g, drop_rel, means[drop_rel], count)
                 wmat = np.ascontiguousarray(
                     wmat.reshape(cout, cin, kk)[:, np.flatnonzero(keep_mask)].reshape(cout, -1))
                 count["dropped_maps"] += len(drop_rel)
                 count["saved_sfma"] += 2 * cout * npos * kk * len(drop_rel)
-        kept_abs = (kept_rel + g * cin).astype(np.int32)
         kdim = len(kept_rel) * kk
         lead = kdim
         if st.spet is not None:
             lead = min(len(kept_rel), max(1, math.ceil(st.spet.option("spet", "fraction") * len(kept_rel)))) * kk \
                 if len(kept_rel) else 0
 
-        # ---- the positions computed first (the SDSS grid, or all), unfolded into compact panels
+        # ---- the positions computed first (the SDSS grid, or all), with SPET inside
         src, tap_off = self._knob_source(st, x, g, kept_rel)
-        out_g[:] = base
-        if st.sdss is None:
-            cols = self._unfold(st, src, tap_off, st.all_positions)
-            self._compute_neurons(st, wmat, cols, kdim, lead, out_g, None, count)
-        else:
-            positions = st.grid.grid_positions
-            cols = self._unfold(st, src, tap_off, positions)
-            acc = np.ascontiguousarray(out_g[:, positions])
-            self._compute_neurons(st, wmat, cols, kdim, lead, acc, None, count)
-            out_g[:, positions] = acc
+        positions = st.grid.grid_positions if st.sdss is not None else st.all_positions
+        self._knob_neurons(st, src, tap_off, wmat, lead, bias, constant, positions, None, out_g, count)
+        if st.sdss is not None:
             # ---- SDSS: interpolate insignificant cells, compute the rest of the map
-            self._sdss_rest(st, out_g, wmat, src, tap_off, kdim, lead, count)
+            self._sdss_rest(st, out_g, src, tap_off, wmat, lead, bias, constant, count)
 
         count["ops"] += count["overhead_sfma"] + count["overhead_sdss"] + count["overhead_spet"]
         self.counter.add(name, **count)
@@ -666,35 +650,23 @@ class Engine:
         tap_off = np.ascontiguousarray(st.tap_off.reshape(st.cin, st.kk)[kept_rel].reshape(-1))
         return src, tap_off
 
-    def _unfold(self, st: ConvState, src: np.ndarray, tap_off: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """The kept rows of the unfolded input at ``positions``, as compact packed panels."""
-        rows, n = len(tap_off), len(positions)
-        panels = max(1, (n + 31) // 32)
-        cols = self._unfold_scratch[:panels * max(rows, 1) * 32].reshape(panels, max(rows, 1), 32)
+    def _knob_neurons(self, st: ConvState, src: np.ndarray, tap_off: np.ndarray, wmat: np.ndarray, lead: int,
+                      bias: np.ndarray, constant: np.ndarray | None, positions: np.ndarray, mask: np.ndarray | None,
+                      out_g: np.ndarray, count: dict[str, int]) -> None:
+        """The outputs at ``positions`` (where ``mask``, if given), SPET inside when on, written to
+        ``out_g`` (ReLU'd when the layer has one); counts their MACs and ops."""
         sh, sw = st.geometry[0], st.geometry[1]
-        K.unfold_positions(src, tap_off, positions, st.wo, sh, sw, st.src_row_width, cols)
-        return cols
-
-    def _compute_neurons(self, st: ConvState, wmat: np.ndarray, cols: np.ndarray, kdim: int, lead: int,
-                         acc: np.ndarray, active: np.ndarray | None, count: dict[str, int]) -> None:
-        """acc (cout x P, holding bias + SFMA constants) += W @ cols for the active neurons
-        (``None``: all), with SPET when on; applies ReLU when the layer has one."""
         relu = st.layer.relu
-        npos = acc.shape[1]
-        n_active = acc.size if active is None else int(np.count_nonzero(active))
-        if st.spet is None:
-            if active is None:
-                K.conv_gemm(wmat, cols, npos, acc, None, relu, self.kernel_threads)
-            else:
-                K.masked_gemm(wmat, 0, kdim, cols, npos, active, acc, self.kernel_threads, relu)
+        spet = st.spet is not None
+        margin = float(st.spet.threshold) if spet else 0.0
+        terminated, n_active = K.knob_conv(src, tap_off, positions, st.wo, sh, sw, st.src_row_width, wmat, lead,
+                                           spet, margin, relu, bias, constant, mask, out_g, self._panels,
+                                           self.kernel_threads)
+        kdim = wmat.shape[1]
+        if not spet:
             count["macs"] += n_active * kdim
             count["ops"] += 2 * n_active * kdim + n_active * (1 + int(relu))
             return
-        if active is None:
-            K.conv_gemm(wmat[:, :lead], cols, npos, acc, None, False, self.kernel_threads)
-        else:
-            K.masked_gemm(wmat, 0, lead, cols, npos, active, acc, self.kernel_threads)
-        terminated = K.spet_finish(wmat, lead, cols, npos, acc, st.spet.threshold, relu, active, self.kernel_threads)
         finished = n_active - terminated
         count["macs"] += n_active * lead + finished * (kdim - lead)
         count["ops"] += 2 * (n_active * lead + finished * (kdim - lead)) + n_active + finished * int(relu)
@@ -702,10 +674,11 @@ class Engine:
         count["saved_spet"] += 2 * terminated * (kdim - lead) + terminated * int(relu)
         count["terminated"] += terminated
 
-    def _sdss_rest(self, st: ConvState, out_g: np.ndarray, wmat: np.ndarray, src: np.ndarray, tap_off: np.ndarray,
-                   kdim: int, lead: int, count: dict[str, int]) -> None:
+    def _sdss_rest(self, st: ConvState, out_g: np.ndarray, src: np.ndarray, tap_off: np.ndarray, wmat: np.ndarray,
+                   lead: int, bias: np.ndarray, constant: np.ndarray | None, count: dict[str, int]) -> None:
         """After the grid: decide the cells, compute the off-grid positions of significant cells
-        (a masked GEMM over the same unfolded input) and fill the others."""
+        (only the positions some map needs are unfolded; each map computes its own) and fill
+        the others."""
         grid = st.grid
         cout = st.cout
         maps = out_g.reshape(cout, st.ho, st.wo)
@@ -714,20 +687,16 @@ class Engine:
         K.sdss_cells(maps, grid.gy, grid.gx, st.sdss.threshold, insig)
         # one compare per grid point per map, three ANDs per cell per map
         count["overhead_sdss"] += cout * len(grid.grid_positions) + 3 * cout * ncells
-        needed = np.zeros((cout, st.ho * st.wo), U8)
-        if K.sdss_needed(insig, grid.off_positions, grid.cell_y, grid.cell_x, needed):
+        positions, needed, n_needed = K.sdss_union(insig, grid.off_positions, grid.cell_y, grid.cell_x)
+        if n_needed:
             # the positions some map needs, unfolded compactly; each map computes its own
-            positions = np.flatnonzero(needed.any(axis=0)).astype(np.int32)
-            cols = self._unfold(st, src, tap_off, positions)
-            acc = np.ascontiguousarray(out_g[:, positions])
-            self._compute_neurons(st, wmat, cols, kdim, lead, acc, np.ascontiguousarray(needed[:, positions]), count)
-            out_g[:, positions] = acc
+            self._knob_neurons(st, src, tap_off, wmat, lead, bias, constant, positions, needed, out_g, count)
         bilinear = st.sdss.option("sdss", "fill") == "bilinear"
-        filled = K.sdss_fill(maps, grid.gy, grid.gx, grid.off_y, grid.off_x, grid.cell_y, grid.cell_x,
-                             needed, bilinear)
+        filled = K.sdss_fill(maps, grid.gy, grid.gx, grid.off_y, grid.off_x, grid.cell_y, grid.cell_x, insig,
+                             bilinear)
         count["filled"] += filled
         count["overhead_sdss"] += filled * (BILINEAR_FILL_OPS if bilinear else 0)
-        count["saved_sdss"] += filled * (2 * kdim + 1 + int(st.layer.relu))
+        count["saved_sdss"] += filled * (2 * wmat.shape[1] + 1 + int(st.layer.relu))
 
     # -- SFMA helpers ----------------------------------------------------------------------
 
@@ -753,7 +722,7 @@ class Engine:
         # MACs for the weighted kernel; adds for the class sums; one add per output neuron
         taps = int(st.class_taps.sum())
         count["overhead_sfma"] += 2 * st.cout * len(drop) * st.kk + st.cout * taps + st.cout * st.ho * st.wo
-        return per_class[:, st.tap_class].astype(np.float32)
+        return np.ascontiguousarray(per_class[:, st.tap_class], dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- knob statistics
