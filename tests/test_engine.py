@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
+import dyvedeep.engine as engine_module
 from dyvedeep.engine import Engine
 from dyvedeep.errors import DyveError
 from dyvedeep.plan import build_plan
@@ -32,6 +33,15 @@ def assert_matches_ort(path, x, rel=1e-5):
     (dict(dilations=[2, 2], pads=[2, 2, 2, 2]), (3, 9, 9), (4, 3, 3, 3)),
     (dict(strides=[4, 4]), (3, 23, 23), (8, 3, 11, 11)),
     (dict(), (7, 6, 6), (5, 7, 1, 1)),
+    # the engine's own GEMM: inner dimension over one 192-row block, rows not a multiple of 8,
+    # a partial last 32-position panel
+    (dict(pads=[1, 1, 1, 1]), (24, 15, 15), (13, 24, 3, 3)),
+    # more output channels than positions: unfolded once, weights swept row block by row block
+    (dict(), (16, 5, 5), (70, 16, 1, 1)),
+    # a 1x1 convolution with few outputs reads its input map in place
+    (dict(), (40, 17, 19), (20, 40, 1, 1)),
+    # stride 2 with padding: strided runs of the fused unfolding
+    (dict(strides=[2, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3)),
 ])
 def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape):
     w = RNG.normal(0, 0.3, wshape)
@@ -105,6 +115,62 @@ def test_threads_give_the_same_result(tmp_path):
     x = RNG.normal(0, 1, (2, 8, 20, 20)).astype(np.float32)
     plan = build_plan(path)
     assert np.array_equal(Engine(plan, threads=1).run(x), Engine(plan, threads=2).run(x))
+
+
+def test_threads_split_panels_bit_exactly(tmp_path, monkeypatch):
+    """Several threads share out the 32-position panels of every conv route; the result does
+    not depend on the number of threads."""
+    monkeypatch.setattr(engine_module, "PARALLEL_MIN_WORK", 0)
+    nodes = [
+        helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="ra"),
+        helper.make_node("Conv", ["ra", "W2", "b2"], ["b"], name="b"),
+        helper.make_node("Conv", ["b", "W3", "b3"], ["out"], name="c", strides=[2, 2]),
+    ]
+    inits = {"W1": RNG.normal(0, .3, (24, 5, 3, 3)), "b1": RNG.normal(0, .1, 24),
+             "W2": RNG.normal(0, .3, (9, 24, 1, 1)), "b2": RNG.normal(0, .1, 9),
+             "W3": RNG.normal(0, .3, (50, 9, 3, 3)), "b3": RNG.normal(0, .1, 50)}
+    path = save_model(tmp_path / "t.onnx", nodes, inits, (5, 23, 21), "out")
+    x = RNG.normal(0, 1, (2, 5, 23, 21)).astype(np.float32)
+    plan = build_plan(path)
+    one = assert_matches_ort(path, x)
+    assert np.array_equal(one, Engine(plan, threads=2).run(x))
+
+
+def test_buffers_are_reused_and_concat_inputs_written_in_place(tmp_path):
+    """A fire module: the expand convs write straight into their slices of the Concat, a dead
+    tensor's buffer is reused, and the output still matches onnxruntime."""
+    nodes = [
+        helper.make_node("Conv", ["data", "Ws", "bs"], ["s"], name="squeeze"),
+        helper.make_node("Relu", ["s"], ["rs"], name="rs"),
+        helper.make_node("Conv", ["rs", "We1", "be1"], ["e1"], name="e1"),
+        helper.make_node("Conv", ["rs", "We3", "be3"], ["e3"], name="e3", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["e1", "e3"], ["cat"], name="cat", axis=1),
+        helper.make_node("Relu", ["cat"], ["rc"], name="rc"),
+        helper.make_node("Conv", ["rc", "Wo", "bo"], ["o"], name="o"),
+        helper.make_node("Relu", ["o"], ["ro"], name="ro"),
+        helper.make_node("GlobalAveragePool", ["ro"], ["out"], name="gap"),
+    ]
+    inits = {"Ws": RNG.normal(0, .3, (4, 6, 1, 1)), "bs": RNG.normal(0, .1, 4),
+             "We1": RNG.normal(0, .3, (5, 4, 1, 1)), "be1": RNG.normal(0, .1, 5),
+             "We3": RNG.normal(0, .3, (7, 4, 3, 3)), "be3": RNG.normal(0, .1, 7),
+             "Wo": RNG.normal(0, .3, (6, 12, 1, 1)), "bo": RNG.normal(0, .1, 6)}
+    path = save_model(tmp_path / "fire.onnx", nodes, inits, (6, 9, 9), "out")
+    plan = build_plan(path)
+    engine = Engine(plan)
+    assert engine.in_place == {"e1", "e3"}
+    cat = engine.buffers["cat"]
+    assert np.shares_memory(engine.buffers["e1"], cat) and np.shares_memory(engine.buffers["e3"], cat)
+    owners = {id(b.base if b.base is not None else b) for b in engine.buffers.values()}
+    assert len(owners) < len([t for t in engine.buffers if t not in engine.in_place])  # some buffer is reused
+    x = RNG.normal(0, 1, (3, 6, 9, 9)).astype(np.float32)
+    assert_matches_ort(path, x)
+    # run_image hands out copies of the live tensors only, unaffected by later runs
+    first = engine.run_image(x[0], stop=2)
+    assert set(first) == {"rs", "e1"}
+    kept = {k: v.copy() for k, v in first.items()}
+    engine.run_image(x[1])
+    assert all(np.array_equal(first[k], kept[k]) for k in kept)
 
 
 def test_conv_maxpool_relu_is_rewritten_exactly(tmp_path):
