@@ -497,6 +497,56 @@ def channel_spread(const float[:, :, ::1] x, bint nonneg, bint relative, double[
                 spread[c] = spread[c] / scale if scale > 0.0 else 0.0
 
 
+def gather_channels(const float[:, ::1] W, const int[::1] channels, int kk, const long[::1] tap_off,
+                    float[:, ::1] w_out, long[::1] tap_out):
+    """For the kept input channels ``channels`` (in order): their weight columns (kk per channel)
+    of W (O x C*kk) into ``w_out`` (O x len*kk), and their unfolded rows' offsets from
+    ``tap_off`` (C*kk) into ``tap_out``."""
+    cdef Py_ssize_t O = W.shape[0], n = channels.shape[0], o, i, t
+    cdef int C = W.shape[1] // kk if kk else 0
+    if w_out.shape[0] != O or w_out.shape[1] < n * kk or tap_out.shape[0] < n * kk or tap_off.shape[0] != W.shape[1]:
+        raise ValueError("gather_channels: shape mismatch")
+    for i in range(n):
+        if channels[i] < 0 or channels[i] >= C:
+            raise ValueError("gather_channels: channel out of range")
+    with nogil:
+        for i in range(n):
+            for t in range(kk):
+                tap_out[i * kk + t] = tap_off[channels[i] * kk + t]
+        for o in range(O):
+            for i in range(n):
+                for t in range(kk):
+                    w_out[o, i * kk + t] = W[o, channels[i] * kk + t]
+
+
+def sfma_constant(const float[:, ::1] W, const int[::1] dropped, const float[::1] means, int kk,
+                  const float[:, ::1] class_taps, const long[::1] tap_class, float[:, ::1] out):
+    """SFMA's constant map: out[o, p] = sum over the dropped channels c of means[c] times the sum
+    of W[o, c, t] over the taps t valid at position p (class_taps[tap_class[p], t] = 1)."""
+    cdef Py_ssize_t O = W.shape[0], nd = dropped.shape[0], ncls = class_taps.shape[0]
+    cdef Py_ssize_t P = tap_class.shape[0], o, i, t, q, p
+    cdef float acc
+    if out.shape[0] != O or out.shape[1] != P or class_taps.shape[1] != kk or means.shape[0] != nd:
+        raise ValueError("sfma_constant: shape mismatch")
+    weighted = np.zeros(kk, np.float32)
+    per_class = np.empty(ncls, np.float32)
+    cdef float[::1] wt = weighted, pc = per_class
+    with nogil:
+        for o in range(O):
+            for t in range(kk):
+                acc = 0.0
+                for i in range(nd):
+                    acc = acc + W[o, dropped[i] * kk + t] * means[i]
+                wt[t] = acc
+            for q in range(ncls):
+                acc = 0.0
+                for t in range(kk):
+                    acc = acc + wt[t] * class_taps[q, t]
+                pc[q] = acc
+            for p in range(P):
+                out[o, p] = pc[tap_class[p]]
+
+
 # --------------------------------------------------------------------------- SPET (fully connected)
 
 def spet_decide(const float[:, ::1] partial, float margin, const uint8[:, ::1] active, uint8[:, ::1] cont):

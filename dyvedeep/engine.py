@@ -71,6 +71,10 @@ class OpCounter:
         for key, value in counts.items():
             row[self.col[key]] += int(value)
 
+    def add_counts(self, index: int, counts: list[int]) -> None:
+        """Add one value per COUNTER_FIELDS column to row ``index`` (the knob paths' hot path)."""
+        self._table[index] += np.asarray(counts, dtype=np.int64)
+
     def get(self, layer: str, key: str) -> int:
         """Total of ``key`` for ``layer``."""
         return int(self.table[self.index[layer], self.col[key]])
@@ -163,6 +167,8 @@ class ConvState:
     # SFMA: per output position its border class; per class the valid kernel taps (kh*kw mask).
     tap_class: np.ndarray | None = None
     class_taps: np.ndarray | None = None
+    class_tap_count: int = 0  # valid taps summed over the border classes
+    order_tap_off: list[np.ndarray] = field(default_factory=list)  # per group, tap_off in the knob order
 
     @property
     def kk(self) -> int:
@@ -241,6 +247,10 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
         if st.sfma.option("sfma", "border") == "interior":
             st.class_taps = np.ones((1, st.kk), np.float32)
             st.tap_class = np.zeros(ho * wo, np.int64)
+        st.class_tap_count = int(st.class_taps.sum())
+    for g in range(groups):  # the unfolded rows' offsets in the knob path's channel order
+        order = st.spet_order[g] if st.spet is not None else np.arange(cin)
+        st.order_tap_off.append(np.ascontiguousarray(st.tap_off.reshape(cin, kh * kw)[order].reshape(-1)))
     return st
 
 
@@ -399,6 +409,9 @@ class Engine:
         scratch = np.zeros(max([st.cols.size for st in conv_states], default=0), np.float32)
         for st in conv_states:
             st.cols = scratch[:st.cols.size].reshape(st.cols.shape)
+        # the knob path's kept weight columns and SFMA constant maps
+        self._kept_weights = np.zeros(max([st.cout * st.cin * st.kk for st in conv_states], default=1), np.float32)
+        self._constant = np.zeros(max([st.cout * st.ho * st.wo for st in conv_states], default=1), np.float32)
         # the dense path's padded input planes and per-thread panels
         self._pad_scratch = np.zeros(max([st.cin * st.src_hw[0] * st.src_hw[1] for st in conv_states if st.pad_src],
                                          default=1), np.float32)
@@ -565,8 +578,7 @@ class Engine:
             return out
         fired = False
         for g in range(st.groups):
-            fired |= self._conv_group_knobs(st, x, out2[g * st.cout:(g + 1) * st.cout], g)
-        self.counter.add(layer.name, images=1)
+            fired |= self._conv_group_knobs(st, x, out2[g * st.cout:(g + 1) * st.cout], g, index)
         if not fired:
             # nothing was skipped: give the dense path's result exactly (ops were counted above)
             self._conv_dense(st, x, out2)
@@ -590,16 +602,15 @@ class Engine:
                              st.tap_off, sw, st.runs, st.panel_first, st.weights[g], bg, st.layer.relu, og,
                              self._panels, self.kernel_threads)
 
-    def _conv_group_knobs(self, st: ConvState, x: np.ndarray, out_g: np.ndarray, g: int) -> bool:
+    def _conv_group_knobs(self, st: ConvState, x: np.ndarray, out_g: np.ndarray, g: int, index: int) -> bool:
         """One group of a conv layer with its knobs; returns whether any knob skipped work."""
         layer, name = st.layer, st.layer.name
         sh, sw, pt, pl, dh, dw = st.geometry
         cin, cout, kk, npos = st.cin, st.cout, st.kk, st.ho * st.wo
         xg = x[g * cin:(g + 1) * cin]
         bias = layer.bias[g * cout:(g + 1) * cout]
-        count: dict[str, int] = dict.fromkeys(("macs", "ops", "overhead_sfma", "overhead_sdss", "overhead_spet",
-                                              "saved_sfma", "saved_sdss", "saved_spet", "dropped_maps",
-                                              "filled", "terminated"), 0)
+        count: dict[str, int] = dict.fromkeys(COUNTER_FIELDS, 0)
+        count["images"] = int(g == 0)
         # channel order: SPET's significance order, else natural
         if st.spet is not None:
             order, wmat = st.spet_order[g], st.spet_weights[g]
@@ -616,8 +627,6 @@ class Engine:
                 kept_rel = order[keep_mask]
                 drop_rel = np.flatnonzero(dropped).astype(np.int32)
                 constant = self._sfma_constant(st, g, drop_rel, means[drop_rel], count)
-                wmat = np.ascontiguousarray(
-                    wmat.reshape(cout, cin, kk)[:, np.flatnonzero(keep_mask)].reshape(cout, -1))
                 count["dropped_maps"] += len(drop_rel)
                 count["saved_sfma"] += 2 * cout * npos * kk * len(drop_rel)
         kdim = len(kept_rel) * kk
@@ -627,7 +636,7 @@ class Engine:
                 if len(kept_rel) else 0
 
         # ---- the positions computed first (the SDSS grid, or all), with SPET inside
-        src, tap_off = self._knob_source(st, x, g, kept_rel)
+        src, tap_off, wmat = self._knob_source(st, x, g, kept_rel, wmat)
         positions = st.grid.grid_positions if st.sdss is not None else st.all_positions
         self._knob_neurons(st, src, tap_off, wmat, lead, bias, constant, positions, None, out_g, count)
         if st.sdss is not None:
@@ -635,20 +644,28 @@ class Engine:
             self._sdss_rest(st, out_g, src, tap_off, wmat, lead, bias, constant, count)
 
         count["ops"] += count["overhead_sfma"] + count["overhead_sdss"] + count["overhead_spet"]
-        self.counter.add(name, **count)
+        self.counter.add_counts(index, list(count.values()))
         return bool(count["dropped_maps"] or count["filled"] or count["terminated"])
 
-    def _knob_source(self, st: ConvState, x: np.ndarray, g: int, kept_rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _knob_source(self, st: ConvState, x: np.ndarray, g: int, kept_rel: np.ndarray,
+                     wmat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The group's input planes as the unfolding reads them (zero-padded copies when the layer
-        pads) and the offset of every unfolded row of the kept channels, in their order."""
+        pads), the offset of every unfolded row of the kept channels and their weight columns
+        (``wmat``'s columns are in the order of ``st.spet_order`` or natural; ``kept_rel`` lists
+        the kept channels in that order)."""
         sh, sw, pt, pl, dh, dw = st.geometry
         if st.pad_src:
             src = self._pad_scratch
             K.pad_planes(x, g * st.cin, st.cin, pt, pl, st.src_hw[0], st.src_hw[1], src)
         else:
             src = x[g * st.cin:(g + 1) * st.cin].reshape(-1)
-        tap_off = np.ascontiguousarray(st.tap_off.reshape(st.cin, st.kk)[kept_rel].reshape(-1))
-        return src, tap_off
+        n = len(kept_rel) * st.kk
+        if len(kept_rel) == st.cin:  # nothing dropped: the order's own columns and offsets
+            return src, st.order_tap_off[g], wmat
+        tap_off = np.empty(n, np.int64)
+        w_kept = self._kept_weights[:st.cout * n].reshape(st.cout, n)
+        K.gather_channels(st.weights[g], kept_rel, st.kk, st.tap_off, w_kept, tap_off)
+        return src, tap_off, w_kept
 
     def _knob_neurons(self, st: ConvState, src: np.ndarray, tap_off: np.ndarray, wmat: np.ndarray, lead: int,
                       bias: np.ndarray, constant: np.ndarray | None, positions: np.ndarray, mask: np.ndarray | None,
@@ -716,13 +733,12 @@ class Engine:
                        count: dict[str, int]) -> np.ndarray:
         """Contribution (cout x positions) of the dropped maps, each taken as its mean: per output
         channel, the mean-weighted kernel restricted to each position's valid taps."""
-        w = st.layer.weight[g * st.cout:(g + 1) * st.cout][:, drop].reshape(st.cout, len(drop), st.kk)
-        weighted = np.einsum("ock,c->ok", w, means, dtype=np.float32, optimize=False)  # cout x kk
-        per_class = weighted @ st.class_taps.T  # cout x n_classes
+        out = self._constant[:st.cout * st.ho * st.wo].reshape(st.cout, st.ho * st.wo)
+        K.sfma_constant(st.weights[g], drop, means, st.kk, st.class_taps, st.tap_class, out)
         # MACs for the weighted kernel; adds for the class sums; one add per output neuron
-        taps = int(st.class_taps.sum())
-        count["overhead_sfma"] += 2 * st.cout * len(drop) * st.kk + st.cout * taps + st.cout * st.ho * st.wo
-        return np.ascontiguousarray(per_class[:, st.tap_class], dtype=np.float32)
+        count["overhead_sfma"] += 2 * st.cout * len(drop) * st.kk + st.cout * st.class_tap_count \
+            + st.cout * st.ho * st.wo
+        return out
 
 
 # ----------------------------------------------------------------------------- knob statistics
