@@ -405,7 +405,7 @@ def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
     """Average pooling as onnxruntime computes it: with count_include_pad the divisor is the
     window clipped to the padded input (H + pad_end), else the taps inside the input."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
-    cdef int span = max((Wo - 1) * sw + kw, W + pl) + 16
+    cdef int span = max((Wo - 1) * sw + kw, W + pl) + Wo + 16  # the row, then the column counts
     cdef Py_ssize_t c
     cdef float[:, ::1] scratch = np.empty((threads, span), np.float32)
     cdef int tid

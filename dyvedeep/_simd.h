@@ -614,12 +614,36 @@ static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, 
     }
 }
 
-/* Average pooling of one plane, onnxruntime's divisor rule (see _kernels.avgpool). */
+/* o[ox] = sum of acc[ox * sw + kx] over kx < kw (kx in order), divided by rows * cols[ox]. */
+static inline __attribute__((always_inline)) void dv_window_mean(float *restrict o, const float *restrict acc,
+                                                                   int wo, int sw, int kw, int rows,
+                                                                   const int *restrict cols)
+{
+    for (int ox = 0; ox < wo; ++ox) o[ox] = acc[ox * sw];
+    for (int kx = 1; kx < kw; ++kx)
+        for (int ox = 0; ox < wo; ++ox) o[ox] += acc[ox * sw + kx];
+    for (int ox = 0; ox < wo; ++ox) {
+        int count = rows * cols[ox];
+        o[ox] = count > 0 ? o[ox] / (float)count : 0.0f;
+    }
+}
+
+/* Average pooling of one plane, onnxruntime's divisor rule (see _kernels.avgpool): the window
+ * sum over the taps inside the input (acc is zero elsewhere), divided by the window clipped
+ * to the padded input (count_include_pad) or by the taps inside the input. `acc` as for max
+ * pooling, plus wo ints after it for the column counts. */
 static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
                              int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad, float *acc)
 {
     int span = dv_pool_span(W, wo, kw, sw, pl);
+    int *cols = (int *)(acc + span);
     for (int p = 0; p < span; ++p) acc[p] = 0.0f;
+    for (int ox = 0; ox < wo; ++ox) {
+        int ws = ox * sw - pl, we = ws + kw;
+        if (we > W + pr) we = W + pr;
+        int x0 = ws > 0 ? ws : 0, x1 = we < W ? we : W;
+        cols[ox] = count_include_pad ? we - ws : x1 - x0;
+    }
     float *mid = acc + pl;
     for (int oy = 0; oy < ho; ++oy) {
         int hs = oy * sh - pt, he = hs + kh;
@@ -627,19 +651,14 @@ static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, 
         int y0 = hs > 0 ? hs : 0, y1 = he < H ? he : H;
         memset(mid, 0, sizeof(float) * (size_t)W);
         for (int iy = y0; iy < y1; ++iy) {
-            const float *r = in + (long)iy * W;
+            const float *restrict r = in + (long)iy * W;
             for (int x = 0; x < W; ++x) mid[x] += r[x];
         }
+        int rows = count_include_pad ? he - hs : y1 - y0;
         float *o = out + (long)oy * wo;
-        for (int ox = 0; ox < wo; ++ox) {
-            int ws = ox * sw - pl, we = ws + kw;
-            if (we > W + pr) we = W + pr;
-            int x0 = ws > 0 ? ws : 0, x1 = we < W ? we : W;
-            float sum = 0.0f;
-            for (int x = x0; x < x1; ++x) sum += mid[x];
-            int count = count_include_pad ? (he - hs) * (we - ws) : (y1 - y0) * (x1 - x0);
-            o[ox] = count > 0 ? sum / count : 0.0f;
-        }
+        if (sw == 2) dv_window_mean(o, acc, wo, 2, kw, rows, cols);
+        else if (sw == 1) dv_window_mean(o, acc, wo, 1, kw, rows, cols);
+        else dv_window_mean(o, acc, wo, sw, kw, rows, cols);
     }
 }
 
