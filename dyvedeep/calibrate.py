@@ -44,7 +44,9 @@ CANDIDATE_QUANTILES = {
 }
 STAT_IMAGES = 64  # calibration images whose statistics make the candidate grids
 TRACE_FIELDS = ("step", "pass", "layer", "knob", "threshold", "options", "calib_top1", "calib_loss_pt", "ops",
-                "accepted")
+                "lost", "gained", "disagree", "risk_pt", "accepted")
+#: Acceptance criteria (see :meth:`Calibrator.risk`).
+CRITERIA = ("ucb", "loss", "disagree")
 #: SPET's leading fraction p is a per-layer option; calibration tries these, most aggressive first.
 SPET_FRACTIONS = (0.25, 0.5)
 
@@ -101,19 +103,61 @@ class Trial:
     top1: float
     ops: float
     correct: np.ndarray
+    pred: np.ndarray | None = None  # top-1 class per image
+
+
+def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.ndarray, correct: np.ndarray,
+            pred: np.ndarray) -> tuple[float, int, int, int]:
+    """The acceptance statistic of a trial against the dense run (percentage points), and the
+    counts of images lost (dense right, now wrong), gained and whose top-1 changed.
+
+    - ``loss``: the top-1 loss, (lost - gained) / n;
+    - ``ucb``: an upper confidence bound of the loss: the loss plus ``z`` standard errors of the
+      paired per-image difference (each image -1, 0 or +1), so a setting that changes many images
+      must show a loss well under the allowance (the noise of a small split is priced in);
+    - ``disagree``: the share of images whose top-1 changed (an upper bound of the loss)."""
+    n = max(len(correct), 1)
+    lost = int((dense_correct & ~correct).sum())
+    gained = int((~dense_correct & correct).sum())
+    disagree = int((pred != dense_pred).sum()) if pred is not None else lost + gained
+    mean = (lost - gained) / n
+    if criterion == "loss":
+        value = mean
+    elif criterion == "ucb":
+        var = max((lost + gained) / n - mean * mean, 0.0)
+        value = mean + z * math.sqrt(var / n)
+    elif criterion == "disagree":
+        value = disagree / n
+    else:
+        raise ValueError(criterion)
+    return 100.0 * value, lost, gained, disagree
 
 
 class Calibrator:
     """Greedy threshold search with cached activations."""
 
     def __init__(self, plan: Plan, images: np.ndarray, labels: np.ndarray, budget: float, margin: float,
-                 min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES) -> None:
-        self.plan, self.images, self.labels = plan, images, labels
+                 min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES,
+                 criterion: str = "loss", z: float = 0.0, holdout: float = 0.0, seed: int = 0) -> None:
+        if criterion not in CRITERIA:
+            raise DyveError(f"--criterion: unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
+        if not 0 <= holdout < 1:
+            raise DyveError(f"--holdout: a fraction in [0, 1), got {holdout}")
+        self.plan = plan
+        labels = np.asarray(labels)
+        # the held-out part validates the chosen setting; the search never sees it
+        n_hold = int(round(holdout * len(images))) if len(images) > 1 else 0
+        order = np.random.default_rng(seed).permutation(len(images)) if n_hold else np.arange(len(images))
+        search, hold = np.sort(order[: len(images) - n_hold]), np.sort(order[len(images) - n_hold:])
+        self.images, self.labels = images[search], labels[search]
+        self.hold_images, self.hold_labels = images[hold], labels[hold]
         self.budget, self.margin, self.min_share = budget, margin, min_share
+        self.criterion, self.z = criterion, z
         self.threads = threads
         self.knobs_allowed = knobs_allowed
         self.config = KnobConfig(model=plan.path.name)
         self.trace: list[dict[str, Any]] = []
+        self.history: list[KnobConfig] = []  # the configuration before each accepted change
         self.step = 0
         self.index_of = {layer.name: i for i, layer in enumerate(plan.layers)}
         self.pool = None
@@ -131,10 +175,11 @@ class Calibrator:
         return cache
 
     def trial(self, index: int, cache: list[dict[str, np.ndarray]], config: KnobConfig,
-              prefix_ops: float) -> Trial:
+              prefix_ops: float, labels: np.ndarray | None = None) -> Trial:
         """Run layers ``index``.. from the cache under ``config``: top-1 and mean ops per image.
         The images are split over ``threads`` worker processes."""
         n = len(cache)
+        labels = self.labels if labels is None else labels
         bounds = np.linspace(0, n, self.threads + 1).astype(int)
         jobs = [(config, index, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
         _WORKER_STATE.update(plan=self.plan, cache=cache)
@@ -142,10 +187,15 @@ class Calibrator:
             parts = self.pool.map(_run_chunk, jobs)
         else:
             parts = [_run_chunk(job) for job in jobs]
-        outputs = np.concatenate([p[0] for p in parts])
-        correct = topk_correct(outputs.reshape(n, -1), self.labels, 1)
+        outputs = np.concatenate([p[0] for p in parts]).reshape(n, -1)
+        correct = topk_correct(outputs, labels, 1)
         ops = prefix_ops + sum(p[1] for p in parts) / max(n, 1)
-        return Trial(float(correct.mean() * 100), ops, correct)
+        return Trial(float(correct.mean() * 100), ops, correct, outputs.argmax(axis=1))
+
+    def risk(self, trial: Trial, dense: Trial | None = None) -> tuple[float, int, int, int]:
+        """The acceptance statistic of ``trial`` (pt) and its lost / gained / changed counts."""
+        dense = self.dense if dense is None else dense
+        return risk_pt(self.criterion, self.z, dense.correct, dense.pred, trial.correct, trial.pred)
 
     def prefix_ops(self, index: int, config: KnobConfig) -> float:
         """Mean ops per image of layers before ``index`` under ``config`` (on a sample)."""
@@ -154,6 +204,31 @@ class Calibrator:
         for img in sample:
             engine.run_image(img, stop=index)
         return engine.counter.total("ops") / max(len(sample), 1)
+
+    def open_pool(self) -> None:
+        if self.threads > 1 and "fork" in multiprocessing.get_all_start_methods():
+            self.pool = multiprocessing.get_context("fork").Pool(self.threads)
+
+    def close_pool(self, terminate: bool = False) -> None:
+        if self.pool is not None:
+            if terminate:
+                self.pool.terminate()
+            else:
+                self.pool.close()
+            self.pool.join()
+            self.pool = None
+
+    def whole_run(self, images: np.ndarray, labels: np.ndarray, config: KnobConfig) -> Trial:
+        """Every layer of ``config`` on ``images`` (no cache): for the held-out check."""
+        cache = [{self.plan.input_name: img} for img in images]
+        self.open_pool()
+        try:
+            return self.trial(0, cache, config, 0.0, labels)
+        except BaseException:
+            self.close_pool(terminate=True)
+            raise
+        finally:
+            self.close_pool()
 
     # -- search --------------------------------------------------------------------------
 
@@ -166,17 +241,21 @@ class Calibrator:
         return sorted(rows, key=lambda r: -r[1])
 
     def run(self, passes: int = 2) -> KnobConfig:
-        """The greedy search; returns the chosen knob configuration."""
+        """The greedy search, then the held-out check; returns the chosen knob configuration."""
         start = time.monotonic()
         set_blas_threads(self.threads)
         dense_engine = Engine(self.plan, None, self.threads)
         outputs = np.stack([dense_engine.run_image(img)[self.plan.output_name] for img in self.images])
-        self.dense_correct = topk_correct(outputs.reshape(len(self.images), -1), self.labels, 1)
+        outputs = outputs.reshape(len(self.images), -1)
+        self.dense_correct = topk_correct(outputs, self.labels, 1)
         self.dense_top1 = float(self.dense_correct.mean() * 100)
         self.dense_ops = self.plan.dense_ops
-        self.current = Trial(self.dense_top1, float(self.dense_ops), self.dense_correct)
-        self.log(f"dense top-1 on {len(self.images)} calibration images: {self.dense_top1:.2f} %; "
-                 f"budget {self.budget} pt, margin {self.margin} pt")
+        self.dense = Trial(self.dense_top1, float(self.dense_ops), self.dense_correct, outputs.argmax(axis=1))
+        self.current = self.dense
+        crit = self.criterion + (f" (z {self.z:g})" if self.criterion == "ucb" else "")
+        held = f", {len(self.hold_images)} held out" if len(self.hold_images) else ""
+        self.log(f"dense top-1 on {len(self.images)} calibration images{held}: {self.dense_top1:.2f} %; "
+                 f"budget {self.budget} pt, margin {self.margin} pt, criterion {crit}")
         layers = self.layers_by_share()
         total_share = sum(s for _, s in layers) or 1.0
         limit = self.budget - self.margin
@@ -187,9 +266,44 @@ class Calibrator:
                 allowance = limit * (done_share / total_share if pass_no == 1 else 1.0)
                 self.calibrate_layer(name, allowance, pass_no)
             self.log(f"pass {pass_no} done: calib top-1 {self.current.top1:.2f} % "
-                     f"(loss {self.dense_top1 - self.current.top1:.2f} pt), ops {self.dense_ops / self.current.ops:.2f}x "
+                     f"(loss {self.dense_top1 - self.current.top1:.2f} pt, {self.criterion} "
+                     f"{self.risk(self.current)[0]:.2f} pt), ops {self.dense_ops / self.current.ops:.2f}x "
                      f"fewer, {time.monotonic() - start:.0f} s")
+        if len(self.hold_images):
+            self.check_holdout(limit)
+            self.log(f"held-out check done, {time.monotonic() - start:.0f} s")
         return self.config
+
+    def check_holdout(self, limit: float) -> None:
+        """Back off until the setting stays within ``limit`` on the held-out images: the latest
+        accepted changes are undone first (binary search over the accepted history)."""
+        dense = self.whole_run(self.hold_images, self.hold_labels, KnobConfig())
+        self.hold_dense = dense
+        configs = self.history[1:] + [self.config]  # history[0] is the dense setting
+        verdicts: dict[int, bool] = {}
+
+        def passes(i: int) -> bool:
+            if i not in verdicts:
+                trial = self.whole_run(self.hold_images, self.hold_labels, configs[i])
+                risk, lost, gained, _ = self.risk(trial, dense)
+                verdicts[i] = risk <= limit + 1e-9
+                self.log(f"held-out check of setting {i + 1}/{len(configs)}: top-1 {trial.top1:.2f} % "
+                         f"(dense {dense.top1:.2f} %, {lost} lost, {gained} gained, {self.criterion} {risk:.2f} pt) "
+                         f"-> {'kept' if verdicts[i] else 'backed off'}")
+            return verdicts[i]
+
+        if not configs or passes(len(configs) - 1):
+            return
+        lo, hi, best = 0, len(configs) - 2, -1  # largest i that passes (risk grows along the history)
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if passes(mid):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        self.config = configs[best].copy() if best >= 0 else KnobConfig(model=self.plan.path.name)
+        self.backed_off = len(configs) - 1 - best
+        self.current = None  # the calibration numbers of the kept setting are no longer tracked
 
     def calibrate_layer(self, name: str, allowance: float, pass_no: int) -> None:
         """Try each applicable knob of one layer; keep the most aggressive acceptable threshold."""
@@ -198,19 +312,14 @@ class Calibrator:
         cache = self.cache_inputs(index, self.config)
         prefix = self.prefix_ops(index, self.config)
         _WORKER_STATE.update(plan=self.plan, cache=cache)
-        if self.threads > 1 and "fork" in multiprocessing.get_all_start_methods():
-            self.pool = multiprocessing.get_context("fork").Pool(self.threads)
+        self.open_pool()
         try:
             self._calibrate_knobs(name, layer, index, cache, prefix, allowance, pass_no)
         except BaseException:  # Ctrl-C or an error: no worker may outlive the command
-            if self.pool is not None:
-                self.pool.terminate()
+            self.close_pool(terminate=True)
             raise
         finally:
-            if self.pool is not None:
-                self.pool.close()
-                self.pool.join()
-                self.pool = None
+            self.close_pool()
 
     def _calibrate_knobs(self, name: str, layer, index: int, cache, prefix: float, allowance: float,
                          pass_no: int) -> None:
@@ -228,6 +337,7 @@ class Calibrator:
                     continue
                 best = self.search(name, knob, candidates, options, cache, index, prefix, allowance, pass_no)
                 if best is not None:
+                    self.history.append(self.config.copy())
                     self.config.set(name, knob, best[0], **options)
                     self.current = best[1]
                     current = self.config.get(name, knob)
@@ -260,10 +370,10 @@ class Calibrator:
             config = self.config.copy()
             config.set(name, knob, t, **options)
             trial = self.trial(index, cache, config, prefix)
-            loss = self.dense_top1 - trial.top1
-            ok = loss <= allowance + 1e-9 and trial.ops < self.current.ops
+            risk = self.risk(trial)
+            ok = risk[0] <= allowance + 1e-9 and trial.ops < self.current.ops
             tried[mid] = ok
-            self.record(pass_no, name, knob, t, options, trial, ok)
+            self.record(pass_no, name, knob, t, options, trial, ok, risk)
             if ok:
                 best = (t, trial)
                 hi = mid - 1
@@ -274,17 +384,19 @@ class Calibrator:
     # -- reporting -----------------------------------------------------------------------
 
     def record(self, pass_no: int, name: str, knob: str, t: float, options: dict[str, Any], trial: Trial,
-               ok: bool) -> None:
+               ok: bool, risk: tuple[float, int, int, int]) -> None:
         self.step += 1
         loss = self.dense_top1 - trial.top1
+        value, lost, gained, disagree = risk
         self.trace.append({"step": self.step, "pass": pass_no, "layer": name, "knob": knob, "threshold": t,
                            "options": " ".join(f"{k}={v}" for k, v in options.items()),
                            "calib_top1": round(trial.top1, 4), "calib_loss_pt": round(loss, 4),
-                           "ops": round(trial.ops, 1), "accepted": int(ok)})
+                           "ops": round(trial.ops, 1), "lost": lost, "gained": gained, "disagree": disagree,
+                           "risk_pt": round(value, 4), "accepted": int(ok)})
         opts = "".join(f" {k}={v}" for k, v in options.items())
         self.log(f"[{self.step}] pass {pass_no} {name} {knob}{opts} t={t:.4g}: top-1 {trial.top1:.2f} % "
-                 f"(loss {loss:+.2f} pt), ops {self.dense_ops / trial.ops:.2f}x fewer -> "
-                 f"{'candidate' if ok else 'rejected'}")
+                 f"(loss {loss:+.2f} pt, {lost} lost, {gained} gained, {self.criterion} {value:.2f} pt), "
+                 f"ops {self.dense_ops / trial.ops:.2f}x fewer -> {'candidate' if ok else 'rejected'}")
 
     @staticmethod
     def log(message: str) -> None:
@@ -296,7 +408,8 @@ class Calibrator:
         writer.writeheader()
         writer.writerow({"step": 0, "pass": 0, "layer": "", "knob": "dense", "threshold": "", "options": "",
                          "calib_top1": round(self.dense_top1, 4), "calib_loss_pt": 0.0,
-                         "ops": float(self.dense_ops), "accepted": 1})
+                         "ops": float(self.dense_ops), "lost": 0, "gained": 0, "disagree": 0, "risk_pt": 0.0,
+                         "accepted": 1})
         writer.writerows(self.trace)
         return buf.getvalue()
 
@@ -315,13 +428,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if k not in KNOB_NAMES:
             raise DyveError(f"--knobs: unknown knob {k!r} (known: {', '.join(KNOB_NAMES)})")
     cal = Calibrator(plan, images, np.asarray(dataset.labels), args.budget, args.margin, args.min_share,
-                     args.threads, knobs)
+                     args.threads, knobs, criterion=args.criterion, z=args.z, holdout=args.holdout)
     config = cal.run(passes=args.passes)
     config.save(args.output)
     if args.trace:
         write_text_atomic(args.trace, cal.trace_csv())
-    print(f"calibration top-1 {cal.current.top1:.2f} % (dense {cal.dense_top1:.2f} %), "
-          f"ops {cal.dense_ops / cal.current.ops:.2f}x fewer; knobs written to {args.output}")
+    if cal.current is not None:
+        print(f"calibration top-1 {cal.current.top1:.2f} % (dense {cal.dense_top1:.2f} %), "
+              f"ops {cal.dense_ops / cal.current.ops:.2f}x fewer; knobs written to {args.output}")
+    else:
+        print(f"held-out check: {cal.backed_off} accepted change(s) undone; knobs written to {args.output}")
     return 0
 
 
@@ -334,6 +450,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--margin", type=float, default=0.1, help="kept in reserve from the budget (default 0.1 pt)")
     p.add_argument("--min-share", type=float, default=0.01, help="skip layers under this share of dense ops")
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--criterion", choices=CRITERIA, default="loss",
+                   help="acceptance statistic: loss, ucb (loss + z standard errors), disagree (default loss)")
+    p.add_argument("--z", type=float, default=0.0, help="standard errors added by --criterion ucb")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of the calibration images held out to check the chosen setting (default 0)")
     p.add_argument("--knobs", default="", help="comma-separated subset of sfma,sdss,spet (default all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="KNOBS.yaml")
