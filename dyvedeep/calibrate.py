@@ -57,7 +57,7 @@ TRACE_FIELDS = ("step", "pass", "layer", "knob", "threshold", "options", "calib_
 #: on the CIFAR-10 nets first (the order the engine applies them in is fixed: SFMA, SDSS, SPET).
 SEARCH_ORDER = ("sdss", "spet", "sfma")
 #: Acceptance criteria (see :meth:`Calibrator.risk`).
-CRITERIA = ("ucb", "loss", "disagree")
+CRITERIA = ("ucb", "lost", "loss", "disagree")
 #: SPET's leading fraction p is a per-layer option; calibration tries these (``--spet-fractions``).
 #: 0.25 changes several times more images than 0.5 for the ops it saves, so only 0.5 by default.
 SPET_FRACTIONS = (0.5,)
@@ -128,6 +128,8 @@ def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.
     - ``ucb``: an upper confidence bound of the loss: the loss plus ``z`` standard errors of the
       paired per-image difference (each image -1, 0 or +1), so a setting that changes many images
       must show a loss well under the allowance (the noise of a small split is priced in);
+    - ``lost``: the share of images lost plus ``z`` standard errors, gains ignored (calibration
+      images from the training set gain more often than test images do);
     - ``disagree``: the share of images whose top-1 changed (an upper bound of the loss)."""
     n = max(len(correct), 1)
     lost = int((dense_correct & ~correct).sum())
@@ -139,6 +141,9 @@ def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.
     elif criterion == "ucb":
         var = max((lost + gained) / n - mean * mean, 0.0)
         value = mean + z * math.sqrt(var / n)
+    elif criterion == "lost":
+        p = lost / n
+        value = p + z * math.sqrt(p * (1 - p) / n)
     elif criterion == "disagree":
         value = disagree / n
     else:

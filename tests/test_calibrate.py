@@ -79,3 +79,28 @@ def test_calibrate_cli_with_ucb_and_holdout(tmp_path, capsys, small_model, small
     assert header[:9] == ["step", "pass", "layer", "knob", "threshold", "options", "calib_top1", "calib_loss_pt", "ops"]
     assert header[-1] == "accepted" and "risk_pt" in header
     assert run(capsys, "eval", small_model, "--data", f"npz:{small_data['test']}", "--knobs", knobs)[0] == 0
+
+
+def test_lost_criterion_ignores_gains():
+    dense_ok = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    dense_pred = np.arange(8)
+    pred = np.array([9, 9, 2, 3, 8, 9, 6, 7])
+    ok = np.array([0, 0, 1, 1, 1, 0, 0, 0], bool)  # 2 lost, 1 gained
+    assert risk_pt("lost", 0, dense_ok, dense_pred, ok, pred)[0] == pytest.approx(25.0)
+    assert risk_pt("lost", 1, dense_ok, dense_pred, ok, pred)[0] == pytest.approx(100 * (0.25 + math.sqrt(0.25 * 0.75 / 8)))
+
+
+def test_early_rejection_stops_a_clearly_bad_candidate_after_a_quarter(small_model):  # noqa: F811
+    cal = _calibrator(small_model, n=400)
+    cal.run(passes=0)  # the dense run only
+    wild = KnobConfig()
+    wild.set("conv1", "sfma", 1e9)
+    wild.set("conv2", "sfma", 1e9)
+    cache = cal.cache_inputs(0, KnobConfig())
+    stopped = cal.trial(0, cache, wild, 0.0, allowance=0.5)
+    assert stopped.partial and len(stopped.correct) == 100
+    assert cal.risk(stopped)[0] > 0.5
+    full = cal.trial(0, cache, wild, 0.0)  # no allowance: every image
+    assert not full.partial and len(full.correct) == 400
+    mild = cal.trial(0, cache, KnobConfig(), 0.0, allowance=0.5)  # dense: never stopped
+    assert not mild.partial and cal.risk(mild)[0] == 0
