@@ -8,10 +8,10 @@ The search (a reconstruction of the papers' procedure, see docs/knobs.md):
   observed on calibration images; candidates are tried from the most aggressive down (binary
   search, accuracy being monotone in the threshold), and the most aggressive one is kept whose
   cumulative risk stays within the allowance and which lowers the op count;
-- the risk is the acceptance criterion (default ``ucb``: the calibration loss plus ``z``
-  standard errors of the paired per-image difference, so that a setting that changes many images
-  must show a loss well under the allowance: the plain loss of the most aggressive candidate that
-  passes is biased low and did not transfer to the test split);
+- the risk is the acceptance criterion (default ``lost``: the share of calibration images whose
+  top-1 was right and is now wrong, plus ``z`` standard errors; images gained are not credited:
+  the plain loss of the most aggressive candidate that passes is biased low - gains are what the
+  search selects for - and did not transfer to the test split);
 - the allowance grows with the op share of the layers done so far, up to ``budget - margin``
   in the first pass; a second pass lets every layer use what is left;
 - optionally (``holdout``) part of the calibration images is kept out of the search, and the
@@ -57,7 +57,7 @@ TRACE_FIELDS = ("step", "pass", "layer", "knob", "threshold", "options", "calib_
 #: on the CIFAR-10 nets first (the order the engine applies them in is fixed: SFMA, SDSS, SPET).
 SEARCH_ORDER = ("sdss", "spet", "sfma")
 #: Acceptance criteria (see :meth:`Calibrator.risk`).
-CRITERIA = ("ucb", "lost", "loss", "disagree")
+CRITERIA = ("lost", "ucb", "loss", "disagree")
 #: SPET's leading fraction p is a per-layer option; calibration tries these (``--spet-fractions``).
 #: 0.25 changes several times more images than 0.5 for the ops it saves, so only 0.5 by default.
 SPET_FRACTIONS = (0.5,)
@@ -156,7 +156,7 @@ class Calibrator:
 
     def __init__(self, plan: Plan, images: np.ndarray, labels: np.ndarray, budget: float, margin: float,
                  min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES,
-                 criterion: str = "ucb", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
+                 criterion: str = "lost", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
                  spet_fractions: tuple[float, ...] = SPET_FRACTIONS, early_reject: bool = True) -> None:
         if criterion not in CRITERIA:
             raise DyveError(f"--criterion: unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
@@ -220,14 +220,13 @@ class Calibrator:
         first = n // 4 if allowance is not None and n >= EARLY_MIN_IMAGES else n
         outputs, ops = self._outputs(index, cache, config, 0, first)
         if first < n:
-            correct = topk_correct(outputs, labels[:first], 1)
-            lost = int((self.dense.correct[:first] & ~correct).sum())
-            gained = int((~self.dense.correct[:first] & correct).sum())
-            mean = (lost - gained) / first
-            lower = mean - EARLY_Z * math.sqrt(max((lost + gained) / first - mean * mean, 0.0) / first)
-            if 100 * lower > allowance:
-                return Trial(float(correct.mean() * 100), prefix_ops + ops / first, correct,
-                             outputs.argmax(axis=1), partial=True)
+            correct, pred = topk_correct(outputs, labels[:first], 1), outputs.argmax(axis=1)
+            # a lower confidence bound of the share lost (criterion lost) or of the loss (the others:
+            # the loss is a lower bound of the share changed)
+            lower = risk_pt("lost" if self.criterion == "lost" else "ucb", -EARLY_Z, self.dense.correct[:first],
+                            self.dense.pred[:first], correct, pred)[0]
+            if lower > allowance:
+                return Trial(float(correct.mean() * 100), prefix_ops + ops / first, correct, pred, partial=True)
             rest, rest_ops = self._outputs(index, cache, config, first, n)
             outputs, ops = np.concatenate([outputs, rest]), ops + rest_ops
         correct = topk_correct(outputs, labels, 1)
@@ -499,12 +498,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(p)
     p.add_argument("--budget", type=float, default=0.5, help="top-1 loss budget, percentage points (default 0.5)")
     p.add_argument("--margin", type=float, default=0.0,
-                   help="kept in reserve from the budget (default 0 pt: the ucb criterion keeps its own reserve)")
+                   help="kept in reserve from the budget (default 0 pt: the criterion keeps its own reserve)")
     p.add_argument("--min-share", type=float, default=0.01, help="skip layers under this share of dense ops")
     p.add_argument("--passes", type=int, default=2)
-    p.add_argument("--criterion", choices=CRITERIA, default="ucb",
-                   help="acceptance statistic: ucb (loss + z standard errors), loss, disagree (default ucb)")
-    p.add_argument("--z", type=float, default=1.0, help="standard errors added by --criterion ucb (default 1)")
+    p.add_argument("--criterion", choices=CRITERIA, default="lost",
+                   help="acceptance statistic: lost (share of images lost + z standard errors, gains ignored), "
+                        "ucb (loss + z standard errors), loss, disagree (default lost)")
+    p.add_argument("--z", type=float, default=1.0, help="standard errors added by lost and ucb (default 1)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of the calibration images held out to check the chosen setting (default 0)")
     p.add_argument("--spet-fractions", default=",".join(map(str, SPET_FRACTIONS)),
