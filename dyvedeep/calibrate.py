@@ -3,16 +3,22 @@ loss on the calibration split stays within a budget (absolute percentage points)
 
 The search (a reconstruction of the papers' procedure, see docs/knobs.md):
 - layers with an applicable knob and at least ``min_share`` of the dense ops, in decreasing
-  order of their op share (greedy); inside a layer the knobs in their order of application
-  (SFMA, SDSS, SPET);
+  order of their op share (greedy); inside a layer the knobs in SEARCH_ORDER (SDSS, SPET, SFMA);
 - per knob a small grid of candidate thresholds from quantiles of the statistic it tests,
   observed on calibration images; candidates are tried from the most aggressive down (binary
   search, accuracy being monotone in the threshold), and the most aggressive one is kept whose
-  cumulative calibration loss stays within the allowance and which lowers the op count;
+  cumulative risk stays within the allowance and which lowers the op count;
+- the risk is the acceptance criterion (default ``lost``: the share of calibration images whose
+  top-1 was right and is now wrong, plus ``z`` standard errors; images gained are not credited:
+  the plain loss of the most aggressive candidate that passes is biased low - gains are what the
+  search selects for - and did not transfer to the test split);
 - the allowance grows with the op share of the layers done so far, up to ``budget - margin``
   in the first pass; a second pass lets every layer use what is left;
+- optionally (``holdout``) part of the calibration images is kept out of the search, and the
+  latest accepted changes are undone until the setting also passes on them;
 - activations are cached: the tensors live at a layer's input are computed once per layer (under
-  the settings accepted so far) and a candidate then runs only from that layer to the output.
+  the settings accepted so far) and a candidate then runs only from that layer to the output;
+  a clearly bad candidate stops after a quarter of the images (early rejection).
 """
 from __future__ import annotations
 
@@ -43,10 +49,18 @@ CANDIDATE_QUANTILES = {
     "spet": (0.0, 0.05, 0.1, 0.2, 0.35, 0.5),
 }
 STAT_IMAGES = 64  # calibration images whose statistics make the candidate grids
+EARLY_MIN_IMAGES = 400  # trials on fewer images always run in full
+EARLY_Z = 2.0  # early rejection: the loss on the first quarter exceeds the allowance by this many SEs
 TRACE_FIELDS = ("step", "pass", "layer", "knob", "threshold", "options", "calib_top1", "calib_loss_pt", "ops",
-                "accepted")
-#: SPET's leading fraction p is a per-layer option; calibration tries these, most aggressive first.
-SPET_FRACTIONS = (0.25, 0.5)
+                "images", "lost", "gained", "disagree", "risk_pt", "accepted")
+#: Order in which a layer's knobs are searched: the ones that save the most ops per changed image
+#: on the CIFAR-10 nets first (the order the engine applies them in is fixed: SFMA, SDSS, SPET).
+SEARCH_ORDER = ("sdss", "spet", "sfma")
+#: Acceptance criteria (see :meth:`Calibrator.risk`).
+CRITERIA = ("lost", "ucb", "loss", "disagree")
+#: SPET's leading fraction p is a per-layer option; calibration tries these (``--spet-fractions``).
+#: 0.25 changes several times more images than 0.5 for the ops it saves, so only 0.5 by default.
+SPET_FRACTIONS = (0.5,)
 
 
 def candidate_thresholds(knob: str, values: np.ndarray) -> list[float]:
@@ -101,19 +115,70 @@ class Trial:
     top1: float
     ops: float
     correct: np.ndarray
+    pred: np.ndarray | None = None  # top-1 class per image
+    partial: bool = False  # stopped early on the first images (rejected)
+
+
+def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.ndarray, correct: np.ndarray,
+            pred: np.ndarray) -> tuple[float, int, int, int]:
+    """The acceptance statistic of a trial against the dense run (percentage points), and the
+    counts of images lost (dense right, now wrong), gained and whose top-1 changed.
+
+    - ``loss``: the top-1 loss, (lost - gained) / n;
+    - ``ucb``: an upper confidence bound of the loss: the loss plus ``z`` standard errors of the
+      paired per-image difference (each image -1, 0 or +1), so a setting that changes many images
+      must show a loss well under the allowance (the noise of a small split is priced in);
+    - ``lost``: the share of images lost plus ``z`` standard errors, gains ignored (calibration
+      images from the training set gain more often than test images do);
+    - ``disagree``: the share of images whose top-1 changed (an upper bound of the loss)."""
+    n = max(len(correct), 1)
+    lost = int((dense_correct & ~correct).sum())
+    gained = int((~dense_correct & correct).sum())
+    disagree = int((pred != dense_pred).sum()) if pred is not None else lost + gained
+    mean = (lost - gained) / n
+    if criterion == "loss":
+        value = mean
+    elif criterion == "ucb":
+        var = max((lost + gained) / n - mean * mean, 0.0)
+        value = mean + z * math.sqrt(var / n)
+    elif criterion == "lost":
+        p = lost / n
+        value = p + z * math.sqrt(p * (1 - p) / n)
+    elif criterion == "disagree":
+        value = disagree / n
+    else:
+        raise ValueError(criterion)
+    return 100.0 * value, lost, gained, disagree
 
 
 class Calibrator:
     """Greedy threshold search with cached activations."""
 
     def __init__(self, plan: Plan, images: np.ndarray, labels: np.ndarray, budget: float, margin: float,
-                 min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES) -> None:
-        self.plan, self.images, self.labels = plan, images, labels
+                 min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES,
+                 criterion: str = "lost", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
+                 spet_fractions: tuple[float, ...] = SPET_FRACTIONS, early_reject: bool = True) -> None:
+        if criterion not in CRITERIA:
+            raise DyveError(f"--criterion: unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
+        if not 0 <= holdout < 1:
+            raise DyveError(f"--holdout: a fraction in [0, 1), got {holdout}")
+        self.plan = plan
+        labels = np.asarray(labels)
+        # the held-out part validates the chosen setting; the search never sees it
+        n_hold = int(round(holdout * len(images))) if len(images) > 1 else 0
+        order = np.random.default_rng(seed).permutation(len(images)) if n_hold else np.arange(len(images))
+        search, hold = np.sort(order[: len(images) - n_hold]), np.sort(order[len(images) - n_hold:])
+        self.images, self.labels = images[search], labels[search]
+        self.hold_images, self.hold_labels = images[hold], labels[hold]
         self.budget, self.margin, self.min_share = budget, margin, min_share
+        self.criterion, self.z = criterion, z
+        self.spet_fractions = spet_fractions
+        self.early_reject = early_reject
         self.threads = threads
         self.knobs_allowed = knobs_allowed
         self.config = KnobConfig(model=plan.path.name)
         self.trace: list[dict[str, Any]] = []
+        self.history: list[KnobConfig] = []  # the configuration before each accepted change
         self.step = 0
         self.index_of = {layer.name: i for i, layer in enumerate(plan.layers)}
         self.pool = None
@@ -130,22 +195,48 @@ class Calibrator:
             cache.append({t: values[t] for t in live})
         return cache
 
-    def trial(self, index: int, cache: list[dict[str, np.ndarray]], config: KnobConfig,
-              prefix_ops: float) -> Trial:
-        """Run layers ``index``.. from the cache under ``config``: top-1 and mean ops per image.
-        The images are split over ``threads`` worker processes."""
-        n = len(cache)
-        bounds = np.linspace(0, n, self.threads + 1).astype(int)
-        jobs = [(config, index, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    def _outputs(self, index: int, cache: list[dict[str, np.ndarray]], config: KnobConfig, lo: int,
+                 hi: int) -> tuple[np.ndarray, float]:
+        """Outputs (flat) of cached images ``lo``..``hi`` from layer ``index``, and their total ops;
+        the images are split over the worker processes."""
+        bounds = np.linspace(lo, hi, self.threads + 1).astype(int)
+        jobs = [(config, index, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         _WORKER_STATE.update(plan=self.plan, cache=cache)
         if self.pool is not None and len(jobs) > 1:
             parts = self.pool.map(_run_chunk, jobs)
         else:
             parts = [_run_chunk(job) for job in jobs]
-        outputs = np.concatenate([p[0] for p in parts])
-        correct = topk_correct(outputs.reshape(n, -1), self.labels, 1)
-        ops = prefix_ops + sum(p[1] for p in parts) / max(n, 1)
-        return Trial(float(correct.mean() * 100), ops, correct)
+        return np.concatenate([p[0] for p in parts]).reshape(hi - lo, -1), float(sum(p[1] for p in parts))
+
+    def trial(self, index: int, cache: list[dict[str, np.ndarray]], config: KnobConfig,
+              prefix_ops: float, labels: np.ndarray | None = None, allowance: float | None = None) -> Trial:
+        """Run layers ``index``.. from the cache under ``config``: top-1 and mean ops per image.
+
+        With an ``allowance``, the first quarter of the images is run first, and the trial stops
+        there (``partial``) when even a lower confidence bound of the loss on it (EARLY_Z standard
+        errors) exceeds the allowance: a clearly bad candidate costs a quarter of a trial."""
+        n = len(cache)
+        labels = self.labels if labels is None else labels
+        first = n // 4 if allowance is not None and n >= EARLY_MIN_IMAGES else n
+        outputs, ops = self._outputs(index, cache, config, 0, first)
+        if first < n:
+            correct, pred = topk_correct(outputs, labels[:first], 1), outputs.argmax(axis=1)
+            # a lower confidence bound of the share lost (criterion lost) or of the loss (the others:
+            # the loss is a lower bound of the share changed)
+            lower = risk_pt("lost" if self.criterion == "lost" else "ucb", -EARLY_Z, self.dense.correct[:first],
+                            self.dense.pred[:first], correct, pred)[0]
+            if lower > allowance:
+                return Trial(float(correct.mean() * 100), prefix_ops + ops / first, correct, pred, partial=True)
+            rest, rest_ops = self._outputs(index, cache, config, first, n)
+            outputs, ops = np.concatenate([outputs, rest]), ops + rest_ops
+        correct = topk_correct(outputs, labels, 1)
+        return Trial(float(correct.mean() * 100), prefix_ops + ops / max(n, 1), correct, outputs.argmax(axis=1))
+
+    def risk(self, trial: Trial, dense: Trial | None = None) -> tuple[float, int, int, int]:
+        """The acceptance statistic of ``trial`` (pt) and its lost / gained / changed counts."""
+        dense = self.dense if dense is None else dense
+        n = len(trial.correct)  # a partial trial covers the first images only
+        return risk_pt(self.criterion, self.z, dense.correct[:n], dense.pred[:n], trial.correct, trial.pred)
 
     def prefix_ops(self, index: int, config: KnobConfig) -> float:
         """Mean ops per image of layers before ``index`` under ``config`` (on a sample)."""
@@ -154,6 +245,31 @@ class Calibrator:
         for img in sample:
             engine.run_image(img, stop=index)
         return engine.counter.total("ops") / max(len(sample), 1)
+
+    def open_pool(self) -> None:
+        if self.threads > 1 and "fork" in multiprocessing.get_all_start_methods():
+            self.pool = multiprocessing.get_context("fork").Pool(self.threads)
+
+    def close_pool(self, terminate: bool = False) -> None:
+        if self.pool is not None:
+            if terminate:
+                self.pool.terminate()
+            else:
+                self.pool.close()
+            self.pool.join()
+            self.pool = None
+
+    def whole_run(self, images: np.ndarray, labels: np.ndarray, config: KnobConfig) -> Trial:
+        """Every layer of ``config`` on ``images`` (no cache): for the held-out check."""
+        cache = [{self.plan.input_name: img} for img in images]
+        self.open_pool()
+        try:
+            return self.trial(0, cache, config, 0.0, labels)
+        except BaseException:
+            self.close_pool(terminate=True)
+            raise
+        finally:
+            self.close_pool()
 
     # -- search --------------------------------------------------------------------------
 
@@ -166,17 +282,21 @@ class Calibrator:
         return sorted(rows, key=lambda r: -r[1])
 
     def run(self, passes: int = 2) -> KnobConfig:
-        """The greedy search; returns the chosen knob configuration."""
+        """The greedy search, then the held-out check; returns the chosen knob configuration."""
         start = time.monotonic()
         set_blas_threads(self.threads)
         dense_engine = Engine(self.plan, None, self.threads)
         outputs = np.stack([dense_engine.run_image(img)[self.plan.output_name] for img in self.images])
-        self.dense_correct = topk_correct(outputs.reshape(len(self.images), -1), self.labels, 1)
+        outputs = outputs.reshape(len(self.images), -1)
+        self.dense_correct = topk_correct(outputs, self.labels, 1)
         self.dense_top1 = float(self.dense_correct.mean() * 100)
         self.dense_ops = self.plan.dense_ops
-        self.current = Trial(self.dense_top1, float(self.dense_ops), self.dense_correct)
-        self.log(f"dense top-1 on {len(self.images)} calibration images: {self.dense_top1:.2f} %; "
-                 f"budget {self.budget} pt, margin {self.margin} pt")
+        self.dense = Trial(self.dense_top1, float(self.dense_ops), self.dense_correct, outputs.argmax(axis=1))
+        self.current = self.dense
+        crit = self.criterion + (f" (z {self.z:g})" if self.criterion == "ucb" else "")
+        held = f", {len(self.hold_images)} held out" if len(self.hold_images) else ""
+        self.log(f"dense top-1 on {len(self.images)} calibration images{held}: {self.dense_top1:.2f} %; "
+                 f"budget {self.budget} pt, margin {self.margin} pt, criterion {crit}")
         layers = self.layers_by_share()
         total_share = sum(s for _, s in layers) or 1.0
         limit = self.budget - self.margin
@@ -187,9 +307,44 @@ class Calibrator:
                 allowance = limit * (done_share / total_share if pass_no == 1 else 1.0)
                 self.calibrate_layer(name, allowance, pass_no)
             self.log(f"pass {pass_no} done: calib top-1 {self.current.top1:.2f} % "
-                     f"(loss {self.dense_top1 - self.current.top1:.2f} pt), ops {self.dense_ops / self.current.ops:.2f}x "
+                     f"(loss {self.dense_top1 - self.current.top1:.2f} pt, {self.criterion} "
+                     f"{self.risk(self.current)[0]:.2f} pt), ops {self.dense_ops / self.current.ops:.2f}x "
                      f"fewer, {time.monotonic() - start:.0f} s")
+        if len(self.hold_images):
+            self.check_holdout(limit)
+            self.log(f"held-out check done, {time.monotonic() - start:.0f} s")
         return self.config
+
+    def check_holdout(self, limit: float) -> None:
+        """Back off until the setting stays within ``limit`` on the held-out images: the latest
+        accepted changes are undone first (binary search over the accepted history)."""
+        dense = self.whole_run(self.hold_images, self.hold_labels, KnobConfig())
+        self.hold_dense = dense
+        configs = self.history[1:] + [self.config]  # history[0] is the dense setting
+        verdicts: dict[int, bool] = {}
+
+        def passes(i: int) -> bool:
+            if i not in verdicts:
+                trial = self.whole_run(self.hold_images, self.hold_labels, configs[i])
+                risk, lost, gained, _ = self.risk(trial, dense)
+                verdicts[i] = risk <= limit + 1e-9
+                self.log(f"held-out check of setting {i + 1}/{len(configs)}: top-1 {trial.top1:.2f} % "
+                         f"(dense {dense.top1:.2f} %, {lost} lost, {gained} gained, {self.criterion} {risk:.2f} pt) "
+                         f"-> {'kept' if verdicts[i] else 'backed off'}")
+            return verdicts[i]
+
+        if not configs or passes(len(configs) - 1):
+            return
+        lo, hi, best = 0, len(configs) - 2, -1  # largest i that passes (risk grows along the history)
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if passes(mid):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        self.config = configs[best].copy() if best >= 0 else KnobConfig(model=self.plan.path.name)
+        self.backed_off = len(configs) - 1 - best
+        self.current = None  # the calibration numbers of the kept setting are no longer tracked
 
     def calibrate_layer(self, name: str, allowance: float, pass_no: int) -> None:
         """Try each applicable knob of one layer; keep the most aggressive acceptable threshold."""
@@ -198,27 +353,22 @@ class Calibrator:
         cache = self.cache_inputs(index, self.config)
         prefix = self.prefix_ops(index, self.config)
         _WORKER_STATE.update(plan=self.plan, cache=cache)
-        if self.threads > 1 and "fork" in multiprocessing.get_all_start_methods():
-            self.pool = multiprocessing.get_context("fork").Pool(self.threads)
+        self.open_pool()
         try:
             self._calibrate_knobs(name, layer, index, cache, prefix, allowance, pass_no)
         except BaseException:  # Ctrl-C or an error: no worker may outlive the command
-            if self.pool is not None:
-                self.pool.terminate()
+            self.close_pool(terminate=True)
             raise
         finally:
-            if self.pool is not None:
-                self.pool.close()
-                self.pool.join()
-                self.pool = None
+            self.close_pool()
 
     def _calibrate_knobs(self, name: str, layer, index: int, cache, prefix: float, allowance: float,
                          pass_no: int) -> None:
-        for knob in applicable_knobs(layer):
+        for knob in sorted(applicable_knobs(layer), key=SEARCH_ORDER.index):
             if knob not in self.knobs_allowed:
                 continue
             current = self.config.get(name, knob)
-            options_grid = [{"fraction": f} for f in SPET_FRACTIONS] if knob == "spet" else [{}]
+            options_grid = [{"fraction": f} for f in self.spet_fractions] if knob == "spet" else [{}]
             for options in options_grid:
                 candidates = self.candidates(layer, knob, cache, options)
                 if current is not None and current.options == options:
@@ -228,6 +378,7 @@ class Calibrator:
                     continue
                 best = self.search(name, knob, candidates, options, cache, index, prefix, allowance, pass_no)
                 if best is not None:
+                    self.history.append(self.config.copy())
                     self.config.set(name, knob, best[0], **options)
                     self.current = best[1]
                     current = self.config.get(name, knob)
@@ -259,11 +410,11 @@ class Calibrator:
             t = candidates[mid]
             config = self.config.copy()
             config.set(name, knob, t, **options)
-            trial = self.trial(index, cache, config, prefix)
-            loss = self.dense_top1 - trial.top1
-            ok = loss <= allowance + 1e-9 and trial.ops < self.current.ops
+            trial = self.trial(index, cache, config, prefix, allowance=allowance if self.early_reject else None)
+            risk = self.risk(trial)
+            ok = not trial.partial and risk[0] <= allowance + 1e-9 and trial.ops < self.current.ops
             tried[mid] = ok
-            self.record(pass_no, name, knob, t, options, trial, ok)
+            self.record(pass_no, name, knob, t, options, trial, ok, risk)
             if ok:
                 best = (t, trial)
                 hi = mid - 1
@@ -274,17 +425,21 @@ class Calibrator:
     # -- reporting -----------------------------------------------------------------------
 
     def record(self, pass_no: int, name: str, knob: str, t: float, options: dict[str, Any], trial: Trial,
-               ok: bool) -> None:
+               ok: bool, risk: tuple[float, int, int, int]) -> None:
         self.step += 1
-        loss = self.dense_top1 - trial.top1
+        n = len(trial.correct)  # a partial trial: compared with the dense run on the same images
+        loss = float(self.dense.correct[:n].mean() * 100) - trial.top1
+        value, lost, gained, disagree = risk
         self.trace.append({"step": self.step, "pass": pass_no, "layer": name, "knob": knob, "threshold": t,
                            "options": " ".join(f"{k}={v}" for k, v in options.items()),
                            "calib_top1": round(trial.top1, 4), "calib_loss_pt": round(loss, 4),
-                           "ops": round(trial.ops, 1), "accepted": int(ok)})
+                           "ops": round(trial.ops, 1), "images": n, "lost": lost, "gained": gained, "disagree": disagree,
+                           "risk_pt": round(value, 4), "accepted": int(ok)})
         opts = "".join(f" {k}={v}" for k, v in options.items())
-        self.log(f"[{self.step}] pass {pass_no} {name} {knob}{opts} t={t:.4g}: top-1 {trial.top1:.2f} % "
-                 f"(loss {loss:+.2f} pt), ops {self.dense_ops / trial.ops:.2f}x fewer -> "
-                 f"{'candidate' if ok else 'rejected'}")
+        early = f" (stopped after {len(trial.correct)} images)" if trial.partial else ""
+        self.log(f"[{self.step}] pass {pass_no} {name} {knob}{opts} t={t:.4g}: top-1 {trial.top1:.2f} %{early} "
+                 f"(loss {loss:+.2f} pt, {lost} lost, {gained} gained, {self.criterion} {value:.2f} pt), "
+                 f"ops {self.dense_ops / trial.ops:.2f}x fewer -> {'candidate' if ok else 'rejected'}")
 
     @staticmethod
     def log(message: str) -> None:
@@ -296,7 +451,8 @@ class Calibrator:
         writer.writeheader()
         writer.writerow({"step": 0, "pass": 0, "layer": "", "knob": "dense", "threshold": "", "options": "",
                          "calib_top1": round(self.dense_top1, 4), "calib_loss_pt": 0.0,
-                         "ops": float(self.dense_ops), "accepted": 1})
+                         "ops": float(self.dense_ops), "images": len(self.images), "lost": 0, "gained": 0, "disagree": 0, "risk_pt": 0.0,
+                         "accepted": 1})
         writer.writerows(self.trace)
         return buf.getvalue()
 
@@ -314,14 +470,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for k in knobs:
         if k not in KNOB_NAMES:
             raise DyveError(f"--knobs: unknown knob {k!r} (known: {', '.join(KNOB_NAMES)})")
+    try:
+        spet_fractions = tuple(float(f) for f in args.spet_fractions.split(",") if f)
+    except ValueError:
+        raise DyveError(f"--spet-fractions: comma-separated numbers, got {args.spet_fractions!r}") from None
+    if not spet_fractions or not all(0 < f <= 1 for f in spet_fractions):
+        raise DyveError(f"--spet-fractions: fractions in (0, 1], got {args.spet_fractions!r}")
     cal = Calibrator(plan, images, np.asarray(dataset.labels), args.budget, args.margin, args.min_share,
-                     args.threads, knobs)
+                     args.threads, knobs, criterion=args.criterion, z=args.z, holdout=args.holdout,
+                     spet_fractions=spet_fractions)
     config = cal.run(passes=args.passes)
     config.save(args.output)
     if args.trace:
         write_text_atomic(args.trace, cal.trace_csv())
-    print(f"calibration top-1 {cal.current.top1:.2f} % (dense {cal.dense_top1:.2f} %), "
-          f"ops {cal.dense_ops / cal.current.ops:.2f}x fewer; knobs written to {args.output}")
+    if cal.current is not None:
+        print(f"calibration top-1 {cal.current.top1:.2f} % (dense {cal.dense_top1:.2f} %), "
+              f"ops {cal.dense_ops / cal.current.ops:.2f}x fewer; knobs written to {args.output}")
+    else:
+        print(f"held-out check: {cal.backed_off} accepted change(s) undone; knobs written to {args.output}")
     return 0
 
 
@@ -331,9 +497,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
     add_data_arguments(p)
     p.add_argument("--budget", type=float, default=0.5, help="top-1 loss budget, percentage points (default 0.5)")
-    p.add_argument("--margin", type=float, default=0.1, help="kept in reserve from the budget (default 0.1 pt)")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="kept in reserve from the budget (default 0 pt: the criterion keeps its own reserve)")
     p.add_argument("--min-share", type=float, default=0.01, help="skip layers under this share of dense ops")
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--criterion", choices=CRITERIA, default="lost",
+                   help="acceptance statistic: lost (share of images lost + z standard errors, gains ignored), "
+                        "ucb (loss + z standard errors), loss, disagree (default lost)")
+    p.add_argument("--z", type=float, default=1.0, help="standard errors added by lost and ucb (default 1)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of the calibration images held out to check the chosen setting (default 0)")
+    p.add_argument("--spet-fractions", default=",".join(map(str, SPET_FRACTIONS)),
+                   help="SPET leading fractions tried, most aggressive first (default %(default)s)")
     p.add_argument("--knobs", default="", help="comma-separated subset of sfma,sdss,spet (default all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="KNOBS.yaml")

@@ -1,0 +1,106 @@
+"""Calibration's acceptance criteria and its held-out check, on the small model of test_cli."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dyvedeep.calibrate import Calibrator, risk_pt
+from dyvedeep.engine import Engine
+from dyvedeep.errors import DyveError
+from dyvedeep.knobs import KnobConfig
+from dyvedeep.plan import build_plan
+from tests.test_cli import run, small_data, small_model  # noqa: F401  (fixtures)
+
+
+def test_risk_criteria():
+    dense_ok = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    dense_pred = np.arange(8)
+    ok = np.array([0, 0, 1, 1, 1, 0, 0, 0], bool)  # 2 lost, 1 gained
+    pred = np.array([9, 9, 2, 3, 8, 9, 6, 7])  # 4 changed (one wrong -> another wrong)
+    loss, lost, gained, changed = risk_pt("loss", 0, dense_ok, dense_pred, ok, pred)
+    assert (lost, gained, changed) == (2, 1, 4) and loss == pytest.approx(12.5)
+    assert risk_pt("disagree", 0, dense_ok, dense_pred, ok, pred)[0] == pytest.approx(50.0)
+    ucb = risk_pt("ucb", 2.0, dense_ok, dense_pred, ok, pred)[0]
+    mean = 1 / 8
+    assert ucb == pytest.approx(100 * (mean + 2 * math.sqrt((3 / 8 - mean ** 2) / 8)))
+    # the bound prices in the noise: same net loss, more changed images -> higher risk
+    ok2 = np.array([0, 0, 0, 1, 1, 1, 0, 0], bool)  # 3 lost, 2 gained
+    assert risk_pt("ucb", 2.0, dense_ok, dense_pred, ok2, pred)[0] > ucb
+    assert risk_pt("ucb", 0.0, dense_ok, dense_pred, ok2, pred)[0] == pytest.approx(loss)
+
+
+def _calibrator(model, n=40, **kw):
+    plan = build_plan(model)
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (n, 3, 12, 12)).astype(np.float32)
+    y = Engine(plan).run(x).argmax(axis=1)
+    return Calibrator(plan, x, y, budget=0.5, margin=0.0, min_share=0.0, threads=1, **kw)
+
+
+def test_holdout_split_is_disjoint_and_deterministic(small_model):  # noqa: F811
+    a, b = _calibrator(small_model, criterion="ucb", z=1.0, holdout=0.25), _calibrator(small_model, holdout=0.25)
+    assert len(a.images) == 30 and len(a.hold_images) == 10
+    assert np.array_equal(a.hold_images, b.hold_images)
+    both = np.concatenate([a.images, a.hold_images]).reshape(40, -1)
+    assert len(np.unique(both, axis=0)) == 40
+    with pytest.raises(DyveError):
+        _calibrator(small_model, holdout=1.0)
+    with pytest.raises(DyveError):
+        _calibrator(small_model, criterion="nope")
+
+
+def test_holdout_backs_off_a_setting_that_fails_on_the_held_out_images(small_model):  # noqa: F811
+    cal = _calibrator(small_model, holdout=0.5)
+    mild, wild = KnobConfig(), KnobConfig()
+    mild.set("conv2", "spet", 1e9, fraction=0.5)  # never fires: the dense result
+    wild.set("conv1", "sfma", 1e9)  # every map replaced by its mean: predictions change
+    wild.set("conv2", "sfma", 1e9)
+    cal.history = [KnobConfig(), mild]
+    cal.config = wild
+    cal.check_holdout(limit=0.0)
+    assert cal.backed_off == 1
+    assert cal.config.get("conv1", "sfma") is None and cal.config.get("conv2", "spet") is not None
+    # a setting that passes is kept
+    cal.history, cal.config = [KnobConfig()], mild.copy()
+    cal.check_holdout(limit=0.0)
+    assert cal.config.get("conv2", "spet") is not None
+
+
+def test_calibrate_cli_with_ucb_and_holdout(tmp_path, capsys, small_model, small_data):  # noqa: F811
+    knobs, trace = tmp_path / "knobs.yaml", tmp_path / "trace.csv"
+    code, out, err = run(capsys, "calibrate", small_model, "--data", f"npz:{small_data['calib']}",
+                         "--budget", "5", "--margin", "0", "--criterion", "ucb", "--z", "1",
+                         "--holdout", "0.5", "-o", knobs, "--trace", trace)
+    assert code == 0, err
+    assert "held-out" in err and "criterion ucb" in err
+    header = trace.read_text().splitlines()[0].split(",")
+    assert header[:9] == ["step", "pass", "layer", "knob", "threshold", "options", "calib_top1", "calib_loss_pt", "ops"]
+    assert header[-1] == "accepted" and "risk_pt" in header
+    assert run(capsys, "eval", small_model, "--data", f"npz:{small_data['test']}", "--knobs", knobs)[0] == 0
+
+
+def test_lost_criterion_ignores_gains():
+    dense_ok = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    dense_pred = np.arange(8)
+    pred = np.array([9, 9, 2, 3, 8, 9, 6, 7])
+    ok = np.array([0, 0, 1, 1, 1, 0, 0, 0], bool)  # 2 lost, 1 gained
+    assert risk_pt("lost", 0, dense_ok, dense_pred, ok, pred)[0] == pytest.approx(25.0)
+    assert risk_pt("lost", 1, dense_ok, dense_pred, ok, pred)[0] == pytest.approx(100 * (0.25 + math.sqrt(0.25 * 0.75 / 8)))
+
+
+def test_early_rejection_stops_a_clearly_bad_candidate_after_a_quarter(small_model):  # noqa: F811
+    cal = _calibrator(small_model, n=400)
+    cal.run(passes=0)  # the dense run only
+    wild = KnobConfig()
+    wild.set("conv1", "sfma", 1e9)
+    wild.set("conv2", "sfma", 1e9)
+    cache = cal.cache_inputs(0, KnobConfig())
+    stopped = cal.trial(0, cache, wild, 0.0, allowance=0.5)
+    assert stopped.partial and len(stopped.correct) == 100
+    assert cal.risk(stopped)[0] > 0.5
+    full = cal.trial(0, cache, wild, 0.0)  # no allowance: every image
+    assert not full.partial and len(full.correct) == 400
+    mild = cal.trial(0, cache, KnobConfig(), 0.0, allowance=0.5)  # dense: never stopped
+    assert not mild.partial and cal.risk(mild)[0] == 0
