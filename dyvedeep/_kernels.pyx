@@ -118,42 +118,41 @@ cdef void _bias_only(float[:, ::1] out, const float[::1] bias, bint relu):
             out[o, j] = v
 
 
+cdef int _gemm_checked(const float[:, :] W, int N, const float* cols, long ldc, long lds, float[:, ::1] out,
+                       const float[::1] bias, bint relu, int threads) except -1:
+    """out = W @ cols + bias (bias None: out +=), ReLU if asked; cols addressed as in _simd.h."""
+    cdef int O = W.shape[0], K = W.shape[1]
+    _check_gemm(W, K, N, out, bias)
+    if O == 0 or N == 0:
+        return 0
+    if K == 0:
+        _bias_only(out, bias, relu)
+        return 0
+    cdef long ldw = W.strides[0] // 4 if O > 1 else K
+    with nogil:
+        _gemm_run(&W[0, 0], ldw, O, cols, ldc, lds, &out[0, 0], N, K, N,
+                  &bias[0] if bias is not None else NULL, relu, threads)
+    return 0
+
+
 def conv_gemm(const float[:, :] W, const float[:, :, ::1] cols, int N, float[:, ::1] out,
               const float[::1] bias=None, bint relu=False, int threads=1):
     """The engine's own dense GEMM (register tiles of 8 rows x 32 columns, see _simd.h) on a
     packed unfolded input ``cols`` (panels x rows x 32; rows 0..K-1 used, K = W's columns, N
     columns): out = W @ cols + bias[:, None] (``bias`` None: out += W @ cols), ReLU if asked."""
-    cdef int O = W.shape[0], K = W.shape[1]
-    _check_gemm(W, K, N, out, bias)
-    if cols.shape[0] * 32 < N or cols.shape[1] < K:
+    if cols.shape[0] * 32 < N or cols.shape[1] < W.shape[1]:
         raise ValueError("conv_gemm: unfolded input too small")
-    if O == 0 or N == 0:
-        return
-    if K == 0:
-        _bias_only(out, bias, relu)
-        return
-    cdef long ldw = W.strides[0] // 4 if O > 1 else K
-    with nogil:
-        _gemm_run(&W[0, 0], ldw, O, &cols[0, 0, 0], 32, cols.shape[1] * 32, &out[0, 0], N, K, N,
-                  &bias[0] if bias is not None else NULL, relu, threads)
+    _gemm_checked(W, N, &cols[0, 0, 0] if cols.shape[1] and cols.shape[0] else NULL, 32, cols.shape[1] * 32,
+                  out, bias, relu, threads)
 
 
 def conv_gemm_rows(const float[:, :] W, const float[:, ::1] cols, float[:, ::1] out,
                    const float[::1] bias=None, bint relu=False, int threads=1):
     """As conv_gemm, for a row-major ``cols`` (K x N), e.g. a 1x1 convolution's input map."""
-    cdef int O = W.shape[0], K = W.shape[1], N = cols.shape[1]
-    _check_gemm(W, K, N, out, bias)
-    if cols.shape[0] != K:
+    if cols.shape[0] != W.shape[1]:
         raise ValueError("conv_gemm_rows: shape mismatch")
-    if O == 0 or N == 0:
-        return
-    if K == 0:
-        _bias_only(out, bias, relu)
-        return
-    cdef long ldw = W.strides[0] // 4 if O > 1 else K
-    with nogil:
-        _gemm_run(&W[0, 0], ldw, O, &cols[0, 0], N, 32, &out[0, 0], N, K, N,
-                  &bias[0] if bias is not None else NULL, relu, threads)
+    _gemm_checked(W, cols.shape[1], &cols[0, 0] if cols.shape[0] and cols.shape[1] else NULL, cols.shape[1], 32,
+                  out, bias, relu, threads)
 
 
 def gemv_bias(const float[:, ::1] W, const float[::1] x, const float[::1] bias, float[::1] out, bint relu=False):

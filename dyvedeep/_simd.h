@@ -83,17 +83,17 @@ static inline void dv_tile_8x32(const float *const *wr, int K, const float *cols
         a30 = acc[6]; a31 = acc[7]; a40 = acc[8]; a41 = acc[9]; a50 = acc[10]; a51 = acc[11];
         a60 = acc[12]; a61 = acc[13]; a70 = acc[14]; a71 = acc[15];
     }
-#define DV_STEP(c0, c1, k)                                                                  \
-    do {                                                                                    \
-        dv_v16 b;                                                                           \
-        b = DV_SPLAT(w0[k]); a00 += b * c0; a01 += b * c1;                              \
-        b = DV_SPLAT(w1[k]); a10 += b * c0; a11 += b * c1;                              \
-        b = DV_SPLAT(w2[k]); a20 += b * c0; a21 += b * c1;                              \
-        b = DV_SPLAT(w3[k]); a30 += b * c0; a31 += b * c1;                              \
-        b = DV_SPLAT(w4[k]); a40 += b * c0; a41 += b * c1;                              \
-        b = DV_SPLAT(w5[k]); a50 += b * c0; a51 += b * c1;                              \
-        b = DV_SPLAT(w6[k]); a60 += b * c0; a61 += b * c1;                              \
-        b = DV_SPLAT(w7[k]); a70 += b * c0; a71 += b * c1;                              \
+#define DV_STEP(c0, c1, k)                                                                         \
+    do {                                                                                           \
+        dv_v16 b;                                                                                  \
+        b = DV_SPLAT(w0[k]); a00 += b * c0; a01 += b * c1;                                         \
+        b = DV_SPLAT(w1[k]); a10 += b * c0; a11 += b * c1;                                         \
+        b = DV_SPLAT(w2[k]); a20 += b * c0; a21 += b * c1;                                         \
+        b = DV_SPLAT(w3[k]); a30 += b * c0; a31 += b * c1;                                         \
+        b = DV_SPLAT(w4[k]); a40 += b * c0; a41 += b * c1;                                         \
+        b = DV_SPLAT(w5[k]); a50 += b * c0; a51 += b * c1;                                         \
+        b = DV_SPLAT(w6[k]); a60 += b * c0; a61 += b * c1;                                         \
+        b = DV_SPLAT(w7[k]); a70 += b * c0; a71 += b * c1;                                         \
     } while (0)
     const float *row = cols;
     const long ahead = DV_PREFETCH_ROWS * ldc;
@@ -127,12 +127,12 @@ static inline void dv_tile_8x16(const float *const *wr, int K, const float *cols
     if (resume) {
         a0 = acc[0]; a1 = acc[1]; a2 = acc[2]; a3 = acc[3]; a4 = acc[4]; a5 = acc[5]; a6 = acc[6]; a7 = acc[7];
     }
-#define DV_STEP(c, k)                                                                       \
-    do {                                                                                    \
-        a0 += DV_SPLAT(w0[k]) * c; a1 += DV_SPLAT(w1[k]) * c;                  \
-        a2 += DV_SPLAT(w2[k]) * c; a3 += DV_SPLAT(w3[k]) * c;                  \
-        a4 += DV_SPLAT(w4[k]) * c; a5 += DV_SPLAT(w5[k]) * c;                  \
-        a6 += DV_SPLAT(w6[k]) * c; a7 += DV_SPLAT(w7[k]) * c;                  \
+#define DV_STEP(c, k)                                                                              \
+    do {                                                                                           \
+        a0 += DV_SPLAT(w0[k]) * c; a1 += DV_SPLAT(w1[k]) * c;                                      \
+        a2 += DV_SPLAT(w2[k]) * c; a3 += DV_SPLAT(w3[k]) * c;                                      \
+        a4 += DV_SPLAT(w4[k]) * c; a5 += DV_SPLAT(w5[k]) * c;                                      \
+        a6 += DV_SPLAT(w6[k]) * c; a7 += DV_SPLAT(w7[k]) * c;                                      \
     } while (0)
     const float *row = cols;
     const long ahead = DV_PREFETCH_ROWS * ldc;
