@@ -120,7 +120,7 @@ class Trial:
 
 
 def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.ndarray, correct: np.ndarray,
-            pred: np.ndarray) -> tuple[float, int, int, int]:
+            pred: np.ndarray, changed_weight: float = 1.0) -> tuple[float, int, int, int]:
     """The acceptance statistic of a trial against the dense run (percentage points), and the
     counts of images lost (dense right, now wrong), gained and whose top-1 changed.
 
@@ -130,7 +130,9 @@ def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.
       must show a loss well under the allowance (the noise of a small split is priced in);
     - ``lost``: the share of images lost plus ``z`` standard errors, gains ignored (calibration
       images from the training set gain more often than test images do);
-    - ``disagree``: the share of images whose top-1 changed (an upper bound of the loss)."""
+    - ``disagree``: ``changed_weight`` times the share of images whose top-1 changed (with weight
+      1 an upper bound of the loss). It does not look at the labels, so the search cannot pick
+      candidates that happen to lose few or gain many calibration images."""
     n = max(len(correct), 1)
     lost = int((dense_correct & ~correct).sum())
     gained = int((~dense_correct & correct).sum())
@@ -145,7 +147,7 @@ def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.
         p = lost / n
         value = p + z * math.sqrt(p * (1 - p) / n)
     elif criterion == "disagree":
-        value = disagree / n
+        value = changed_weight * disagree / n
     else:
         raise ValueError(criterion)
     return 100.0 * value, lost, gained, disagree
@@ -157,7 +159,8 @@ class Calibrator:
     def __init__(self, plan: Plan, images: np.ndarray, labels: np.ndarray, budget: float, margin: float,
                  min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES,
                  criterion: str = "lost", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
-                 spet_fractions: tuple[float, ...] = SPET_FRACTIONS, early_reject: bool = True) -> None:
+                 spet_fractions: tuple[float, ...] = SPET_FRACTIONS, early_reject: bool = True,
+                 changed_weight: float = 0.5) -> None:
         if criterion not in CRITERIA:
             raise DyveError(f"--criterion: unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
         if not 0 <= holdout < 1:
@@ -174,6 +177,7 @@ class Calibrator:
         self.criterion, self.z = criterion, z
         self.spet_fractions = spet_fractions
         self.early_reject = early_reject
+        self.changed_weight = changed_weight
         self.threads = threads
         self.knobs_allowed = knobs_allowed
         self.config = KnobConfig(model=plan.path.name)
@@ -223,8 +227,12 @@ class Calibrator:
             correct, pred = topk_correct(outputs, labels[:first], 1), outputs.argmax(axis=1)
             # a lower confidence bound of the share lost (criterion lost) or of the loss (the others:
             # the loss is a lower bound of the share changed)
-            lower = risk_pt("lost" if self.criterion == "lost" else "ucb", -EARLY_Z, self.dense.correct[:first],
-                            self.dense.pred[:first], correct, pred)[0]
+            if self.criterion == "disagree":
+                share = float((pred != self.dense.pred[:first]).mean())
+                lower = 100 * self.changed_weight * (share - EARLY_Z * math.sqrt(share * (1 - share) / first))
+            else:
+                lower = risk_pt("lost" if self.criterion == "lost" else "ucb", -EARLY_Z, self.dense.correct[:first],
+                                self.dense.pred[:first], correct, pred)[0]
             if lower > allowance:
                 return Trial(float(correct.mean() * 100), prefix_ops + ops / first, correct, pred, partial=True)
             rest, rest_ops = self._outputs(index, cache, config, first, n)
@@ -236,7 +244,8 @@ class Calibrator:
         """The acceptance statistic of ``trial`` (pt) and its lost / gained / changed counts."""
         dense = self.dense if dense is None else dense
         n = len(trial.correct)  # a partial trial covers the first images only
-        return risk_pt(self.criterion, self.z, dense.correct[:n], dense.pred[:n], trial.correct, trial.pred)
+        return risk_pt(self.criterion, self.z, dense.correct[:n], dense.pred[:n], trial.correct, trial.pred,
+                       self.changed_weight)
 
     def prefix_ops(self, index: int, config: KnobConfig) -> float:
         """Mean ops per image of layers before ``index`` under ``config`` (on a sample)."""
@@ -478,7 +487,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise DyveError(f"--spet-fractions: fractions in (0, 1], got {args.spet_fractions!r}")
     cal = Calibrator(plan, images, np.asarray(dataset.labels), args.budget, args.margin, args.min_share,
                      args.threads, knobs, criterion=args.criterion, z=args.z, holdout=args.holdout,
-                     spet_fractions=spet_fractions)
+                     spet_fractions=spet_fractions, changed_weight=args.changed_weight)
     config = cal.run(passes=args.passes)
     config.save(args.output)
     if args.trace:
@@ -505,6 +514,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="acceptance statistic: lost (share of images lost + z standard errors, gains ignored), "
                         "ucb (loss + z standard errors), loss, disagree (default lost)")
     p.add_argument("--z", type=float, default=1.0, help="standard errors added by lost and ucb (default 1)")
+    p.add_argument("--changed-weight", type=float, default=0.5,
+                   help="criterion disagree: points of loss counted per point of images changed (default 0.5)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of the calibration images held out to check the chosen setting (default 0)")
     p.add_argument("--spet-fractions", default=",".join(map(str, SPET_FRACTIONS)),
