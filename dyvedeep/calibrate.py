@@ -8,10 +8,10 @@ The search (a reconstruction of the papers' procedure, see docs/knobs.md):
   observed on calibration images; candidates are tried from the most aggressive down (binary
   search, accuracy being monotone in the threshold), and the most aggressive one is kept whose
   cumulative risk stays within the allowance and which lowers the op count;
-- the risk is the acceptance criterion (default ``lost``: the share of calibration images whose
-  top-1 was right and is now wrong, plus ``z`` standard errors; images gained are not credited:
-  the plain loss of the most aggressive candidate that passes is biased low - gains are what the
-  search selects for - and did not transfer to the test split);
+- the risk is the acceptance criterion (default ``disagree``: half the share of calibration
+  images whose top-1 changes. It ignores the labels: the plain loss of the most aggressive
+  candidate that passes is biased low - the search selects candidates that happen to lose few or
+  gain many labelled images - and did not transfer to the test split);
 - the allowance grows with the op share of the layers done so far, up to ``budget - margin``
   in the first pass; a second pass lets every layer use what is left;
 - optionally (``holdout``) part of the calibration images is kept out of the search, and the
@@ -57,7 +57,7 @@ TRACE_FIELDS = ("step", "pass", "layer", "knob", "threshold", "options", "calib_
 #: on the CIFAR-10 nets first (the order the engine applies them in is fixed: SFMA, SDSS, SPET).
 SEARCH_ORDER = ("sdss", "spet", "sfma")
 #: Acceptance criteria (see :meth:`Calibrator.risk`).
-CRITERIA = ("lost", "ucb", "loss", "disagree")
+CRITERIA = ("disagree", "lost", "ucb", "loss")
 #: SPET's leading fraction p is a per-layer option; calibration tries these (``--spet-fractions``).
 #: 0.25 changes several times more images than 0.5 for the ops it saves, so only 0.5 by default.
 SPET_FRACTIONS = (0.5,)
@@ -158,7 +158,7 @@ class Calibrator:
 
     def __init__(self, plan: Plan, images: np.ndarray, labels: np.ndarray, budget: float, margin: float,
                  min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES,
-                 criterion: str = "lost", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
+                 criterion: str = "disagree", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
                  spet_fractions: tuple[float, ...] = SPET_FRACTIONS, early_reject: bool = True,
                  changed_weight: float = 0.5) -> None:
         if criterion not in CRITERIA:
@@ -510,9 +510,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="kept in reserve from the budget (default 0 pt: the criterion keeps its own reserve)")
     p.add_argument("--min-share", type=float, default=0.01, help="skip layers under this share of dense ops")
     p.add_argument("--passes", type=int, default=2)
-    p.add_argument("--criterion", choices=CRITERIA, default="lost",
-                   help="acceptance statistic: lost (share of images lost + z standard errors, gains ignored), "
-                        "ucb (loss + z standard errors), loss, disagree (default lost)")
+    p.add_argument("--criterion", choices=CRITERIA, default="disagree",
+                   help="acceptance statistic: disagree (--changed-weight x share of images whose top-1 changed), "
+                        "lost (share lost + z standard errors), ucb (loss + z standard errors), loss "
+                        "(default disagree)")
     p.add_argument("--z", type=float, default=1.0, help="standard errors added by lost and ucb (default 1)")
     p.add_argument("--changed-weight", type=float, default=0.5,
                    help="criterion disagree: points of loss counted per point of images changed (default 0.5)")
