@@ -8,10 +8,10 @@ The search (a reconstruction of the papers' procedure, see docs/knobs.md):
   observed on calibration images; candidates are tried from the most aggressive down (binary
   search, accuracy being monotone in the threshold), and the most aggressive one is kept whose
   cumulative risk stays within the allowance and which lowers the op count;
-- the risk is the acceptance criterion (default ``lost``: the share of calibration images whose
-  top-1 was right and is now wrong, plus ``z`` standard errors; images gained are not credited:
-  the plain loss of the most aggressive candidate that passes is biased low - gains are what the
-  search selects for - and did not transfer to the test split);
+- the risk is the acceptance criterion (default ``disagree``: half the share of calibration
+  images whose top-1 changes. It ignores the labels: the plain loss of the most aggressive
+  candidate that passes is biased low - the search selects candidates that happen to lose few or
+  gain many labelled images - and did not transfer to the test split);
 - the allowance grows with the op share of the layers done so far, up to ``budget - margin``
   in the first pass; a second pass lets every layer use what is left;
 - optionally (``holdout``) part of the calibration images is kept out of the search, and the
@@ -57,7 +57,7 @@ TRACE_FIELDS = ("step", "pass", "layer", "knob", "threshold", "options", "calib_
 #: on the CIFAR-10 nets first (the order the engine applies them in is fixed: SFMA, SDSS, SPET).
 SEARCH_ORDER = ("sdss", "spet", "sfma")
 #: Acceptance criteria (see :meth:`Calibrator.risk`).
-CRITERIA = ("lost", "ucb", "loss", "disagree")
+CRITERIA = ("disagree", "lost", "ucb", "loss")
 #: SPET's leading fraction p is a per-layer option; calibration tries these (``--spet-fractions``).
 #: 0.25 changes several times more images than 0.5 for the ops it saves, so only 0.5 by default.
 SPET_FRACTIONS = (0.5,)
@@ -120,7 +120,7 @@ class Trial:
 
 
 def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.ndarray, correct: np.ndarray,
-            pred: np.ndarray) -> tuple[float, int, int, int]:
+            pred: np.ndarray, changed_weight: float = 1.0) -> tuple[float, int, int, int]:
     """The acceptance statistic of a trial against the dense run (percentage points), and the
     counts of images lost (dense right, now wrong), gained and whose top-1 changed.
 
@@ -130,7 +130,9 @@ def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.
       must show a loss well under the allowance (the noise of a small split is priced in);
     - ``lost``: the share of images lost plus ``z`` standard errors, gains ignored (calibration
       images from the training set gain more often than test images do);
-    - ``disagree``: the share of images whose top-1 changed (an upper bound of the loss)."""
+    - ``disagree``: ``changed_weight`` times the share of images whose top-1 changed (with weight
+      1 an upper bound of the loss). It does not look at the labels, so the search cannot pick
+      candidates that happen to lose few or gain many calibration images."""
     n = max(len(correct), 1)
     lost = int((dense_correct & ~correct).sum())
     gained = int((~dense_correct & correct).sum())
@@ -145,7 +147,7 @@ def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.
         p = lost / n
         value = p + z * math.sqrt(p * (1 - p) / n)
     elif criterion == "disagree":
-        value = disagree / n
+        value = changed_weight * disagree / n
     else:
         raise ValueError(criterion)
     return 100.0 * value, lost, gained, disagree
@@ -156,8 +158,9 @@ class Calibrator:
 
     def __init__(self, plan: Plan, images: np.ndarray, labels: np.ndarray, budget: float, margin: float,
                  min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES,
-                 criterion: str = "lost", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
-                 spet_fractions: tuple[float, ...] = SPET_FRACTIONS, early_reject: bool = True) -> None:
+                 criterion: str = "disagree", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
+                 spet_fractions: tuple[float, ...] = SPET_FRACTIONS, early_reject: bool = True,
+                 changed_weight: float = 0.5) -> None:
         if criterion not in CRITERIA:
             raise DyveError(f"--criterion: unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
         if not 0 <= holdout < 1:
@@ -174,6 +177,7 @@ class Calibrator:
         self.criterion, self.z = criterion, z
         self.spet_fractions = spet_fractions
         self.early_reject = early_reject
+        self.changed_weight = changed_weight
         self.threads = threads
         self.knobs_allowed = knobs_allowed
         self.config = KnobConfig(model=plan.path.name)
@@ -223,8 +227,12 @@ class Calibrator:
             correct, pred = topk_correct(outputs, labels[:first], 1), outputs.argmax(axis=1)
             # a lower confidence bound of the share lost (criterion lost) or of the loss (the others:
             # the loss is a lower bound of the share changed)
-            lower = risk_pt("lost" if self.criterion == "lost" else "ucb", -EARLY_Z, self.dense.correct[:first],
-                            self.dense.pred[:first], correct, pred)[0]
+            if self.criterion == "disagree":
+                share = float((pred != self.dense.pred[:first]).mean())
+                lower = 100 * self.changed_weight * (share - EARLY_Z * math.sqrt(share * (1 - share) / first))
+            else:
+                lower = risk_pt("lost" if self.criterion == "lost" else "ucb", -EARLY_Z, self.dense.correct[:first],
+                                self.dense.pred[:first], correct, pred)[0]
             if lower > allowance:
                 return Trial(float(correct.mean() * 100), prefix_ops + ops / first, correct, pred, partial=True)
             rest, rest_ops = self._outputs(index, cache, config, first, n)
@@ -236,7 +244,8 @@ class Calibrator:
         """The acceptance statistic of ``trial`` (pt) and its lost / gained / changed counts."""
         dense = self.dense if dense is None else dense
         n = len(trial.correct)  # a partial trial covers the first images only
-        return risk_pt(self.criterion, self.z, dense.correct[:n], dense.pred[:n], trial.correct, trial.pred)
+        return risk_pt(self.criterion, self.z, dense.correct[:n], dense.pred[:n], trial.correct, trial.pred,
+                       self.changed_weight)
 
     def prefix_ops(self, index: int, config: KnobConfig) -> float:
         """Mean ops per image of layers before ``index`` under ``config`` (on a sample)."""
@@ -478,7 +487,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise DyveError(f"--spet-fractions: fractions in (0, 1], got {args.spet_fractions!r}")
     cal = Calibrator(plan, images, np.asarray(dataset.labels), args.budget, args.margin, args.min_share,
                      args.threads, knobs, criterion=args.criterion, z=args.z, holdout=args.holdout,
-                     spet_fractions=spet_fractions)
+                     spet_fractions=spet_fractions, changed_weight=args.changed_weight)
     config = cal.run(passes=args.passes)
     config.save(args.output)
     if args.trace:
@@ -501,10 +510,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="kept in reserve from the budget (default 0 pt: the criterion keeps its own reserve)")
     p.add_argument("--min-share", type=float, default=0.01, help="skip layers under this share of dense ops")
     p.add_argument("--passes", type=int, default=2)
-    p.add_argument("--criterion", choices=CRITERIA, default="lost",
-                   help="acceptance statistic: lost (share of images lost + z standard errors, gains ignored), "
-                        "ucb (loss + z standard errors), loss, disagree (default lost)")
+    p.add_argument("--criterion", choices=CRITERIA, default="disagree",
+                   help="acceptance statistic: disagree (--changed-weight x share of images whose top-1 changed), "
+                        "lost (share lost + z standard errors), ucb (loss + z standard errors), loss "
+                        "(default disagree)")
     p.add_argument("--z", type=float, default=1.0, help="standard errors added by lost and ucb (default 1)")
+    p.add_argument("--changed-weight", type=float, default=0.5,
+                   help="criterion disagree: points of loss counted per point of images changed (default 0.5)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of the calibration images held out to check the chosen setting (default 0)")
     p.add_argument("--spet-fractions", default=",".join(map(str, SPET_FRACTIONS)),

@@ -104,3 +104,13 @@ def test_early_rejection_stops_a_clearly_bad_candidate_after_a_quarter(small_mod
     assert not full.partial and len(full.correct) == 400
     mild = cal.trial(0, cache, KnobConfig(), 0.0, allowance=0.5)  # dense: never stopped
     assert not mild.partial and cal.risk(mild)[0] == 0
+
+
+def test_disagree_criterion_weights_the_changed_images():
+    dense_ok = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    dense_pred = np.arange(8)
+    pred = np.array([9, 9, 2, 3, 8, 9, 6, 7])  # 4 of 8 changed
+    ok = np.array([0, 0, 1, 1, 1, 0, 0, 0], bool)
+    assert risk_pt("disagree", 0, dense_ok, dense_pred, ok, pred, changed_weight=0.5)[0] == pytest.approx(25.0)
+    # labels play no part: the same changes with other outcomes give the same risk
+    assert risk_pt("disagree", 0, ~dense_ok, dense_pred, ok, pred, changed_weight=0.5)[0] == pytest.approx(25.0)
