@@ -19,6 +19,8 @@ from .knobs import load_knobs
 from .plan import build_plan
 
 DEFAULT_DATA = {"cifar10": "cifar10:test", "imagenet": "imagenet-sample:test"}
+#: Seconds of untimed turns of every engine before the timed rounds (see bench()).
+WARM_SECONDS = 1.0
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -51,8 +53,15 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
     done = 0
     # Each engine runs a block of images on its own (so that one engine's idle, spinning thread
     # pool never competes with another's), and the blocks alternate over several rounds (so
-    # that slow drifts of the machine hit every engine alike).
+    # that slow drifts of the machine hit every engine alike). Before the first round, the
+    # engines take turns until the CPU has been busy for WARM_SECONDS: a core that was idle
+    # runs slower for its first ~0.2 s, which would favour whichever engine is timed later.
     set_blas_threads(threads)
+    start = time.perf_counter()
+    while time.perf_counter() - start < WARM_SECONDS:
+        for run in runners.values():
+            for x in images[:max(warmup, 1)]:
+                run(x[None])
     for _ in range(rounds):
         for name, run in runners.items():
             for i, x in enumerate(images):

@@ -175,12 +175,35 @@ class ConvState:
         return self.kh * self.kw
 
 
+#: Alignment (bytes) of every buffer the kernels stream through: a cache line, so that a
+#: 64-byte vector load never straddles two lines (a misaligned scratch made a whole network
+#: 1.6x slower, depending on where malloc happened to place it).
+ALIGN = 64
+
+
+def aligned_zeros(shape: int | tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    """A zeroed C-contiguous array whose data starts on an ALIGN-byte boundary."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    itemsize = np.dtype(dtype).itemsize
+    count = int(np.prod(shape))
+    raw = np.zeros(count * itemsize + ALIGN, np.uint8)
+    offset = (-raw.ctypes.data) % ALIGN
+    return raw[offset:offset + count * itemsize].view(dtype).reshape(shape)
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous, ALIGN-byte aligned copy of ``array``."""
+    out = aligned_zeros(array.shape, array.dtype)
+    out[...] = array
+    return out
+
+
 def packed_cols(rows: int, positions: int, allocate: bool = True) -> np.ndarray:
     """A buffer for an unfolded input in the kernels' packed layout: panels of 32 output
     positions, each ``rows`` x 32 (the kernels never read the lanes past the last position).
     ``allocate=False`` gives a broadcast placeholder of the right shape (no memory)."""
     shape = ((positions + 31) // 32, max(rows, 1), 32)
-    return np.zeros(shape, np.float32) if allocate else np.broadcast_to(np.float32(0), shape)
+    return aligned_zeros(shape) if allocate else np.broadcast_to(np.float32(0), shape)
 
 
 def _spet_channel_order(w: np.ndarray) -> np.ndarray:
@@ -212,7 +235,7 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     pt, pl, pb, pr = layer.attrs["pads"]
     dh, dw = layer.attrs["dilation"]
     pointwise = (kh, kw, sh, sw, pt, pl, pb, pr) == (1, 1, 1, 1, 0, 0, 0, 0)
-    weights = [np.ascontiguousarray(w[g * cout:(g + 1) * cout].reshape(cout, -1)) for g in range(groups)]
+    weights = [aligned_copy(w[g * cout:(g + 1) * cout].reshape(cout, -1)) for g in range(groups)]
     st = ConvState(layer=layer, groups=groups, cin=cin, cout=cout, kh=kh, kw=kw,
                    geometry=(sh, sw, pt, pl, dh, dw), ho=ho, wo=wo, is_pointwise=pointwise,
                    weights=weights, channels=[np.arange(g * cin, (g + 1) * cin, dtype=np.int32) for g in range(groups)],
@@ -238,7 +261,7 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
             wg = w[g * cout:(g + 1) * cout]
             order = _spet_channel_order(wg)
             st.spet_order.append(order)
-            st.spet_weights.append(np.ascontiguousarray(wg[:, order].reshape(cout, -1)))
+            st.spet_weights.append(aligned_copy(wg[:, order].reshape(cout, -1)))
     if st.sdss is not None:
         st.grid = sdss_grid(ho, wo, int(st.sdss.option("sdss", "stride")))
     if st.sfma is not None:
@@ -356,7 +379,7 @@ def _plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
         if fits:
             block = free.pop(min(fits, key=lambda k: free[k].size))
         else:
-            block = np.zeros(size, np.float32)
+            block = aligned_zeros(size)
         blocks[o] = block
         buffers[o] = block[:size].reshape(producer[o].out_shape)
         releases.setdefault(end[o], []).append(o)
@@ -406,17 +429,17 @@ class Engine:
                 self.states[layer.name] = make_fc_state(layer, self.knobs)
         # one unfolded-input scratch for all conv layers (it stays in cache from layer to layer)
         conv_states = [st for st in self.states.values() if isinstance(st, ConvState)]
-        scratch = np.zeros(max([st.cols.size for st in conv_states], default=0), np.float32)
+        scratch = aligned_zeros(max([st.cols.size for st in conv_states], default=0))
         for st in conv_states:
             st.cols = scratch[:st.cols.size].reshape(st.cols.shape)
         # the knob path's kept weight columns and SFMA constant maps
-        self._kept_weights = np.zeros(max([st.cout * st.cin * st.kk for st in conv_states], default=1), np.float32)
-        self._constant = np.zeros(max([st.cout * st.ho * st.wo for st in conv_states], default=1), np.float32)
+        self._kept_weights = aligned_zeros(max([st.cout * st.cin * st.kk for st in conv_states], default=1))
+        self._constant = aligned_zeros(max([st.cout * st.ho * st.wo for st in conv_states], default=1))
         # the dense path's padded input planes and per-thread panels
-        self._pad_scratch = np.zeros(max([st.cin * st.src_hw[0] * st.src_hw[1] for st in conv_states if st.pad_src],
-                                         default=1), np.float32)
-        self._panels = np.zeros((self.threads, max([st.cin * st.kk * 32 for st in conv_states], default=32)),
-                                np.float32)
+        self._pad_scratch = aligned_zeros(
+            max([st.cin * st.src_hw[0] * st.src_hw[1] for st in conv_states if st.pad_src], default=1))
+        # one row per thread; a row (K x 32 floats) is a whole number of cache lines
+        self._panels = aligned_zeros((self.threads, max([st.cin * st.kk * 32 for st in conv_states], default=32)))
         self.buffers, self.in_place = _plan_buffers(plan)
         self._steps = [(i, layer, layer.inputs, self.buffers.get(layer.output)) for i, layer in enumerate(plan.layers)]
 

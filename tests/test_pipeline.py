@@ -5,7 +5,8 @@ directory on cifar10_quick alone, with small limits, from the offline mirror, on
 on a board that cannot be reached; it checks the tables (the board's row is "missing", the
 host's rows are there), the plots, the report, that a second run does nothing, that a checksum
 mismatch in the mirror stops that benchmark (one line naming the file) while the pipeline still
-finishes, and that the report renders in a headless Chromium. Skips, with the reason, without the mirror,
+finishes, that a run killed mid-calibration resumes, and that the report renders in a headless
+Chromium. Skips, with the reason, without the mirror,
 without Snakemake, or (the browser test) without Chromium.
 """
 from __future__ import annotations
@@ -15,9 +16,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,6 +217,50 @@ def test_checksum_mismatch_stops_that_benchmark(real_mirror: Path, tmp_path: Pat
     assert not (workdir / "results" / "remote" / "board" / "eval").exists()
     assert "cifar10_quick_iter_5000.caffemodel" in missing[0]["reason"]
     assert (workdir / "results" / "report.html").is_file()
+
+
+def test_killed_calibration_resumes(real_mirror: Path, tmp_path: Path) -> None:
+    """Snakemake interrupted (SIGINT, as Ctrl-C) in the middle of a calibration: it stops the
+    calibration, no half-written knob file is left, and the next run redoes that calibration,
+    keeps what was finished (the converted model is not rebuilt) and completes. (After a
+    SIGKILL Snakemake's lock stays behind: `snakemake --unlock`, then the same.)"""
+    workdir = make_workdir(tmp_path / "work", real_mirror)
+    overlay = json.loads((workdir / "ci.yaml").read_text(encoding="utf-8"))
+    overlay.update(limit_calib=1000, calibrate={"passes": 2}, platforms_enabled=["x86"])
+    (workdir / "ci.yaml").write_text(json.dumps(overlay), encoding="utf-8")
+    knobs = workdir / "results" / "knobs" / "cifar10_quick.yaml"
+    model = workdir / "results" / "models" / "cifar10_quick.onnx"
+    log = workdir / "logs" / "calibrate" / "cifar10_quick.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.pop("DYVEDEEP_MIRROR", None)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "Snakefile"), "--directory",
+           str(workdir), "--cores", "2", "results/eval/cifar10_quick.json", "--configfile", str(workdir / "ci.yaml")]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + CI_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.is_file() and log.read_text(encoding="utf-8", errors="replace").count("calibrate: [") >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the calibration was under way"
+        assert log.is_file(), "no calibration started"
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: to Snakemake and its running jobs
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert not knobs.exists(), "a knob file was left by the killed calibration"
+    model_written = model.stat().st_mtime_ns
+    rerun = snakemake(workdir, "results/eval/cifar10_quick.json")
+    assert rerun.returncode == 0, rerun.stdout[-6000:]
+    assert "rule calibrate:" in rerun.stdout and "rule convert" not in rerun.stdout, rerun.stdout[-6000:]
+    assert model.stat().st_mtime_ns == model_written
+    assert "layers" in knobs.read_text(encoding="utf-8")
+    assert json.loads((workdir / "results" / "eval" / "cifar10_quick.json").read_text())["n"] == N_TEST
 
 
 def find_chromium() -> str | None:
