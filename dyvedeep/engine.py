@@ -627,8 +627,7 @@ class Engine:
 
     def _conv_group_knobs(self, st: ConvState, x: np.ndarray, out_g: np.ndarray, g: int, index: int) -> bool:
         """One group of a conv layer with its knobs; returns whether any knob skipped work."""
-        layer, name = st.layer, st.layer.name
-        sh, sw, pt, pl, dh, dw = st.geometry
+        layer = st.layer
         cin, cout, kk, npos = st.cin, st.cout, st.kk, st.ho * st.wo
         xg = x[g * cin:(g + 1) * cin]
         bias = layer.bias[g * cout:(g + 1) * cout]
