@@ -34,12 +34,18 @@ cdef extern from "_simd.h" nogil:
                              const float* bias, int relu, float* out, float* panel,
                              int tile_begin, int tile_end)
     void dv_pad_planes(const float* x, int C, int H, int W, int pt, int pl, int Hp, int Wp, float* dst)
+    void dv_conv_direct(const float* src, const long* tap_off, const int* vec, int nvec,
+                        const float* W, int O, int K, const float* bias, int relu, float* out, long ldo,
+                        int tile_begin, int tile_end)
+    int dv_direct_vectors(int ho, int wo, int sh, int row_w, int* vec)
+    float dv_mean(const float* x, int n)
     int dv_position_runs(const int* pos, int n, int wo, int sh, int sw, int Wp, int* runs)
     void dv_knob_tiles(const float* src, const long* tap_off, const int* runs, const int* runs_first,
                        int wo, int sh, int sw, int row_width, const float* W, long ldw, int O, int K, int lead, const int* pos, int n,
                        const unsigned char* mask, const float* bias, const float* cst, float* out, int npos,
                        int spet, float margin, int relu, float* panel, int* list, int tile_begin,
                        int tile_end, long long* stats)
+    int dv_pool_scratch(int W, int wo, int kw, int sw, int pl)
     void dv_maxpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
                           int sh, int sw, int pt, int pl, float* scratch)
     void dv_avgpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
@@ -143,15 +149,6 @@ def conv_gemm(const float[:, :] W, const float[:, :, ::1] cols, int N, float[:, 
     if cols.shape[0] * 32 < N or cols.shape[1] < W.shape[1]:
         raise ValueError("conv_gemm: unfolded input too small")
     _gemm_checked(W, N, &cols[0, 0, 0] if cols.shape[1] and cols.shape[0] else NULL, 32, cols.shape[1] * 32,
-                  out, bias, relu, threads)
-
-
-def conv_gemm_rows(const float[:, :] W, const float[:, ::1] cols, float[:, ::1] out,
-                   const float[::1] bias=None, bint relu=False, int threads=1):
-    """As conv_gemm, for a row-major ``cols`` (K x N), e.g. a 1x1 convolution's input map."""
-    if cols.shape[0] != W.shape[1]:
-        raise ValueError("conv_gemm_rows: shape mismatch")
-    _gemm_checked(W, cols.shape[1], &cols[0, 0] if cols.shape[0] and cols.shape[1] else NULL, cols.shape[1], 32,
                   out, bias, relu, threads)
 
 
@@ -268,6 +265,57 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
         dv_conv_dense_tiles(src, &tap_off[0], sw, &runs[0, 0], &panel_first[0], &W[0, 0], O, K, N,
                             &bias[0], relu, &out[0, 0], &panels[c, 0], c * ntiles // nchunks,
                             (c + 1) * ntiles // nchunks)
+
+
+def direct_vectors(int ho, int wo, int sh, int row_width):
+    """The vectors of a direct convolution (dv_direct_vectors): (n, 3) int32 rows of source
+    offset of tap (0, 0), output offset, length (1..16)."""
+    vec = np.zeros((max(ho * ((wo + 15) // 16), (ho * wo + 15) // 16), 3), np.int32)
+    cdef int[:, ::1] v = vec
+    cdef int n = dv_direct_vectors(ho, wo, sh, row_width, &v[0, 0])
+    return vec[:n].copy()
+
+
+def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
+                float[::1] pad_buffer, const long[::1] tap_off, const int[:, ::1] vectors,
+                const float[:, ::1] W, const float[::1] bias, bint relu, float[:, ::1] out, int threads=1):
+    """Dense convolution of one group with stride 1 along rows, without unfolding
+    (dv_conv_direct): each tile loads its rows of the unfolded input in place from the source
+    (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``).
+    ``vectors`` from :func:`direct_vectors`; threads split the tiles."""
+    cdef int C = x.shape[0], H = x.shape[1], Wd = x.shape[2]
+    cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
+    cdef int nvec = vectors.shape[0], ntiles = (vectors.shape[0] + 1) // 2
+    cdef int nchunks = threads if threads < ntiles else ntiles
+    cdef int cin, c
+    cdef long reach
+    cdef const float* src
+    if K == 0 or O == 0 or N == 0 or nvec == 0:
+        raise ValueError("conv_direct: empty layer")
+    if out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or vectors.shape[1] != 3:
+        raise ValueError("conv_direct: shape mismatch")
+    if vectors[nvec - 1, 1] + vectors[nvec - 1, 2] > N:
+        raise ValueError("conv_direct: vectors past the output")
+    reach = vectors[nvec - 1, 0] + tap_off[K - 1] + vectors[nvec - 1, 2]  # one past the last float read
+    if pad:
+        cin = (tap_off[K - 1] // (Hp * Wp)) + 1
+        if channel0 + cin > C or pad_buffer.shape[0] < cin * Hp * Wp or reach > cin * Hp * Wp:
+            raise ValueError("conv_direct: padding buffer too small")
+        with nogil:
+            dv_pad_planes(&x[channel0, 0, 0], cin, H, Wd, pt, pl, Hp, Wp, &pad_buffer[0])
+        src = &pad_buffer[0]
+    else:
+        if reach > (C - channel0) * H * Wd:
+            raise ValueError("conv_direct: vectors past the input")
+        src = &x[channel0, 0, 0]
+    if nchunks <= 1:
+        with nogil:
+            dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[0, 0], O, K, &bias[0], relu,
+                           &out[0, 0], N, 0, ntiles)
+        return
+    for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
+        dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[0, 0], O, K, &bias[0], relu,
+                       &out[0, 0], N, c * ntiles // nchunks, (c + 1) * ntiles // nchunks)
 
 
 def pad_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, int Hp, int Wp,
@@ -390,10 +438,15 @@ def maxpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
             int pt, int pl, int threads=1):
     """Max pooling with implicit -inf padding (ONNX / onnxruntime semantics)."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
-    cdef int span = max((Wo - 1) * sw + kw, W + pl) + 16
+    cdef int span = dv_pool_scratch(W, Wo, kw, sw, pl)
     cdef Py_ssize_t c
-    cdef float[:, ::1] scratch = np.empty((threads, span), np.float32)
+    cdef float[:, ::1] scratch = np.zeros((threads, span), np.float32)
     cdef int tid
+    if threads <= 1:
+        with nogil:
+            for c in range(C):
+                dv_maxpool_plane(&x[c, 0, 0], H, W, &out[c, 0, 0], Ho, Wo, kh, kw, sh, sw, pt, pl, &scratch[0, 0])
+        return
     for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
         tid = openmp.omp_get_thread_num()
         dv_maxpool_plane(&x[c, 0, 0], H, W, &out[c, 0, 0], Ho, Wo, kh, kw, sh, sw, pt, pl, &scratch[tid, 0])
@@ -404,9 +457,9 @@ def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
     """Average pooling as onnxruntime computes it: with count_include_pad the divisor is the
     window clipped to the padded input (H + pad_end), else the taps inside the input."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
-    cdef int span = max((Wo - 1) * sw + kw, W + pl) + Wo + 16  # the row, then the column counts
+    cdef int span = dv_pool_scratch(W, Wo, kw, sw, pl) + Wo  # the row, then the column counts
     cdef Py_ssize_t c
-    cdef float[:, ::1] scratch = np.empty((threads, span), np.float32)
+    cdef float[:, ::1] scratch = np.zeros((threads, span), np.float32)
     cdef int tid
     for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
         tid = openmp.omp_get_thread_num()
@@ -415,17 +468,15 @@ def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
 
 
 def global_avgpool(const float[:, ::1] x, float[::1] out):
-    """Mean of each row (channel) of x (C x HW), summed in double."""
-    cdef Py_ssize_t C = x.shape[0], P = x.shape[1], c, j
-    cdef double total
+    """Mean of each row (channel) of x (C x HW), vectorised (dv_mean)."""
+    cdef Py_ssize_t C = x.shape[0], P = x.shape[1], c
     if out.shape[0] != C:
         raise ValueError("global_avgpool: shape mismatch")
+    if P == 0:
+        raise ValueError("global_avgpool: empty map")
     with nogil:
         for c in range(C):
-            total = 0.0
-            for j in range(P):
-                total = total + x[c, j]
-            out[c] = <float>(total / P)
+            out[c] = dv_mean(&x[c, 0], <int>P)
 
 
 def lrn_across(const float[:, :, ::1] x, float[:, :, ::1] out, int size, float alpha, float beta,

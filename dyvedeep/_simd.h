@@ -345,6 +345,11 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
     dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)((O + 7) / 8) + 64);
     accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
     for (int t = tile_begin; t < tile_end; ++t) {
+        if (t + 1 < tile_end)  /* the next tile's output lines (see dv_prefetch_tile_out) */
+            for (int o = 0; o < O; ++o) {
+                __builtin_prefetch(out + (long)o * N + (t + 1) * 32, 1, 3);
+                __builtin_prefetch(out + (long)o * N + (t + 1) * 32 + 16, 1, 3);
+            }
         for (int k = 0; k < K; ++k) {
             const float *base = src + tap_off[k];
             float *row = panel + (long)k * 32;
@@ -358,6 +363,210 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
         }
         dv_gemm_tile_rows(W, K, O, panel, 32, out, N, K, N, bias, relu, t, accbuf);
     }
+}
+
+/* The direct convolution (stride 1 along rows): no unfolding at all. Row k of the unfolded
+ * input, for a vector of consecutive output positions whose tap (0, 0) sits at source offset s,
+ * is simply the source at s + tap_off[k]: the tile loads it in place. A vector is up to 16
+ * output positions that are consecutive in the output and in the source (one output row, or
+ * several when the source rows are exactly as wide as the output's: 1x1, no padding). */
+
+/* The lanes of a load of n (1..16) floats: a mask (AVX-512; computed once outside a loop) or
+ * the count itself (elsewhere, where a partial load copies n floats). */
+#if defined(__AVX512F__)
+typedef __mmask16 dv_lanes;
+static inline dv_lanes dv_lanes_of(int n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1u); }
+static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes m)
+{
+    __m512 v = _mm512_maskz_loadu_ps(m, p);
+    dv_v16 r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+}
+#else
+typedef int dv_lanes;
+static inline dv_lanes dv_lanes_of(int n) { return n; }
+static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes n) { return n >= 16 ? dv_load16(p) : dv_load16_part(p, n); }
+#endif
+
+/* acc[2 r], acc[2 r + 1] (+)= sum over k < K of wr[r][k] * the source vectors at s0 + tap[k]
+ * (n0 lanes) and s1 + tap[k] (n1 lanes, 1..16); the same sequence of operations as dv_tile_8x32
+ * on an unfolded panel holding those rows. */
+static inline void dv_dtile_8x32(const float *const *wr, int K, const float *s0, const float *s1,
+                                 const long *tap, int n0, int n1, dv_v16 *acc, int resume)
+{
+    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
+    const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
+    dv_v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+    dv_v16 a40 = {0}, a41 = {0}, a50 = {0}, a51 = {0}, a60 = {0}, a61 = {0}, a70 = {0}, a71 = {0};
+    if (resume) {
+        a00 = acc[0]; a01 = acc[1]; a10 = acc[2]; a11 = acc[3]; a20 = acc[4]; a21 = acc[5];
+        a30 = acc[6]; a31 = acc[7]; a40 = acc[8]; a41 = acc[9]; a50 = acc[10]; a51 = acc[11];
+        a60 = acc[12]; a61 = acc[13]; a70 = acc[14]; a71 = acc[15];
+    }
+#define DV_STEP(c0, c1, k)                                                                         \
+    do {                                                                                           \
+        dv_v16 b;                                                                                  \
+        b = DV_SPLAT(w0[k]); a00 += b * c0; a01 += b * c1;                                         \
+        b = DV_SPLAT(w1[k]); a10 += b * c0; a11 += b * c1;                                         \
+        b = DV_SPLAT(w2[k]); a20 += b * c0; a21 += b * c1;                                         \
+        b = DV_SPLAT(w3[k]); a30 += b * c0; a31 += b * c1;                                         \
+        b = DV_SPLAT(w4[k]); a40 += b * c0; a41 += b * c1;                                         \
+        b = DV_SPLAT(w5[k]); a50 += b * c0; a51 += b * c1;                                         \
+        b = DV_SPLAT(w6[k]); a60 += b * c0; a61 += b * c1;                                         \
+        b = DV_SPLAT(w7[k]); a70 += b * c0; a71 += b * c1;                                         \
+    } while (0)
+    if (n0 == 16 && n1 == 16) {
+        for (int k = 0; k < K; ++k) {
+            long t = tap[k], ahead = tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k];
+            __builtin_prefetch(s0 + ahead);
+            __builtin_prefetch(s1 + ahead);
+            dv_v16 c0 = dv_load16(s0 + t), c1 = dv_load16(s1 + t);
+            DV_STEP(c0, c1, k);
+        }
+    } else {
+        dv_lanes m0 = dv_lanes_of(n0), m1 = dv_lanes_of(n1);
+        for (int k = 0; k < K; ++k) {
+            long t = tap[k], ahead = tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k];
+            __builtin_prefetch(s0 + ahead);
+            __builtin_prefetch(s1 + ahead);
+            dv_v16 c0 = dv_load16_lanes(s0 + t, m0), c1 = dv_load16_lanes(s1 + t, m1);
+            DV_STEP(c0, c1, k);
+        }
+    }
+#undef DV_STEP
+    acc[0] = a00; acc[1] = a01; acc[2] = a10; acc[3] = a11; acc[4] = a20; acc[5] = a21;
+    acc[6] = a30; acc[7] = a31; acc[8] = a40; acc[9] = a41; acc[10] = a50; acc[11] = a51;
+    acc[12] = a60; acc[13] = a61; acc[14] = a70; acc[15] = a71;
+}
+
+/* As dv_dtile_8x32 for one source vector: acc[r] holds row r. */
+static inline void dv_dtile_8x16(const float *const *wr, int K, const float *s0, const long *tap, int n0,
+                                 dv_v16 *acc, int resume)
+{
+    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
+    const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
+    dv_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+    if (resume) {
+        a0 = acc[0]; a1 = acc[1]; a2 = acc[2]; a3 = acc[3]; a4 = acc[4]; a5 = acc[5]; a6 = acc[6]; a7 = acc[7];
+    }
+#define DV_STEP(c, k)                                                                              \
+    do {                                                                                           \
+        a0 += DV_SPLAT(w0[k]) * c; a1 += DV_SPLAT(w1[k]) * c;                                      \
+        a2 += DV_SPLAT(w2[k]) * c; a3 += DV_SPLAT(w3[k]) * c;                                      \
+        a4 += DV_SPLAT(w4[k]) * c; a5 += DV_SPLAT(w5[k]) * c;                                      \
+        a6 += DV_SPLAT(w6[k]) * c; a7 += DV_SPLAT(w7[k]) * c;                                      \
+    } while (0)
+    dv_lanes m0 = dv_lanes_of(n0);
+    for (int k = 0; k < K; ++k) {
+        __builtin_prefetch(s0 + tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k]);
+        dv_v16 c = dv_load16_lanes(s0 + tap[k], m0);
+        DV_STEP(c, k);
+    }
+#undef DV_STEP
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3; acc[4] = a4; acc[5] = a5; acc[6] = a6; acc[7] = a7;
+}
+
+/* One direct tile: vectors vec[0..nvec-1] (nvec 1 or 2; a vector is 3 ints: source offset of
+ * its first position's tap (0, 0), output offset, length) times rows wr, over taps tap[0..K-1]. */
+static inline void dv_dtile(const float *const *wr, int K, const float *src, const long *tap, const int *vec,
+                            int nvec, dv_v16 *acc, int resume)
+{
+    if (nvec == 2) dv_dtile_8x32(wr, K, src + vec[0], src + vec[3], tap, vec[2], vec[5], acc, resume);
+    else dv_dtile_8x16(wr, K, src + vec[0], tap, vec[2], acc, resume);
+}
+
+/* Write a direct tile: out[o, vec's output offset + j] = bias[o] + sum, ReLU if asked. */
+static inline void dv_dtile_store(const dv_v16 *acc, int nvec, const int *orow, int rows, const int *vec,
+                                  float *out, long ldo, const float *bias, int relu)
+{
+    for (int r = 0; r < rows; ++r) {
+        int o = orow[r];
+        dv_v16 base = DV_SPLAT(bias[o]);
+        for (int v = 0; v < nvec; ++v) {
+            const int *q = vec + 3 * v;
+            dv_v16 x = base + acc[r * nvec + v];
+            if (relu) x = (dv_v16)((dv_i16)x & ~(dv_i16)(x < (dv_v16){0}));
+            float *dst = out + (long)o * ldo + q[1];
+            if (q[2] == 16) dv_store16(dst, x);
+            else dv_store16_part(dst, x, q[2]);
+        }
+    }
+}
+
+/* Prefetch, for writing, the output lines of a tile's vectors (3 ints each) in rows o0..o1-1:
+ * the output rows are far apart, too many streams for the hardware prefetchers, and a store
+ * that misses waits for its line (a cold 3 MB output took 1.5x the layer's time). */
+static inline void dv_prefetch_tile_out(float *out, long ldo, int o0, int o1, const int *vec, int nvec)
+{
+    for (int o = o0; o < o1; ++o)
+        for (int v = 0; v < nvec; ++v) {
+            float *p = out + (long)o * ldo + vec[3 * v + 1];
+            __builtin_prefetch(p, 1, 3);
+            __builtin_prefetch(p + vec[3 * v + 2] - 1, 1, 3);
+        }
+}
+
+/* Direct convolution of one group: out[o, p] = bias[o] + sum_k W[o, k] src[s(p) + tap_off[k]],
+ * ReLU if asked, for the tiles (pairs of vectors, see above) tile_begin..tile_end-1: each tile
+ * takes every 8-row block of W (O x K), K cut into DV_KC-row blocks so that the source rows a
+ * tile reads stay in L1 while the blocks pass over them. */
+static void dv_conv_direct(const float *src, const long *tap_off, const int *vec, int nvec,
+                           const float *W, int O, int K, const float *bias, int relu, float *out, long ldo,
+                           int tile_begin, int tile_end)
+{
+    dv_v16 acc[16];
+    int orow[8];
+    const float *wr[8];
+    int blocks = (O + 7) / 8;
+    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)blocks + 64);
+    accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
+    for (int t = tile_begin; t < tile_end; ++t) {
+        int nv = nvec - 2 * t < 2 ? nvec - 2 * t : 2;
+        const int *v = vec + 6 * t;
+        if (t + 1 < tile_end)  /* the next tile's output lines */
+            dv_prefetch_tile_out(out, ldo, 0, O, v + 6,
+                                 nvec - 2 * (t + 1) < 2 ? nvec - 2 * (t + 1) : 2);
+        for (int k0 = 0; k0 < K; k0 += DV_KC) {
+            int kc = K - k0 < DV_KC ? K - k0 : DV_KC;
+            int first = k0 == 0, last = k0 + kc == K;
+            for (int g = 0; g < blocks; ++g) {
+                int rows = O - 8 * g < 8 ? O - 8 * g : 8;
+                dv_v16 *saved = accbuf + (long)g * 16;
+                for (int r = 0; r < 8; ++r) {
+                    orow[r] = 8 * g + (r < rows ? r : 0);
+                    wr[r] = W + (long)orow[r] * K + k0;
+                }
+                if (!first) memcpy(acc, saved, sizeof(dv_v16) * 8 * (size_t)nv);
+                dv_dtile(wr, kc, src, tap_off + k0, v, nv, acc, !first);
+                if (last) dv_dtile_store(acc, nv, orow, rows, v, out, ldo, bias, relu);
+                else memcpy(saved, acc, sizeof(dv_v16) * 8 * (size_t)nv);
+            }
+        }
+    }
+}
+
+/* The vectors of a direct convolution (see above) for an ho x wo output whose position
+ * (oy, ox) has its tap (0, 0) at source offset oy * sh * row_w + ox (stride 1 along rows).
+ * Writes 3 ints per vector; returns their number (room for 3 * ho * ((wo + 15) / 16) ints). */
+static int dv_direct_vectors(int ho, int wo, int sh, int row_w, int *vec)
+{
+    int n = 0;
+    if (sh == 1 && row_w == wo) {  /* the source rows continue one another: cut every 16 */
+        for (int p = 0; p < ho * wo; p += 16, ++n) {
+            vec[3 * n] = p;
+            vec[3 * n + 1] = p;
+            vec[3 * n + 2] = ho * wo - p < 16 ? ho * wo - p : 16;
+        }
+        return n;
+    }
+    for (int oy = 0; oy < ho; ++oy)
+        for (int ox = 0; ox < wo; ox += 16, ++n) {
+            vec[3 * n] = oy * sh * row_w + ox;
+            vec[3 * n + 1] = oy * wo + ox;
+            vec[3 * n + 2] = wo - ox < 16 ? wo - ox : 16;
+        }
+    return n;
 }
 
 /* Copy channels of a (C x H x W) input into zero-padded planes (C x Hp x Wp, input at row pt,
@@ -562,32 +771,84 @@ static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs
     }
 }
 
+/* The mean of x[0..n-1]: 16 float lanes summed as they come, the lanes then in double. */
+static inline float dv_mean(const float *x, int n)
+{
+    dv_v16 acc = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc += dv_load16(x + i);
+    if (i < n) acc += dv_load16_part(x + i, n - i);
+    double total = 0.0;
+    for (int l = 0; l < 16; ++l) total += acc[l];
+    return (float)(total / n);
+}
+
 /* Pooling works on a window-row reduction: for each output row, the rows of its window are
  * reduced into `acc` (the input row with pl padding entries on the left, enough on the right for
- * every window), then each output takes its kw entries of `acc`. Both loops run over contiguous
- * or independent elements, so they vectorise; `acc` holds (wo - 1) * sw + kw + pl floats. */
+ * every window), then each output takes its kw entries of `acc`. Both steps run on whole vectors
+ * (16 outputs at a time, strides 1 and 2 de-interleaved in registers), tails masked. */
 static inline int dv_pool_span(int W, int wo, int kw, int sw, int pl)
 {
     int span = (wo - 1) * sw + kw;
     return span > W + pl ? span : W + pl;
 }
 
-/* m[x] = max(m[x], r[x]). */
-static inline void dv_row_max(float *restrict m, const float *restrict r, int n)
+/* Floats of a pooling row scratch: the span plus the slack that whole-vector reads of the last
+ * outputs' windows reach (16 outputs of stride <= 2 read 32 floats past their window start). */
+static inline int dv_pool_scratch(int W, int wo, int kw, int sw, int pl)
 {
-    for (int x = 0; x < n; ++x) m[x] = r[x] > m[x] ? r[x] : m[x];
+    return dv_pool_span(W, wo, kw, sw, pl) + 2 * 16 + 16;
 }
 
-/* o[ox] = max of acc[ox * sw + kx] over kx < kw. */
-static inline __attribute__((always_inline)) void dv_window_max(float *restrict o, const float *restrict acc,
-                                                                  int wo, int sw, int kw)
+/* The larger of a and b as (b > a ? b : a), lane by lane (a NaN in b keeps a). */
+static inline dv_v16 dv_vmax(dv_v16 a, dv_v16 b)
 {
-    for (int ox = 0; ox < wo; ++ox) o[ox] = acc[ox * sw];
-    for (int kx = 1; kx < kw; ++kx)
+    dv_i16 m = (dv_i16)(b > a);
+    return (dv_v16)(((dv_i16)b & m) | ((dv_i16)a & ~m));
+}
+
+/* p[0], p[s], ..., p[15 s] for s = 1 or 2 (p[0 .. 16 s - 1] readable). */
+static inline dv_v16 dv_load16_stride(const float *p, int s)
+{
+    if (s == 1) return dv_load16(p);
+    dv_v16 a = dv_load16(p), b = dv_load16(p + 16);
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+}
+
+/* m[x] = max(m[x], r[x]) for x < n. */
+static inline void dv_row_max(float *m, const float *r, int n)
+{
+    int x = 0;
+    for (; x + 16 <= n; x += 16) dv_store16(m + x, dv_vmax(dv_load16(m + x), dv_load16(r + x)));
+    if (x < n) dv_store16_part(m + x, dv_vmax(dv_load16_part(m + x, n - x), dv_load16_part(r + x, n - x)), n - x);
+}
+
+/* m[x] += r[x] for x < n. */
+static inline void dv_row_add(float *m, const float *r, int n)
+{
+    int x = 0;
+    for (; x + 16 <= n; x += 16) dv_store16(m + x, dv_load16(m + x) + dv_load16(r + x));
+    if (x < n) dv_store16_part(m + x, dv_load16_part(m + x, n - x) + dv_load16_part(r + x, n - x), n - x);
+}
+
+/* o[ox] = max of acc[ox * sw + kx] over kx < kw (acc with dv_pool_scratch floats). */
+static inline void dv_window_max(float *o, const float *acc, int wo, int sw, int kw)
+{
+    if (sw > 2) {
         for (int ox = 0; ox < wo; ++ox) {
-            float v = acc[ox * sw + kx];
-            o[ox] = v > o[ox] ? v : o[ox];
+            float m = acc[ox * sw];
+            for (int kx = 1; kx < kw; ++kx) m = acc[ox * sw + kx] > m ? acc[ox * sw + kx] : m;
+            o[ox] = m;
         }
+        return;
+    }
+    for (int ox = 0; ox < wo; ox += 16) {
+        const float *a = acc + (long)ox * sw;
+        dv_v16 v = dv_load16_stride(a, sw);
+        for (int kx = 1; kx < kw; ++kx) v = dv_vmax(v, dv_load16_stride(a + kx, sw));
+        if (wo - ox >= 16) dv_store16(o + ox, v);
+        else dv_store16_part(o + ox, v, wo - ox);
+    }
 }
 
 /* Max pooling of one H x W plane into ho x wo (-inf padding: windows clipped to the input). */
@@ -604,45 +865,52 @@ static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, 
         if (y1 > H) y1 = H;
         memcpy(mid, in + (long)y0 * W, sizeof(float) * (size_t)W);
         for (int iy = y0 + 1; iy < y1; ++iy) dv_row_max(mid, in + (long)iy * W, W);
-        float *o = out + (long)oy * wo;
-        if (sw == 2)  /* a constant stride lets the compiler vectorise the strided reads */
-            dv_window_max(o, acc, wo, 2, kw);
-        else if (sw == 1)
-            dv_window_max(o, acc, wo, 1, kw);
-        else
-            dv_window_max(o, acc, wo, sw, kw);
+        dv_window_max(out + (long)oy * wo, acc, wo, sw, kw);
     }
 }
 
-/* o[ox] = sum of acc[ox * sw + kx] over kx < kw (kx in order), divided by rows * cols[ox]. */
-static inline __attribute__((always_inline)) void dv_window_mean(float *restrict o, const float *restrict acc,
-                                                                   int wo, int sw, int kw, int rows,
-                                                                   const int *restrict cols)
+/* o[ox] = sum of acc[ox * sw + kx] over kx < kw (kx in order), divided by rows * cols[ox]
+ * (0 where that count is 0). */
+static inline void dv_window_mean(float *o, const float *acc, int wo, int sw, int kw, int rows, const float *cols)
 {
-    for (int ox = 0; ox < wo; ++ox) o[ox] = acc[ox * sw];
-    for (int kx = 1; kx < kw; ++kx)
-        for (int ox = 0; ox < wo; ++ox) o[ox] += acc[ox * sw + kx];
-    for (int ox = 0; ox < wo; ++ox) {
-        int count = rows * cols[ox];
-        o[ox] = count > 0 ? o[ox] / (float)count : 0.0f;
+    if (sw > 2) {
+        for (int ox = 0; ox < wo; ++ox) {
+            float m = acc[ox * sw];
+            for (int kx = 1; kx < kw; ++kx) m += acc[ox * sw + kx];
+            float count = (float)rows * cols[ox];
+            o[ox] = count > 0.0f ? m / count : 0.0f;
+        }
+        return;
+    }
+    for (int ox = 0; ox < wo; ox += 16) {
+        const float *a = acc + (long)ox * sw;
+        int n = wo - ox < 16 ? wo - ox : 16;
+        dv_v16 v = dv_load16_stride(a, sw);
+        for (int kx = 1; kx < kw; ++kx) v += dv_load16_stride(a + kx, sw);
+        dv_v16 count = DV_SPLAT((float)rows) * dv_load16_part(cols + ox, n);
+        dv_i16 some = (dv_i16)(count > (dv_v16){0});
+        count = (dv_v16)(((dv_i16)count & some) | ((dv_i16)DV_SPLAT(1.0f) & ~some));
+        v = (dv_v16)((dv_i16)(v / count) & some);
+        if (n == 16) dv_store16(o + ox, v);
+        else dv_store16_part(o + ox, v, n);
     }
 }
 
 /* Average pooling of one plane, onnxruntime's divisor rule (see _kernels.avgpool): the window
  * sum over the taps inside the input (acc is zero elsewhere), divided by the window clipped
- * to the padded input (count_include_pad) or by the taps inside the input. `acc` as for max
- * pooling, plus wo ints after it for the column counts. */
+ * to the padded input (count_include_pad) or by the taps inside the input. `acc` holds
+ * dv_pool_scratch floats, then wo floats for the column counts. */
 static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
                              int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad, float *acc)
 {
     int span = dv_pool_span(W, wo, kw, sw, pl);
-    int *cols = (int *)(acc + span);
+    float *cols = acc + dv_pool_scratch(W, wo, kw, sw, pl);
     for (int p = 0; p < span; ++p) acc[p] = 0.0f;
     for (int ox = 0; ox < wo; ++ox) {
         int ws = ox * sw - pl, we = ws + kw;
         if (we > W + pr) we = W + pr;
         int x0 = ws > 0 ? ws : 0, x1 = we < W ? we : W;
-        cols[ox] = count_include_pad ? we - ws : x1 - x0;
+        cols[ox] = (float)(count_include_pad ? we - ws : x1 - x0);
     }
     float *mid = acc + pl;
     for (int oy = 0; oy < ho; ++oy) {
@@ -650,15 +918,8 @@ static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, 
         if (he > H + pb) he = H + pb;
         int y0 = hs > 0 ? hs : 0, y1 = he < H ? he : H;
         memset(mid, 0, sizeof(float) * (size_t)W);
-        for (int iy = y0; iy < y1; ++iy) {
-            const float *restrict r = in + (long)iy * W;
-            for (int x = 0; x < W; ++x) mid[x] += r[x];
-        }
-        int rows = count_include_pad ? he - hs : y1 - y0;
-        float *o = out + (long)oy * wo;
-        if (sw == 2) dv_window_mean(o, acc, wo, 2, kw, rows, cols);
-        else if (sw == 1) dv_window_mean(o, acc, wo, 1, kw, rows, cols);
-        else dv_window_mean(o, acc, wo, sw, kw, rows, cols);
+        for (int iy = y0; iy < y1; ++iy) dv_row_add(mid, in + (long)iy * W, W);
+        dv_window_mean(out + (long)oy * wo, acc, wo, sw, kw, count_include_pad ? he - hs : y1 - y0, cols);
     }
 }
 

@@ -29,7 +29,13 @@ BILINEAR_FILL_OPS = 9
 PARALLEL_MIN_WORK = 2_000_000
 #: A 1x1 convolution with at most this many output channels (per group) reads its input map in
 #: place: building panels would cost as much as the few output rows that use them.
-POINTWISE_ROWS_MAX_OUT = 32
+#: The direct conv route needs its vectors this full: maps 16 or 32 wide, or 1x1 layers
+#: without padding, ran 1.15x-1.8x faster direct; 56-, 27- and 14-wide maps (0.875, 0.84 and
+#: 0.875 of the lanes) ran as fast or faster unfolded into full panels ...
+DIRECT_MIN_LANE_USE = 0.9
+#: ... and at most this many output channels per output position (past it the weights are the
+#: large operand, and the unfolded panels, read in order, feed the GEMM better).
+DIRECT_MAX_ROWS_PER_POSITION = 2
 #: Scalar ops to turn one map's sums into its spread and test it (mean, variance, sqrt, ratio, compare).
 SFMA_TEST_OPS = 7
 
@@ -156,12 +162,13 @@ class ConvState:
     grid: SdssGrid | None = None
     # Dense path (im2col fused into the GEMM): the source planes (padded copies when the layer
     # pads), the runs of each 32-position panel, and each unfolded row's offset in the source.
-    dense_route: str = "fused"  # "fused", "unfold" (more output channels than positions) or "rows" (1x1)
+    dense_route: str = "fused"  # "direct", "fused" or "unfold": see dense_route()
     pad_src: bool = False
     src_row_width: int = 0
     all_positions: np.ndarray | None = None
     src_hw: tuple[int, int] = (0, 0)  # Hp, Wp of the padded planes
     runs: np.ndarray | None = None
+    vectors: np.ndarray | None = None  # the direct route's source vectors (K.direct_vectors)
     panel_first: np.ndarray | None = None
     tap_off: np.ndarray | None = None
     # SFMA: per output position its border class; per class the valid kernel taps (kh*kw mask).
@@ -224,6 +231,26 @@ def _border_classes(st: ConvState, h: int, w: int) -> tuple[np.ndarray, np.ndarr
     return inverse.reshape(-1).astype(np.int64), classes.astype(np.float32)
 
 
+def direct_lane_use(ho: int, wo: int, sh: int, src_row_width: int) -> float:
+    """Share of the vector lanes the direct route fills: its vectors are up to 16 consecutive
+    output positions of one row, or of the whole map when the source rows continue one another
+    (1x1, no padding)."""
+    if sh == 1 and src_row_width == wo:
+        return ho * wo / (16 * -(-ho * wo // 16))
+    return wo / (16 * -(-wo // 16))
+
+
+def dense_route(cout: int, ho: int, wo: int, sh: int, sw: int, src_row_width: int) -> str:
+    """The dense path's conv route (docs/engine.md): ``direct`` (no unfolding) for stride 1
+    along rows when its vectors are nearly full and the map is not much smaller than the
+    weights; else the fused unfolding, or ``unfold`` (once) when there are more output channels
+    than positions."""
+    if (sw == 1 and cout <= DIRECT_MAX_ROWS_PER_POSITION * ho * wo
+            and direct_lane_use(ho, wo, sh, src_row_width) >= DIRECT_MIN_LANE_USE):
+        return "direct"
+    return "unfold" if cout > ho * wo else "fused"
+
+
 def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     """Static data of a conv layer for the engine."""
     w = layer.weight
@@ -247,10 +274,9 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     st.src_hw = (hp, wp)
     st.src_row_width = rows_apart
     st.all_positions = np.arange(ho * wo, dtype=np.int32)
-    if cout > ho * wo:
-        st.dense_route = "unfold"
-    elif pointwise and cout <= POINTWISE_ROWS_MAX_OUT:
-        st.dense_route = "rows"
+    st.dense_route = dense_route(cout, ho, wo, sh, sw, rows_apart)
+    if st.dense_route == "direct":
+        st.vectors = K.direct_vectors(ho, wo, sh, rows_apart)
     st.runs, st.panel_first = K.im2col_run_table(ho, wo, sh, sw, rows_apart)
     taps = (np.arange(kh)[:, None] * dh * rows_apart + np.arange(kw)[None, :] * dw).reshape(-1)
     st.tap_off = (np.arange(cin)[:, None] * plane + taps[None, :]).reshape(-1).astype(np.int64)
@@ -613,9 +639,9 @@ class Engine:
         bias = st.layer.bias
         for g in range(st.groups):
             og, bg = out[g * st.cout:(g + 1) * st.cout], bias[g * st.cout:(g + 1) * st.cout]
-            if st.dense_route == "rows":  # 1x1, few outputs: read the input map in place
-                K.conv_gemm_rows(st.weights[g], x[g * st.cin:(g + 1) * st.cin].reshape(st.cin, -1), og, bg,
-                                 st.layer.relu, self.kernel_threads)
+            if st.dense_route == "direct":  # stride 1 along rows: the tiles read the source in place
+                K.conv_direct(x, g * st.cin, pt, pl, st.src_hw[0], st.src_hw[1], st.pad_src, self._pad_scratch,
+                              st.tap_off, st.vectors, st.weights[g], bg, st.layer.relu, og, self.kernel_threads)
             elif st.dense_route == "unfold":  # large weights, small map: unfold once, weights stay in L1
                 K.im2col_packed(x, st.channels[g], st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, st.cols,
                                 self.kernel_threads)

@@ -7,6 +7,7 @@ import pytest
 from onnx import helper
 
 import dyvedeep.engine as engine_module
+from dyvedeep import _kernels as K
 from dyvedeep.engine import Engine
 from dyvedeep.errors import DyveError
 from dyvedeep.plan import build_plan
@@ -34,20 +35,54 @@ def assert_matches_ort(path, x, rel=1e-5):
     (dict(strides=[4, 4]), (3, 23, 23), (8, 3, 11, 11)),
     (dict(), (7, 6, 6), (5, 7, 1, 1)),
     # the engine's own GEMM: inner dimension over one 192-row block, rows not a multiple of 8,
-    # a partial last 32-position panel
-    (dict(pads=[1, 1, 1, 1]), (24, 15, 15), (13, 24, 3, 3)),
+    # a partial last 32-position panel (14 wide: the fused route, see test_conv_route_choice)
+    (dict(pads=[1, 1, 1, 1]), (24, 15, 14), (13, 24, 3, 3)),
     # more output channels than positions: unfolded once, weights swept row block by row block
     (dict(), (16, 5, 5), (70, 16, 1, 1)),
     # a 1x1 convolution with few outputs reads its input map in place
     (dict(), (40, 17, 19), (20, 40, 1, 1)),
     # stride 2 with padding: strided runs of the fused unfolding
     (dict(strides=[2, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3)),
+    # the direct route: 16-wide rows, an odd number of vectors (a last one-vector tile), an inner
+    # dimension over one 192-row block; 31-wide rows (a partial second vector per row)
+    (dict(pads=[1, 1, 1, 1]), (24, 15, 16), (13, 24, 3, 3)),
+    (dict(pads=[2, 2, 2, 2]), (3, 31, 31), (9, 3, 5, 5)),
 ])
 def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape):
     w = RNG.normal(0, 0.3, wshape)
     b = RNG.normal(0, 0.1, wshape[0])
     path = conv_model(tmp_path / "c.onnx", w, b, in_shape, relu=False, **attrs)
     assert_matches_ort(path, RNG.normal(0, 1, (2, *in_shape)).astype(np.float32))
+
+
+@pytest.mark.parametrize("attrs, in_shape, wshape, route", [
+    (dict(pads=[1, 1, 1, 1]), (24, 15, 16), (13, 24, 3, 3), "direct"),
+    (dict(pads=[2, 2, 2, 2]), (3, 31, 31), (9, 3, 5, 5), "direct"),
+    (dict(), (40, 17, 19), (20, 40, 1, 1), "direct"),  # 1x1: vectors run across the rows
+    (dict(pads=[1, 1, 1, 1]), (24, 15, 14), (13, 24, 3, 3), "fused"),  # 14 of 16 lanes: too few
+    (dict(strides=[2, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3), "fused"),
+    (dict(), (16, 5, 5), (70, 16, 1, 1), "unfold"),
+])
+def test_conv_route_choice(tmp_path, attrs, in_shape, wshape, route):
+    """The cases above do exercise the route they are meant for."""
+    path = conv_model(tmp_path / "c.onnx", RNG.normal(0, 0.3, wshape), np.zeros(wshape[0]), in_shape, **attrs)
+    engine = Engine(build_plan(path))
+    assert [st.dense_route for st in engine.states.values()] == [route]
+
+
+def test_direct_vectors_cover_each_position_once():
+    """The direct route's vectors: every output position exactly once, in order, within a row
+    unless the source rows continue one another, and at most 16 long."""
+    for ho, wo, sh, row_width in [(5, 31, 1, 35), (4, 16, 2, 40), (3, 7, 1, 7), (6, 20, 1, 20)]:
+        vec = K.direct_vectors(ho, wo, sh, row_width)
+        covered = np.concatenate([np.arange(o, o + n) for _, o, n in vec])
+        assert np.array_equal(covered, np.arange(ho * wo))
+        assert vec[:, 2].max() <= 16 and vec[:, 2].min() >= 1
+        continuous = sh == 1 and row_width == wo
+        for s, o, n in vec:
+            oy, ox = divmod(int(o), wo)
+            assert s == oy * sh * row_width + ox
+            assert continuous or ox + n <= wo
 
 
 @pytest.mark.parametrize("op, attrs", [
