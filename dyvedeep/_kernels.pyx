@@ -37,7 +37,7 @@ cdef extern from "_simd.h" nogil:
     void dv_conv_direct(const float* src, const long* tap_off, const int* vec, int nvec,
                         const float* W, int O, int K, const float* bias, int relu, float* out, long ldo,
                         int tile_begin, int tile_end)
-    int dv_direct_vectors(int ho, int wo, int sh, int row_w, int* vec)
+    int dv_direct_vectors(int ho, int wo, int sh, int row_w, int across, int* vec)
     float dv_mean(const float* x, int n)
     int dv_position_runs(const int* pos, int n, int wo, int sh, int sw, int Wp, int* runs)
     void dv_knob_tiles(const float* src, const long* tap_off, const int* runs, const int* runs_first,
@@ -267,12 +267,14 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
                             (c + 1) * ntiles // nchunks)
 
 
-def direct_vectors(int ho, int wo, int sh, int row_width):
-    """The vectors of a direct convolution (dv_direct_vectors): (n, 3) int32 rows of source
-    offset of tap (0, 0), output offset, length (1..16)."""
-    vec = np.zeros((max(ho * ((wo + 15) // 16), (ho * wo + 15) // 16), 3), np.int32)
+def direct_vectors(int ho, int wo, int sh, int row_width, bint across):
+    """The vectors of a direct convolution (dv_direct_vectors): (n, 4) int32 rows of source
+    offset of tap (0, 0), output offset, lanes (1..16), lane mask of the positions stored."""
+    if across and (sh != 1 or row_width < wo):
+        raise ValueError("direct_vectors: vectors across rows need stride 1 and row_width >= wo")
+    vec = np.zeros((ho * ((wo + 15) // 16) + (ho * row_width + 15) // 16, 4), np.int32)
     cdef int[:, ::1] v = vec
-    cdef int n = dv_direct_vectors(ho, wo, sh, row_width, &v[0, 0])
+    cdef int n = dv_direct_vectors(ho, wo, sh, row_width, across, &v[0, 0])
     return vec[:n].copy()
 
 
@@ -292,9 +294,9 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     cdef const float* src
     if K == 0 or O == 0 or N == 0 or nvec == 0:
         raise ValueError("conv_direct: empty layer")
-    if out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or vectors.shape[1] != 3:
+    if out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or vectors.shape[1] != 4:
         raise ValueError("conv_direct: shape mismatch")
-    if vectors[nvec - 1, 1] + vectors[nvec - 1, 2] > N:
+    if vectors[nvec - 1, 1] + bin(<unsigned int>vectors[nvec - 1, 3]).count("1") > N:
         raise ValueError("conv_direct: vectors past the output")
     reach = vectors[nvec - 1, 0] + tap_off[K - 1] + vectors[nvec - 1, 2]  # one past the last float read
     if pad:

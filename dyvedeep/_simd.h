@@ -366,10 +366,15 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
 }
 
 /* The direct convolution (stride 1 along rows): no unfolding at all. Row k of the unfolded
- * input, for a vector of consecutive output positions whose tap (0, 0) sits at source offset s,
- * is simply the source at s + tap_off[k]: the tile loads it in place. A vector is up to 16
- * output positions that are consecutive in the output and in the source (one output row, or
- * several when the source rows are exactly as wide as the output's: 1x1, no padding). */
+ * input, for a vector of output positions whose tap (0, 0) sits at consecutive source offsets
+ * s, s + 1, ..., is simply the source at s + tap_off[k]: the tile loads it in place. A vector
+ * is DV_VEC ints: source offset s, output offset, lanes n (1..16) and a lane mask. Either its
+ * lanes are consecutive positions of one output row (mask: the first n lanes), or, when the
+ * source rows are row_w >= wo floats apart (stride 1 down the rows too), they are the
+ * positions of consecutive source offsets, rows included: lanes that fall on the row_w - wo
+ * columns past an output row are computed and dropped (mask), the others are consecutive
+ * positions of the output, stored compressed. */
+#define DV_VEC 4
 
 /* The lanes of a load of n (1..16) floats: a mask (AVX-512; computed once outside a loop) or
  * the count itself (elsewhere, where a partial load copies n floats). */
@@ -467,16 +472,29 @@ static inline void dv_dtile_8x16(const float *const *wr, int K, const float *s0,
     acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3; acc[4] = a4; acc[5] = a5; acc[6] = a6; acc[7] = a7;
 }
 
-/* One direct tile: vectors vec[0..nvec-1] (nvec 1 or 2; a vector is 3 ints: source offset of
- * its first position's tap (0, 0), output offset, length) times rows wr, over taps tap[0..K-1]. */
+/* One direct tile: vectors vec[0..nvec-1] (nvec 1 or 2) times rows wr, over taps tap[0..K-1]. */
 static inline void dv_dtile(const float *const *wr, int K, const float *src, const long *tap, const int *vec,
                             int nvec, dv_v16 *acc, int resume)
 {
-    if (nvec == 2) dv_dtile_8x32(wr, K, src + vec[0], src + vec[3], tap, vec[2], vec[5], acc, resume);
+    if (nvec == 2) dv_dtile_8x32(wr, K, src + vec[0], src + vec[DV_VEC], tap, vec[2], vec[DV_VEC + 2], acc, resume);
     else dv_dtile_8x16(wr, K, src + vec[0], tap, vec[2], acc, resume);
 }
 
-/* Write a direct tile: out[o, vec's output offset + j] = bias[o] + sum, ReLU if asked. */
+/* Store the lanes of v that `mask` selects, in order, at p, p + 1, ... */
+static inline void dv_store16_compress(float *p, dv_v16 v, unsigned mask)
+{
+#if defined(__AVX512F__)
+    __m512 m;
+    memcpy(&m, &v, sizeof m);
+    _mm512_mask_compressstoreu_ps(p, (__mmask16)mask, m);
+#else
+    for (int l = 0; l < 16; ++l)
+        if (mask >> l & 1u) *p++ = v[l];
+#endif
+}
+
+/* Write a direct tile: bias[o] + sum, ReLU if asked, to row o at each vector's output offset
+ * (the lanes its mask selects). */
 static inline void dv_dtile_store(const dv_v16 *acc, int nvec, const int *orow, int rows, const int *vec,
                                   float *out, long ldo, const float *bias, int relu)
 {
@@ -484,26 +502,28 @@ static inline void dv_dtile_store(const dv_v16 *acc, int nvec, const int *orow, 
         int o = orow[r];
         dv_v16 base = DV_SPLAT(bias[o]);
         for (int v = 0; v < nvec; ++v) {
-            const int *q = vec + 3 * v;
+            const int *q = vec + DV_VEC * v;
+            unsigned mask = (unsigned)q[3];
             dv_v16 x = base + acc[r * nvec + v];
             if (relu) x = (dv_v16)((dv_i16)x & ~(dv_i16)(x < (dv_v16){0}));
             float *dst = out + (long)o * ldo + q[1];
-            if (q[2] == 16) dv_store16(dst, x);
-            else dv_store16_part(dst, x, q[2]);
+            if (mask == 0xFFFFu) dv_store16(dst, x);
+            else if (mask == (1u << q[2]) - 1u) dv_store16_part(dst, x, q[2]);
+            else dv_store16_compress(dst, x, mask);
         }
     }
 }
 
-/* Prefetch, for writing, the output lines of a tile's vectors (3 ints each) in rows o0..o1-1:
- * the output rows are far apart, too many streams for the hardware prefetchers, and a store
- * that misses waits for its line (a cold 3 MB output took 1.5x the layer's time). */
+/* Prefetch, for writing, the output lines of a tile's vectors in rows o0..o1-1: the output
+ * rows are far apart, too many streams for the hardware prefetchers, and a store that misses
+ * waits for its line (a cold 3 MB output took 1.5x the layer's time). */
 static inline void dv_prefetch_tile_out(float *out, long ldo, int o0, int o1, const int *vec, int nvec)
 {
     for (int o = o0; o < o1; ++o)
         for (int v = 0; v < nvec; ++v) {
-            float *p = out + (long)o * ldo + vec[3 * v + 1];
+            float *p = out + (long)o * ldo + vec[DV_VEC * v + 1];
             __builtin_prefetch(p, 1, 3);
-            __builtin_prefetch(p + vec[3 * v + 2] - 1, 1, 3);
+            __builtin_prefetch(p + __builtin_popcount((unsigned)vec[DV_VEC * v + 3]) - 1, 1, 3);
         }
 }
 
@@ -523,9 +543,9 @@ static void dv_conv_direct(const float *src, const long *tap_off, const int *vec
     accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
     for (int t = tile_begin; t < tile_end; ++t) {
         int nv = nvec - 2 * t < 2 ? nvec - 2 * t : 2;
-        const int *v = vec + 6 * t;
+        const int *v = vec + 2 * DV_VEC * t;
         if (t + 1 < tile_end)  /* the next tile's output lines */
-            dv_prefetch_tile_out(out, ldo, 0, O, v + 6,
+            dv_prefetch_tile_out(out, ldo, 0, O, v + 2 * DV_VEC,
                                  nvec - 2 * (t + 1) < 2 ? nvec - 2 * (t + 1) : 2);
         for (int k0 = 0; k0 < K; k0 += DV_KC) {
             int kc = K - k0 < DV_KC ? K - k0 : DV_KC;
@@ -547,24 +567,39 @@ static void dv_conv_direct(const float *src, const long *tap_off, const int *vec
 }
 
 /* The vectors of a direct convolution (see above) for an ho x wo output whose position
- * (oy, ox) has its tap (0, 0) at source offset oy * sh * row_w + ox (stride 1 along rows).
- * Writes 3 ints per vector; returns their number (room for 3 * ho * ((wo + 15) / 16) ints). */
-static int dv_direct_vectors(int ho, int wo, int sh, int row_w, int *vec)
+ * (oy, ox) has its tap (0, 0) at source offset oy * sh * row_w + ox: per output row, or, with
+ * `across` (needs sh == 1 and row_w >= wo), over consecutive source offsets from the first
+ * position to the last. Writes DV_VEC ints per vector; returns their number (room for
+ * DV_VEC * (ho * ((wo + 15) / 16) + (ho * row_w + 15) / 16) ints). */
+static int dv_direct_vectors(int ho, int wo, int sh, int row_w, int across, int *vec)
 {
     int n = 0;
-    if (sh == 1 && row_w == wo) {  /* the source rows continue one another: cut every 16 */
-        for (int p = 0; p < ho * wo; p += 16, ++n) {
-            vec[3 * n] = p;
-            vec[3 * n + 1] = p;
-            vec[3 * n + 2] = ho * wo - p < 16 ? ho * wo - p : 16;
+    if (across) {
+        int end = (ho - 1) * row_w + wo;  /* one past the last position's source offset */
+        for (int p = 0; p < end; p += 16, ++n) {
+            int lanes = end - p < 16 ? end - p : 16;
+            unsigned mask = 0;
+            int first = -1;
+            for (int l = 0; l < lanes; ++l) {
+                int oy = (p + l) / row_w, ox = (p + l) % row_w;
+                if (ox < wo) {
+                    mask |= 1u << l;
+                    if (first < 0) first = oy * wo + ox;
+                }
+            }
+            if (mask == 0) { --n; continue; }  /* only dropped columns */
+            int *v = vec + DV_VEC * n;
+            v[0] = p; v[1] = first; v[2] = lanes; v[3] = (int)mask;
         }
         return n;
     }
     for (int oy = 0; oy < ho; ++oy)
         for (int ox = 0; ox < wo; ox += 16, ++n) {
-            vec[3 * n] = oy * sh * row_w + ox;
-            vec[3 * n + 1] = oy * wo + ox;
-            vec[3 * n + 2] = wo - ox < 16 ? wo - ox : 16;
+            int *v = vec + DV_VEC * n;
+            v[0] = oy * sh * row_w + ox;
+            v[1] = oy * wo + ox;
+            v[2] = wo - ox < 16 ? wo - ox : 16;
+            v[3] = (int)((1u << v[2]) - 1u);
         }
     return n;
 }

@@ -30,8 +30,8 @@ PARALLEL_MIN_WORK = 2_000_000
 #: A 1x1 convolution with at most this many output channels (per group) reads its input map in
 #: place: building panels would cost as much as the few output rows that use them.
 #: The direct conv route needs its vectors this full: maps 16 or 32 wide, or 1x1 layers
-#: without padding, ran 1.15x-1.8x faster direct; 56-, 27- and 14-wide maps (0.875, 0.84 and
-#: 0.875 of the lanes) ran as fast or faster unfolded into full panels ...
+#: without padding, ran 1.15x-1.8x faster direct; with vectors per output row, 56-, 27- and
+#: 14-wide maps (0.875, 0.84 and 0.875 of the lanes) ran as fast or faster unfolded ...
 DIRECT_MIN_LANE_USE = 0.9
 #: ... and at most this many output channels per output position (past it the weights are the
 #: large operand, and the unfolded panels, read in order, feed the GEMM better).
@@ -231,13 +231,17 @@ def _border_classes(st: ConvState, h: int, w: int) -> tuple[np.ndarray, np.ndarr
     return inverse.reshape(-1).astype(np.int64), classes.astype(np.float32)
 
 
-def direct_lane_use(ho: int, wo: int, sh: int, src_row_width: int) -> float:
-    """Share of the vector lanes the direct route fills: its vectors are up to 16 consecutive
-    output positions of one row, or of the whole map when the source rows continue one another
-    (1x1, no padding)."""
-    if sh == 1 and src_row_width == wo:
-        return ho * wo / (16 * -(-ho * wo // 16))
-    return wo / (16 * -(-wo // 16))
+def direct_lane_use(ho: int, wo: int, sh: int, src_row_width: int) -> tuple[float, bool]:
+    """Share of the vector lanes the direct route fills, and whether its vectors run across the
+    output rows (see ``dv_direct_vectors``): per row, 16-lane vectors cover wo positions; across
+    the rows (stride 1 down the rows), they cover the source offsets of the whole map, the
+    src_row_width - wo columns past each output row computed and dropped."""
+    per_row = wo / (16 * -(-wo // 16))
+    if sh != 1 or src_row_width < wo:
+        return per_row, False
+    span = (ho - 1) * src_row_width + wo
+    across = ho * wo / (16 * -(-span // 16))
+    return (across, True) if across > per_row else (per_row, False)
 
 
 def dense_route(cout: int, ho: int, wo: int, sh: int, sw: int, src_row_width: int) -> str:
@@ -246,7 +250,7 @@ def dense_route(cout: int, ho: int, wo: int, sh: int, sw: int, src_row_width: in
     weights; else the fused unfolding, or ``unfold`` (once) when there are more output channels
     than positions."""
     if (sw == 1 and cout <= DIRECT_MAX_ROWS_PER_POSITION * ho * wo
-            and direct_lane_use(ho, wo, sh, src_row_width) >= DIRECT_MIN_LANE_USE):
+            and direct_lane_use(ho, wo, sh, src_row_width)[0] >= DIRECT_MIN_LANE_USE):
         return "direct"
     return "unfold" if cout > ho * wo else "fused"
 
@@ -276,7 +280,7 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     st.all_positions = np.arange(ho * wo, dtype=np.int32)
     st.dense_route = dense_route(cout, ho, wo, sh, sw, rows_apart)
     if st.dense_route == "direct":
-        st.vectors = K.direct_vectors(ho, wo, sh, rows_apart)
+        st.vectors = K.direct_vectors(ho, wo, sh, rows_apart, direct_lane_use(ho, wo, sh, rows_apart)[1])
     st.runs, st.panel_first = K.im2col_run_table(ho, wo, sh, sw, rows_apart)
     taps = (np.arange(kh)[:, None] * dh * rows_apart + np.arange(kw)[None, :] * dw).reshape(-1)
     st.tap_off = (np.arange(cin)[:, None] * plane + taps[None, :]).reshape(-1).astype(np.int64)

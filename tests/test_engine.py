@@ -44,9 +44,11 @@ def assert_matches_ort(path, x, rel=1e-5):
     # stride 2 with padding: strided runs of the fused unfolding
     (dict(strides=[2, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3)),
     # the direct route: 16-wide rows, an odd number of vectors (a last one-vector tile), an inner
-    # dimension over one 192-row block; 31-wide rows (a partial second vector per row)
+    # dimension over one 192-row block; 31-wide rows (a partial second vector per row); vectors
+    # across the rows of a padded map (27 wide, 29 apart: lanes dropped, stores compressed)
     (dict(pads=[1, 1, 1, 1]), (24, 15, 16), (13, 24, 3, 3)),
     (dict(pads=[2, 2, 2, 2]), (3, 31, 31), (9, 3, 5, 5)),
+    (dict(pads=[1, 1, 1, 1]), (10, 27, 27), (17, 10, 3, 3)),
 ])
 def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape):
     w = RNG.normal(0, 0.3, wshape)
@@ -59,6 +61,7 @@ def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape):
     (dict(pads=[1, 1, 1, 1]), (24, 15, 16), (13, 24, 3, 3), "direct"),
     (dict(pads=[2, 2, 2, 2]), (3, 31, 31), (9, 3, 5, 5), "direct"),
     (dict(), (40, 17, 19), (20, 40, 1, 1), "direct"),  # 1x1: vectors run across the rows
+    (dict(pads=[1, 1, 1, 1]), (10, 27, 27), (17, 10, 3, 3), "direct"),  # across the rows
     (dict(pads=[1, 1, 1, 1]), (24, 15, 14), (13, 24, 3, 3), "fused"),  # 14 of 16 lanes: too few
     (dict(strides=[2, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3), "fused"),
     (dict(), (16, 5, 5), (70, 16, 1, 1), "unfold"),
@@ -70,19 +73,25 @@ def test_conv_route_choice(tmp_path, attrs, in_shape, wshape, route):
     assert [st.dense_route for st in engine.states.values()] == [route]
 
 
-def test_direct_vectors_cover_each_position_once():
-    """The direct route's vectors: every output position exactly once, in order, within a row
-    unless the source rows continue one another, and at most 16 long."""
-    for ho, wo, sh, row_width in [(5, 31, 1, 35), (4, 16, 2, 40), (3, 7, 1, 7), (6, 20, 1, 20)]:
-        vec = K.direct_vectors(ho, wo, sh, row_width)
-        covered = np.concatenate([np.arange(o, o + n) for _, o, n in vec])
-        assert np.array_equal(covered, np.arange(ho * wo))
-        assert vec[:, 2].max() <= 16 and vec[:, 2].min() >= 1
-        continuous = sh == 1 and row_width == wo
-        for s, o, n in vec:
-            oy, ox = divmod(int(o), wo)
-            assert s == oy * sh * row_width + ox
-            assert continuous or ox + n <= wo
+@pytest.mark.parametrize("ho, wo, sh, row_width, across", [
+    (5, 31, 1, 35, False), (4, 16, 2, 40, False), (3, 7, 1, 7, True), (6, 20, 1, 20, True),
+    (5, 27, 1, 29, True), (7, 6, 1, 10, True), (3, 14, 1, 30, True),
+])
+def test_direct_vectors_cover_each_position_once(ho, wo, sh, row_width, across):
+    """The direct route's vectors: every output position exactly once, in order, each lane on
+    the source offset of its position (lanes past an output row masked off), at most 16 lanes."""
+    vec = K.direct_vectors(ho, wo, sh, row_width, across)
+    assert vec[:, 2].max() <= 16 and vec[:, 2].min() >= 1
+    stored = []
+    for s, o, n, mask in vec:
+        lanes = [lane for lane in range(16) if mask >> lane & 1]
+        assert lanes and max(lanes) < n
+        assert across or lanes == list(range(n))
+        for i, lane in enumerate(lanes):
+            oy, ox = divmod(int(o) + i, wo)
+            assert s + lane == oy * sh * row_width + ox  # the lane reads its position's source
+            stored.append(int(o) + i)
+    assert stored == list(range(ho * wo))
 
 
 @pytest.mark.parametrize("op, attrs", [

@@ -1,0 +1,71 @@
+"""Per-layer timing of the dense conv routes: each conv layer on its chosen route against the
+unfolding routes it would take without the direct route, measured in one run.
+
+    python tools/route_bench.py MODEL.onnx [--threads 1] [--calls 150]
+
+One random input (seeded) goes through the dense engine once to give every layer its input;
+then, for each conv layer, the two engines' dense paths run alternately on that input (hot
+caches) and the medians are printed with their ratio (above 1: the chosen route is faster),
+and the largest difference of the outputs (0: the routes give the same floats).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import numpy as np
+
+import dyvedeep.engine as engine_module
+from dyvedeep.engine import Engine
+from dyvedeep.plan import build_plan
+
+
+def alternate_medians(first: Callable[[], None], second: Callable[[], None], calls: int) -> tuple[float, float]:
+    """Median times (us) of two calls run alternately (machine drift hits both alike)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(calls + 5):
+        for fn, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            if i >= 5:
+                bucket.append((time.perf_counter() - start) * 1e6)
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=150)
+    args = parser.parse_args()
+    plan = build_plan(args.model)
+    chosen = Engine(plan, threads=args.threads)
+    saved = engine_module.DIRECT_MIN_LANE_USE
+    engine_module.DIRECT_MIN_LANE_USE = float("inf")  # no layer qualifies for the direct route
+    try:
+        unfolding = Engine(plan, threads=args.threads)
+    finally:
+        engine_module.DIRECT_MIN_LANE_USE = saved
+    x = np.random.default_rng(0).uniform(0, 100, plan.input_shape).astype(np.float32)
+    values = {name: np.array(v) for name, v in chosen.forward(x).items()}
+    values[plan.input_name] = x
+    print(f"{'layer':20s} {'route':>7s} {'us':>9s} {'unfolded':>9s} {'us':>9s} {'ratio':>6s} {'max diff':>8s}")
+    for index, layer in enumerate(plan.layers):
+        if layer.op != "conv":
+            continue
+        outs, calls = [], []
+        for engine in (chosen, unfolding):
+            engine.kernel_threads = engine.layer_threads[layer.name]
+            st = engine.states[layer.name]
+            out = np.empty((layer.out_shape[0], st.ho * st.wo), np.float32)
+            outs.append(out)
+            calls.append(lambda engine=engine, st=st, out=out: engine._conv_dense(st, values[layer.inputs[0]], out))
+        t_chosen, t_unfolding = alternate_medians(calls[0], calls[1], args.calls)
+        print(f"{layer.name:20s} {chosen.states[layer.name].dense_route:>7s} {t_chosen:9.1f} "
+              f"{unfolding.states[layer.name].dense_route:>9s} {t_unfolding:9.1f} {t_unfolding / t_chosen:6.2f} "
+              f"{float(np.abs(outs[0] - outs[1]).max()):8.2g}")
+
+
+if __name__ == "__main__":
+    main()
