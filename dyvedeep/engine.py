@@ -24,11 +24,10 @@ from .plan import Layer, Plan
 U8 = np.uint8
 #: Scalar ops of one bilinear fill (three lerps of 3 ops each); a zero fill costs nothing.
 BILINEAR_FILL_OPS = 9
-#: A layer gets several threads for its own kernels only above this much work (MACs, or
-#: elements for the layers without weights): waking threads costs more than small kernels take.
-PARALLEL_MIN_WORK = 2_000_000
-#: A 1x1 convolution with at most this many output channels (per group) reads its input map in
-#: place: building panels would cost as much as the few output rows that use them.
+#: A layer gets several threads for its own kernels only above this much work (MACs, or 8 per
+#: output element for the layers without weights): starting a parallel loop costs ~6 us, more
+#: than small kernels take (SqueezeNet on 2 threads: 1M ran 5 % faster than 2M, 0.5M no better).
+PARALLEL_MIN_WORK = 1_000_000
 #: The direct conv route needs its vectors this full: maps 16 or 32 wide, or 1x1 layers
 #: without padding, ran 1.15x-1.8x faster direct; with vectors per output row, 56-, 27- and
 #: 14-wide maps (0.875, 0.84 and 0.875 of the lanes) ran as fast or faster unfolded ...

@@ -330,7 +330,8 @@ def _fuse(layers: list[Layer], graph_output: str) -> list[Layer]:
 
 
 def _mark_nonneg(layers: list[Layer], input_name: str) -> None:
-    """Record for each layer whether its (first) input is known to be >= 0 (after a ReLU)."""
+    """Record for each layer whether its inputs are known to be >= 0 (after a ReLU, and layers
+    that keep the sign: pooling, views, concatenation, LRN)."""
     nonneg: dict[str, bool] = {input_name: False}
     for layer in layers:
         layer.input_nonneg = all(nonneg.get(i, False) for i in layer.inputs) if layer.inputs else False
@@ -338,6 +339,8 @@ def _mark_nonneg(layers: list[Layer], input_name: str) -> None:
             nonneg[layer.output] = True
         elif layer.op in ("maxpool", "avgpool", "gap", "gmp", "alias", "concat"):
             nonneg[layer.output] = layer.input_nonneg
+        elif layer.op == "lrn":  # x / (bias + ...)^beta keeps the sign of x when bias > 0
+            nonneg[layer.output] = layer.input_nonneg and layer.attrs["bias"] > 0
         elif layer.op == "softmax":
             nonneg[layer.output] = True
         else:

@@ -300,3 +300,20 @@ def test_input_shape_mismatch(tmp_path):
     path = conv_model(tmp_path / "c.onnx", np.ones((1, 1, 2, 2)), np.zeros(1), (1, 3, 3))
     with pytest.raises(DyveError, match="input shape"):
         Engine(build_plan(path)).run(np.zeros((1, 1, 4, 4), np.float32))
+
+
+@pytest.mark.parametrize("relu, expected", [(True, True), (False, False)])
+def test_nonneg_inputs_pass_through_lrn(tmp_path, relu, expected):
+    """LRN keeps the sign of its input (its divisor is positive), so a conv after ReLU + LRN
+    knows its input is >= 0 (SFMA's statistics then skip |x|); without the ReLU it does not."""
+    nodes = [helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a")]
+    last = "a"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["a"], ["ra"], name="ra"))
+        last = "ra"
+    nodes += [helper.make_node("LRN", [last], ["n"], name="n", size=3, alpha=1e-2, beta=0.75, bias=1.0),
+              helper.make_node("Conv", ["n", "W2", "b2"], ["out"], name="b")]
+    inits = {"W1": RNG.normal(0, .3, (4, 3, 3, 3)), "b1": RNG.normal(0, .1, 4),
+             "W2": RNG.normal(0, .3, (2, 4, 3, 3)), "b2": RNG.normal(0, .1, 2)}
+    plan = build_plan(save_model(tmp_path / "n.onnx", nodes, inits, (3, 9, 9), "out"))
+    assert [layer.input_nonneg for layer in plan.layers if layer.name == "b"] == [expected]
