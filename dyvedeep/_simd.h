@@ -842,12 +842,28 @@ static inline dv_v16 dv_vmax(dv_v16 a, dv_v16 b)
     return (dv_v16)(((dv_i16)b & m) | ((dv_i16)a & ~m));
 }
 
+/* __builtin_shufflevector: GCC >= 12 and Clang (a GCC without __has_builtin has none). */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define DV_HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+#ifndef DV_HAVE_SHUFFLEVECTOR
+#define DV_HAVE_SHUFFLEVECTOR 0
+#endif
+
 /* p[0], p[s], ..., p[15 s] for s = 1 or 2 (p[0 .. 16 s - 1] readable). */
 static inline dv_v16 dv_load16_stride(const float *p, int s)
 {
     if (s == 1) return dv_load16(p);
+#if DV_HAVE_SHUFFLEVECTOR
     dv_v16 a = dv_load16(p), b = dv_load16(p + 16);
     return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+#else
+    dv_v16 v;
+    for (int l = 0; l < 16; ++l) v[l] = p[2 * l];
+    return v;
+#endif
 }
 
 /* m[x] = max(m[x], r[x]) for x < n. */
