@@ -67,6 +67,62 @@ static inline void dv_copy_strided(float *restrict d, const float *restrict s, i
     else for (int i = 0; i < n; ++i) d[i] = s[(long)i * stride];
 }
 
+/* The register tiles' accumulators and steps, shared by the tile kernels (panel and direct):
+ * DV_T32_BEGIN declares the eight weight rows w0..w7 of wr and the accumulators a<row><half>
+ * (zero, or the sums in acc when resume: the same sequence of operations as one pass);
+ * DV_T32_STEP adds weight column k times the row (c0, c1); DV_T32_SAVE stores the sums to acc.
+ * DV_T16_* likewise for one vector per row (a<row>). */
+#define DV_T32_BEGIN(wr, acc, resume)                                                              \
+    const float *w0 = (wr)[0], *w1 = (wr)[1], *w2 = (wr)[2], *w3 = (wr)[3];                       \
+    const float *w4 = (wr)[4], *w5 = (wr)[5], *w6 = (wr)[6], *w7 = (wr)[7];                       \
+    dv_v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0}; \
+    dv_v16 a40 = {0}, a41 = {0}, a50 = {0}, a51 = {0}, a60 = {0}, a61 = {0}, a70 = {0}, a71 = {0}; \
+    if (resume) {                                                                                  \
+        a00 = (acc)[0]; a01 = (acc)[1]; a10 = (acc)[2]; a11 = (acc)[3]; a20 = (acc)[4];            \
+        a21 = (acc)[5]; a30 = (acc)[6]; a31 = (acc)[7]; a40 = (acc)[8]; a41 = (acc)[9];            \
+        a50 = (acc)[10]; a51 = (acc)[11]; a60 = (acc)[12]; a61 = (acc)[13]; a70 = (acc)[14];       \
+        a71 = (acc)[15];                                                                           \
+    }
+#define DV_T32_STEP(c0, c1, k)                                                                     \
+    do {                                                                                           \
+        dv_v16 b;                                                                                  \
+        b = DV_SPLAT(w0[k]); a00 += b * (c0); a01 += b * (c1);                                     \
+        b = DV_SPLAT(w1[k]); a10 += b * (c0); a11 += b * (c1);                                     \
+        b = DV_SPLAT(w2[k]); a20 += b * (c0); a21 += b * (c1);                                     \
+        b = DV_SPLAT(w3[k]); a30 += b * (c0); a31 += b * (c1);                                     \
+        b = DV_SPLAT(w4[k]); a40 += b * (c0); a41 += b * (c1);                                     \
+        b = DV_SPLAT(w5[k]); a50 += b * (c0); a51 += b * (c1);                                     \
+        b = DV_SPLAT(w6[k]); a60 += b * (c0); a61 += b * (c1);                                     \
+        b = DV_SPLAT(w7[k]); a70 += b * (c0); a71 += b * (c1);                                     \
+    } while (0)
+#define DV_T32_SAVE(acc)                                                                           \
+    do {                                                                                           \
+        (acc)[0] = a00; (acc)[1] = a01; (acc)[2] = a10; (acc)[3] = a11; (acc)[4] = a20;            \
+        (acc)[5] = a21; (acc)[6] = a30; (acc)[7] = a31; (acc)[8] = a40; (acc)[9] = a41;            \
+        (acc)[10] = a50; (acc)[11] = a51; (acc)[12] = a60; (acc)[13] = a61; (acc)[14] = a70;       \
+        (acc)[15] = a71;                                                                           \
+    } while (0)
+#define DV_T16_BEGIN(wr, acc, resume)                                                              \
+    const float *w0 = (wr)[0], *w1 = (wr)[1], *w2 = (wr)[2], *w3 = (wr)[3];                       \
+    const float *w4 = (wr)[4], *w5 = (wr)[5], *w6 = (wr)[6], *w7 = (wr)[7];                       \
+    dv_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};         \
+    if (resume) {                                                                                  \
+        a0 = (acc)[0]; a1 = (acc)[1]; a2 = (acc)[2]; a3 = (acc)[3];                                \
+        a4 = (acc)[4]; a5 = (acc)[5]; a6 = (acc)[6]; a7 = (acc)[7];                                \
+    }
+#define DV_T16_STEP(c, k)                                                                          \
+    do {                                                                                           \
+        a0 += DV_SPLAT(w0[k]) * (c); a1 += DV_SPLAT(w1[k]) * (c);                                  \
+        a2 += DV_SPLAT(w2[k]) * (c); a3 += DV_SPLAT(w3[k]) * (c);                                  \
+        a4 += DV_SPLAT(w4[k]) * (c); a5 += DV_SPLAT(w5[k]) * (c);                                  \
+        a6 += DV_SPLAT(w6[k]) * (c); a7 += DV_SPLAT(w7[k]) * (c);                                  \
+    } while (0)
+#define DV_T16_SAVE(acc)                                                                           \
+    do {                                                                                           \
+        (acc)[0] = a0; (acc)[1] = a1; (acc)[2] = a2; (acc)[3] = a3;                                \
+        (acc)[4] = a4; (acc)[5] = a5; (acc)[6] = a6; (acc)[7] = a7;                                \
+    } while (0)
+
 /* The register tile of the engine's GEMMs: eight output rows (wr[r][k], k < K) times up to 32
  * columns (cols[k * ldc + j], j < jn) of the unfolded input, summed over k in order into
  * acc[2 r] (columns 0..15) and acc[2 r + 1] (16..31). Each loaded row of cols serves eight
@@ -74,27 +130,7 @@ static inline void dv_copy_strided(float *restrict d, const float *restrict s, i
 static inline void dv_tile_8x32(const float *const *wr, int K, const float *cols, long ldc, int jn,
                                 dv_v16 *acc, int resume)
 {
-    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
-    const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
-    dv_v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
-    dv_v16 a40 = {0}, a41 = {0}, a50 = {0}, a51 = {0}, a60 = {0}, a61 = {0}, a70 = {0}, a71 = {0};
-    if (resume) {  /* go on from the sums in acc (the same sequence of operations as one pass) */
-        a00 = acc[0]; a01 = acc[1]; a10 = acc[2]; a11 = acc[3]; a20 = acc[4]; a21 = acc[5];
-        a30 = acc[6]; a31 = acc[7]; a40 = acc[8]; a41 = acc[9]; a50 = acc[10]; a51 = acc[11];
-        a60 = acc[12]; a61 = acc[13]; a70 = acc[14]; a71 = acc[15];
-    }
-#define DV_STEP(c0, c1, k)                                                                         \
-    do {                                                                                           \
-        dv_v16 b;                                                                                  \
-        b = DV_SPLAT(w0[k]); a00 += b * c0; a01 += b * c1;                                         \
-        b = DV_SPLAT(w1[k]); a10 += b * c0; a11 += b * c1;                                         \
-        b = DV_SPLAT(w2[k]); a20 += b * c0; a21 += b * c1;                                         \
-        b = DV_SPLAT(w3[k]); a30 += b * c0; a31 += b * c1;                                         \
-        b = DV_SPLAT(w4[k]); a40 += b * c0; a41 += b * c1;                                         \
-        b = DV_SPLAT(w5[k]); a50 += b * c0; a51 += b * c1;                                         \
-        b = DV_SPLAT(w6[k]); a60 += b * c0; a61 += b * c1;                                         \
-        b = DV_SPLAT(w7[k]); a70 += b * c0; a71 += b * c1;                                         \
-    } while (0)
+    DV_T32_BEGIN(wr, acc, resume);
     const float *row = cols;
     const long ahead = DV_PREFETCH_ROWS * ldc;
     if (jn == 32) {
@@ -102,54 +138,38 @@ static inline void dv_tile_8x32(const float *const *wr, int K, const float *cols
             __builtin_prefetch(row + ahead);
             __builtin_prefetch(row + ahead + 16);
             dv_v16 c0 = dv_load16(row), c1 = dv_load16(row + 16);
-            DV_STEP(c0, c1, k);
+            DV_T32_STEP(c0, c1, k);
         }
     } else {
         int n1 = jn - 16;  /* 1..15 */
         for (int k = 0; k < K; ++k, row += ldc) {
             dv_v16 c0 = dv_load16(row), c1 = dv_load16_part(row + 16, n1);
-            DV_STEP(c0, c1, k);
+            DV_T32_STEP(c0, c1, k);
         }
     }
-#undef DV_STEP
-    acc[0] = a00; acc[1] = a01; acc[2] = a10; acc[3] = a11; acc[4] = a20; acc[5] = a21;
-    acc[6] = a30; acc[7] = a31; acc[8] = a40; acc[9] = a41; acc[10] = a50; acc[11] = a51;
-    acc[12] = a60; acc[13] = a61; acc[14] = a70; acc[15] = a71;
+    DV_T32_SAVE(acc);
 }
 
 /* As dv_tile_8x32 for up to 16 columns: acc[r] holds row r. */
 static inline void dv_tile_8x16(const float *const *wr, int K, const float *cols, long ldc, int jn,
                                 dv_v16 *acc, int resume)
 {
-    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
-    const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
-    dv_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-    if (resume) {
-        a0 = acc[0]; a1 = acc[1]; a2 = acc[2]; a3 = acc[3]; a4 = acc[4]; a5 = acc[5]; a6 = acc[6]; a7 = acc[7];
-    }
-#define DV_STEP(c, k)                                                                              \
-    do {                                                                                           \
-        a0 += DV_SPLAT(w0[k]) * c; a1 += DV_SPLAT(w1[k]) * c;                                      \
-        a2 += DV_SPLAT(w2[k]) * c; a3 += DV_SPLAT(w3[k]) * c;                                      \
-        a4 += DV_SPLAT(w4[k]) * c; a5 += DV_SPLAT(w5[k]) * c;                                      \
-        a6 += DV_SPLAT(w6[k]) * c; a7 += DV_SPLAT(w7[k]) * c;                                      \
-    } while (0)
+    DV_T16_BEGIN(wr, acc, resume);
     const float *row = cols;
     const long ahead = DV_PREFETCH_ROWS * ldc;
     if (jn == 16) {
         for (int k = 0; k < K; ++k, row += ldc) {
             __builtin_prefetch(row + ahead);
             dv_v16 c = dv_load16(row);
-            DV_STEP(c, k);
+            DV_T16_STEP(c, k);
         }
     } else {
         for (int k = 0; k < K; ++k, row += ldc) {
             dv_v16 c = dv_load16_part(row, jn);
-            DV_STEP(c, k);
+            DV_T16_STEP(c, k);
         }
     }
-#undef DV_STEP
-    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3; acc[4] = a4; acc[5] = a5; acc[6] = a6; acc[7] = a7;
+    DV_T16_SAVE(acc);
 }
 
 /* Write one register tile: for each of the `rows` output rows orow[r], columns j0..j0+jn-1 get
@@ -400,34 +420,14 @@ static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes n) { return n >= 1
 static inline void dv_dtile_8x32(const float *const *wr, int K, const float *s0, const float *s1,
                                  const long *tap, int n0, int n1, dv_v16 *acc, int resume)
 {
-    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
-    const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
-    dv_v16 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
-    dv_v16 a40 = {0}, a41 = {0}, a50 = {0}, a51 = {0}, a60 = {0}, a61 = {0}, a70 = {0}, a71 = {0};
-    if (resume) {
-        a00 = acc[0]; a01 = acc[1]; a10 = acc[2]; a11 = acc[3]; a20 = acc[4]; a21 = acc[5];
-        a30 = acc[6]; a31 = acc[7]; a40 = acc[8]; a41 = acc[9]; a50 = acc[10]; a51 = acc[11];
-        a60 = acc[12]; a61 = acc[13]; a70 = acc[14]; a71 = acc[15];
-    }
-#define DV_STEP(c0, c1, k)                                                                         \
-    do {                                                                                           \
-        dv_v16 b;                                                                                  \
-        b = DV_SPLAT(w0[k]); a00 += b * c0; a01 += b * c1;                                         \
-        b = DV_SPLAT(w1[k]); a10 += b * c0; a11 += b * c1;                                         \
-        b = DV_SPLAT(w2[k]); a20 += b * c0; a21 += b * c1;                                         \
-        b = DV_SPLAT(w3[k]); a30 += b * c0; a31 += b * c1;                                         \
-        b = DV_SPLAT(w4[k]); a40 += b * c0; a41 += b * c1;                                         \
-        b = DV_SPLAT(w5[k]); a50 += b * c0; a51 += b * c1;                                         \
-        b = DV_SPLAT(w6[k]); a60 += b * c0; a61 += b * c1;                                         \
-        b = DV_SPLAT(w7[k]); a70 += b * c0; a71 += b * c1;                                         \
-    } while (0)
+    DV_T32_BEGIN(wr, acc, resume);
     if (n0 == 16 && n1 == 16) {
         for (int k = 0; k < K; ++k) {
             long t = tap[k], ahead = tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k];
             __builtin_prefetch(s0 + ahead);
             __builtin_prefetch(s1 + ahead);
             dv_v16 c0 = dv_load16(s0 + t), c1 = dv_load16(s1 + t);
-            DV_STEP(c0, c1, k);
+            DV_T32_STEP(c0, c1, k);
         }
     } else {
         dv_lanes m0 = dv_lanes_of(n0), m1 = dv_lanes_of(n1);
@@ -436,40 +436,24 @@ static inline void dv_dtile_8x32(const float *const *wr, int K, const float *s0,
             __builtin_prefetch(s0 + ahead);
             __builtin_prefetch(s1 + ahead);
             dv_v16 c0 = dv_load16_lanes(s0 + t, m0), c1 = dv_load16_lanes(s1 + t, m1);
-            DV_STEP(c0, c1, k);
+            DV_T32_STEP(c0, c1, k);
         }
     }
-#undef DV_STEP
-    acc[0] = a00; acc[1] = a01; acc[2] = a10; acc[3] = a11; acc[4] = a20; acc[5] = a21;
-    acc[6] = a30; acc[7] = a31; acc[8] = a40; acc[9] = a41; acc[10] = a50; acc[11] = a51;
-    acc[12] = a60; acc[13] = a61; acc[14] = a70; acc[15] = a71;
+    DV_T32_SAVE(acc);
 }
 
 /* As dv_dtile_8x32 for one source vector: acc[r] holds row r. */
 static inline void dv_dtile_8x16(const float *const *wr, int K, const float *s0, const long *tap, int n0,
                                  dv_v16 *acc, int resume)
 {
-    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
-    const float *w4 = wr[4], *w5 = wr[5], *w6 = wr[6], *w7 = wr[7];
-    dv_v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-    if (resume) {
-        a0 = acc[0]; a1 = acc[1]; a2 = acc[2]; a3 = acc[3]; a4 = acc[4]; a5 = acc[5]; a6 = acc[6]; a7 = acc[7];
-    }
-#define DV_STEP(c, k)                                                                              \
-    do {                                                                                           \
-        a0 += DV_SPLAT(w0[k]) * c; a1 += DV_SPLAT(w1[k]) * c;                                      \
-        a2 += DV_SPLAT(w2[k]) * c; a3 += DV_SPLAT(w3[k]) * c;                                      \
-        a4 += DV_SPLAT(w4[k]) * c; a5 += DV_SPLAT(w5[k]) * c;                                      \
-        a6 += DV_SPLAT(w6[k]) * c; a7 += DV_SPLAT(w7[k]) * c;                                      \
-    } while (0)
+    DV_T16_BEGIN(wr, acc, resume);
     dv_lanes m0 = dv_lanes_of(n0);
     for (int k = 0; k < K; ++k) {
         __builtin_prefetch(s0 + tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k]);
         dv_v16 c = dv_load16_lanes(s0 + tap[k], m0);
-        DV_STEP(c, k);
+        DV_T16_STEP(c, k);
     }
-#undef DV_STEP
-    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3; acc[4] = a4; acc[5] = a5; acc[6] = a6; acc[7] = a7;
+    DV_T16_SAVE(acc);
 }
 
 /* One direct tile: vectors vec[0..nvec-1] (nvec 1 or 2) times rows wr, over taps tap[0..K-1]. */
