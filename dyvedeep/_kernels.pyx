@@ -46,6 +46,7 @@ cdef extern from "_simd.h" nogil:
                        int spet, float margin, int relu, float* panel, int* list, int tile_begin,
                        int tile_end, long long* stats)
     int dv_pool_scratch(int W, int wo, int kw, int sw, int pl)
+    int __builtin_popcount(unsigned int x)
     void dv_maxpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
                           int sh, int sw, int pt, int pl, float* scratch)
     void dv_avgpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
@@ -296,7 +297,7 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
         raise ValueError("conv_direct: empty layer")
     if out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or vectors.shape[1] != 4:
         raise ValueError("conv_direct: shape mismatch")
-    if vectors[nvec - 1, 1] + bin(<unsigned int>vectors[nvec - 1, 3]).count("1") > N:
+    if vectors[nvec - 1, 1] + __builtin_popcount(<unsigned int>vectors[nvec - 1, 3]) > N:
         raise ValueError("conv_direct: vectors past the output")
     reach = vectors[nvec - 1, 0] + tap_off[K - 1] + vectors[nvec - 1, 2]  # one past the last float read
     if pad:
@@ -444,11 +445,6 @@ def maxpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
     cdef Py_ssize_t c
     cdef float[:, ::1] scratch = np.zeros((threads, span), np.float32)
     cdef int tid
-    if threads <= 1:
-        with nogil:
-            for c in range(C):
-                dv_maxpool_plane(&x[c, 0, 0], H, W, &out[c, 0, 0], Ho, Wo, kh, kw, sh, sw, pt, pl, &scratch[0, 0])
-        return
     for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
         tid = openmp.omp_get_thread_num()
         dv_maxpool_plane(&x[c, 0, 0], H, W, &out[c, 0, 0], Ho, Wo, kh, kw, sh, sw, pt, pl, &scratch[tid, 0])

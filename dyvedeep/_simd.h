@@ -214,24 +214,162 @@ static inline long long dv_tile_store(const dv_v16 *acc, int nv, const int *orow
     return done;
 }
 
+/* The direct convolution (stride 1 along rows): no unfolding at all. Row k of the unfolded
+ * input, for a vector of output positions whose tap (0, 0) sits at consecutive source offsets
+ * s, s + 1, ..., is simply the source at s + tap_off[k]: the tile loads it in place. A vector
+ * is DV_VEC ints: source offset s, output offset, lanes n (1..16) and a lane mask. Either its
+ * lanes are consecutive positions of one output row (mask: the first n lanes), or, when the
+ * source rows are row_w >= wo floats apart (stride 1 down the rows too), they are the
+ * positions of consecutive source offsets, rows included: lanes that fall on the row_w - wo
+ * columns past an output row are computed and dropped (mask), the others are consecutive
+ * positions of the output, stored compressed. */
+#define DV_VEC 4
+
+/* The lanes of a load of n (1..16) floats: a mask (AVX-512; computed once outside a loop) or
+ * the count itself (elsewhere, where a partial load copies n floats). */
+#if defined(__AVX512F__)
+typedef __mmask16 dv_lanes;
+static inline dv_lanes dv_lanes_of(int n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1u); }
+static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes m)
+{
+    __m512 v = _mm512_maskz_loadu_ps(m, p);
+    dv_v16 r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+}
+#else
+typedef int dv_lanes;
+static inline dv_lanes dv_lanes_of(int n) { return n; }
+static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes n) { return n >= 16 ? dv_load16(p) : dv_load16_part(p, n); }
+#endif
+
+/* acc[2 r], acc[2 r + 1] (+)= sum over k < K of wr[r][k] * the source vectors at s0 + tap[k]
+ * (n0 lanes) and s1 + tap[k] (n1 lanes, 1..16); the same sequence of operations as dv_tile_8x32
+ * on an unfolded panel holding those rows. */
+static inline void dv_dtile_8x32(const float *const *wr, int K, const float *s0, const float *s1,
+                                 const long *tap, int n0, int n1, dv_v16 *acc, int resume)
+{
+    DV_T32_BEGIN(wr, acc, resume);
+    if (n0 == 16 && n1 == 16) {
+        for (int k = 0; k < K; ++k) {
+            long t = tap[k], ahead = tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k];
+            __builtin_prefetch(s0 + ahead);
+            __builtin_prefetch(s1 + ahead);
+            dv_v16 c0 = dv_load16(s0 + t), c1 = dv_load16(s1 + t);
+            DV_T32_STEP(c0, c1, k);
+        }
+    } else {
+        dv_lanes m0 = dv_lanes_of(n0), m1 = dv_lanes_of(n1);
+        for (int k = 0; k < K; ++k) {
+            long t = tap[k], ahead = tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k];
+            __builtin_prefetch(s0 + ahead);
+            __builtin_prefetch(s1 + ahead);
+            dv_v16 c0 = dv_load16_lanes(s0 + t, m0), c1 = dv_load16_lanes(s1 + t, m1);
+            DV_T32_STEP(c0, c1, k);
+        }
+    }
+    DV_T32_SAVE(acc);
+}
+
+/* As dv_dtile_8x32 for one source vector: acc[r] holds row r. */
+static inline void dv_dtile_8x16(const float *const *wr, int K, const float *s0, const long *tap, int n0,
+                                 dv_v16 *acc, int resume)
+{
+    DV_T16_BEGIN(wr, acc, resume);
+    dv_lanes m0 = dv_lanes_of(n0);
+    for (int k = 0; k < K; ++k) {
+        __builtin_prefetch(s0 + tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k]);
+        dv_v16 c = dv_load16_lanes(s0 + tap[k], m0);
+        DV_T16_STEP(c, k);
+    }
+    DV_T16_SAVE(acc);
+}
+
+/* One direct tile: vectors vec[0..nvec-1] (nvec 1 or 2) times rows wr, over taps tap[0..K-1]. */
+static inline void dv_dtile(const float *const *wr, int K, const float *src, const long *tap, const int *vec,
+                            int nvec, dv_v16 *acc, int resume)
+{
+    if (nvec == 2) dv_dtile_8x32(wr, K, src + vec[0], src + vec[DV_VEC], tap, vec[2], vec[DV_VEC + 2], acc, resume);
+    else dv_dtile_8x16(wr, K, src + vec[0], tap, vec[2], acc, resume);
+}
+
+/* Store the lanes of v that `mask` selects, in order, at p, p + 1, ... */
+static inline void dv_store16_compress(float *p, dv_v16 v, unsigned mask)
+{
+#if defined(__AVX512F__)
+    __m512 m;
+    memcpy(&m, &v, sizeof m);
+    _mm512_mask_compressstoreu_ps(p, (__mmask16)mask, m);
+#else
+    for (int l = 0; l < 16; ++l)
+        if (mask >> l & 1u) *p++ = v[l];
+#endif
+}
+
+/* Write a direct tile: bias[o] + sum, ReLU if asked, to row o at each vector's output offset
+ * (the lanes its mask selects). */
+static inline void dv_dtile_store(const dv_v16 *acc, int nvec, const int *orow, int rows, const int *vec,
+                                  float *out, long ldo, const float *bias, int relu)
+{
+    for (int r = 0; r < rows; ++r) {
+        int o = orow[r];
+        dv_v16 base = DV_SPLAT(bias[o]);
+        for (int v = 0; v < nvec; ++v) {
+            const int *q = vec + DV_VEC * v;
+            unsigned mask = (unsigned)q[3];
+            dv_v16 x = base + acc[r * nvec + v];
+            if (relu) x = (dv_v16)((dv_i16)x & ~(dv_i16)(x < (dv_v16){0}));
+            float *dst = out + (long)o * ldo + q[1];
+            if (mask == 0xFFFFu) dv_store16(dst, x);
+            else if (mask == (1u << q[2]) - 1u) dv_store16_part(dst, x, q[2]);
+            else dv_store16_compress(dst, x, mask);
+        }
+    }
+}
+
+/* Prefetch, for writing, out[o * ldo + j .. j + n - 1] for every row o < O: a tile writes one
+ * short run in each output row, and the rows are far apart, too many streams for the hardware
+ * prefetchers; a store that misses waits for its line (a cold 3 MB output took 1.5x the layer's
+ * time). The kernels call it for the next tile while they compute this one. */
+static inline void dv_prefetch_out(float *out, long ldo, int O, long j, int n)
+{
+    for (int o = 0; o < O; ++o) {
+        float *p = out + (long)o * ldo + j;
+        for (int i = 0; i < n; i += 16) __builtin_prefetch(p + i, 1, 3);
+        __builtin_prefetch(p + n - 1, 1, 3);
+    }
+}
+
 /* Inner-dimension block of the dense GEMM: the rows of a panel that one pass over all 8-row
  * blocks reads stay in L1 (DV_KC x 128 bytes), the running sums going through `accbuf`. */
 #ifndef DV_KC
 #define DV_KC 192
 #endif
 
-/* One 32-column tile t (rows ldc apart from `tile`) times every 8-row block of W (O x K):
- * out[o, j] = bias[o] + sum (bias == NULL: out += sum), ReLU if asked. `accbuf` holds
- * ceil(O / 8) * 16 vectors when K > DV_KC. */
-static void dv_gemm_tile_rows(const float *W, long ldw, int O, const float *tile, long ldc, float *out, long ldo,
-                              int K, int N, const float *bias, int relu, int t, dv_v16 *accbuf)
+/* The B operand of one tile: 32 columns j0..j0+jn-1 of an unfolded input whose row k is at
+ * cols + k * ldc (cols != NULL), or the direct route's vectors vec[0..nvec-1] of the source src,
+ * row k of a vector at its source offset + tap[k]. */
+typedef struct {
+    const float *cols;
+    long ldc;
+    int j0, jn;
+    const float *src;
+    const long *tap;
+    const int *vec;
+    int nvec;
+} dv_tile_src;
+
+/* One tile's B times every 8-row block of W (O x K, rows ldw apart): out[o, j] = bias[o] + sum
+ * (bias == NULL, panels only: out += sum), ReLU if asked. K is cut into DV_KC-row blocks so that
+ * the rows of B a block reads stay in L1 while every weight block passes over them; `accbuf`
+ * keeps the running sums (ceil(O / 8) * 16 vectors when K > DV_KC). */
+static void dv_tile_rows(const float *W, long ldw, int O, int K, const dv_tile_src *b, float *out, long ldo,
+                         const float *bias, int relu, dv_v16 *accbuf)
 {
     dv_v16 acc[16];
     int orow[8];
     const float *wr[8];
-    int j0 = t * 32;
-    int jn = N - j0 < 32 ? N - j0 : 32;
-    int nv = jn > 16 ? 2 : 1;
+    int nv = b->cols != NULL ? (b->jn > 16 ? 2 : 1) : b->nvec;
     for (int k0 = 0; k0 < K; k0 += DV_KC) {
         int kc = K - k0 < DV_KC ? K - k0 : DV_KC;
         int first = k0 == 0, last = k0 + kc == K;
@@ -243,12 +381,22 @@ static void dv_gemm_tile_rows(const float *W, long ldw, int O, const float *tile
                 wr[r] = W + (long)orow[r] * ldw + k0;
             }
             if (!first) memcpy(acc, saved, sizeof(dv_v16) * 8 * (size_t)nv);
-            if (nv == 2) dv_tile_8x32(wr, kc, tile + (long)k0 * ldc, ldc, jn, acc, !first);
-            else dv_tile_8x16(wr, kc, tile + (long)k0 * ldc, ldc, jn, acc, !first);
-            if (last) dv_tile_store(acc, nv, orow, rows, j0, jn, out, ldo, bias, NULL, 0, relu);
-            else memcpy(saved, acc, sizeof(dv_v16) * 8 * (size_t)nv);
+            if (b->cols == NULL) dv_dtile(wr, kc, b->src, b->tap + k0, b->vec, nv, acc, !first);
+            else if (nv == 2) dv_tile_8x32(wr, kc, b->cols + (long)k0 * b->ldc, b->ldc, b->jn, acc, !first);
+            else dv_tile_8x16(wr, kc, b->cols + (long)k0 * b->ldc, b->ldc, b->jn, acc, !first);
+            if (!last) memcpy(saved, acc, sizeof(dv_v16) * 8 * (size_t)nv);
+            else if (b->cols == NULL) dv_dtile_store(acc, nv, orow, rows, b->vec, out, ldo, bias, relu);
+            else dv_tile_store(acc, nv, orow, rows, b->j0, b->jn, out, ldo, bias, NULL, 0, relu);
         }
     }
+}
+
+/* dv_tile_rows on the 32-column tile t (rows ldc apart from `tile`) of an N-column product. */
+static inline void dv_gemm_tile_rows(const float *W, long ldw, int O, const float *tile, long ldc, float *out,
+                                     long ldo, int K, int N, const float *bias, int relu, int t, dv_v16 *accbuf)
+{
+    dv_tile_src b = {tile, ldc, t * 32, N - t * 32 < 32 ? N - t * 32 : 32, NULL, NULL, NULL, 0};
+    dv_tile_rows(W, ldw, O, K, &b, out, ldo, bias, relu, accbuf);
 }
 
 /* One 8-row block (rows g..g+rows-1) times one 32-column tile t over all of K (the row-outer
@@ -365,11 +513,8 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
     dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)((O + 7) / 8) + 64);
     accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
     for (int t = tile_begin; t < tile_end; ++t) {
-        if (t + 1 < tile_end)  /* the next tile's output lines (see dv_prefetch_tile_out) */
-            for (int o = 0; o < O; ++o) {
-                __builtin_prefetch(out + (long)o * N + (t + 1) * 32, 1, 3);
-                __builtin_prefetch(out + (long)o * N + (t + 1) * 32 + 16, 1, 3);
-            }
+        if (t + 1 < tile_end)  /* the next tile's output lines */
+            dv_prefetch_out(out, N, O, (t + 1) * 32, N - (t + 1) * 32 < 32 ? N - (t + 1) * 32 : 32);
         for (int k = 0; k < K; ++k) {
             const float *base = src + tap_off[k];
             float *row = panel + (long)k * 32;
@@ -385,168 +530,22 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
     }
 }
 
-/* The direct convolution (stride 1 along rows): no unfolding at all. Row k of the unfolded
- * input, for a vector of output positions whose tap (0, 0) sits at consecutive source offsets
- * s, s + 1, ..., is simply the source at s + tap_off[k]: the tile loads it in place. A vector
- * is DV_VEC ints: source offset s, output offset, lanes n (1..16) and a lane mask. Either its
- * lanes are consecutive positions of one output row (mask: the first n lanes), or, when the
- * source rows are row_w >= wo floats apart (stride 1 down the rows too), they are the
- * positions of consecutive source offsets, rows included: lanes that fall on the row_w - wo
- * columns past an output row are computed and dropped (mask), the others are consecutive
- * positions of the output, stored compressed. */
-#define DV_VEC 4
-
-/* The lanes of a load of n (1..16) floats: a mask (AVX-512; computed once outside a loop) or
- * the count itself (elsewhere, where a partial load copies n floats). */
-#if defined(__AVX512F__)
-typedef __mmask16 dv_lanes;
-static inline dv_lanes dv_lanes_of(int n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1u); }
-static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes m)
-{
-    __m512 v = _mm512_maskz_loadu_ps(m, p);
-    dv_v16 r;
-    memcpy(&r, &v, sizeof r);
-    return r;
-}
-#else
-typedef int dv_lanes;
-static inline dv_lanes dv_lanes_of(int n) { return n; }
-static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes n) { return n >= 16 ? dv_load16(p) : dv_load16_part(p, n); }
-#endif
-
-/* acc[2 r], acc[2 r + 1] (+)= sum over k < K of wr[r][k] * the source vectors at s0 + tap[k]
- * (n0 lanes) and s1 + tap[k] (n1 lanes, 1..16); the same sequence of operations as dv_tile_8x32
- * on an unfolded panel holding those rows. */
-static inline void dv_dtile_8x32(const float *const *wr, int K, const float *s0, const float *s1,
-                                 const long *tap, int n0, int n1, dv_v16 *acc, int resume)
-{
-    DV_T32_BEGIN(wr, acc, resume);
-    if (n0 == 16 && n1 == 16) {
-        for (int k = 0; k < K; ++k) {
-            long t = tap[k], ahead = tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k];
-            __builtin_prefetch(s0 + ahead);
-            __builtin_prefetch(s1 + ahead);
-            dv_v16 c0 = dv_load16(s0 + t), c1 = dv_load16(s1 + t);
-            DV_T32_STEP(c0, c1, k);
-        }
-    } else {
-        dv_lanes m0 = dv_lanes_of(n0), m1 = dv_lanes_of(n1);
-        for (int k = 0; k < K; ++k) {
-            long t = tap[k], ahead = tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k];
-            __builtin_prefetch(s0 + ahead);
-            __builtin_prefetch(s1 + ahead);
-            dv_v16 c0 = dv_load16_lanes(s0 + t, m0), c1 = dv_load16_lanes(s1 + t, m1);
-            DV_T32_STEP(c0, c1, k);
-        }
-    }
-    DV_T32_SAVE(acc);
-}
-
-/* As dv_dtile_8x32 for one source vector: acc[r] holds row r. */
-static inline void dv_dtile_8x16(const float *const *wr, int K, const float *s0, const long *tap, int n0,
-                                 dv_v16 *acc, int resume)
-{
-    DV_T16_BEGIN(wr, acc, resume);
-    dv_lanes m0 = dv_lanes_of(n0);
-    for (int k = 0; k < K; ++k) {
-        __builtin_prefetch(s0 + tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k]);
-        dv_v16 c = dv_load16_lanes(s0 + tap[k], m0);
-        DV_T16_STEP(c, k);
-    }
-    DV_T16_SAVE(acc);
-}
-
-/* One direct tile: vectors vec[0..nvec-1] (nvec 1 or 2) times rows wr, over taps tap[0..K-1]. */
-static inline void dv_dtile(const float *const *wr, int K, const float *src, const long *tap, const int *vec,
-                            int nvec, dv_v16 *acc, int resume)
-{
-    if (nvec == 2) dv_dtile_8x32(wr, K, src + vec[0], src + vec[DV_VEC], tap, vec[2], vec[DV_VEC + 2], acc, resume);
-    else dv_dtile_8x16(wr, K, src + vec[0], tap, vec[2], acc, resume);
-}
-
-/* Store the lanes of v that `mask` selects, in order, at p, p + 1, ... */
-static inline void dv_store16_compress(float *p, dv_v16 v, unsigned mask)
-{
-#if defined(__AVX512F__)
-    __m512 m;
-    memcpy(&m, &v, sizeof m);
-    _mm512_mask_compressstoreu_ps(p, (__mmask16)mask, m);
-#else
-    for (int l = 0; l < 16; ++l)
-        if (mask >> l & 1u) *p++ = v[l];
-#endif
-}
-
-/* Write a direct tile: bias[o] + sum, ReLU if asked, to row o at each vector's output offset
- * (the lanes its mask selects). */
-static inline void dv_dtile_store(const dv_v16 *acc, int nvec, const int *orow, int rows, const int *vec,
-                                  float *out, long ldo, const float *bias, int relu)
-{
-    for (int r = 0; r < rows; ++r) {
-        int o = orow[r];
-        dv_v16 base = DV_SPLAT(bias[o]);
-        for (int v = 0; v < nvec; ++v) {
-            const int *q = vec + DV_VEC * v;
-            unsigned mask = (unsigned)q[3];
-            dv_v16 x = base + acc[r * nvec + v];
-            if (relu) x = (dv_v16)((dv_i16)x & ~(dv_i16)(x < (dv_v16){0}));
-            float *dst = out + (long)o * ldo + q[1];
-            if (mask == 0xFFFFu) dv_store16(dst, x);
-            else if (mask == (1u << q[2]) - 1u) dv_store16_part(dst, x, q[2]);
-            else dv_store16_compress(dst, x, mask);
-        }
-    }
-}
-
-/* Prefetch, for writing, the output lines of a tile's vectors in rows o0..o1-1: the output
- * rows are far apart, too many streams for the hardware prefetchers, and a store that misses
- * waits for its line (a cold 3 MB output took 1.5x the layer's time). */
-static inline void dv_prefetch_tile_out(float *out, long ldo, int o0, int o1, const int *vec, int nvec)
-{
-    for (int o = o0; o < o1; ++o)
-        for (int v = 0; v < nvec; ++v) {
-            float *p = out + (long)o * ldo + vec[DV_VEC * v + 1];
-            __builtin_prefetch(p, 1, 3);
-            __builtin_prefetch(p + __builtin_popcount((unsigned)vec[DV_VEC * v + 3]) - 1, 1, 3);
-        }
-}
-
 /* Direct convolution of one group: out[o, p] = bias[o] + sum_k W[o, k] src[s(p) + tap_off[k]],
- * ReLU if asked, for the tiles (pairs of vectors, see above) tile_begin..tile_end-1: each tile
- * takes every 8-row block of W (O x K), K cut into DV_KC-row blocks so that the source rows a
- * tile reads stay in L1 while the blocks pass over them. */
+ * ReLU if asked, for the tiles (pairs of vectors, see above) tile_begin..tile_end-1, each
+ * through dv_tile_rows. */
 static void dv_conv_direct(const float *src, const long *tap_off, const int *vec, int nvec,
                            const float *W, int O, int K, const float *bias, int relu, float *out, long ldo,
                            int tile_begin, int tile_end)
 {
-    dv_v16 acc[16];
-    int orow[8];
-    const float *wr[8];
-    int blocks = (O + 7) / 8;
-    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)blocks + 64);
+    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)((O + 7) / 8) + 64);
     accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
     for (int t = tile_begin; t < tile_end; ++t) {
-        int nv = nvec - 2 * t < 2 ? nvec - 2 * t : 2;
         const int *v = vec + 2 * DV_VEC * t;
         if (t + 1 < tile_end)  /* the next tile's output lines */
-            dv_prefetch_tile_out(out, ldo, 0, O, v + 2 * DV_VEC,
-                                 nvec - 2 * (t + 1) < 2 ? nvec - 2 * (t + 1) : 2);
-        for (int k0 = 0; k0 < K; k0 += DV_KC) {
-            int kc = K - k0 < DV_KC ? K - k0 : DV_KC;
-            int first = k0 == 0, last = k0 + kc == K;
-            for (int g = 0; g < blocks; ++g) {
-                int rows = O - 8 * g < 8 ? O - 8 * g : 8;
-                dv_v16 *saved = accbuf + (long)g * 16;
-                for (int r = 0; r < 8; ++r) {
-                    orow[r] = 8 * g + (r < rows ? r : 0);
-                    wr[r] = W + (long)orow[r] * K + k0;
-                }
-                if (!first) memcpy(acc, saved, sizeof(dv_v16) * 8 * (size_t)nv);
-                dv_dtile(wr, kc, src, tap_off + k0, v, nv, acc, !first);
-                if (last) dv_dtile_store(acc, nv, orow, rows, v, out, ldo, bias, relu);
-                else memcpy(saved, acc, sizeof(dv_v16) * 8 * (size_t)nv);
-            }
-        }
+            for (const int *q = v + 2 * DV_VEC; q < vec + DV_VEC * nvec && q < v + 4 * DV_VEC; q += DV_VEC)
+                dv_prefetch_out(out, ldo, O, q[1], __builtin_popcount((unsigned)q[3]));
+        dv_tile_src b = {NULL, 0, 0, 0, src, tap_off, v, nvec - 2 * t < 2 ? nvec - 2 * t : 2};
+        dv_tile_rows(W, K, O, K, &b, out, ldo, bias, relu, accbuf);
     }
 }
 

@@ -149,7 +149,6 @@ class ConvState:
     geometry: tuple[int, ...]  # sh, sw, pt, pl, dh, dw
     ho: int
     wo: int
-    is_pointwise: bool
     weights: list[np.ndarray]  # per group, (cout, cin*kh*kw), natural channel order
     channels: list[np.ndarray]  # per group, the absolute input channel indices in natural order
     cols: np.ndarray  # the unfolded input, packed: (panels of 32 positions, cin*kh*kw rows, 32) scratch
@@ -243,13 +242,12 @@ def direct_lane_use(ho: int, wo: int, sh: int, src_row_width: int) -> tuple[floa
     return (across, True) if across > per_row else (per_row, False)
 
 
-def dense_route(cout: int, ho: int, wo: int, sh: int, sw: int, src_row_width: int) -> str:
+def dense_route(cout: int, ho: int, wo: int, sw: int, lane_use: float) -> str:
     """The dense path's conv route (docs/engine.md): ``direct`` (no unfolding) for stride 1
-    along rows when its vectors are nearly full and the map is not much smaller than the
-    weights; else the fused unfolding, or ``unfold`` (once) when there are more output channels
-    than positions."""
-    if (sw == 1 and cout <= DIRECT_MAX_ROWS_PER_POSITION * ho * wo
-            and direct_lane_use(ho, wo, sh, src_row_width)[0] >= DIRECT_MIN_LANE_USE):
+    along rows when its vectors are nearly full (``lane_use`` from :func:`direct_lane_use`) and
+    the map is not much smaller than the weights; else the fused unfolding, or ``unfold`` (once)
+    when there are more output channels than positions."""
+    if sw == 1 and cout <= DIRECT_MAX_ROWS_PER_POSITION * ho * wo and lane_use >= DIRECT_MIN_LANE_USE:
         return "direct"
     return "unfold" if cout > ho * wo else "fused"
 
@@ -262,12 +260,11 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     cout = cout_total // groups
     _, ho, wo = layer.out_shape
     sh, sw = layer.attrs["stride"]
-    pt, pl, pb, pr = layer.attrs["pads"]
+    pt, pl = layer.attrs["pads"][:2]  # the end pads only shape the output
     dh, dw = layer.attrs["dilation"]
-    pointwise = (kh, kw, sh, sw, pt, pl, pb, pr) == (1, 1, 1, 1, 0, 0, 0, 0)
     weights = [aligned_copy(w[g * cout:(g + 1) * cout].reshape(cout, -1)) for g in range(groups)]
     st = ConvState(layer=layer, groups=groups, cin=cin, cout=cout, kh=kh, kw=kw,
-                   geometry=(sh, sw, pt, pl, dh, dw), ho=ho, wo=wo, is_pointwise=pointwise,
+                   geometry=(sh, sw, pt, pl, dh, dw), ho=ho, wo=wo,
                    weights=weights, channels=[np.arange(g * cin, (g + 1) * cin, dtype=np.int32) for g in range(groups)],
                    cols=packed_cols(cin * kh * kw, ho * wo, allocate=False))
     _, h_in, w_in = layer.in_shapes[0]
@@ -277,9 +274,10 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     st.src_hw = (hp, wp)
     st.src_row_width = rows_apart
     st.all_positions = np.arange(ho * wo, dtype=np.int32)
-    st.dense_route = dense_route(cout, ho, wo, sh, sw, rows_apart)
+    lane_use, across = direct_lane_use(ho, wo, sh, rows_apart)
+    st.dense_route = dense_route(cout, ho, wo, sw, lane_use)
     if st.dense_route == "direct":
-        st.vectors = K.direct_vectors(ho, wo, sh, rows_apart, direct_lane_use(ho, wo, sh, rows_apart)[1])
+        st.vectors = K.direct_vectors(ho, wo, sh, rows_apart, across)
     st.runs, st.panel_first = K.im2col_run_table(ho, wo, sh, sw, rows_apart)
     taps = (np.arange(kh)[:, None] * dh * rows_apart + np.arange(kw)[None, :] * dw).reshape(-1)
     st.tap_off = (np.arange(cin)[:, None] * plane + taps[None, :]).reshape(-1).astype(np.int64)
