@@ -23,6 +23,7 @@ cnp.import_array()
 ctypedef unsigned char uint8
 
 cdef extern from "_simd.h" nogil:
+    enum: DV_DTILE  # vectors per direct tile
     void dv_gemm_tiles(const float* W, long ldw, int O, const float* cols, long ldc, long lds, float* out,
                        long ldo, int K, int N, const float* bias, int relu, int tile_begin, int tile_end)
     int dv_im2col_runs(int ho, int wo, int sh, int sw, int Wp, int* runs)
@@ -288,7 +289,7 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     ``vectors`` from :func:`direct_vectors`; threads split the tiles."""
     cdef int C = x.shape[0], H = x.shape[1], Wd = x.shape[2]
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
-    cdef int nvec = vectors.shape[0], ntiles = (vectors.shape[0] + 1) // 2
+    cdef int nvec = vectors.shape[0], ntiles = (vectors.shape[0] + DV_DTILE - 1) // DV_DTILE
     cdef int nchunks = threads if threads < ntiles else ntiles
     cdef int cin, c
     cdef long reach

@@ -243,53 +243,127 @@ static inline dv_lanes dv_lanes_of(int n) { return n; }
 static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes n) { return n >= 16 ? dv_load16(p) : dv_load16_part(p, n); }
 #endif
 
-/* acc[2 r], acc[2 r + 1] (+)= sum over k < K of wr[r][k] * the source vectors at s0 + tap[k]
- * (n0 lanes) and s1 + tap[k] (n1 lanes, 1..16); the same sequence of operations as dv_tile_8x32
- * on an unfolded panel holding those rows. */
+/* Vectors per direct tile: with AVX-512 (32 vector registers), 8 output rows x 3 vectors (24
+ * accumulators), so that each step loads 3 source vectors and 8 weights for 24 fused
+ * multiply-adds; elsewhere (AVX2, NEON: a 16-float vector takes 2 or 4 of 16 or 32 registers)
+ * 2 vectors, as the panel tiles. */
+#if defined(__AVX512F__)
+#define DV_DTILE 3
+#else
+#define DV_DTILE 2
+#endif
+
+/* The 8 x 48 register tile of the direct route: acc[3 r + v] (+)= sum over k < K of wr[r][k] *
+ * the source vector v (s[v] + tap[k], n[v] lanes 1..16), in k order (the same operations per
+ * lane as the 8 x 32 and panel tiles). With pf != 0, each step also prefetches its source lines
+ * pf floats ahead (the next tile's). Named accumulators, not an array: GCC kept an array in
+ * memory and stored all 24 vectors on every step. */
+#define DV_T48_BEGIN(wr, acc, resume)                                                                         \
+    const float *w0 = (wr)[0], *w1 = (wr)[1], *w2 = (wr)[2], *w3 = (wr)[3];                                   \
+    const float *w4 = (wr)[4], *w5 = (wr)[5], *w6 = (wr)[6], *w7 = (wr)[7];                                   \
+    dv_v16 a00 = {0}, a01 = {0}, a02 = {0}, a10 = {0}, a11 = {0}, a12 = {0};                                  \
+    dv_v16 a20 = {0}, a21 = {0}, a22 = {0}, a30 = {0}, a31 = {0}, a32 = {0};                                  \
+    dv_v16 a40 = {0}, a41 = {0}, a42 = {0}, a50 = {0}, a51 = {0}, a52 = {0};                                  \
+    dv_v16 a60 = {0}, a61 = {0}, a62 = {0}, a70 = {0}, a71 = {0}, a72 = {0};                                  \
+    if (resume) {                                                                                             \
+        a00 = (acc)[0]; a01 = (acc)[1]; a02 = (acc)[2]; a10 = (acc)[3]; a11 = (acc)[4]; a12 = (acc)[5];       \
+        a20 = (acc)[6]; a21 = (acc)[7]; a22 = (acc)[8]; a30 = (acc)[9]; a31 = (acc)[10]; a32 = (acc)[11];     \
+        a40 = (acc)[12]; a41 = (acc)[13]; a42 = (acc)[14]; a50 = (acc)[15]; a51 = (acc)[16]; a52 = (acc)[17]; \
+        a60 = (acc)[18]; a61 = (acc)[19]; a62 = (acc)[20]; a70 = (acc)[21]; a71 = (acc)[22]; a72 = (acc)[23]; \
+    }
+#define DV_T48_STEP(c0, c1, c2, k)                                                                 \
+    do {                                                                                           \
+        dv_v16 b;                                                                                  \
+        b = DV_SPLAT(w0[k]); a00 += b * (c0); a01 += b * (c1); a02 += b * (c2);                    \
+        b = DV_SPLAT(w1[k]); a10 += b * (c0); a11 += b * (c1); a12 += b * (c2);                    \
+        b = DV_SPLAT(w2[k]); a20 += b * (c0); a21 += b * (c1); a22 += b * (c2);                    \
+        b = DV_SPLAT(w3[k]); a30 += b * (c0); a31 += b * (c1); a32 += b * (c2);                    \
+        b = DV_SPLAT(w4[k]); a40 += b * (c0); a41 += b * (c1); a42 += b * (c2);                    \
+        b = DV_SPLAT(w5[k]); a50 += b * (c0); a51 += b * (c1); a52 += b * (c2);                    \
+        b = DV_SPLAT(w6[k]); a60 += b * (c0); a61 += b * (c1); a62 += b * (c2);                    \
+        b = DV_SPLAT(w7[k]); a70 += b * (c0); a71 += b * (c1); a72 += b * (c2);                    \
+    } while (0)
+#define DV_T48_SAVE(acc)                                                                                      \
+    do {                                                                                                      \
+        (acc)[0] = a00; (acc)[1] = a01; (acc)[2] = a02; (acc)[3] = a10; (acc)[4] = a11; (acc)[5] = a12;       \
+        (acc)[6] = a20; (acc)[7] = a21; (acc)[8] = a22; (acc)[9] = a30; (acc)[10] = a31; (acc)[11] = a32;     \
+        (acc)[12] = a40; (acc)[13] = a41; (acc)[14] = a42; (acc)[15] = a50; (acc)[16] = a51; (acc)[17] = a52; \
+        (acc)[18] = a60; (acc)[19] = a61; (acc)[20] = a62; (acc)[21] = a70; (acc)[22] = a71; (acc)[23] = a72; \
+    } while (0)
+
+static inline void dv_dtile_8x48(const float *const *wr, int K, const float *s0, const float *s1,
+                                 const float *s2, const long *tap, int n0, int n1, int n2, dv_v16 *acc,
+                                 int resume, long pf)
+{
+    DV_T48_BEGIN(wr, acc, resume);
+    if (pf != 0 && n0 == 16 && n1 == 16 && n2 == 16) {
+        for (int k = 0; k < K; ++k) {
+            long t = tap[k];
+            __builtin_prefetch(s0 + t + pf); __builtin_prefetch(s1 + t + pf); __builtin_prefetch(s2 + t + pf);
+            dv_v16 c0 = dv_load16(s0 + t), c1 = dv_load16(s1 + t), c2 = dv_load16(s2 + t);
+            DV_T48_STEP(c0, c1, c2, k);
+        }
+    } else if (n0 == 16 && n1 == 16 && n2 == 16) {
+        for (int k = 0; k < K; ++k) {
+            long t = tap[k];
+            dv_v16 c0 = dv_load16(s0 + t), c1 = dv_load16(s1 + t), c2 = dv_load16(s2 + t);
+            DV_T48_STEP(c0, c1, c2, k);
+        }
+    } else {
+        dv_lanes m0 = dv_lanes_of(n0), m1 = dv_lanes_of(n1), m2 = dv_lanes_of(n2);
+        for (int k = 0; k < K; ++k) {
+            long t = tap[k];
+            dv_v16 c0 = dv_load16_lanes(s0 + t, m0), c1 = dv_load16_lanes(s1 + t, m1);
+            dv_v16 c2 = dv_load16_lanes(s2 + t, m2);
+            DV_T48_STEP(c0, c1, c2, k);
+        }
+    }
+    DV_T48_SAVE(acc);
+}
+
+/* As dv_dtile_8x48 for two source vectors: acc[2 r + v]. */
 static inline void dv_dtile_8x32(const float *const *wr, int K, const float *s0, const float *s1,
-                                 const long *tap, int n0, int n1, dv_v16 *acc, int resume)
+                                 const long *tap, int n0, int n1, dv_v16 *acc, int resume, long pf)
 {
     DV_T32_BEGIN(wr, acc, resume);
-    if (n0 == 16 && n1 == 16) {
+    dv_lanes m0 = dv_lanes_of(n0), m1 = dv_lanes_of(n1);
+    if (pf != 0) {
         for (int k = 0; k < K; ++k) {
-            long t = tap[k], ahead = tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k];
-            __builtin_prefetch(s0 + ahead);
-            __builtin_prefetch(s1 + ahead);
-            dv_v16 c0 = dv_load16(s0 + t), c1 = dv_load16(s1 + t);
+            __builtin_prefetch(s0 + tap[k] + pf);
+            __builtin_prefetch(s1 + tap[k] + pf);
+            dv_v16 c0 = dv_load16_lanes(s0 + tap[k], m0), c1 = dv_load16_lanes(s1 + tap[k], m1);
             DV_T32_STEP(c0, c1, k);
         }
     } else {
-        dv_lanes m0 = dv_lanes_of(n0), m1 = dv_lanes_of(n1);
         for (int k = 0; k < K; ++k) {
-            long t = tap[k], ahead = tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k];
-            __builtin_prefetch(s0 + ahead);
-            __builtin_prefetch(s1 + ahead);
-            dv_v16 c0 = dv_load16_lanes(s0 + t, m0), c1 = dv_load16_lanes(s1 + t, m1);
+            dv_v16 c0 = dv_load16_lanes(s0 + tap[k], m0), c1 = dv_load16_lanes(s1 + tap[k], m1);
             DV_T32_STEP(c0, c1, k);
         }
     }
     DV_T32_SAVE(acc);
 }
 
-/* As dv_dtile_8x32 for one source vector: acc[r] holds row r. */
+/* As dv_dtile_8x48 for one source vector: acc[r] holds row r. */
 static inline void dv_dtile_8x16(const float *const *wr, int K, const float *s0, const long *tap, int n0,
                                  dv_v16 *acc, int resume)
 {
     DV_T16_BEGIN(wr, acc, resume);
     dv_lanes m0 = dv_lanes_of(n0);
     for (int k = 0; k < K; ++k) {
-        __builtin_prefetch(s0 + tap[k + DV_PREFETCH_ROWS < K ? k + DV_PREFETCH_ROWS : k]);
         dv_v16 c = dv_load16_lanes(s0 + tap[k], m0);
         DV_T16_STEP(c, k);
     }
     DV_T16_SAVE(acc);
 }
 
-/* One direct tile: vectors vec[0..nvec-1] (nvec 1 or 2) times rows wr, over taps tap[0..K-1]. */
+/* One direct tile: vectors vec[0..nvec-1] (nvec 1..DV_DTILE) times rows wr, over taps
+ * tap[0..K-1]; acc[nvec * r + v]. (Only a map's last tile has fewer than DV_DTILE vectors.) */
 static inline void dv_dtile(const float *const *wr, int K, const float *src, const long *tap, const int *vec,
-                            int nvec, dv_v16 *acc, int resume)
+                            int nvec, dv_v16 *acc, int resume, long pf)
 {
-    if (nvec == 2) dv_dtile_8x32(wr, K, src + vec[0], src + vec[DV_VEC], tap, vec[2], vec[DV_VEC + 2], acc, resume);
+    const int *v1 = vec + DV_VEC, *v2 = vec + 2 * DV_VEC;
+    if (nvec == 3) dv_dtile_8x48(wr, K, src + vec[0], src + v1[0], src + v2[0], tap, vec[2], v1[2], v2[2], acc, resume, pf);
+    else if (nvec == 2) dv_dtile_8x32(wr, K, src + vec[0], src + v1[0], tap, vec[2], v1[2], acc, resume, pf);
     else dv_dtile_8x16(wr, K, src + vec[0], tap, vec[2], acc, resume);
 }
 
@@ -330,7 +404,8 @@ static inline void dv_dtile_store(const dv_v16 *acc, int nvec, const int *orow, 
 /* Prefetch, for writing, out[o * ldo + j .. j + n - 1] for every row o < O: a tile writes one
  * short run in each output row, and the rows are far apart, too many streams for the hardware
  * prefetchers; a store that misses waits for its line (a cold 3 MB output took 1.5x the layer's
- * time). The kernels call it for the next tile while they compute this one. */
+ * time). dv_tile_rows calls it for the next tile, one 8-row block at a time (a burst of
+ * prefetches for all rows at once mostly went unserved). */
 static inline void dv_prefetch_out(float *out, long ldo, int O, long j, int n)
 {
     for (int o = 0; o < O; ++o) {
@@ -357,16 +432,22 @@ typedef struct {
     const long *tap;
     const int *vec;
     int nvec;
+    long pf;     /* direct: the next tile's source offset minus this tile's (0: none) */
+    int next_n;  /* output positions of the next tile (0: none); its output is prefetched */
+    long next_j; /* ... from this output offset (panels: column) */
 } dv_tile_src;
 
 /* One tile's B times every 8-row block of W (O x K, rows ldw apart): out[o, j] = bias[o] + sum
  * (bias == NULL, panels only: out += sum), ReLU if asked. K is cut into DV_KC-row blocks so that
  * the rows of B a block reads stay in L1 while every weight block passes over them; `accbuf`
- * keeps the running sums (ceil(O / 8) * 16 vectors when K > DV_KC). */
+ * keeps the running sums (ceil(O / 8) * 8 * DV_DTILE vectors when K > DV_KC). While it computes
+ * a block, the next tile's output lines of that block and (direct route, first block) its source
+ * lines are prefetched: a 1x1 layer's source rows are a channel apart, too many streams for the
+ * hardware prefetchers. */
 static void dv_tile_rows(const float *W, long ldw, int O, int K, const dv_tile_src *b, float *out, long ldo,
                          const float *bias, int relu, dv_v16 *accbuf)
 {
-    dv_v16 acc[16];
+    dv_v16 acc[8 * DV_DTILE];
     int orow[8];
     const float *wr[8];
     int nv = b->cols != NULL ? (b->jn > 16 ? 2 : 1) : b->nvec;
@@ -375,13 +456,14 @@ static void dv_tile_rows(const float *W, long ldw, int O, int K, const dv_tile_s
         int first = k0 == 0, last = k0 + kc == K;
         for (int g = 0; g < O; g += 8) {
             int rows = O - g < 8 ? O - g : 8;
-            dv_v16 *saved = accbuf + (long)(g / 8) * 16;
+            dv_v16 *saved = accbuf + (long)(g / 8) * 8 * DV_DTILE;
             for (int r = 0; r < 8; ++r) {
                 orow[r] = g + (r < rows ? r : 0);
                 wr[r] = W + (long)orow[r] * ldw + k0;
             }
             if (!first) memcpy(acc, saved, sizeof(dv_v16) * 8 * (size_t)nv);
-            if (b->cols == NULL) dv_dtile(wr, kc, b->src, b->tap + k0, b->vec, nv, acc, !first);
+            if (last && b->next_n > 0) dv_prefetch_out(out + (long)g * ldo, ldo, rows, b->next_j, b->next_n);
+            if (b->cols == NULL) dv_dtile(wr, kc, b->src, b->tap + k0, b->vec, nv, acc, !first, g == 0 ? b->pf : 0);
             else if (nv == 2) dv_tile_8x32(wr, kc, b->cols + (long)k0 * b->ldc, b->ldc, b->jn, acc, !first);
             else dv_tile_8x16(wr, kc, b->cols + (long)k0 * b->ldc, b->ldc, b->jn, acc, !first);
             if (!last) memcpy(saved, acc, sizeof(dv_v16) * 8 * (size_t)nv);
@@ -395,7 +477,9 @@ static void dv_tile_rows(const float *W, long ldw, int O, int K, const dv_tile_s
 static inline void dv_gemm_tile_rows(const float *W, long ldw, int O, const float *tile, long ldc, float *out,
                                      long ldo, int K, int N, const float *bias, int relu, int t, dv_v16 *accbuf)
 {
-    dv_tile_src b = {tile, ldc, t * 32, N - t * 32 < 32 ? N - t * 32 : 32, NULL, NULL, NULL, 0};
+    int next_n = N - (t + 1) * 32 < 32 ? N - (t + 1) * 32 : 32;  /* the next tile's output is prefetched */
+    dv_tile_src b = {tile, ldc, t * 32, N - t * 32 < 32 ? N - t * 32 : 32, NULL, NULL, NULL, 0, 0,
+                     next_n > 0 ? next_n : 0, (long)(t + 1) * 32};
     dv_tile_rows(W, ldw, O, K, &b, out, ldo, bias, relu, accbuf);
 }
 
@@ -438,7 +522,7 @@ static void dv_gemm_tiles(const float *W, long ldw, int O, const float *cols, lo
             for (int t = tile_begin; t < tile_end; ++t)
                 dv_gemm_block(W, ldw, cols + (long)t * lds, ldc, out, ldo, K, N, bias, relu, g, O - g < 8 ? O - g : 8, t);
     } else {
-        dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)((O + 7) / 8) + 64);
+        dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 8 * DV_DTILE * (size_t)((O + 7) / 8) + 64);
         accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
         for (int t = tile_begin; t < tile_end; ++t)
             dv_gemm_tile_rows(W, ldw, O, cols + (long)t * lds, ldc, out, ldo, K, N, bias, relu, t, accbuf);
@@ -510,11 +594,9 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
                                 const float *bias, int relu, float *out, float *panel,
                                 int tile_begin, int tile_end)
 {
-    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)((O + 7) / 8) + 64);
+    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 8 * DV_DTILE * (size_t)((O + 7) / 8) + 64);
     accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
     for (int t = tile_begin; t < tile_end; ++t) {
-        if (t + 1 < tile_end)  /* the next tile's output lines */
-            dv_prefetch_out(out, N, O, (t + 1) * 32, N - (t + 1) * 32 < 32 ? N - (t + 1) * 32 : 32);
         for (int k = 0; k < K; ++k) {
             const float *base = src + tap_off[k];
             float *row = panel + (long)k * 32;
@@ -531,20 +613,24 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
 }
 
 /* Direct convolution of one group: out[o, p] = bias[o] + sum_k W[o, k] src[s(p) + tap_off[k]],
- * ReLU if asked, for the tiles (pairs of vectors, see above) tile_begin..tile_end-1, each
+ * ReLU if asked, for the tiles (DV_DTILE consecutive vectors each, see above) tile_begin..tile_end-1, each
  * through dv_tile_rows. */
 static void dv_conv_direct(const float *src, const long *tap_off, const int *vec, int nvec,
                            const float *W, int O, int K, const float *bias, int relu, float *out, long ldo,
                            int tile_begin, int tile_end)
 {
-    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 16 * (size_t)((O + 7) / 8) + 64);
+    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 8 * DV_DTILE * (size_t)((O + 7) / 8) + 64);
     accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
     for (int t = tile_begin; t < tile_end; ++t) {
-        const int *v = vec + 2 * DV_VEC * t;
-        if (t + 1 < tile_end)  /* the next tile's output lines */
-            for (const int *q = v + 2 * DV_VEC; q < vec + DV_VEC * nvec && q < v + 4 * DV_VEC; q += DV_VEC)
-                dv_prefetch_out(out, ldo, O, q[1], __builtin_popcount((unsigned)q[3]));
-        dv_tile_src b = {NULL, 0, 0, 0, src, tap_off, v, nvec - 2 * t < 2 ? nvec - 2 * t : 2};
+        const int *v = vec + DV_DTILE * DV_VEC * t, *next = v + DV_DTILE * DV_VEC;
+        dv_tile_src b = {NULL, 0, 0, 0, src, tap_off, v, nvec - DV_DTILE * t < DV_DTILE ? nvec - DV_DTILE * t : DV_DTILE,
+                         0, 0, 0};
+        if (t + 1 < tile_end) {  /* the next tile: its source (first weight block), its output lines */
+            const int *last = vec + DV_VEC * (nvec - 1 < DV_DTILE * (t + 2) - 1 ? nvec - 1 : DV_DTILE * (t + 2) - 1);
+            b.pf = next[0] - v[0];
+            b.next_j = next[1];
+            b.next_n = last[1] + __builtin_popcount((unsigned)last[3]) - next[1];
+        }
         dv_tile_rows(W, K, O, K, &b, out, ldo, bias, relu, accbuf);
     }
 }
