@@ -362,7 +362,8 @@ static inline void dv_dtile(const float *const *wr, int K, const float *src, con
                             int nvec, dv_v16 *acc, int resume, long pf)
 {
     const int *v1 = vec + DV_VEC, *v2 = vec + 2 * DV_VEC;
-    if (nvec == 3) dv_dtile_8x48(wr, K, src + vec[0], src + v1[0], src + v2[0], tap, vec[2], v1[2], v2[2], acc, resume, pf);
+    if (nvec == 3)
+        dv_dtile_8x48(wr, K, src + vec[0], src + v1[0], src + v2[0], tap, vec[2], v1[2], v2[2], acc, resume, pf);
     else if (nvec == 2) dv_dtile_8x32(wr, K, src + vec[0], src + v1[0], tap, vec[2], v1[2], acc, resume, pf);
     else dv_dtile_8x16(wr, K, src + vec[0], tap, vec[2], acc, resume);
 }
@@ -613,8 +614,8 @@ static void dv_conv_dense_tiles(const float *src, const long *tap_off, int sw, c
 }
 
 /* Direct convolution of one group: out[o, p] = bias[o] + sum_k W[o, k] src[s(p) + tap_off[k]],
- * ReLU if asked, for the tiles (DV_DTILE consecutive vectors each, see above) tile_begin..tile_end-1, each
- * through dv_tile_rows. */
+ * ReLU if asked, for the tiles tile_begin..tile_end-1 (DV_DTILE consecutive vectors each, see
+ * above), each through dv_tile_rows. */
 static void dv_conv_direct(const float *src, const long *tap_off, const int *vec, int nvec,
                            const float *W, int O, int K, const float *bias, int relu, float *out, long ldo,
                            int tile_begin, int tile_end)
@@ -623,10 +624,11 @@ static void dv_conv_direct(const float *src, const long *tap_off, const int *vec
     accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
     for (int t = tile_begin; t < tile_end; ++t) {
         const int *v = vec + DV_DTILE * DV_VEC * t, *next = v + DV_DTILE * DV_VEC;
-        dv_tile_src b = {NULL, 0, 0, 0, src, tap_off, v, nvec - DV_DTILE * t < DV_DTILE ? nvec - DV_DTILE * t : DV_DTILE,
-                         0, 0, 0};
+        int nv = nvec - DV_DTILE * t < DV_DTILE ? nvec - DV_DTILE * t : DV_DTILE;
+        dv_tile_src b = {NULL, 0, 0, 0, src, tap_off, v, nv, 0, 0, 0};
         if (t + 1 < tile_end) {  /* the next tile: its source (first weight block), its output lines */
-            const int *last = vec + DV_VEC * (nvec - 1 < DV_DTILE * (t + 2) - 1 ? nvec - 1 : DV_DTILE * (t + 2) - 1);
+            int last_vec = nvec - 1 < DV_DTILE * (t + 2) - 1 ? nvec - 1 : DV_DTILE * (t + 2) - 1;
+            const int *last = vec + DV_VEC * last_vec;
             b.pf = next[0] - v[0];
             b.next_j = next[1];
             b.next_n = last[1] + __builtin_popcount((unsigned)last[3]) - next[1];
