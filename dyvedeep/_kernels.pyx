@@ -229,6 +229,27 @@ def im2col_run_table(int ho, int wo, int sh, int sw, int row_width):
     return runs, panel_first
 
 
+cdef const float* _group_source(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp,
+                                bint pad, float[::1] pad_buffer, const long[::1] tap_off, long reach,
+                                str caller) except NULL:
+    """The source a conv kernel reads for the group starting at input channel ``channel0``: with
+    ``pad``, its channels copied with their zero padding into ``pad_buffer`` (Hp x Wp planes,
+    ``tap_off`` indexing them), else ``x`` itself. ``reach`` (one past the last float the tiles
+    read; negative: not checked) must stay inside that source."""
+    cdef int C = x.shape[0], H = x.shape[1], Wd = x.shape[2]
+    cdef int K = tap_off.shape[0], cin
+    if pad:
+        cin = (tap_off[K - 1] // (Hp * Wp)) + 1
+        if channel0 + cin > C or pad_buffer.shape[0] < cin * Hp * Wp or reach > cin * Hp * Wp:
+            raise ValueError(f"{caller}: padding buffer too small")
+        with nogil:
+            dv_pad_planes(&x[channel0, 0, 0], cin, H, Wd, pt, pl, Hp, Wp, &pad_buffer[0])
+        return &pad_buffer[0]
+    if reach > (C - channel0) * H * Wd:
+        raise ValueError(f"{caller}: vectors past the input")
+    return &x[channel0, 0, 0]
+
+
 def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                float[::1] pad_buffer, const long[::1] tap_off, int sw, const int[:, ::1] runs,
                const int[::1] panel_first, const float[:, ::1] W, const float[::1] bias, bint relu,
@@ -238,26 +259,17 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
     group's channels are first copied with their zero padding into ``pad_buffer`` (Hp x Wp
     planes) and ``tap_off`` indexes it; else it indexes ``x`` itself. ``panels`` is scratch,
     one row of K * 32 floats per thread."""
-    cdef int C = x.shape[0], H = x.shape[1], Wd = x.shape[2]
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
     cdef int ntiles = panel_first.shape[0] - 1
     cdef int nchunks = threads if threads < ntiles else ntiles
-    cdef int cin = 0, c
+    cdef int c
     cdef const float* src
     if K == 0 or O == 0 or N == 0:
         raise ValueError("conv_dense: empty layer")
     if (out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or panels.shape[1] < K * 32
             or panels.shape[0] < max(nchunks, 1) or ntiles * 32 < N or runs.shape[1] != 4):
         raise ValueError("conv_dense: shape mismatch")
-    if pad:
-        cin = (tap_off[K - 1] // (Hp * Wp)) + 1
-        if channel0 + cin > C or pad_buffer.shape[0] < cin * Hp * Wp:
-            raise ValueError("conv_dense: padding buffer too small")
-        with nogil:
-            dv_pad_planes(&x[channel0, 0, 0], cin, H, Wd, pt, pl, Hp, Wp, &pad_buffer[0])
-        src = &pad_buffer[0]
-    else:
-        src = &x[channel0, 0, 0]
+    src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, -1, "conv_dense")
     if nchunks <= 1:
         with nogil:
             dv_conv_dense_tiles(src, &tap_off[0], sw, &runs[0, 0], &panel_first[0], &W[0, 0], O, K, N,
@@ -287,11 +299,10 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     (dv_conv_direct): each tile loads its rows of the unfolded input in place from the source
     (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``).
     ``vectors`` from :func:`direct_vectors`; threads split the tiles."""
-    cdef int C = x.shape[0], H = x.shape[1], Wd = x.shape[2]
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
     cdef int nvec = vectors.shape[0], ntiles = (vectors.shape[0] + DV_DTILE - 1) // DV_DTILE
     cdef int nchunks = threads if threads < ntiles else ntiles
-    cdef int cin, c
+    cdef int c
     cdef long reach
     cdef const float* src
     if K == 0 or O == 0 or N == 0 or nvec == 0:
@@ -301,17 +312,7 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     if vectors[nvec - 1, 1] + __builtin_popcount(<unsigned int>vectors[nvec - 1, 3]) > N:
         raise ValueError("conv_direct: vectors past the output")
     reach = vectors[nvec - 1, 0] + tap_off[K - 1] + vectors[nvec - 1, 2]  # one past the last float read
-    if pad:
-        cin = (tap_off[K - 1] // (Hp * Wp)) + 1
-        if channel0 + cin > C or pad_buffer.shape[0] < cin * Hp * Wp or reach > cin * Hp * Wp:
-            raise ValueError("conv_direct: padding buffer too small")
-        with nogil:
-            dv_pad_planes(&x[channel0, 0, 0], cin, H, Wd, pt, pl, Hp, Wp, &pad_buffer[0])
-        src = &pad_buffer[0]
-    else:
-        if reach > (C - channel0) * H * Wd:
-            raise ValueError("conv_direct: vectors past the input")
-        src = &x[channel0, 0, 0]
+    src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, "conv_direct")
     if nchunks <= 1:
         with nogil:
             dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[0, 0], O, K, &bias[0], relu,
