@@ -47,6 +47,9 @@ cdef extern from "_simd.h" nogil:
                        int spet, float margin, int relu, float* panel, int* list, int tile_begin,
                        int tile_end, long long* stats)
     int dv_pool_scratch(int W, int wo, int kw, int sw, int pl)
+    void dv_phase_plane(const float* plane, int H, int W, int pt, int pl, int s, int py, int px,
+                        int Hq, int Wq, float* dst)
+    int dv_pool_row_stride(int W, int wo, int kw, int sw, int pl)
     int __builtin_popcount(unsigned int x)
     void dv_maxpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
                           int sh, int sw, int pt, int pl, float* scratch)
@@ -92,10 +95,20 @@ def gemm(const float[:, :] A, const float[:, :] B, float[:, :] C, float beta=0.0
 
 cdef void _gemm_run(const float* W, long ldw, int O, const float* cols, long ldc, long lds, float* out,
                     long ldo, int K, int N, const float* bias, bint relu, int threads) noexcept nogil:
-    """dv_gemm_tiles over every 32-column tile, split into ``threads`` chunks."""
-    cdef int ntiles = (N + 31) // 32
+    """dv_gemm_tiles over every 32-column tile, split into ``threads`` chunks: of the 8-row
+    blocks when there are more rows than columns (each thread then reads only its share of the
+    weights, the large operand), else of the tiles."""
+    cdef int ntiles = (N + 31) // 32, nblocks = (O + 7) // 8
     cdef int nchunks = threads if threads < ntiles else ntiles
-    cdef int c
+    cdef int c, g0, g1
+    if O > N and threads > 1 and nblocks > 1:
+        nchunks = threads if threads < nblocks else nblocks
+        for c in prange(nchunks, num_threads=threads, schedule="static"):
+            g0 = 8 * (c * nblocks // nchunks)
+            g1 = min(8 * ((c + 1) * nblocks // nchunks), O)
+            dv_gemm_tiles(W + g0 * ldw, ldw, g1 - g0, cols, ldc, lds, out + g0 * ldo, ldo, K, N,
+                          bias + g0 if bias != NULL else NULL, relu, 0, ntiles)
+        return
     if nchunks <= 1:
         dv_gemm_tiles(W, ldw, O, cols, ldc, lds, out, ldo, K, N, bias, relu, 0, ntiles)
         return
@@ -334,6 +347,23 @@ def pad_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, 
         dv_pad_planes(&x[channel0, 0, 0], nch, x.shape[1], x.shape[2], pt, pl, Hp, Wp, &dst[0])
 
 
+def phase_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, int s,
+                 float[:, :, ::1] dst, int threads=1):
+    """Channels channel0..channel0+nch-1 of x, zero-padded (input at row pt, column pl), split
+    into s x s phase planes (dv_phase_plane): dst[(c * s + py) * s + px] holds rows py, py + s, ...
+    and columns px, px + s, ... of channel channel0 + c, so that a stride-s convolution reads
+    them with stride 1 (the engine's phase route)."""
+    cdef int H = x.shape[1], W = x.shape[2], Hq = dst.shape[1], Wq = dst.shape[2]
+    cdef Py_ssize_t i, n = <Py_ssize_t>nch * s * s
+    if s < 1 or channel0 < 0 or nch < 0 or channel0 + nch > x.shape[0] or dst.shape[0] < n:
+        raise ValueError("phase_planes: shape mismatch")
+    if n == 0 or Hq == 0 or Wq == 0:
+        return
+    for i in prange(n, nogil=True, num_threads=threads, schedule="static"):
+        dv_phase_plane(&x[channel0 + i // (s * s), 0, 0], H, W, pt, pl, s, (i // s) % s, i % s, Hq, Wq,
+                       &dst[i, 0, 0])
+
+
 def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] positions, int wo, int sh, int sw,
               int row_width, const float[:, ::1] W, int lead, bint spet, float margin, bint relu,
               const float[::1] bias, const float[:, ::1] cst, const uint8[:, ::1] mask, float[:, ::1] out,
@@ -443,7 +473,7 @@ def maxpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
             int pt, int pl, int threads=1):
     """Max pooling with implicit -inf padding (ONNX / onnxruntime semantics)."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
-    cdef int span = dv_pool_scratch(W, Wo, kw, sw, pl)
+    cdef long span = <long>Ho * dv_pool_row_stride(W, Wo, kw, sw, pl)  # a reduced row per output row
     cdef Py_ssize_t c
     cdef float[:, ::1] scratch = np.zeros((threads, span), np.float32)
     cdef int tid
@@ -457,7 +487,7 @@ def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
     """Average pooling as onnxruntime computes it: with count_include_pad the divisor is the
     window clipped to the padded input (H + pad_end), else the taps inside the input."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
-    cdef int span = dv_pool_scratch(W, Wo, kw, sw, pl) + Wo  # the row, then the column counts
+    cdef long span = <long>Ho * dv_pool_row_stride(W, Wo, kw, sw, pl) + Wo  # the rows, then the column counts
     cdef Py_ssize_t c
     cdef float[:, ::1] scratch = np.zeros((threads, span), np.float32)
     cdef int tid
@@ -467,16 +497,20 @@ def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
                          count_include_pad, &scratch[tid, 0])
 
 
-def global_avgpool(const float[:, ::1] x, float[::1] out):
-    """Mean of each row (channel) of x (C x HW), vectorised (dv_mean)."""
+def global_avgpool(const float[:, ::1] x, float[::1] out, int threads=1):
+    """Mean of each row (channel) of x (C x HW), vectorised (dv_mean); threads split the rows."""
     cdef Py_ssize_t C = x.shape[0], P = x.shape[1], c
     if out.shape[0] != C:
         raise ValueError("global_avgpool: shape mismatch")
     if P == 0:
         raise ValueError("global_avgpool: empty map")
-    with nogil:
-        for c in range(C):
-            out[c] = dv_mean(&x[c, 0], <int>P)
+    if threads <= 1:
+        with nogil:
+            for c in range(C):
+                out[c] = dv_mean(&x[c, 0], <int>P)
+        return
+    for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
+        out[c] = dv_mean(&x[c, 0], <int>P)
 
 
 def lrn_across(const float[:, :, ::1] x, float[:, :, ::1] out, int size, float alpha, float beta,

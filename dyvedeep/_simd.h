@@ -695,6 +695,28 @@ static void dv_pad_planes(const float *x, int C, int H, int W, int pt, int pl, i
     }
 }
 
+/* One phase plane of a strided convolution's input: of the zero-padded plane (input at row
+ * pt, column pl), the rows py, py + s, ... and columns px, px + s, ..., as Hq x Wq (zeros past
+ * the padded plane). A stride-s convolution reads tap (ky, kx) of output (oy, ox) at row
+ * oy + ky / s, column ox + kx / s of phase plane (ky % s, kx % s): a stride-1 read. Every
+ * element of dst is written. */
+static void dv_phase_plane(const float *plane, int H, int W, int pt, int pl, int s, int py, int px,
+                           int Hq, int Wq, float *dst)
+{
+    int q0 = pl - px > 0 ? (pl - px + s - 1) / s : 0;  /* first qx with an input column */
+    int q1 = (W + pl - px + s - 1) / s;                 /* one past the last */
+    if (q1 > Wq) q1 = Wq;
+    if (q0 > q1) q0 = q1;
+    for (int qy = 0; qy < Hq; ++qy) {
+        float *row = dst + (long)qy * Wq;
+        int iy = qy * s + py - pt;
+        if (iy < 0 || iy >= H || q0 == q1) { memset(row, 0, sizeof(float) * (size_t)Wq); continue; }
+        if (q0) memset(row, 0, sizeof(float) * (size_t)q0);
+        dv_copy_strided(row + q0, plane + (long)iy * W + (q0 * s + px - pl), q1 - q0, s);
+        if (q1 < Wq) memset(row + q1, 0, sizeof(float) * (size_t)(Wq - q1));
+    }
+}
+
 /* The runs of an unfolding of the output positions pos[0..n-1] (increasing, y * wo + x) into
  * packed panels, column i of the unfolded matrix being position pos[i]: a run is (panel, first
  * lane, offset of its first position's tap (0, 0) in the padded input (rows Wp apart), length,
@@ -937,20 +959,37 @@ static inline dv_v16 dv_load16_stride(const float *p, int s)
 #endif
 }
 
-/* m[x] = max(m[x], r[x]) for x < n. */
-static inline void dv_row_max(float *m, const float *r, int n)
+/* m[x] = max over i < rows of r[i * W + x] (in that order), for x < n; rows >= 1. Whole
+ * vectors are reduced in registers and stored once: no load waits on a store just made. */
+static inline void dv_col_max(float *m, const float *r, long W, int rows, int n)
 {
     int x = 0;
-    for (; x + 16 <= n; x += 16) dv_store16(m + x, dv_vmax(dv_load16(m + x), dv_load16(r + x)));
-    if (x < n) dv_store16_part(m + x, dv_vmax(dv_load16_part(m + x, n - x), dv_load16_part(r + x, n - x)), n - x);
+    for (; x + 16 <= n; x += 16) {
+        dv_v16 v = dv_load16(r + x);
+        for (int i = 1; i < rows; ++i) v = dv_vmax(v, dv_load16(r + i * W + x));
+        dv_store16(m + x, v);
+    }
+    if (x < n) {
+        dv_v16 v = dv_load16_part(r + x, n - x);
+        for (int i = 1; i < rows; ++i) v = dv_vmax(v, dv_load16_part(r + i * W + x, n - x));
+        dv_store16_part(m + x, v, n - x);
+    }
 }
 
-/* m[x] += r[x] for x < n. */
-static inline void dv_row_add(float *m, const float *r, int n)
+/* m[x] = 0 + r[x] + r[W + x] + ... over rows rows (in that order), for x < n; rows >= 0. */
+static inline void dv_col_sum(float *m, const float *r, long W, int rows, int n)
 {
     int x = 0;
-    for (; x + 16 <= n; x += 16) dv_store16(m + x, dv_load16(m + x) + dv_load16(r + x));
-    if (x < n) dv_store16_part(m + x, dv_load16_part(m + x, n - x) + dv_load16_part(r + x, n - x), n - x);
+    for (; x + 16 <= n; x += 16) {
+        dv_v16 v = {0};
+        for (int i = 0; i < rows; ++i) v += dv_load16(r + i * W + x);
+        dv_store16(m + x, v);
+    }
+    if (x < n) {
+        dv_v16 v = {0};
+        for (int i = 0; i < rows; ++i) v += dv_load16_part(r + i * W + x, n - x);
+        dv_store16_part(m + x, v, n - x);
+    }
 }
 
 /* o[ox] = max of acc[ox * sw + kx] over kx < kw (acc with dv_pool_scratch floats). */
@@ -973,22 +1012,31 @@ static inline void dv_window_max(float *o, const float *acc, int wo, int sw, int
     }
 }
 
-/* Max pooling of one H x W plane into ho x wo (-inf padding: windows clipped to the input). */
+/* Floats from one row of a plane's pooling scratch to the next (a whole number of vectors). */
+static inline int dv_pool_row_stride(int W, int wo, int kw, int sw, int pl)
+{
+    return (dv_pool_scratch(W, wo, kw, sw, pl) + 15) & ~15;
+}
+
+/* Max pooling of one H x W plane into ho x wo (-inf padding: windows clipped to the input).
+ * First every output row's window rows are reduced into its own row of `acc` (ho rows of
+ * dv_pool_row_stride floats), then the windows are taken along the rows: the second step reads
+ * what the first stored long before (a load overlapping a store still in flight waits for it). */
 static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
                              int sh, int sw, int pt, int pl, float *acc)
 {
     const float ninf = -__builtin_inff();
-    int span = dv_pool_span(W, wo, kw, sw, pl);
-    for (int p = 0; p < span; ++p) acc[p] = ninf;
-    float *mid = acc + pl;  /* mid[x] is input column x */
+    int span = dv_pool_span(W, wo, kw, sw, pl), stride = dv_pool_row_stride(W, wo, kw, sw, pl);
     for (int oy = 0; oy < ho; ++oy) {
+        float *row = acc + (long)oy * stride;
         int y0 = oy * sh - pt, y1 = y0 + kh;
         if (y0 < 0) y0 = 0;
         if (y1 > H) y1 = H;
-        memcpy(mid, in + (long)y0 * W, sizeof(float) * (size_t)W);
-        for (int iy = y0 + 1; iy < y1; ++iy) dv_row_max(mid, in + (long)iy * W, W);
-        dv_window_max(out + (long)oy * wo, acc, wo, sw, kw);
+        for (int p = 0; p < pl; ++p) row[p] = ninf;
+        for (int p = pl + W; p < span; ++p) row[p] = ninf;
+        dv_col_max(row + pl, in + (long)y0 * W, W, y1 - y0, W);  /* row[pl + x] is input column x */
     }
+    for (int oy = 0; oy < ho; ++oy) dv_window_max(out + (long)oy * wo, acc + (long)oy * stride, wo, sw, kw);
 }
 
 /* o[ox] = sum of acc[ox * sw + kx] over kx < kw (kx in order), divided by rows * cols[ox]
@@ -1020,28 +1068,35 @@ static inline void dv_window_mean(float *o, const float *acc, int wo, int sw, in
 
 /* Average pooling of one plane, onnxruntime's divisor rule (see _kernels.avgpool): the window
  * sum over the taps inside the input (acc is zero elsewhere), divided by the window clipped
- * to the padded input (count_include_pad) or by the taps inside the input. `acc` holds
- * dv_pool_scratch floats, then wo floats for the column counts. */
+ * to the padded input (count_include_pad) or by the taps inside the input. `acc` holds ho rows
+ * of dv_pool_row_stride floats (the two steps of dv_maxpool_plane), then wo floats for the
+ * column counts. */
 static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
                              int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad, float *acc)
 {
-    int span = dv_pool_span(W, wo, kw, sw, pl);
-    float *cols = acc + dv_pool_scratch(W, wo, kw, sw, pl);
-    for (int p = 0; p < span; ++p) acc[p] = 0.0f;
+    int span = dv_pool_span(W, wo, kw, sw, pl), stride = dv_pool_row_stride(W, wo, kw, sw, pl);
+    float *cols = acc + (long)ho * stride;
     for (int ox = 0; ox < wo; ++ox) {
         int ws = ox * sw - pl, we = ws + kw;
         if (we > W + pr) we = W + pr;
         int x0 = ws > 0 ? ws : 0, x1 = we < W ? we : W;
         cols[ox] = (float)(count_include_pad ? we - ws : x1 - x0);
     }
-    float *mid = acc + pl;
+    for (int oy = 0; oy < ho; ++oy) {
+        float *row = acc + (long)oy * stride;
+        int hs = oy * sh - pt, he = hs + kh;
+        if (he > H + pb) he = H + pb;
+        int y0 = hs > 0 ? hs : 0, y1 = he < H ? he : H;
+        for (int p = 0; p < pl; ++p) row[p] = 0.0f;
+        for (int p = pl + W; p < span; ++p) row[p] = 0.0f;
+        dv_col_sum(row + pl, in + (long)y0 * W, W, y1 - y0, W);
+    }
     for (int oy = 0; oy < ho; ++oy) {
         int hs = oy * sh - pt, he = hs + kh;
         if (he > H + pb) he = H + pb;
         int y0 = hs > 0 ? hs : 0, y1 = he < H ? he : H;
-        memset(mid, 0, sizeof(float) * (size_t)W);
-        for (int iy = y0; iy < y1; ++iy) dv_row_add(mid, in + (long)iy * W, W);
-        dv_window_mean(out + (long)oy * wo, acc, wo, sw, kw, count_include_pad ? he - hs : y1 - y0, cols);
+        dv_window_mean(out + (long)oy * wo, acc + (long)oy * stride, wo, sw, kw,
+                       count_include_pad ? he - hs : y1 - y0, cols);
     }
 }
 

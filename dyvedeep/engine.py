@@ -25,8 +25,9 @@ U8 = np.uint8
 #: Scalar ops of one bilinear fill (three lerps of 3 ops each); a zero fill costs nothing.
 BILINEAR_FILL_OPS = 9
 #: A layer gets several threads for its own kernels only above this much work (MACs, or 8 per
-#: output element for the layers without weights): starting a parallel loop costs ~6 us, more
-#: than small kernels take (SqueezeNet on 2 threads: 1M ran 5 % faster than 2M, 0.5M no better).
+#: output or input element for the layers without weights, whichever is more: pooling reads its
+#: whole input): starting a parallel loop costs ~6 us, more than small kernels take (SqueezeNet
+#: on 2 threads: 1M ran 5 % faster than 2M, 0.5M no better).
 PARALLEL_MIN_WORK = 1_000_000
 #: The direct conv route needs its vectors this full: maps 16 or 32 wide, or 1x1 layers
 #: without padding, ran 1.15x-1.8x faster direct; with vectors per output row, 56-, 27- and
@@ -160,13 +161,15 @@ class ConvState:
     grid: SdssGrid | None = None
     # Dense path (im2col fused into the GEMM): the source planes (padded copies when the layer
     # pads), the runs of each 32-position panel, and each unfolded row's offset in the source.
-    dense_route: str = "fused"  # "direct", "fused" or "unfold": see dense_route()
+    dense_route: str = "fused"  # "direct", "phase", "fused" or "unfold": see dense_route()
     pad_src: bool = False
     src_row_width: int = 0
     all_positions: np.ndarray | None = None
     src_hw: tuple[int, int] = (0, 0)  # Hp, Wp of the padded planes
     runs: np.ndarray | None = None
-    vectors: np.ndarray | None = None  # the direct route's source vectors (K.direct_vectors)
+    vectors: np.ndarray | None = None  # the direct and phase routes' source vectors (K.direct_vectors)
+    phase_hw: tuple[int, int] = (0, 0)  # phase route: Hq, Wq of the phase planes (K.phase_planes)
+    phase_tap_off: np.ndarray | None = None  # phase route: each unfolded row's offset in those planes
     panel_first: np.ndarray | None = None
     tap_off: np.ndarray | None = None
     # SFMA: per output position its border class; per class the valid kernel taps (kh*kw mask).
@@ -178,6 +181,16 @@ class ConvState:
     @property
     def kk(self) -> int:
         return self.kh * self.kw
+
+    @property
+    def source_floats(self) -> int:
+        """Floats of the source scratch the layer needs: its padded planes (dense path with
+        padding, and the knob path) and its phase planes (phase route); 0: none."""
+        padded = self.cin * self.src_hw[0] * self.src_hw[1] if self.pad_src else 0
+        if self.dense_route != "phase":
+            return padded
+        stride = self.geometry[0]
+        return max(padded, self.cin * stride * stride * self.phase_hw[0] * self.phase_hw[1])
 
 
 #: Alignment (bytes) of every buffer the kernels stream through: a cache line, so that a
@@ -229,6 +242,13 @@ def _border_classes(st: ConvState, h: int, w: int) -> tuple[np.ndarray, np.ndarr
     return inverse.reshape(-1).astype(np.int64), classes.astype(np.float32)
 
 
+def layer_work(layer: Layer) -> int:
+    """A layer's work for the choice of its threads (PARALLEL_MIN_WORK): its MACs, or 8 per
+    element of its output or of its largest input."""
+    elements = [int(np.prod(shape)) for shape in [layer.out_shape, *layer.in_shapes]]
+    return max(layer.dense_macs, 8 * max(elements))
+
+
 def direct_lane_use(ho: int, wo: int, sh: int, src_row_width: int) -> tuple[float, bool]:
     """Share of the vector lanes the direct route fills, and whether its vectors run across the
     output rows (see ``dv_direct_vectors``): per row, 16-lane vectors cover wo positions; across
@@ -250,6 +270,23 @@ def dense_route(cout: int, ho: int, wo: int, sw: int, lane_use: float) -> str:
     if sw == 1 and cout <= DIRECT_MAX_ROWS_PER_POSITION * ho * wo and lane_use >= DIRECT_MIN_LANE_USE:
         return "direct"
     return "unfold" if cout > ho * wo else "fused"
+
+
+def _plan_phase_route(st: ConvState, hp: int, wp: int) -> None:
+    """The phase route of a conv with the same stride s > 1 both ways (docs/engine.md): its
+    zero-padded input (hp x wp) split into s x s phase planes (K.phase_planes), read by the
+    direct route's tiles with stride 1, when those vectors are full enough for it."""
+    s = st.geometry[0]
+    hq, wq = -(-hp // s), -(-wp // s)
+    lane_use, across = direct_lane_use(st.ho, st.wo, 1, wq)
+    if dense_route(st.cout, st.ho, st.wo, 1, lane_use) != "direct":
+        return
+    ky, kx = np.arange(st.kh)[:, None], np.arange(st.kw)[None, :]
+    plane = (np.arange(st.cin)[:, None, None] * s + ky % s) * s + kx % s  # cin x kh x kw
+    st.dense_route = "phase"
+    st.phase_hw = (hq, wq)
+    st.phase_tap_off = (plane * hq * wq + (ky // s) * wq + kx // s).reshape(-1).astype(np.int64)
+    st.vectors = K.direct_vectors(st.ho, st.wo, 1, wq, across)
 
 
 def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
@@ -278,6 +315,8 @@ def make_conv_state(layer: Layer, knobs: KnobConfig | None) -> ConvState:
     st.dense_route = dense_route(cout, ho, wo, sw, lane_use)
     if st.dense_route == "direct":
         st.vectors = K.direct_vectors(ho, wo, sh, rows_apart, across)
+    elif sh == sw > 1 and dh == dw == 1:
+        _plan_phase_route(st, hp, wp)
     st.runs, st.panel_first = K.im2col_run_table(ho, wo, sh, sw, rows_apart)
     taps = (np.arange(kh)[:, None] * dh * rows_apart + np.arange(kw)[None, :] * dw).reshape(-1)
     st.tap_off = (np.arange(cin)[:, None] * plane + taps[None, :]).reshape(-1).astype(np.int64)
@@ -446,8 +485,8 @@ class Engine:
                 (1, layer.dense_macs if layer.is_compute else 0, layer.dense_ops)
         self.counter = OpCounter([layer.name for layer in plan.layers], dense_rows)
         self.states: dict[str, ConvState | FcState] = {}
-        self.layer_threads = {layer.name: self.threads if max(layer.dense_macs, 8 * int(np.prod(layer.out_shape)))
-                              >= PARALLEL_MIN_WORK else 1 for layer in plan.layers}
+        self.layer_threads = {layer.name: self.threads if layer_work(layer) >= PARALLEL_MIN_WORK else 1
+                              for layer in plan.layers}
         self.kernel_threads = 1
         for layer in plan.layers:
             if layer.op == "conv":
@@ -463,8 +502,7 @@ class Engine:
         self._kept_weights = aligned_zeros(max([st.cout * st.cin * st.kk for st in conv_states], default=1))
         self._constant = aligned_zeros(max([st.cout * st.ho * st.wo for st in conv_states], default=1))
         # the dense path's padded input planes and per-thread panels
-        self._pad_scratch = aligned_zeros(
-            max([st.cin * st.src_hw[0] * st.src_hw[1] for st in conv_states if st.pad_src], default=1))
+        self._pad_scratch = aligned_zeros(max([st.source_floats for st in conv_states], default=1))
         # one row per thread; a row (K x 32 floats) is a whole number of cache lines
         self._panels = aligned_zeros((self.threads, max([st.cin * st.kk * 32 for st in conv_states], default=32)))
         self.buffers, self.in_place = _plan_buffers(plan)
@@ -540,7 +578,7 @@ class Engine:
                 K.avgpool(x, out, kh, kw, sh, sw, pt, pl, pb, pr, layer.attrs["count_include_pad"], self.kernel_threads)
             return out
         if op == "gap":
-            K.global_avgpool(x.reshape(x.shape[0], -1), out.reshape(-1))
+            K.global_avgpool(x.reshape(x.shape[0], -1), out.reshape(-1), self.kernel_threads)
             return out
         if op == "gmp":
             np.max(x.reshape(x.shape[0], -1), axis=1, out=out.reshape(-1))
@@ -643,6 +681,12 @@ class Engine:
             if st.dense_route == "direct":  # stride 1 along rows: the tiles read the source in place
                 K.conv_direct(x, g * st.cin, pt, pl, st.src_hw[0], st.src_hw[1], st.pad_src, self._pad_scratch,
                               st.tap_off, st.vectors, st.weights[g], bg, st.layer.relu, og, self.kernel_threads)
+            elif st.dense_route == "phase":  # stride s: phase planes, then the direct route's tiles
+                hq, wq = st.phase_hw
+                planes = self._pad_scratch[:st.cin * sh * sh * hq * wq].reshape(-1, hq, wq)
+                K.phase_planes(x, g * st.cin, st.cin, pt, pl, sh, planes, self.kernel_threads)
+                K.conv_direct(planes, 0, 0, 0, hq, wq, False, self._pad_scratch, st.phase_tap_off, st.vectors,
+                              st.weights[g], bg, st.layer.relu, og, self.kernel_threads)
             elif st.dense_route == "unfold":  # large weights, small map: unfold once, weights stay in L1
                 K.im2col_packed(x, st.channels[g], st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, st.cols,
                                 self.kernel_threads)

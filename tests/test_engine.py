@@ -41,8 +41,13 @@ def assert_matches_ort(path, x, rel=1e-5):
     (dict(), (16, 5, 5), (70, 16, 1, 1), "unfold"),
     # a 1x1 convolution reads its input map in place, vectors running across the rows
     (dict(), (40, 17, 19), (20, 40, 1, 1), "direct"),
-    # stride 2 with padding: strided runs of the fused unfolding
-    (dict(strides=[2, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3), "fused"),
+    # strides 1 x 2 with padding: strided runs of the fused unfolding
+    (dict(strides=[1, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3), "fused"),
+    # the phase route (stride s both ways: s x s phase planes read with stride 1): stride 2 with
+    # padding; stride 4 with an 11 x 11 kernel and uneven pads (AlexNet's first layer); groups
+    (dict(strides=[2, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3), "phase"),
+    (dict(strides=[4, 4], pads=[2, 3, 1, 0]), (3, 71, 70), (8, 3, 11, 11), "phase"),
+    (dict(group=2, strides=[2, 2], pads=[1, 1, 1, 1]), (4, 33, 33), (6, 2, 3, 3), "phase"),
     # the direct route: 16-wide rows, an odd number of vectors (a last one-vector tile), an inner
     # dimension over one 192-row block; 31-wide rows (a partial second vector per row); vectors
     # across the rows of a padded map (27 wide, 29 apart: lanes dropped, stores compressed)
@@ -166,6 +171,50 @@ def test_threads_split_panels_bit_exactly(tmp_path, monkeypatch):
     plan = build_plan(path)
     one = assert_matches_ort(path, x)
     assert np.array_equal(one, Engine(plan, threads=2).run(x))
+
+
+def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path, monkeypatch):
+    """The other ways threads share out work: the phase planes of a strided conv, the pooled
+    planes, the 8-row blocks of a product with more rows than columns and the channels of a
+    global average; the result does not depend on the number of threads."""
+    monkeypatch.setattr(engine_module, "PARALLEL_MIN_WORK", 0)
+    nodes = [
+        helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="ra"),
+        helper.make_node("MaxPool", ["ra"], ["p"], name="p", kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("AveragePool", ["p"], ["q"], name="q", kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Conv", ["q", "W2", "b2"], ["c"], name="c"),
+        helper.make_node("GlobalAveragePool", ["c"], ["out"], name="g"),
+    ]
+    inits = {"W1": RNG.normal(0, .3, (40, 3, 3, 3)), "b1": RNG.normal(0, .1, 40),
+             "W2": RNG.normal(0, .3, (70, 40, 1, 1)), "b2": RNG.normal(0, .1, 70)}
+    path = save_model(tmp_path / "t.onnx", nodes, inits, (3, 41, 37), "out")
+    x = RNG.normal(0, 1, (2, 3, 41, 37)).astype(np.float32)
+    plan = build_plan(path)
+    assert [st.dense_route for st in Engine(plan).states.values()] == ["phase", "unfold"]
+    one = assert_matches_ort(path, x)
+    assert np.array_equal(one, Engine(plan, threads=2).run(x))
+    assert np.array_equal(one, Engine(plan, threads=3).run(x))
+
+
+@pytest.mark.parametrize("shape, pads, stride", [
+    ((2, 9, 8), (1, 2), 2), ((1, 23, 23), (0, 0), 4), ((3, 7, 12), (3, 1), 3), ((1, 5, 5), (0, 4), 2),
+])
+def test_phase_planes_are_the_strided_padded_input(shape, pads, stride):
+    """K.phase_planes against numpy: plane (c, py, px) is rows py, py + s, ... and columns px,
+    px + s, ... of the zero-padded channel c, zeros past it."""
+    x = RNG.normal(0, 1, shape).astype(np.float32)
+    pt, pl = pads
+    hq, wq = (shape[1] + pt + 4) // stride, (shape[2] + pl + 3) // stride
+    padded = np.zeros((shape[0], hq * stride + stride, wq * stride + stride), np.float32)
+    padded[:, pt:pt + shape[1], pl:pl + shape[2]] = x
+    dst = np.full((shape[0] * stride * stride, hq, wq), np.nan, np.float32)
+    K.phase_planes(x, 0, shape[0], pt, pl, stride, dst)
+    for c in range(shape[0]):
+        for py in range(stride):
+            for px in range(stride):
+                expected = padded[c, py::stride, px::stride][:hq, :wq]
+                assert np.array_equal(dst[(c * stride + py) * stride + px], expected)
 
 
 def test_buffers_are_reused_and_concat_inputs_written_in_place(tmp_path):
