@@ -307,11 +307,13 @@ def direct_vectors(int ho, int wo, int sh, int row_width, bint across):
 
 def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                 float[::1] pad_buffer, const long[::1] tap_off, const int[:, ::1] vectors,
-                const float[:, ::1] W, const float[::1] bias, bint relu, float[:, ::1] out, int threads=1):
+                const float[:, ::1] W, const float[::1] bias, bint relu, float[:, ::1] out, int threads=1,
+                long src_offset=0):
     """Dense convolution of one group with stride 1 along rows, without unfolding
     (dv_conv_direct): each tile loads its rows of the unfolded input in place from the source
-    (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``).
-    ``vectors`` from :func:`direct_vectors`; threads split the tiles."""
+    (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``),
+    from ``src_offset`` floats on (a band of output rows). ``vectors`` from
+    :func:`direct_vectors`; threads split the tiles."""
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
     cdef int nvec = vectors.shape[0], ntiles = (vectors.shape[0] + DV_DTILE - 1) // DV_DTILE
     cdef int nchunks = threads if threads < ntiles else ntiles
@@ -324,8 +326,10 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
         raise ValueError("conv_direct: shape mismatch")
     if vectors[nvec - 1, 1] + __builtin_popcount(<unsigned int>vectors[nvec - 1, 3]) > N:
         raise ValueError("conv_direct: vectors past the output")
-    reach = vectors[nvec - 1, 0] + tap_off[K - 1] + vectors[nvec - 1, 2]  # one past the last float read
-    src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, "conv_direct")
+    if src_offset < 0:
+        raise ValueError("conv_direct: negative source offset")
+    reach = src_offset + vectors[nvec - 1, 0] + tap_off[K - 1] + vectors[nvec - 1, 2]  # one past the last float read
+    src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, "conv_direct") + src_offset
     if nchunks <= 1:
         with nogil:
             dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[0, 0], O, K, &bias[0], relu,
@@ -469,10 +473,13 @@ def softmax_columns(const float[:, ::1] x, float[:, ::1] out):
 
 # --------------------------------------------------------------------------- pooling, LRN
 
-def maxpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int sh, int sw,
+def maxpool(const float[:, :, ::1] x, float[:, :, :] out, int kh, int kw, int sh, int sw,
             int pt, int pl, int threads=1):
-    """Max pooling with implicit -inf padding (ONNX / onnxruntime semantics)."""
+    """Max pooling with implicit -inf padding (ONNX / onnxruntime semantics). ``out``'s planes
+    must have contiguous rows, but may lie apart (a band of rows of a larger output)."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
+    if out.shape[0] != C or (Ho > 0 and Wo > 0 and (out.strides[2] != 4 or (Ho > 1 and out.strides[1] != 4 * Wo))):
+        raise ValueError("maxpool: output planes must have contiguous rows")
     cdef long span = <long>Ho * dv_pool_row_stride(W, Wo, kw, sw, pl)  # a reduced row per output row
     cdef Py_ssize_t c
     cdef float[:, ::1] scratch = np.zeros((threads, span), np.float32)

@@ -29,6 +29,13 @@ BILINEAR_FILL_OPS = 9
 #: whole input): starting a parallel loop costs ~6 us, more than small kernels take (SqueezeNet
 #: on 2 threads: 1M ran 5 % faster than 2M, 0.5M no better).
 PARALLEL_MIN_WORK = 1_000_000
+#: On the dense path, a conv layer (direct or phase route, no knobs) whose only reader is a
+#: max-pooling runs with it band by band of output rows when its output has at least this many
+#: bytes: each band of the conv output is pooled while it is still in L2, instead of the whole
+#: map going out to memory and back (SqueezeNet's conv1: 3.2 MB). See FusedPool.
+FUSE_MIN_BYTES = 1 << 20
+#: Bytes of one band of the conv output in a fused pair (well inside L2).
+FUSE_BAND_BYTES = 1 << 19
 #: The direct conv route needs its vectors this full: maps 16 or 32 wide, or 1x1 layers
 #: without padding, ran 1.15x-1.8x faster direct; with vectors per output row, 56-, 27- and
 #: 14-wide maps (0.875, 0.84 and 0.875 of the lanes) ran as fast or faster unfolded ...
@@ -362,6 +369,61 @@ def make_fc_state(layer: Layer, knobs: KnobConfig | None) -> FcState:
     return st
 
 
+@dataclass
+class PoolBand:
+    """One band of a FusedPool: conv output rows y0..y0+rows-1 (computed into the band scratch,
+    from source offset src_offset with `vectors`), pooled into output rows p0..p1-1 (the
+    pooling's top padding as seen from the band: pad_top)."""
+
+    y0: int
+    rows: int
+    p0: int
+    p1: int
+    pad_top: int
+    src_offset: int
+    vectors: np.ndarray
+
+
+@dataclass
+class FusedPool:
+    """A conv layer and the max-pooling that alone reads it, run band by band on the dense path
+    (Engine.forward with fuse=True): the same floats as the two layers one after the other (the
+    rows a band shares with the next, kh - stride of the pooling, are computed twice)."""
+
+    conv: int  # layer index of the conv; the pooling is the next layer
+    bands: list[PoolBand]
+    band_floats: int
+
+
+def plan_fused_pool(plan: Plan, index: int, st: ConvState, readers: dict[str, list[int]]) -> FusedPool | None:
+    """The band plan of conv layer ``index`` with the max-pooling after it, or None when the
+    pair does not qualify (see FUSE_MIN_BYTES)."""
+    layer = st.layer
+    if (index + 1 >= len(plan.layers) or st.groups != 1 or st.dense_route not in ("direct", "phase")
+            or st.spet is not None or st.sdss is not None or st.sfma is not None):
+        return None
+    pool = plan.layers[index + 1]
+    if (pool.op != "maxpool" or pool.inputs != [layer.output] or readers.get(layer.output) != [index + 1]
+            or layer.output == plan.output_name or 4 * st.cout * st.ho * st.wo < FUSE_MIN_BYTES):
+        return None
+    kh = pool.attrs["kernel"][0]
+    stride, pad_top = pool.attrs["stride"][0], pool.attrs["pads"][0]
+    pool_rows = pool.out_shape[1]
+    conv_sh = 1 if st.dense_route == "phase" else st.geometry[0]  # source rows per output row
+    row_width = st.phase_hw[1] if st.dense_route == "phase" else st.src_row_width
+    max_rows = max(kh, FUSE_BAND_BYTES // (4 * st.cout * st.wo))
+    per_band = max(1, (max_rows - kh) // stride + 1)  # pooled rows per band
+    bands = []
+    for p0 in range(0, pool_rows, per_band):
+        p1 = min(pool_rows, p0 + per_band)
+        y0 = max(0, p0 * stride - pad_top)
+        y1 = min(st.ho, (p1 - 1) * stride - pad_top + kh)
+        _, across = direct_lane_use(y1 - y0, st.wo, conv_sh, row_width)
+        bands.append(PoolBand(y0, y1 - y0, p0, p1, y0 - (p0 * stride - pad_top), y0 * conv_sh * row_width,
+                              K.direct_vectors(y1 - y0, st.wo, conv_sh, row_width, across)))
+    return FusedPool(index, bands, max(st.cout * b.rows * st.wo for b in bands))
+
+
 _BLAS = {"controller": None, "threads": None}
 
 
@@ -506,6 +568,17 @@ class Engine:
         # one row per thread; a row (K x 32 floats) is a whole number of cache lines
         self._panels = aligned_zeros((self.threads, max([st.cin * st.kk * 32 for st in conv_states], default=32)))
         self.buffers, self.in_place = _plan_buffers(plan)
+        readers: dict[str, list[int]] = {}
+        for i, layer in enumerate(plan.layers):
+            for t in layer.inputs:
+                readers.setdefault(t, []).append(i)
+        self._fused = {}  # conv layer index -> FusedPool (dense path, forward(fuse=True))
+        for i, layer in enumerate(plan.layers):
+            if layer.op == "conv" and layer.output not in self.in_place:
+                fused = plan_fused_pool(plan, i, self.states[layer.name], readers)
+                if fused is not None:
+                    self._fused[i] = fused
+        self._band_scratch = aligned_zeros(max([f.band_floats for f in self._fused.values()], default=1))
         self._steps = [(i, layer, layer.inputs, self.buffers.get(layer.output)) for i, layer in enumerate(plan.layers)]
 
     # -- public API ------------------------------------------------------------------------
@@ -519,7 +592,7 @@ class Engine:
         outputs = np.empty((batch.shape[0],) + tuple(self.plan.output_shape), np.float32)
         set_blas_threads(self.threads)
         for n in range(batch.shape[0]):
-            outputs[n] = self.forward(batch[n])[self.plan.output_name]
+            outputs[n] = self.forward(batch[n], fuse=True)[self.plan.output_name]
         return outputs
 
     def run_image(self, image: np.ndarray, start: int = 0, tensors: dict[str, np.ndarray] | None = None,
@@ -534,14 +607,25 @@ class Engine:
         return {name: np.array(v, copy=True) for name, v in values.items() if name in live}
 
     def forward(self, image: np.ndarray | None, start: int = 0, tensors: dict[str, np.ndarray] | None = None,
-                stop: int | None = None) -> dict[str, np.ndarray]:
+                stop: int | None = None, fuse: bool = False) -> dict[str, np.ndarray]:
         """As :meth:`run_image`, but returns every tensor produced as a view of the engine's
         buffers: a dead tensor's buffer may already hold a later tensor, and the next call
-        overwrites them all."""
+        overwrites them all. With ``fuse``, a conv and the max-pooling that alone reads it run
+        band by band (FusedPool): the same floats, but the conv's own output is not returned."""
         values: dict[str, np.ndarray] = dict(tensors) if tensors else {}
         if image is not None:
             values[self.plan.input_name] = image
-        for i, layer, inputs, out in self._steps[start:stop]:
+        steps = self._steps[start:stop]
+        last = steps[-1][0] if steps else -1
+        skip = -1
+        for i, layer, inputs, out in steps:
+            if i == skip:
+                continue
+            if fuse and i in self._fused and i + 1 <= last:
+                pool = self.plan.layers[i + 1]
+                values[pool.output] = self._run_fused_pool(self._fused[i], values[inputs[0]])
+                skip = i + 1
+                continue
             values[layer.output] = self._run_layer(layer, [values[t] for t in inputs], out, i)
         return values
 
@@ -671,6 +755,37 @@ class Engine:
             # nothing was skipped: give the dense path's result exactly (ops were counted above)
             self._conv_dense(st, x, out2)
             self.counter.add(layer.name, fallbacks=1)
+        return out
+
+    def _run_fused_pool(self, fused: FusedPool, x: np.ndarray) -> np.ndarray:
+        """A conv layer and its max-pooling, band by band (FusedPool); returns the pooled map."""
+        layer, pool = self.plan.layers[fused.conv], self.plan.layers[fused.conv + 1]
+        st = self.states[layer.name]
+        out = self.buffers.get(pool.output)
+        conv_threads, pool_threads = self.layer_threads[layer.name], self.layer_threads[pool.name]
+        sh, sw, pt, pl, dh, dw = st.geometry
+        if st.dense_route == "phase":
+            hq, wq = st.phase_hw
+            src = self._pad_scratch[:st.cin * sh * sh * hq * wq].reshape(-1, hq, wq)
+            K.phase_planes(x, 0, st.cin, pt, pl, sh, src, conv_threads)
+            tap_off = st.phase_tap_off
+        elif st.pad_src:
+            hp, wp = st.src_hw
+            K.pad_planes(x, 0, st.cin, pt, pl, hp, wp, self._pad_scratch)
+            src, tap_off = self._pad_scratch[:st.cin * hp * wp].reshape(st.cin, hp, wp), st.tap_off
+        else:
+            src, tap_off = x, st.tap_off
+        kh, kw = pool.attrs["kernel"]
+        psh, psw = pool.attrs["stride"]
+        ppl = pool.attrs["pads"][1]
+        for band in fused.bands:
+            conv_out = self._band_scratch[:st.cout * band.rows * st.wo].reshape(st.cout, band.rows * st.wo)
+            K.conv_direct(src, 0, 0, 0, src.shape[1], src.shape[2], False, self._pad_scratch, tap_off, band.vectors,
+                          st.weights[0], layer.bias, layer.relu, conv_out, conv_threads, band.src_offset)
+            K.maxpool(conv_out.reshape(st.cout, band.rows, st.wo), out[:, band.p0:band.p1], kh, kw, psh, psw,
+                      band.pad_top, ppl, pool_threads)
+        self.counter.dense_runs[fused.conv] += 1
+        self.counter.dense_runs[fused.conv + 1] += 1
         return out
 
     def _conv_dense(self, st: ConvState, x: np.ndarray, out: np.ndarray) -> None:

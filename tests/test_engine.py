@@ -217,6 +217,41 @@ def test_phase_planes_are_the_strided_padded_input(shape, pads, stride):
                 assert np.array_equal(dst[(c * stride + py) * stride + px], expected)
 
 
+@pytest.mark.parametrize("conv_attrs, pool_attrs, route", [
+    (dict(pads=[1, 1, 1, 1]), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), "direct"),
+    (dict(), dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), "direct"),
+    (dict(strides=[2, 2], pads=[0, 1, 1, 0]), dict(kernel_shape=[2, 2], strides=[2, 2]), "phase"),
+    (dict(strides=[2, 2]), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[0, 0, 2, 2]), "phase"),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_and_maxpool_fused_band_by_band_bit_exactly(tmp_path, monkeypatch, conv_attrs, pool_attrs, route,
+                                                         threads):
+    """A conv whose only reader is a max-pooling runs with it band by band in Engine.run (small
+    bands here: several, each sharing rows with the next): the same floats as layer by layer,
+    both layers counted, and forward without fuse still gives the conv's own output."""
+    monkeypatch.setattr(engine_module, "FUSE_MIN_BYTES", 0)
+    monkeypatch.setattr(engine_module, "FUSE_BAND_BYTES", 4 * 6 * 18 * 5)  # 5 rows of 18, 2 of 37
+    monkeypatch.setattr(engine_module, "PARALLEL_MIN_WORK", 0)
+    nodes = [helper.make_node("Conv", ["data", "W", "b"], ["a"], name="a", **conv_attrs),
+             helper.make_node("Relu", ["a"], ["r"], name="r"),
+             helper.make_node("MaxPool", ["r"], ["out"], name="p", **pool_attrs)]
+    inits = {"W": RNG.normal(0, .3, (6, 4, 3, 3)), "b": RNG.normal(0, .1, 6)}
+    path = save_model(tmp_path / "f.onnx", nodes, inits, (4, 39, 37), "out")
+    x = RNG.normal(0, 1, (2, 4, 39, 37)).astype(np.float32)
+    plan = build_plan(path)
+    engine = Engine(plan, threads=threads)
+    assert [st.dense_route for st in engine.states.values()] == [route]
+    assert len(engine._fused[0].bands) > 2
+    fused = engine.run(x)
+    ref = ort_run(path, x).reshape(fused.shape)
+    assert np.abs(fused - ref).max() <= 1e-5 * np.abs(ref).max()
+    layer_by_layer = np.stack([engine.forward(img)[plan.output_name].copy() for img in x])
+    assert np.array_equal(fused, layer_by_layer)
+    assert list(engine.counter.dense_runs[:2]) == [4, 4]
+    assert plan.layers[0].output in engine.forward(x[0])
+    assert plan.layers[0].output not in engine.forward(x[0], fuse=True)
+
+
 def test_buffers_are_reused_and_concat_inputs_written_in_place(tmp_path):
     """A fire module: the expand convs write straight into their slices of the Concat, a dead
     tensor's buffer is reused, and the output still matches onnxruntime."""
