@@ -242,6 +242,13 @@ def im2col_run_table(int ho, int wo, int sh, int sw, int row_width):
     return runs, panel_first
 
 
+cdef inline bint _split_rows(int threads, int ntiles, int O) noexcept nogil:
+    """Whether threads should share out a conv's 8-row blocks of weights rather than its tiles:
+    when the tiles are too few to share out evenly (a 14 x 14 map has 5 direct tiles) and there
+    are rows enough. Every thread then does all the tiles for its rows."""
+    return threads > 1 and ntiles < 4 * threads and (O + 7) // 8 >= 2 * threads
+
+
 cdef const float* _group_source(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp,
                                 bint pad, float[::1] pad_buffer, const long[::1] tap_off, long reach,
                                 str caller) except NULL:
@@ -283,6 +290,16 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
             or panels.shape[0] < max(nchunks, 1) or ntiles * 32 < N or runs.shape[1] != 4):
         raise ValueError("conv_dense: shape mismatch")
     src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, -1, "conv_dense")
+    cdef int nblocks = (O + 7) // 8, g0, g1
+    if _split_rows(threads, ntiles, O):
+        if panels.shape[0] < threads:
+            raise ValueError("conv_dense: shape mismatch")
+        for c in prange(threads, nogil=True, num_threads=threads, schedule="static"):
+            g0 = 8 * (c * nblocks // threads)
+            g1 = min(8 * ((c + 1) * nblocks // threads), O)
+            dv_conv_dense_tiles(src, &tap_off[0], sw, &runs[0, 0], &panel_first[0], &W[g0, 0], g1 - g0, K, N,
+                                &bias[g0], relu, &out[g0, 0], &panels[c, 0], 0, ntiles)
+        return
     if nchunks <= 1:
         with nogil:
             dv_conv_dense_tiles(src, &tap_off[0], sw, &runs[0, 0], &panel_first[0], &W[0, 0], O, K, N,
@@ -330,6 +347,14 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
         raise ValueError("conv_direct: negative source offset")
     reach = src_offset + vectors[nvec - 1, 0] + tap_off[K - 1] + vectors[nvec - 1, 2]  # one past the last float read
     src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, "conv_direct") + src_offset
+    cdef int nblocks = (O + 7) // 8, g0, g1
+    if _split_rows(threads, ntiles, O):
+        for c in prange(threads, nogil=True, num_threads=threads, schedule="static"):
+            g0 = 8 * (c * nblocks // threads)
+            g1 = min(8 * ((c + 1) * nblocks // threads), O)
+            dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[g0, 0], g1 - g0, K, &bias[g0], relu,
+                           &out[g0, 0], N, 0, ntiles)
+        return
     if nchunks <= 1:
         with nogil:
             dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[0, 0], O, K, &bias[0], relu,

@@ -197,6 +197,23 @@ def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path, monkeypatch):
     assert np.array_equal(one, Engine(plan, threads=3).run(x))
 
 
+def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path, monkeypatch):
+    """With fewer tiles than 4 per thread, the threads share out the 8-row blocks of weights of
+    the direct and fused routes instead (a 14 x 14 map: 7 panels, 5 direct tiles)."""
+    monkeypatch.setattr(engine_module, "PARALLEL_MIN_WORK", 0)
+    nodes = [helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "W2", "b2"], ["out"], name="b")]
+    inits = {"W1": RNG.normal(0, .3, (44, 6, 3, 3)), "b1": RNG.normal(0, .1, 44),
+             "W2": RNG.normal(0, .3, (37, 44, 1, 1)), "b2": RNG.normal(0, .1, 37)}
+    path = save_model(tmp_path / "r.onnx", nodes, inits, (6, 14, 14), "out")
+    x = RNG.normal(0, 1, (2, 6, 14, 14)).astype(np.float32)
+    plan = build_plan(path)
+    assert [st.dense_route for st in Engine(plan).states.values()] == ["fused", "direct"]
+    one = assert_matches_ort(path, x)
+    for threads in (2, 3):
+        assert np.array_equal(one, Engine(plan, threads=threads).run(x))
+
+
 @pytest.mark.parametrize("shape, pads, stride", [
     ((2, 9, 8), (1, 2), 2), ((1, 23, 23), (0, 0), 4), ((3, 7, 12), (3, 1), 3), ((1, 5, 5), (0, 4), 2),
 ])
