@@ -173,6 +173,17 @@ def test_threads_split_panels_bit_exactly(tmp_path, monkeypatch):
     assert np.array_equal(one, Engine(plan, threads=2).run(x))
 
 
+def assert_routes_and_threads_bit_exact(path, routes):
+    """The model's conv layers take ``routes``; it matches onnxruntime, and 2 and 3 threads give
+    the same floats as one."""
+    plan = build_plan(path)
+    assert [st.dense_route for st in Engine(plan).states.values()] == routes
+    x = RNG.normal(0, 1, (2, *plan.input_shape)).astype(np.float32)
+    one = assert_matches_ort(path, x)
+    for threads in (2, 3):
+        assert np.array_equal(one, Engine(plan, threads=threads).run(x))
+
+
 def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path, monkeypatch):
     """The other ways threads share out work: the phase planes of a strided conv, the pooled
     planes, the 8-row blocks of a product with more rows than columns and the channels of a
@@ -189,12 +200,7 @@ def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path, monkeypatch):
     inits = {"W1": RNG.normal(0, .3, (40, 3, 3, 3)), "b1": RNG.normal(0, .1, 40),
              "W2": RNG.normal(0, .3, (70, 40, 1, 1)), "b2": RNG.normal(0, .1, 70)}
     path = save_model(tmp_path / "t.onnx", nodes, inits, (3, 41, 37), "out")
-    x = RNG.normal(0, 1, (2, 3, 41, 37)).astype(np.float32)
-    plan = build_plan(path)
-    assert [st.dense_route for st in Engine(plan).states.values()] == ["phase", "unfold"]
-    one = assert_matches_ort(path, x)
-    assert np.array_equal(one, Engine(plan, threads=2).run(x))
-    assert np.array_equal(one, Engine(plan, threads=3).run(x))
+    assert_routes_and_threads_bit_exact(path, ["phase", "unfold"])
 
 
 def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path, monkeypatch):
@@ -206,12 +212,7 @@ def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path, monkeypatc
     inits = {"W1": RNG.normal(0, .3, (44, 6, 3, 3)), "b1": RNG.normal(0, .1, 44),
              "W2": RNG.normal(0, .3, (37, 44, 1, 1)), "b2": RNG.normal(0, .1, 37)}
     path = save_model(tmp_path / "r.onnx", nodes, inits, (6, 14, 14), "out")
-    x = RNG.normal(0, 1, (2, 6, 14, 14)).astype(np.float32)
-    plan = build_plan(path)
-    assert [st.dense_route for st in Engine(plan).states.values()] == ["fused", "direct"]
-    one = assert_matches_ort(path, x)
-    for threads in (2, 3):
-        assert np.array_equal(one, Engine(plan, threads=threads).run(x))
+    assert_routes_and_threads_bit_exact(path, ["fused", "direct"])
 
 
 @pytest.mark.parametrize("shape, pads, stride", [
