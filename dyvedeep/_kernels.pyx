@@ -93,6 +93,12 @@ def gemm(const float[:, :] A, const float[:, :] B, float[:, :] C, float beta=0.0
         gemm_rm(pa, lda, pb, ldb, &C[0, 0], ldc, M, N, K, beta)
 
 
+cdef inline int _block_start(int chunk, int nblocks, int nchunks, int O) noexcept nogil:
+    """First row of ``chunk`` when ``nchunks`` chunks share out the 8-row blocks of O rows (at
+    most O: one past the last row for chunk == nchunks)."""
+    return min(8 * (chunk * nblocks // nchunks), O)
+
+
 cdef void _gemm_run(const float* W, long ldw, int O, const float* cols, long ldc, long lds, float* out,
                     long ldo, int K, int N, const float* bias, bint relu, int threads) noexcept nogil:
     """dv_gemm_tiles over every 32-column tile, split into ``threads`` chunks: of the 8-row
@@ -104,8 +110,8 @@ cdef void _gemm_run(const float* W, long ldw, int O, const float* cols, long ldc
     if O > N and threads > 1 and nblocks > 1:
         nchunks = threads if threads < nblocks else nblocks
         for c in prange(nchunks, num_threads=threads, schedule="static"):
-            g0 = 8 * (c * nblocks // nchunks)
-            g1 = min(8 * ((c + 1) * nblocks // nchunks), O)
+            g0 = _block_start(c, nblocks, nchunks, O)
+            g1 = _block_start(c + 1, nblocks, nchunks, O)
             dv_gemm_tiles(W + g0 * ldw, ldw, g1 - g0, cols, ldc, lds, out + g0 * ldo, ldo, K, N,
                           bias + g0 if bias != NULL else NULL, relu, 0, ntiles)
         return
@@ -295,8 +301,8 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
         if panels.shape[0] < threads:
             raise ValueError("conv_dense: shape mismatch")
         for c in prange(threads, nogil=True, num_threads=threads, schedule="static"):
-            g0 = 8 * (c * nblocks // threads)
-            g1 = min(8 * ((c + 1) * nblocks // threads), O)
+            g0 = _block_start(c, nblocks, threads, O)
+            g1 = _block_start(c + 1, nblocks, threads, O)
             dv_conv_dense_tiles(src, &tap_off[0], sw, &runs[0, 0], &panel_first[0], &W[g0, 0], g1 - g0, K, N,
                                 &bias[g0], relu, &out[g0, 0], &panels[c, 0], 0, ntiles)
         return
@@ -350,8 +356,8 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     cdef int nblocks = (O + 7) // 8, g0, g1
     if _split_rows(threads, ntiles, O):
         for c in prange(threads, nogil=True, num_threads=threads, schedule="static"):
-            g0 = 8 * (c * nblocks // threads)
-            g1 = min(8 * ((c + 1) * nblocks // threads), O)
+            g0 = _block_start(c, nblocks, threads, O)
+            g1 = _block_start(c + 1, nblocks, threads, O)
             dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[g0, 0], g1 - g0, K, &bias[g0], relu,
                            &out[g0, 0], N, 0, ntiles)
         return

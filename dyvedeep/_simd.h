@@ -1066,6 +1066,19 @@ static inline void dv_window_mean(float *o, const float *acc, int wo, int sw, in
     }
 }
 
+/* Output row oy's window of an average pooling: its input rows y0..y1-1 (clipped to the
+ * input); returns the rows its divisor counts (the window clipped to the padded input with
+ * count_include_pad, else y1 - y0). */
+static inline int dv_avg_window_rows(int oy, int sh, int pt, int kh, int H, int pb, int count_include_pad,
+                                     int *y0, int *y1)
+{
+    int hs = oy * sh - pt, he = hs + kh;
+    if (he > H + pb) he = H + pb;
+    *y0 = hs > 0 ? hs : 0;
+    *y1 = he < H ? he : H;
+    return count_include_pad ? he - hs : *y1 - *y0;
+}
+
 /* Average pooling of one plane, onnxruntime's divisor rule (see _kernels.avgpool): the window
  * sum over the taps inside the input (acc is zero elsewhere), divided by the window clipped
  * to the padded input (count_include_pad) or by the taps inside the input. `acc` holds ho rows
@@ -1084,19 +1097,16 @@ static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, 
     }
     for (int oy = 0; oy < ho; ++oy) {
         float *row = acc + (long)oy * stride;
-        int hs = oy * sh - pt, he = hs + kh;
-        if (he > H + pb) he = H + pb;
-        int y0 = hs > 0 ? hs : 0, y1 = he < H ? he : H;
+        int y0, y1;
+        dv_avg_window_rows(oy, sh, pt, kh, H, pb, count_include_pad, &y0, &y1);
         for (int p = 0; p < pl; ++p) row[p] = 0.0f;
         for (int p = pl + W; p < span; ++p) row[p] = 0.0f;
         dv_col_sum(row + pl, in + (long)y0 * W, W, y1 - y0, W);
     }
     for (int oy = 0; oy < ho; ++oy) {
-        int hs = oy * sh - pt, he = hs + kh;
-        if (he > H + pb) he = H + pb;
-        int y0 = hs > 0 ? hs : 0, y1 = he < H ? he : H;
-        dv_window_mean(out + (long)oy * wo, acc + (long)oy * stride, wo, sw, kw,
-                       count_include_pad ? he - hs : y1 - y0, cols);
+        int y0, y1;
+        int rows = dv_avg_window_rows(oy, sh, pt, kh, H, pb, count_include_pad, &y0, &y1);
+        dv_window_mean(out + (long)oy * wo, acc + (long)oy * stride, wo, sw, kw, rows, cols);
     }
 }
 

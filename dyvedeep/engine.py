@@ -446,6 +446,15 @@ def sfma_spread(xg: np.ndarray, nonneg: bool, statistic: str, threads: int = 1) 
     return spread, means
 
 
+def tensor_readers(plan: Plan) -> dict[str, list[int]]:
+    """For each tensor, the indices of the layers that read it, in order."""
+    readers: dict[str, list[int]] = {}
+    for i, layer in enumerate(plan.layers):
+        for t in layer.inputs:
+            readers.setdefault(t, []).append(i)
+    return readers
+
+
 def _plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
     """Output buffers of the layers, as onnxruntime's memory planner does: a buffer is reused
     once every reader of its tensor has run, so that the working set stays in cache.
@@ -457,10 +466,7 @@ def _plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
     layers = plan.layers
     producer = {layer.output: layer for layer in layers}
     produced_at = {layer.output: i for i, layer in enumerate(layers)}
-    readers: dict[str, list[int]] = {}
-    for i, layer in enumerate(layers):
-        for t in layer.inputs:
-            readers.setdefault(t, []).append(i)
+    readers = tensor_readers(plan)
     # in-place Concat inputs: tensor -> (concat output, first channel)
     in_place: dict[str, tuple[str, int]] = {}
     for layer in layers:
@@ -568,10 +574,7 @@ class Engine:
         # one row per thread; a row (K x 32 floats) is a whole number of cache lines
         self._panels = aligned_zeros((self.threads, max([st.cin * st.kk * 32 for st in conv_states], default=32)))
         self.buffers, self.in_place = _plan_buffers(plan)
-        readers: dict[str, list[int]] = {}
-        for i, layer in enumerate(plan.layers):
-            for t in layer.inputs:
-                readers.setdefault(t, []).append(i)
+        readers = tensor_readers(plan)
         self._fused = {}  # conv layer index -> FusedPool (dense path, forward(fuse=True))
         for i, layer in enumerate(plan.layers):
             if layer.op == "conv" and layer.output not in self.in_place:
@@ -757,18 +760,24 @@ class Engine:
             self.counter.add(layer.name, fallbacks=1)
         return out
 
+    def _phase_planes(self, st: ConvState, x: np.ndarray, g: int, threads: int) -> np.ndarray:
+        """Group g's input split into the phase route's planes (K.phase_planes), in the source
+        scratch: (cin * s * s, Hq, Wq)."""
+        stride, _, pt, pl, _, _ = st.geometry
+        hq, wq = st.phase_hw
+        planes = self._pad_scratch[:st.cin * stride * stride * hq * wq].reshape(-1, hq, wq)
+        K.phase_planes(x, g * st.cin, st.cin, pt, pl, stride, planes, threads)
+        return planes
+
     def _run_fused_pool(self, fused: FusedPool, x: np.ndarray) -> np.ndarray:
         """A conv layer and its max-pooling, band by band (FusedPool); returns the pooled map."""
         layer, pool = self.plan.layers[fused.conv], self.plan.layers[fused.conv + 1]
         st = self.states[layer.name]
         out = self.buffers.get(pool.output)
         conv_threads, pool_threads = self.layer_threads[layer.name], self.layer_threads[pool.name]
-        sh, sw, pt, pl, dh, dw = st.geometry
+        _, _, pt, pl, _, _ = st.geometry
         if st.dense_route == "phase":
-            hq, wq = st.phase_hw
-            src = self._pad_scratch[:st.cin * sh * sh * hq * wq].reshape(-1, hq, wq)
-            K.phase_planes(x, 0, st.cin, pt, pl, sh, src, conv_threads)
-            tap_off = st.phase_tap_off
+            src, tap_off = self._phase_planes(st, x, 0, conv_threads), st.phase_tap_off
         elif st.pad_src:
             hp, wp = st.src_hw
             K.pad_planes(x, 0, st.cin, pt, pl, hp, wp, self._pad_scratch)
@@ -797,11 +806,9 @@ class Engine:
                 K.conv_direct(x, g * st.cin, pt, pl, st.src_hw[0], st.src_hw[1], st.pad_src, self._pad_scratch,
                               st.tap_off, st.vectors, st.weights[g], bg, st.layer.relu, og, self.kernel_threads)
             elif st.dense_route == "phase":  # stride s: phase planes, then the direct route's tiles
-                hq, wq = st.phase_hw
-                planes = self._pad_scratch[:st.cin * sh * sh * hq * wq].reshape(-1, hq, wq)
-                K.phase_planes(x, g * st.cin, st.cin, pt, pl, sh, planes, self.kernel_threads)
-                K.conv_direct(planes, 0, 0, 0, hq, wq, False, self._pad_scratch, st.phase_tap_off, st.vectors,
-                              st.weights[g], bg, st.layer.relu, og, self.kernel_threads)
+                planes = self._phase_planes(st, x, g, self.kernel_threads)
+                K.conv_direct(planes, 0, 0, 0, planes.shape[1], planes.shape[2], False, self._pad_scratch,
+                              st.phase_tap_off, st.vectors, st.weights[g], bg, st.layer.relu, og, self.kernel_threads)
             elif st.dense_route == "unfold":  # large weights, small map: unfold once, weights stay in L1
                 K.im2col_packed(x, st.channels[g], st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, st.cols,
                                 self.kernel_threads)
