@@ -46,7 +46,6 @@ cdef extern from "_simd.h" nogil:
                        const unsigned char* mask, const float* bias, const float* cst, float* out, int npos,
                        int spet, float margin, int relu, float* panel, int* list, int tile_begin,
                        int tile_end, long long* stats)
-    int dv_pool_scratch(int W, int wo, int kw, int sw, int pl)
     void dv_phase_plane(const float* plane, int H, int W, int pt, int pl, int s, int py, int px,
                         int Hq, int Wq, float* dst)
     int dv_pool_row_stride(int W, int wo, int kw, int sw, int pl)
