@@ -519,9 +519,20 @@ static void dv_gemm_tiles(const float *W, long ldw, int O, const float *cols, lo
                           long ldo, int K, int N, const float *bias, int relu, int tile_begin, int tile_end)
 {
     if (O > N) {
-        for (int g = 0; g < O; g += 8)
-            for (int t = tile_begin; t < tile_end; ++t)
+        int ntile = tile_end - tile_begin;
+        for (int g = 0; g < O; g += 8) {
+            /* the next 8-row block's weights, a share before each tile, are prefetched into L2:
+             * they come from L3 or memory on each image (a large layer's weights outgrow L2)
+             * and the 8 short row streams are too short for the hardware prefetchers */
+            int next_rows = O - g - 8 < 8 ? O - g - 8 : 8;
+            long lines = ((long)K * 4 + 63) / 64;
+            for (int t = tile_begin; t < tile_end; ++t) {
+                long l0 = lines * (t - tile_begin) / ntile, l1 = lines * (t - tile_begin + 1) / ntile;
+                for (int r = 0; r < next_rows; ++r)
+                    for (long l = l0; l < l1; ++l) __builtin_prefetch(W + (long)(g + 8 + r) * ldw + l * 16, 0, 2);
                 dv_gemm_block(W, ldw, cols + (long)t * lds, ldc, out, ldo, K, N, bias, relu, g, O - g < 8 ? O - g : 8, t);
+            }
+        }
     } else {
         dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 8 * DV_DTILE * (size_t)((O + 7) / 8) + 64);
         accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
