@@ -18,7 +18,7 @@ extensions = [
         "dyvedeep._kernels",
         ["dyvedeep/_kernels.pyx"],
         include_dirs=[numpy.get_include(), "dyvedeep"],
-        depends=["dyvedeep/_simd.h"],
+        depends=["dyvedeep/_simd.h", "dyvedeep/_program.h"],
         extra_compile_args=COMPILE_ARGS,
         extra_link_args=LINK_ARGS,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

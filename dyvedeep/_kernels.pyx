@@ -11,7 +11,7 @@ layers use the BLAS that SciPy ships (scipy.linalg.cython_blas), called in row-m
 from cython.parallel cimport prange
 cimport openmp
 from libc.math cimport expf, powf, sqrt, fabs
-from libc.stdlib cimport malloc, calloc, free
+from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, sgemv, sdot
 
@@ -56,6 +56,43 @@ cdef extern from "_simd.h" nogil:
                           int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad, float* scratch)
 
 
+cdef extern from "_program.h" nogil:
+    enum:
+        DV_STEP_PAD
+        DV_STEP_PHASE
+        DV_STEP_DIRECT
+        DV_STEP_DENSE
+        DV_STEP_IM2COL
+        DV_STEP_GEMM
+        DV_STEP_MAXPOOL
+        DV_STEP_AVGPOOL
+        DV_STEP_MEAN
+    ctypedef struct dv_step:
+        int kind, threads
+        const float* x
+        long x_offset
+        int x_from_image
+        float* out
+        long ldo
+        float* scratch
+        long scratch_stride
+        const float* W
+        long ldw
+        const float* bias
+        int relu
+        const long* tap_off
+        const int* table
+        const int* table2
+        int O, K, N, n
+        long ldc, lds
+        int C, H, Wd
+        int kh, kw, sh, sw, pt, pl, pb, pr, dh, dw
+        int ho, wo, Hp, Wp
+        int flag
+    int dv_split_rows(int T, int ntiles, int O)
+    void dv_run_steps(const dv_step* steps, int n, const float* image)
+
+
 # --------------------------------------------------------------------------- GEMM
 
 cdef inline void gemm_rm(const float* A, int lda, const float* B, int ldb, float* C, int ldc,
@@ -92,44 +129,132 @@ def gemm(const float[:, :] A, const float[:, :] B, float[:, :] C, float beta=0.0
         gemm_rm(pa, lda, pb, ldb, &C[0, 0], ldc, M, N, K, beta)
 
 
-cdef inline int _block_start(int chunk, int nblocks, int nchunks, int O) noexcept nogil:
-    """First row of ``chunk`` when ``nchunks`` chunks share out the 8-row blocks of O rows (at
-    most O: one past the last row for chunk == nchunks)."""
-    return min(8 * (chunk * nblocks // nchunks), O)
+# --------------------------------------------------------------------------- steps and programs
+
+cdef class Program:
+    """Dense-path steps (see _program.h) run by one OpenMP team in one parallel region, a
+    barrier between steps: built once (the wrappers below append their steps to it when given
+    ``program=``, instead of running them), then run per image. A step whose input lies in
+    ``image`` (an array shaped as the graph input, whose data stands for the image) reads the
+    array given to :meth:`run` instead. The program keeps every array its steps point into."""
+    cdef dv_step* steps
+    cdef int n, capacity
+    cdef list keep
+    cdef const float* image_data
+    cdef Py_ssize_t image_floats
+    cdef bint reads_image
+
+    def __cinit__(self, cnp.ndarray image=None):
+        self.steps = NULL
+        self.n = 0
+        self.capacity = 0
+        self.keep = [image]
+        self.image_data = NULL
+        self.image_floats = 0
+        self.reads_image = False
+        if image is not None:
+            if cnp.PyArray_TYPE(image) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(image):
+                raise ValueError("Program: the image must be C-contiguous float32")
+            self.image_data = <const float*>cnp.PyArray_DATA(image)
+            self.image_floats = cnp.PyArray_SIZE(image)
+
+    def __dealloc__(self):
+        free(self.steps)
+
+    def __len__(self):
+        return self.n
+
+    cdef int append(self, const dv_step* steps, int n, tuple keep) except -1:
+        """Append n steps; those reading inside the image placeholder will read the run's image."""
+        cdef int i, capacity
+        cdef dv_step* grown
+        if self.n + n > self.capacity:
+            capacity = max(2 * self.capacity, self.n + n, 16)
+            grown = <dv_step*>realloc(self.steps, capacity * sizeof(dv_step))
+            if grown == NULL:
+                raise MemoryError()
+            self.steps = grown
+            self.capacity = capacity
+        for i in range(n):
+            self.steps[self.n] = steps[i]
+            if self.image_data != NULL and self.image_data <= steps[i].x < self.image_data + self.image_floats:
+                self.steps[self.n].x_from_image = 1
+                self.steps[self.n].x_offset = steps[i].x - self.image_data
+                self.reads_image = True
+            self.n += 1
+        self.keep.extend(keep)
+        return 0
+
+    def run(self, cnp.ndarray image=None):
+        """Run every step in order on ``image`` (shaped as the placeholder, float32, C-contiguous)."""
+        cdef const float* data = NULL
+        if self.reads_image:
+            if (image is None or cnp.PyArray_TYPE(image) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(image)
+                    or cnp.PyArray_SIZE(image) != self.image_floats):
+                raise ValueError(f"Program.run: the image must be C-contiguous float32 of {self.image_floats} floats")
+            data = <const float*>cnp.PyArray_DATA(image)
+        with nogil:
+            dv_run_steps(self.steps, self.n, data)
 
 
-cdef void _gemm_run(const float* W, long ldw, int O, const float* cols, long ldc, long lds, float* out,
-                    long ldo, int K, int N, const float* bias, bint relu, int threads) noexcept nogil:
-    """dv_gemm_tiles over every 32-column tile, split into ``threads`` chunks: of the 8-row
-    blocks when there are more rows than columns (each thread then reads only its share of the
-    weights, the large operand), else of the tiles."""
-    cdef int ntiles = (N + 31) // 32, nblocks = (O + 7) // 8
-    cdef int nchunks = threads if threads < ntiles else ntiles
-    cdef int c, g0, g1
-    if O > N and threads > 1 and nblocks > 1:
-        nchunks = threads if threads < nblocks else nblocks
-        for c in prange(nchunks, num_threads=threads, schedule="static"):
-            g0 = _block_start(c, nblocks, nchunks, O)
-            g1 = _block_start(c + 1, nblocks, nchunks, O)
-            dv_gemm_tiles(W + g0 * ldw, ldw, g1 - g0, cols, ldc, lds, out + g0 * ldo, ldo, K, N,
-                          bias + g0 if bias != NULL else NULL, relu, 0, ntiles)
-        return
-    if nchunks <= 1:
-        dv_gemm_tiles(W, ldw, O, cols, ldc, lds, out, ldo, K, N, bias, relu, 0, ntiles)
-        return
-    for c in prange(nchunks, num_threads=threads, schedule="static"):
-        dv_gemm_tiles(W, ldw, O, cols, ldc, lds, out, ldo, K, N, bias, relu,
-                      c * ntiles // nchunks, (c + 1) * ntiles // nchunks)
-
-
-cdef int _check_gemm(const float[:, :] W, int K, int N, float[:, ::1] out, const float[::1] bias) except -1:
-    if W.shape[1] != K or out.shape[0] != W.shape[0] or out.shape[1] != N:
-        raise ValueError("gemm: shape mismatch")
-    if K and W.shape[0] and W.strides[1] != 4:
-        raise ValueError("gemm: weight columns must be contiguous")
-    if bias is not None and bias.shape[0] != W.shape[0]:
-        raise ValueError("gemm: bias shape mismatch")
+cdef int _emit(Program program, dv_step* steps, int n, tuple keep) except -1:
+    """Run the steps now (program None) or append them to ``program``."""
+    if program is None:
+        with nogil:
+            dv_run_steps(steps, n, NULL)
+    else:
+        program.append(steps, n, keep)
     return 0
+
+
+cdef inline void _step_weights(dv_step* s, const float* W, long ldw, int O, int K, const float* bias, bint relu,
+                               float* out, long ldo) noexcept nogil:
+    """The product part of a convolution or GEMM step: out (O rows, ldo apart) = W (O x K, rows
+    ldw apart) applied, + bias, ReLU if asked."""
+    s.W = W
+    s.ldw = ldw
+    s.O = O
+    s.K = K
+    s.bias = bias
+    s.relu = relu
+    s.out = out
+    s.ldo = ldo
+
+
+def conv_gemm(const float[:, :] W, const float[:, :, ::1] cols, int N, float[:, ::1] out,
+              const float[::1] bias=None, bint relu=False, int threads=1, Program program=None):
+    """The engine's own dense GEMM (register tiles of 8 rows x 32 columns, see _simd.h) on a
+    packed unfolded input ``cols`` (panels x rows x 32; rows 0..K-1 used, K = W's columns, N
+    columns): out = W @ cols + bias[:, None] (``bias`` None: out += W @ cols), ReLU if asked.
+    Threads share out the 8-row blocks of weights when there are more rows than columns (each
+    thread then reads only its share of the weights, the large operand), else the tiles."""
+    cdef int O = W.shape[0], K = W.shape[1]
+    if cols.shape[0] * 32 < N or cols.shape[1] < K:
+        raise ValueError("conv_gemm: unfolded input too small")
+    if out.shape[0] != O or out.shape[1] != N:
+        raise ValueError("gemm: shape mismatch")
+    if K and O and W.strides[1] != 4:
+        raise ValueError("gemm: weight columns must be contiguous")
+    if bias is not None and bias.shape[0] != O:
+        raise ValueError("gemm: bias shape mismatch")
+    if O == 0 or N == 0:
+        return
+    if K == 0:
+        if program is not None:
+            raise ValueError("conv_gemm: a product without inner dimension cannot join a program")
+        _bias_only(out, bias, relu)
+        return
+    cdef dv_step s
+    memset(&s, 0, sizeof(dv_step))
+    s.kind = DV_STEP_GEMM
+    s.threads = threads
+    s.x = &cols[0, 0, 0]
+    _step_weights(&s, &W[0, 0], W.strides[0] // 4 if O > 1 else K, O, K, &bias[0] if bias is not None else NULL,
+                  relu, &out[0, 0], N)
+    s.N = N
+    s.ldc = 32
+    s.lds = cols.shape[1] * 32
+    _emit(program, &s, 1, (W, cols, out, bias) if program is not None else None)
 
 
 cdef void _bias_only(float[:, ::1] out, const float[::1] bias, bint relu):
@@ -142,34 +267,6 @@ cdef void _bias_only(float[:, ::1] out, const float[::1] bias, bint relu):
             if relu and v < 0.0:
                 v = 0.0
             out[o, j] = v
-
-
-cdef int _gemm_checked(const float[:, :] W, int N, const float* cols, long ldc, long lds, float[:, ::1] out,
-                       const float[::1] bias, bint relu, int threads) except -1:
-    """out = W @ cols + bias (bias None: out +=), ReLU if asked; cols addressed as in _simd.h."""
-    cdef int O = W.shape[0], K = W.shape[1]
-    _check_gemm(W, K, N, out, bias)
-    if O == 0 or N == 0:
-        return 0
-    if K == 0:
-        _bias_only(out, bias, relu)
-        return 0
-    cdef long ldw = W.strides[0] // 4 if O > 1 else K
-    with nogil:
-        _gemm_run(&W[0, 0], ldw, O, cols, ldc, lds, &out[0, 0], N, K, N,
-                  &bias[0] if bias is not None else NULL, relu, threads)
-    return 0
-
-
-def conv_gemm(const float[:, :] W, const float[:, :, ::1] cols, int N, float[:, ::1] out,
-              const float[::1] bias=None, bint relu=False, int threads=1):
-    """The engine's own dense GEMM (register tiles of 8 rows x 32 columns, see _simd.h) on a
-    packed unfolded input ``cols`` (panels x rows x 32; rows 0..K-1 used, K = W's columns, N
-    columns): out = W @ cols + bias[:, None] (``bias`` None: out += W @ cols), ReLU if asked."""
-    if cols.shape[0] * 32 < N or cols.shape[1] < W.shape[1]:
-        raise ValueError("conv_gemm: unfolded input too small")
-    _gemm_checked(W, N, &cols[0, 0, 0] if cols.shape[1] and cols.shape[0] else NULL, 32, cols.shape[1] * 32,
-                  out, bias, relu, threads)
 
 
 def gemv_bias(const float[:, ::1] W, const float[::1] x, const float[::1] bias, float[::1] out, bint relu=False):
@@ -209,7 +306,8 @@ def gemv_rows(const float[:, ::1] W, const float[::1] x, float[::1] out, int k0,
 # --------------------------------------------------------------------------- im2col
 
 def im2col_packed(const float[:, :, ::1] x, const int[::1] channels, int kh, int kw, int sh, int sw,
-                  int pt, int pl, int dh, int dw, int ho, int wo, float[:, :, ::1] cols, int threads=1):
+                  int pt, int pl, int dh, int dw, int ho, int wo, float[:, :, ::1] cols, int threads=1,
+                  Program program=None):
     """im2col of the listed channels over every output position into packed panels ``cols``
     (panels x rows x 32): row (i*kh + ky)*kw + kx holds channel ``channels[i]`` at tap (ky, kx),
     column y * wo + x (panel column // 32, lane column % 32)."""
@@ -222,18 +320,26 @@ def im2col_packed(const float[:, :, ::1] x, const int[::1] channels, int kh, int
             raise ValueError("im2col_packed: channel out of range")
     if nch == 0 or ho * wo == 0:
         return
-    if threads > nch:
-        threads = <int>nch
-    cdef long lds = cols.shape[1] * 32
     cdef int Hp = (ho - 1) * sh + (kh - 1) * dh + 1, Wp = (wo - 1) * sw + (kw - 1) * dw + 1
-    cdef int[::1] runs = np.empty(4 * (ho * wo // 32 + ho + 2), np.int32)
-    cdef int nruns = dv_im2col_runs(ho, wo, sh, sw, Wp, &runs[0])
-    cdef float[:, ::1] pad = np.zeros((threads, Hp * Wp), np.float32)
-    cdef int tid
-    for i in prange(nch, nogil=True, num_threads=threads, schedule="static"):
-        tid = openmp.omp_get_thread_num()
-        dv_im2col_plane_packed(&x[channels[i], 0, 0], H, W, kh, kw, sw, pt, pl, dh, dw, Hp, Wp, &pad[tid, 0],
-                               &runs[0], nruns, &cols[0, i * kh * kw, 0], lds)
+    runs = np.empty(4 * (ho * wo // 32 + ho + 2), np.int32)
+    cdef int[::1] r = runs
+    pad = np.zeros((threads, Hp * Wp), np.float32)
+    cdef float[:, ::1] p = pad
+    cdef dv_step s
+    memset(&s, 0, sizeof(dv_step))
+    s.kind = DV_STEP_IM2COL
+    s.threads = threads
+    s.x = &x[0, 0, 0]
+    s.C, s.H, s.Wd = <int>nch, H, W
+    s.kh, s.kw, s.sw, s.pt, s.pl, s.dh, s.dw, s.Hp, s.Wp = kh, kw, sw, pt, pl, dh, dw, Hp, Wp
+    s.table = &r[0]
+    s.n = dv_im2col_runs(ho, wo, sh, sw, Wp, &r[0])
+    s.table2 = &channels[0]
+    s.scratch = &p[0, 0]
+    s.scratch_stride = Hp * Wp
+    s.out = &cols[0, 0, 0]
+    s.lds = cols.shape[1] * 32
+    _emit(program, &s, 1, (x, channels, cols, runs, pad) if program is not None else None)
 
 
 def im2col_run_table(int ho, int wo, int sh, int sw, int row_width):
@@ -247,28 +353,32 @@ def im2col_run_table(int ho, int wo, int sh, int sw, int row_width):
     return runs, panel_first
 
 
-cdef inline bint _split_rows(int threads, int ntiles, int O) noexcept nogil:
-    """Whether threads should share out a conv's 8-row blocks of weights rather than its tiles:
-    when the tiles are too few to share out evenly (a 14 x 14 map has 5 direct tiles) and there
-    are rows enough. Every thread then does all the tiles for its rows."""
-    return threads > 1 and ntiles < 4 * threads and (O + 7) // 8 >= 2 * threads
+cdef inline void _pad_step(dv_step* s, const float* x, int C, int H, int W, int pt, int pl, int Hp, int Wp,
+                           float* dst, int threads) noexcept nogil:
+    """A step copying C planes (H x W) of x with their zero padding into Hp x Wp planes of dst."""
+    memset(s, 0, sizeof(dv_step))
+    s.kind = DV_STEP_PAD
+    s.threads = threads
+    s.x = x
+    s.C, s.H, s.Wd, s.pt, s.pl, s.Hp, s.Wp = C, H, W, pt, pl, Hp, Wp
+    s.out = dst
 
 
 cdef const float* _group_source(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp,
                                 bint pad, float[::1] pad_buffer, const long[::1] tap_off, long reach,
-                                str caller) except NULL:
+                                int threads, dv_step* pad_step, str caller) except NULL:
     """The source a conv kernel reads for the group starting at input channel ``channel0``: with
     ``pad``, its channels copied with their zero padding into ``pad_buffer`` (Hp x Wp planes,
-    ``tap_off`` indexing them), else ``x`` itself. ``reach`` (one past the last float the tiles
-    read; negative: not checked) must stay inside that source."""
+    ``tap_off`` indexing them) by the step written to ``pad_step``, else ``x`` itself.
+    ``reach`` (one past the last float the tiles read; negative: not checked) must stay inside
+    that source."""
     cdef int C = x.shape[0], H = x.shape[1], Wd = x.shape[2]
     cdef int K = tap_off.shape[0], cin
     if pad:
         cin = (tap_off[K - 1] // (Hp * Wp)) + 1
         if channel0 + cin > C or pad_buffer.shape[0] < cin * Hp * Wp or reach > cin * Hp * Wp:
             raise ValueError(f"{caller}: padding buffer too small")
-        with nogil:
-            dv_pad_planes(&x[channel0, 0, 0], cin, H, Wd, pt, pl, Hp, Wp, &pad_buffer[0])
+        _pad_step(pad_step, &x[channel0, 0, 0], cin, H, Wd, pt, pl, Hp, Wp, &pad_buffer[0], threads)
         return &pad_buffer[0]
     if reach > (C - channel0) * H * Wd:
         raise ValueError(f"{caller}: vectors past the input")
@@ -278,42 +388,39 @@ cdef const float* _group_source(const float[:, :, ::1] x, int channel0, int pt, 
 def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                float[::1] pad_buffer, const long[::1] tap_off, int sw, const int[:, ::1] runs,
                const int[::1] panel_first, const float[:, ::1] W, const float[::1] bias, bint relu,
-               float[:, ::1] out, float[:, ::1] panels, int threads=1):
+               float[:, ::1] out, float[:, ::1] panels, int threads=1, Program program=None):
     """Dense convolution of one group (input channels channel0.., W: O x K with K = that many
     channels x taps) with im2col fused into the GEMM (dv_conv_dense_tiles). With ``pad`` the
     group's channels are first copied with their zero padding into ``pad_buffer`` (Hp x Wp
     planes) and ``tap_off`` indexes it; else it indexes ``x`` itself. ``panels`` is scratch,
-    one row of K * 32 floats per thread."""
+    one row of K * 32 floats per thread. Threads share out the tiles, or the 8-row blocks of
+    weights when the tiles are too few (dv_split_rows)."""
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
     cdef int ntiles = panel_first.shape[0] - 1
-    cdef int nchunks = threads if threads < ntiles else ntiles
-    cdef int c
-    cdef const float* src
     if K == 0 or O == 0 or N == 0:
         raise ValueError("conv_dense: empty layer")
     if (out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or panels.shape[1] < K * 32
-            or panels.shape[0] < max(nchunks, 1) or ntiles * 32 < N or runs.shape[1] != 4):
+            or panels.shape[0] < max(min(threads, ntiles), 1) or ntiles * 32 < N or runs.shape[1] != 4
+            or (dv_split_rows(threads, ntiles, O) and panels.shape[0] < threads)):
         raise ValueError("conv_dense: shape mismatch")
-    src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, -1, "conv_dense")
-    cdef int nblocks = (O + 7) // 8, g0, g1
-    if _split_rows(threads, ntiles, O):
-        if panels.shape[0] < threads:
-            raise ValueError("conv_dense: shape mismatch")
-        for c in prange(threads, nogil=True, num_threads=threads, schedule="static"):
-            g0 = _block_start(c, nblocks, threads, O)
-            g1 = _block_start(c + 1, nblocks, threads, O)
-            dv_conv_dense_tiles(src, &tap_off[0], sw, &runs[0, 0], &panel_first[0], &W[g0, 0], g1 - g0, K, N,
-                                &bias[g0], relu, &out[g0, 0], &panels[c, 0], 0, ntiles)
-        return
-    if nchunks <= 1:
-        with nogil:
-            dv_conv_dense_tiles(src, &tap_off[0], sw, &runs[0, 0], &panel_first[0], &W[0, 0], O, K, N,
-                                &bias[0], relu, &out[0, 0], &panels[0, 0], 0, ntiles)
-        return
-    for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
-        dv_conv_dense_tiles(src, &tap_off[0], sw, &runs[0, 0], &panel_first[0], &W[0, 0], O, K, N,
-                            &bias[0], relu, &out[0, 0], &panels[c, 0], c * ntiles // nchunks,
-                            (c + 1) * ntiles // nchunks)
+    cdef dv_step s[2]
+    cdef int i = 1 if pad else 0
+    cdef const float* src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, -1, threads, &s[0],
+                                          "conv_dense")
+    memset(&s[i], 0, sizeof(dv_step))
+    s[i].kind = DV_STEP_DENSE
+    s[i].threads = threads
+    s[i].x = src
+    _step_weights(&s[i], &W[0, 0], K, O, K, &bias[0], relu, &out[0, 0], N)
+    s[i].N = N
+    s[i].tap_off = &tap_off[0]
+    s[i].sw = sw
+    s[i].table = &runs[0, 0]
+    s[i].table2 = &panel_first[0]
+    s[i].scratch = &panels[0, 0]
+    s[i].scratch_stride = panels.shape[1]
+    _emit(program, s, i + 1,
+          (x, pad_buffer, tap_off, runs, panel_first, W, bias, out, panels) if program is not None else None)
 
 
 def direct_vectors(int ho, int wo, int sh, int row_width, bint across):
@@ -330,18 +437,16 @@ def direct_vectors(int ho, int wo, int sh, int row_width, bint across):
 def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                 float[::1] pad_buffer, const long[::1] tap_off, const int[:, ::1] vectors,
                 const float[:, ::1] W, const float[::1] bias, bint relu, float[:, ::1] out, int threads=1,
-                long src_offset=0):
+                long src_offset=0, Program program=None):
     """Dense convolution of one group with stride 1 along rows, without unfolding
     (dv_conv_direct): each tile loads its rows of the unfolded input in place from the source
     (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``),
     from ``src_offset`` floats on (a band of output rows). ``vectors`` from
-    :func:`direct_vectors`; threads split the tiles."""
+    :func:`direct_vectors`; threads share out the tiles, or the 8-row blocks of weights when
+    the tiles are too few (dv_split_rows)."""
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
-    cdef int nvec = vectors.shape[0], ntiles = (vectors.shape[0] + DV_DTILE - 1) // DV_DTILE
-    cdef int nchunks = threads if threads < ntiles else ntiles
-    cdef int c
+    cdef int nvec = vectors.shape[0]
     cdef long reach
-    cdef const float* src
     if K == 0 or O == 0 or N == 0 or nvec == 0:
         raise ValueError("conv_direct: empty layer")
     if out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or vectors.shape[1] != 4:
@@ -351,51 +456,55 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     if src_offset < 0:
         raise ValueError("conv_direct: negative source offset")
     reach = src_offset + vectors[nvec - 1, 0] + tap_off[K - 1] + vectors[nvec - 1, 2]  # one past the last float read
-    src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, "conv_direct") + src_offset
-    cdef int nblocks = (O + 7) // 8, g0, g1
-    if _split_rows(threads, ntiles, O):
-        for c in prange(threads, nogil=True, num_threads=threads, schedule="static"):
-            g0 = _block_start(c, nblocks, threads, O)
-            g1 = _block_start(c + 1, nblocks, threads, O)
-            dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[g0, 0], g1 - g0, K, &bias[g0], relu,
-                           &out[g0, 0], N, 0, ntiles)
-        return
-    if nchunks <= 1:
-        with nogil:
-            dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[0, 0], O, K, &bias[0], relu,
-                           &out[0, 0], N, 0, ntiles)
-        return
-    for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
-        dv_conv_direct(src, &tap_off[0], &vectors[0, 0], nvec, &W[0, 0], O, K, &bias[0], relu,
-                       &out[0, 0], N, c * ntiles // nchunks, (c + 1) * ntiles // nchunks)
+    cdef dv_step s[2]
+    cdef int i = 1 if pad else 0
+    cdef const float* src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, threads,
+                                          &s[0], "conv_direct")
+    memset(&s[i], 0, sizeof(dv_step))
+    s[i].kind = DV_STEP_DIRECT
+    s[i].threads = threads
+    s[i].x = src + src_offset
+    _step_weights(&s[i], &W[0, 0], K, O, K, &bias[0], relu, &out[0, 0], N)
+    s[i].N = N
+    s[i].tap_off = &tap_off[0]
+    s[i].table = &vectors[0, 0]
+    s[i].n = nvec
+    _emit(program, s, i + 1, (x, pad_buffer, tap_off, vectors, W, bias, out) if program is not None else None)
 
 
 def pad_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, int Hp, int Wp,
-               float[::1] dst):
+               float[::1] dst, int threads=1, Program program=None):
     """Channels channel0..channel0+nch-1 of x with their zero padding, as Hp x Wp planes in dst."""
     if channel0 < 0 or channel0 + nch > x.shape[0] or dst.shape[0] < nch * Hp * Wp:
         raise ValueError("pad_planes: shape mismatch")
     if nch == 0:
         return
-    with nogil:
-        dv_pad_planes(&x[channel0, 0, 0], nch, x.shape[1], x.shape[2], pt, pl, Hp, Wp, &dst[0])
+    cdef dv_step s
+    _pad_step(&s, &x[channel0, 0, 0], nch, x.shape[1], x.shape[2], pt, pl, Hp, Wp, &dst[0], threads)
+    _emit(program, &s, 1, (x, dst) if program is not None else None)
 
 
 def phase_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, int s,
-                 float[:, :, ::1] dst, int threads=1):
+                 float[:, :, ::1] dst, int threads=1, Program program=None):
     """Channels channel0..channel0+nch-1 of x, zero-padded (input at row pt, column pl), split
     into s x s phase planes (dv_phase_plane): dst[(c * s + py) * s + px] holds rows py, py + s, ...
     and columns px, px + s, ... of channel channel0 + c, so that a stride-s convolution reads
     them with stride 1 (the engine's phase route)."""
     cdef int H = x.shape[1], W = x.shape[2], Hq = dst.shape[1], Wq = dst.shape[2]
-    cdef Py_ssize_t i, n = <Py_ssize_t>nch * s * s
+    cdef Py_ssize_t n = <Py_ssize_t>nch * s * s
     if s < 1 or channel0 < 0 or nch < 0 or channel0 + nch > x.shape[0] or dst.shape[0] < n:
         raise ValueError("phase_planes: shape mismatch")
     if n == 0 or Hq == 0 or Wq == 0:
         return
-    for i in prange(n, nogil=True, num_threads=threads, schedule="static"):
-        dv_phase_plane(&x[channel0 + i // (s * s), 0, 0], H, W, pt, pl, s, (i // s) % s, i % s, Hq, Wq,
-                       &dst[i, 0, 0])
+    cdef dv_step step
+    memset(&step, 0, sizeof(dv_step))
+    step.kind = DV_STEP_PHASE
+    step.threads = threads
+    step.x = &x[channel0, 0, 0]
+    step.n = <int>n
+    step.H, step.Wd, step.pt, step.pl, step.sh, step.Hp, step.Wp = H, W, pt, pl, s, Hq, Wq
+    step.out = &dst[0, 0, 0]
+    _emit(program, &step, 1, (x, dst) if program is not None else None)
 
 
 def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] positions, int wo, int sh, int sw,
@@ -503,51 +612,77 @@ def softmax_columns(const float[:, ::1] x, float[:, ::1] out):
 
 # --------------------------------------------------------------------------- pooling, LRN
 
+cdef inline void _pool_step(dv_step* s, int kind, const float[:, :, ::1] x, float* out, long out_plane, int ho,
+                            int wo, int kh, int kw, int sh, int sw, int pt, int pl, float* scratch, long stride,
+                            int threads) noexcept:
+    """A pooling step over the planes of x into ho x wo planes out_plane floats apart."""
+    memset(s, 0, sizeof(dv_step))
+    s.kind = kind
+    s.threads = threads
+    s.x = &x[0, 0, 0]
+    s.C, s.H, s.Wd = x.shape[0], x.shape[1], x.shape[2]
+    s.out = out
+    s.ldo = out_plane
+    s.ho, s.wo, s.kh, s.kw, s.sh, s.sw, s.pt, s.pl = ho, wo, kh, kw, sh, sw, pt, pl
+    s.scratch = scratch
+    s.scratch_stride = stride
+
+
 def maxpool(const float[:, :, ::1] x, float[:, :, :] out, int kh, int kw, int sh, int sw,
-            int pt, int pl, int threads=1):
+            int pt, int pl, int threads=1, Program program=None):
     """Max pooling with implicit -inf padding (ONNX / onnxruntime semantics). ``out``'s planes
     must have contiguous rows, but may lie apart (a band of rows of a larger output)."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
     if out.shape[0] != C or (Ho > 0 and Wo > 0 and (out.strides[2] != 4 or (Ho > 1 and out.strides[1] != 4 * Wo))):
         raise ValueError("maxpool: output planes must have contiguous rows")
+    if C == 0 or Ho == 0 or Wo == 0:
+        return
     cdef long span = <long>Ho * dv_pool_row_stride(W, Wo, kw, sw, pl)  # a reduced row per output row
-    cdef Py_ssize_t c
-    cdef float[:, ::1] scratch = np.zeros((threads, span), np.float32)
-    cdef int tid
-    for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
-        tid = openmp.omp_get_thread_num()
-        dv_maxpool_plane(&x[c, 0, 0], H, W, &out[c, 0, 0], Ho, Wo, kh, kw, sh, sw, pt, pl, &scratch[tid, 0])
+    scratch = np.zeros((threads, span), np.float32)
+    cdef float[:, ::1] rows = scratch
+    cdef dv_step s
+    _pool_step(&s, DV_STEP_MAXPOOL, x, &out[0, 0, 0], out.strides[0] // 4, Ho, Wo, kh, kw, sh, sw, pt, pl,
+               &rows[0, 0], span, threads)
+    _emit(program, &s, 1, (x, out, scratch) if program is not None else None)
 
 
 def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int sh, int sw,
-            int pt, int pl, int pb, int pr, bint count_include_pad, int threads=1):
+            int pt, int pl, int pb, int pr, bint count_include_pad, int threads=1, Program program=None):
     """Average pooling as onnxruntime computes it: with count_include_pad the divisor is the
     window clipped to the padded input (H + pad_end), else the taps inside the input."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
+    if out.shape[0] != C or (Ho > 1 and out.strides[1] != 4 * Wo):
+        raise ValueError("avgpool: output planes must have contiguous rows")
+    if C == 0 or Ho == 0 or Wo == 0:
+        return
     cdef long span = <long>Ho * dv_pool_row_stride(W, Wo, kw, sw, pl) + Wo  # the rows, then the column counts
-    cdef Py_ssize_t c
-    cdef float[:, ::1] scratch = np.zeros((threads, span), np.float32)
-    cdef int tid
-    for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
-        tid = openmp.omp_get_thread_num()
-        dv_avgpool_plane(&x[c, 0, 0], H, W, &out[c, 0, 0], Ho, Wo, kh, kw, sh, sw, pt, pl, pb, pr,
-                         count_include_pad, &scratch[tid, 0])
+    scratch = np.zeros((threads, span), np.float32)
+    cdef float[:, ::1] rows = scratch
+    cdef dv_step s
+    _pool_step(&s, DV_STEP_AVGPOOL, x, &out[0, 0, 0], out.strides[0] // 4, Ho, Wo, kh, kw, sh, sw, pt, pl, &rows[0, 0], span,
+               threads)
+    s.pb, s.pr, s.flag = pb, pr, count_include_pad
+    _emit(program, &s, 1, (x, out, scratch) if program is not None else None)
 
 
-def global_avgpool(const float[:, ::1] x, float[::1] out, int threads=1):
+def global_avgpool(const float[:, ::1] x, float[::1] out, int threads=1, Program program=None):
     """Mean of each row (channel) of x (C x HW), vectorised (dv_mean); threads split the rows."""
-    cdef Py_ssize_t C = x.shape[0], P = x.shape[1], c
+    cdef int C = x.shape[0], P = x.shape[1]
     if out.shape[0] != C:
         raise ValueError("global_avgpool: shape mismatch")
     if P == 0:
         raise ValueError("global_avgpool: empty map")
-    if threads <= 1:
-        with nogil:
-            for c in range(C):
-                out[c] = dv_mean(&x[c, 0], <int>P)
+    if C == 0:
         return
-    for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
-        out[c] = dv_mean(&x[c, 0], <int>P)
+    cdef dv_step s
+    memset(&s, 0, sizeof(dv_step))
+    s.kind = DV_STEP_MEAN
+    s.threads = threads
+    s.x = &x[0, 0]
+    s.C = C
+    s.N = P
+    s.out = &out[0]
+    _emit(program, &s, 1, (x, out) if program is not None else None)
 
 
 def lrn_across(const float[:, :, ::1] x, float[:, :, ::1] out, int size, float alpha, float beta,

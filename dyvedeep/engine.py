@@ -24,10 +24,11 @@ from .plan import Layer, Plan
 U8 = np.uint8
 #: Scalar ops of one bilinear fill (three lerps of 3 ops each); a zero fill costs nothing.
 BILINEAR_FILL_OPS = 9
-#: A layer gets several threads for its own kernels only above this much work (MACs, or 8 per
-#: output or input element for the layers without weights, whichever is more: pooling reads its
-#: whole input): starting a parallel loop costs ~6 us, more than small kernels take (SqueezeNet
-#: on 2 threads: 1M ran 5 % faster than 2M, 0.5M no better).
+#: On the Python path, a layer gets several threads for its own kernels only above this much
+#: work (MACs, or 8 per output or input element for the layers without weights, whichever is
+#: more: pooling reads its whole input): starting a parallel loop costs ~6 us, more than small
+#: kernels take (SqueezeNet on 2 threads: 1M ran 5 % faster than 2M, 0.5M no better). In a
+#: compiled run (DenseRun) every step is shared by all threads: a barrier costs far less.
 PARALLEL_MIN_WORK = 1_000_000
 #: On the dense path, a conv layer (direct or phase route, no knobs) whose only reader is a
 #: max-pooling runs with it band by band of output rows when its output has at least this many
@@ -424,6 +425,16 @@ def plan_fused_pool(plan: Plan, index: int, st: ConvState, readers: dict[str, li
     return FusedPool(index, bands, max(st.cout * b.rows * st.wo for b in bands))
 
 
+@dataclass
+class DenseRun:
+    """Consecutive layers of the dense path compiled into one K.Program: their kernels run in
+    one parallel region per image (Engine.run), not one per kernel called from Python."""
+
+    program: K.Program
+    layers: list[int]  # the layer indices it runs
+    views: dict[str, np.ndarray]  # the tensors it produces, as views of the engine's buffers
+
+
 _BLAS = {"controller": None, "threads": None}
 
 
@@ -539,9 +550,14 @@ class Engine:
     Every layer writes into an output buffer allocated once per engine (no allocation, hence no
     page faults, per image); a Concat's inputs are written in place into their slices of its
     buffer. :meth:`forward` returns views of these buffers (valid until the next call);
-    :meth:`run` and :meth:`run_image` return copies."""
+    :meth:`run` and :meth:`run_image` return copies.
 
-    def __init__(self, plan: Plan, knobs: KnobConfig | None = None, threads: int = 1) -> None:
+    With ``compiled`` (the default), the runs of consecutive layers that take the dense path
+    with no knob (convolutions, poolings, in-place concatenations, views) are compiled into
+    programs (DenseRun): :meth:`run` then runs each in one parallel region per image, the same
+    kernels with the same shares, hence the same floats."""
+
+    def __init__(self, plan: Plan, knobs: KnobConfig | None = None, threads: int = 1, compiled: bool = True) -> None:
         if threads < 1:
             raise DyveError(f"threads must be >= 1, got {threads}")
         self.plan = plan
@@ -583,6 +599,8 @@ class Engine:
                     self._fused[i] = fused
         self._band_scratch = aligned_zeros(max([f.band_floats for f in self._fused.values()], default=1))
         self._steps = [(i, layer, layer.inputs, self.buffers.get(layer.output)) for i, layer in enumerate(plan.layers)]
+        self._image = aligned_zeros(plan.input_shape)  # stands for the image in the compiled runs
+        self._runs = self._compile_runs() if compiled else None
 
     # -- public API ------------------------------------------------------------------------
 
@@ -615,6 +633,8 @@ class Engine:
         buffers: a dead tensor's buffer may already hold a later tensor, and the next call
         overwrites them all. With ``fuse``, a conv and the max-pooling that alone reads it run
         band by band (FusedPool): the same floats, but the conv's own output is not returned."""
+        if fuse and self._runs is not None and image is not None and start == 0 and stop is None and not tensors:
+            return self._forward_compiled(np.ascontiguousarray(image, dtype=np.float32))
         values: dict[str, np.ndarray] = dict(tensors) if tensors else {}
         if image is not None:
             values[self.plan.input_name] = image
@@ -631,6 +651,91 @@ class Engine:
                 continue
             values[layer.output] = self._run_layer(layer, [values[t] for t in inputs], out, i)
         return values
+
+    def _forward_compiled(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """forward(image, fuse=True) through the compiled runs (DenseRun) and, between them,
+        the layers on the Python path."""
+        values: dict[str, np.ndarray] = {self.plan.input_name: image}
+        runs = self.counter.dense_runs
+        for part in self._runs:
+            if isinstance(part, DenseRun):
+                part.program.run(image)
+                values.update(part.views)
+                for i in part.layers:
+                    runs[i] += 1
+            else:
+                i, layer, inputs, out = self._steps[part]
+                values[layer.output] = self._run_layer(layer, [values[t] for t in inputs], out, i)
+        return values
+
+    def _compilable(self, i: int, layer: Layer, values: dict[str, np.ndarray]) -> bool:
+        """Whether layer i joins a compiled run: a conv without knobs, a pooling, a Concat whose
+        inputs are all written in place, or a view (not of the image, which changes per call)."""
+        if layer.op == "conv":
+            st = self.states[layer.name]
+            return st.spet is None and st.sdss is None and st.sfma is None
+        if layer.op == "alias":
+            return not np.shares_memory(values[layer.inputs[0]], self._image)
+        if layer.op == "concat":
+            return all(t in self.in_place for t in layer.inputs)
+        return layer.op in ("maxpool", "avgpool", "gap")
+
+    def _compile_runs(self) -> list[DenseRun | int]:
+        """The layers in order as DenseRuns and, between them, the indices of the layers left
+        to the Python path (knobs, fully connected, softmax, ...). Each run's steps are built by
+        the same code as forward(fuse=True), given a program to append to."""
+        parts: list[DenseRun | int] = []
+        values: dict[str, np.ndarray] = {self.plan.input_name: self._image}
+        current: DenseRun | None = None
+        last = len(self.plan.layers) - 1
+        skip = -1
+        for i, layer, inputs, out in self._steps:
+            if i == skip:
+                continue
+            if not self._compilable(i, layer, values):
+                current = None
+                parts.append(i)
+                values[layer.output] = out if out is not None else values[inputs[0]].reshape(layer.out_shape)
+                continue
+            if current is None:
+                current = DenseRun(K.Program(self._image), [], {})
+                parts.append(current)
+            if i in self._fused and i + 1 <= last:
+                pool = self.plan.layers[i + 1]
+                produced = {pool.output: self._fused_pool_steps(self._fused[i], values[inputs[0]], current.program)}
+                current.layers += [i, i + 1]
+                skip = i + 1
+            else:
+                produced = {layer.output: self._layer_steps(layer, [values[t] for t in inputs], out, current.program)}
+                current.layers.append(i)
+            values.update(produced)
+            current.views.update(produced)
+        return parts
+
+    def _layer_steps(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray | None,
+                     program: K.Program) -> np.ndarray:
+        """Append a compilable layer's steps (see _compilable) to ``program``; returns its output."""
+        threads = self._threads_of(layer, program)
+        if layer.op == "conv":
+            st = self.states[layer.name]
+            self._conv_dense(st, inputs[0], out.reshape(layer.out_shape[0], st.ho * st.wo), threads, program)
+            return out
+        if layer.op == "alias":
+            return inputs[0].reshape(layer.out_shape)
+        if layer.op == "concat":  # every input was written in place
+            return out
+        if layer.op == "gap":
+            x = inputs[0]
+            K.global_avgpool(x.reshape(x.shape[0], -1), out.reshape(-1), threads, program)
+            return out
+        self._pool(layer, inputs[0], out, threads, program)
+        return out
+
+    def _threads_of(self, layer: Layer, program: K.Program | None) -> int:
+        """Threads of a layer's kernels: all the engine's in a compiled run (sharing out a step
+        costs a barrier there, not the start of a parallel loop), else by its work
+        (PARALLEL_MIN_WORK)."""
+        return self.threads if program is not None else self.layer_threads[layer.name]
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -656,13 +761,7 @@ class Engine:
             K.relu_inplace(out.reshape(-1))
             return out
         if op in ("maxpool", "avgpool"):
-            kh, kw = layer.attrs["kernel"]
-            sh, sw = layer.attrs["stride"]
-            pt, pl, pb, pr = layer.attrs["pads"]
-            if op == "maxpool":
-                K.maxpool(x, out, kh, kw, sh, sw, pt, pl, self.kernel_threads)
-            else:
-                K.avgpool(x, out, kh, kw, sh, sw, pt, pl, pb, pr, layer.attrs["count_include_pad"], self.kernel_threads)
+            self._pool(layer, x, out, self.kernel_threads)
             return out
         if op == "gap":
             K.global_avgpool(x.reshape(x.shape[0], -1), out.reshape(-1), self.kernel_threads)
@@ -689,6 +788,16 @@ class Engine:
             out[...] = self._eltwise(layer, inputs)
             return out
         raise DyveError(f"{self.plan.path}: layer {layer.name}: op {op} is not supported by the engine")
+
+    def _pool(self, layer: Layer, x: np.ndarray, out: np.ndarray, threads: int, program: K.Program | None = None) -> None:
+        """A max or average pooling of x into out (appended to ``program`` when given)."""
+        kh, kw = layer.attrs["kernel"]
+        sh, sw = layer.attrs["stride"]
+        pt, pl, pb, pr = layer.attrs["pads"]
+        if layer.op == "maxpool":
+            K.maxpool(x, out, kh, kw, sh, sw, pt, pl, threads, program)
+        else:
+            K.avgpool(x, out, kh, kw, sh, sw, pt, pl, pb, pr, layer.attrs["count_include_pad"], threads, program)
 
     def _eltwise(self, layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
         it = iter(inputs)
@@ -748,7 +857,7 @@ class Engine:
         layer = st.layer
         out2 = out.reshape(layer.out_shape[0], st.ho * st.wo)
         if st.spet is None and st.sdss is None and st.sfma is None:
-            self._conv_dense(st, x, out2)
+            self._conv_dense(st, x, out2, self.kernel_threads)
             self.counter.dense_runs[index] += 1
             return out
         fired = False
@@ -756,31 +865,39 @@ class Engine:
             fired |= self._conv_group_knobs(st, x, out2[g * st.cout:(g + 1) * st.cout], g, index)
         if not fired:
             # nothing was skipped: give the dense path's result exactly (ops were counted above)
-            self._conv_dense(st, x, out2)
+            self._conv_dense(st, x, out2, self.kernel_threads)
             self.counter.add(layer.name, fallbacks=1)
         return out
 
-    def _phase_planes(self, st: ConvState, x: np.ndarray, g: int, threads: int) -> np.ndarray:
+    def _phase_planes(self, st: ConvState, x: np.ndarray, g: int, threads: int,
+                      program: K.Program | None = None) -> np.ndarray:
         """Group g's input split into the phase route's planes (K.phase_planes), in the source
         scratch: (cin * s * s, Hq, Wq)."""
         stride, _, pt, pl, _, _ = st.geometry
         hq, wq = st.phase_hw
         planes = self._pad_scratch[:st.cin * stride * stride * hq * wq].reshape(-1, hq, wq)
-        K.phase_planes(x, g * st.cin, st.cin, pt, pl, stride, planes, threads)
+        K.phase_planes(x, g * st.cin, st.cin, pt, pl, stride, planes, threads, program)
         return planes
 
     def _run_fused_pool(self, fused: FusedPool, x: np.ndarray) -> np.ndarray:
         """A conv layer and its max-pooling, band by band (FusedPool); returns the pooled map."""
+        out = self._fused_pool_steps(fused, x)
+        self.counter.dense_runs[fused.conv] += 1
+        self.counter.dense_runs[fused.conv + 1] += 1
+        return out
+
+    def _fused_pool_steps(self, fused: FusedPool, x: np.ndarray, program: K.Program | None = None) -> np.ndarray:
+        """The kernels of _run_fused_pool, run now or appended to ``program``; returns the pooled map."""
         layer, pool = self.plan.layers[fused.conv], self.plan.layers[fused.conv + 1]
         st = self.states[layer.name]
         out = self.buffers.get(pool.output)
-        conv_threads, pool_threads = self.layer_threads[layer.name], self.layer_threads[pool.name]
+        conv_threads, pool_threads = self._threads_of(layer, program), self._threads_of(pool, program)
         _, _, pt, pl, _, _ = st.geometry
         if st.dense_route == "phase":
-            src, tap_off = self._phase_planes(st, x, 0, conv_threads), st.phase_tap_off
+            src, tap_off = self._phase_planes(st, x, 0, conv_threads, program), st.phase_tap_off
         elif st.pad_src:
             hp, wp = st.src_hw
-            K.pad_planes(x, 0, st.cin, pt, pl, hp, wp, self._pad_scratch)
+            K.pad_planes(x, 0, st.cin, pt, pl, hp, wp, self._pad_scratch, conv_threads, program)
             src, tap_off = self._pad_scratch[:st.cin * hp * wp].reshape(st.cin, hp, wp), st.tap_off
         else:
             src, tap_off = x, st.tap_off
@@ -790,33 +907,33 @@ class Engine:
         for band in fused.bands:
             conv_out = self._band_scratch[:st.cout * band.rows * st.wo].reshape(st.cout, band.rows * st.wo)
             K.conv_direct(src, 0, 0, 0, src.shape[1], src.shape[2], False, self._pad_scratch, tap_off, band.vectors,
-                          st.weights[0], layer.bias, layer.relu, conv_out, conv_threads, band.src_offset)
+                          st.weights[0], layer.bias, layer.relu, conv_out, conv_threads, band.src_offset, program)
             K.maxpool(conv_out.reshape(st.cout, band.rows, st.wo), out[:, band.p0:band.p1], kh, kw, psh, psw,
-                      band.pad_top, ppl, pool_threads)
-        self.counter.dense_runs[fused.conv] += 1
-        self.counter.dense_runs[fused.conv + 1] += 1
+                      band.pad_top, ppl, pool_threads, program)
         return out
 
-    def _conv_dense(self, st: ConvState, x: np.ndarray, out: np.ndarray) -> None:
+    def _conv_dense(self, st: ConvState, x: np.ndarray, out: np.ndarray, threads: int,
+                    program: K.Program | None = None) -> None:
+        """The dense path of a conv layer on its route, run now or appended to ``program``."""
         sh, sw, pt, pl, dh, dw = st.geometry
         bias = st.layer.bias
         for g in range(st.groups):
             og, bg = out[g * st.cout:(g + 1) * st.cout], bias[g * st.cout:(g + 1) * st.cout]
             if st.dense_route == "direct":  # stride 1 along rows: the tiles read the source in place
                 K.conv_direct(x, g * st.cin, pt, pl, st.src_hw[0], st.src_hw[1], st.pad_src, self._pad_scratch,
-                              st.tap_off, st.vectors, st.weights[g], bg, st.layer.relu, og, self.kernel_threads)
+                              st.tap_off, st.vectors, st.weights[g], bg, st.layer.relu, og, threads, 0, program)
             elif st.dense_route == "phase":  # stride s: phase planes, then the direct route's tiles
-                planes = self._phase_planes(st, x, g, self.kernel_threads)
+                planes = self._phase_planes(st, x, g, threads, program)
                 K.conv_direct(planes, 0, 0, 0, planes.shape[1], planes.shape[2], False, self._pad_scratch,
-                              st.phase_tap_off, st.vectors, st.weights[g], bg, st.layer.relu, og, self.kernel_threads)
+                              st.phase_tap_off, st.vectors, st.weights[g], bg, st.layer.relu, og, threads, 0, program)
             elif st.dense_route == "unfold":  # large weights, small map: unfold once, weights stay in L1
                 K.im2col_packed(x, st.channels[g], st.kh, st.kw, sh, sw, pt, pl, dh, dw, st.ho, st.wo, st.cols,
-                                self.kernel_threads)
-                K.conv_gemm(st.weights[g], st.cols, st.ho * st.wo, og, bg, st.layer.relu, self.kernel_threads)
+                                threads, program)
+                K.conv_gemm(st.weights[g], st.cols, st.ho * st.wo, og, bg, st.layer.relu, threads, program)
             else:  # im2col fused into the GEMM, one 32-position panel at a time
                 K.conv_dense(x, g * st.cin, pt, pl, st.src_hw[0], st.src_hw[1], st.pad_src, self._pad_scratch,
                              st.tap_off, sw, st.runs, st.panel_first, st.weights[g], bg, st.layer.relu, og,
-                             self._panels, self.kernel_threads)
+                             self._panels, threads, program)
 
     def _conv_group_knobs(self, st: ConvState, x: np.ndarray, out_g: np.ndarray, g: int, index: int) -> bool:
         """One group of a conv layer with its knobs; returns whether any knob skipped work."""

@@ -270,6 +270,101 @@ def test_conv_and_maxpool_fused_band_by_band_bit_exactly(tmp_path, monkeypatch, 
     assert plan.layers[0].output not in engine.forward(x[0], fuse=True)
 
 
+def mixed_network(tmp_path):
+    """A network with every kind of layer a compiled run takes (conv routes direct, phase,
+    fused and unfold, a grouped conv, a conv + max-pooling fused band by band, average and
+    global pooling, a Concat written in place, a Flatten) and layers it leaves to Python (LRN,
+    fully connected, softmax) between them."""
+    nodes = [
+        helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ra"], name="ra"),
+        helper.make_node("MaxPool", ["ra"], ["p"], name="p", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+        helper.make_node("LRN", ["p"], ["n"], name="n", size=3, alpha=1e-3, beta=.75, bias=1.0),
+        helper.make_node("Conv", ["n", "Ws", "bs"], ["s"], name="s", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["s"], ["rs"], name="rs"),
+        helper.make_node("Conv", ["rs", "We1", "be1"], ["e1"], name="e1", group=2),
+        helper.make_node("Conv", ["rs", "We3", "be3"], ["e3"], name="e3", pads=[1, 1, 1, 1], strides=[1, 2]),
+        helper.make_node("MaxPool", ["e1"], ["e1p"], name="e1p", kernel_shape=[1, 2], strides=[1, 2]),
+        helper.make_node("Concat", ["e1p", "e3"], ["cat"], name="cat", axis=1),
+        helper.make_node("AveragePool", ["cat"], ["q"], name="q", kernel_shape=[2, 2], strides=[2, 2],
+                         ceil_mode=1),
+        helper.make_node("Conv", ["q", "W10", "b10"], ["c10"], name="c10"),
+        helper.make_node("GlobalAveragePool", ["c10"], ["g"], name="g"),
+        helper.make_node("Flatten", ["g"], ["f"], name="f"),
+        helper.make_node("Gemm", ["f", "Wf", "bf"], ["fc"], name="fc", transB=1),
+        helper.make_node("Softmax", ["fc"], ["out"], name="out"),
+    ]
+    inits = {"W1": RNG.normal(0, .3, (8, 3, 3, 3)), "b1": RNG.normal(0, .1, 8),
+             "Ws": RNG.normal(0, .3, (6, 8, 3, 3)), "bs": RNG.normal(0, .1, 6),
+             "We1": RNG.normal(0, .3, (10, 3, 1, 1)), "be1": RNG.normal(0, .1, 10),
+             "We3": RNG.normal(0, .3, (7, 6, 3, 3)), "be3": RNG.normal(0, .1, 7),
+             "W10": RNG.normal(0, .3, (40, 17, 1, 1)), "b10": RNG.normal(0, .1, 40),
+             "Wf": RNG.normal(0, .3, (5, 40)), "bf": RNG.normal(0, .1, 5)}
+    return save_model(tmp_path / "mixed.onnx", nodes, inits, (3, 48, 32), "out")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_compiled_runs_equal_python_dispatch(tmp_path, monkeypatch, threads):
+    """Engine.run through compiled runs (one parallel region per run of dense layers) gives the
+    floats and op counts of the kernels called one by one from Python, on every image of a
+    batch (the steps read each image, not the one they were built with)."""
+    monkeypatch.setattr(engine_module, "FUSE_MIN_BYTES", 0)
+    monkeypatch.setattr(engine_module, "FUSE_BAND_BYTES", 4 * 8 * 16 * 5)  # 5 of 24 rows
+    path = mixed_network(tmp_path)
+    plan = build_plan(path)
+    x = RNG.normal(0, 1, (3, *plan.input_shape)).astype(np.float32)
+    compiled = Engine(plan, threads=threads)
+    python = Engine(plan, threads=threads, compiled=False)
+    routes = {name: getattr(st, "dense_route", None) for name, st in compiled.states.items()}
+    assert set(routes.values()) == {"direct", "phase", "fused", "unfold", None}, routes
+    assert list(compiled._fused) == [0] and len(compiled._fused[0].bands) > 2
+    ops = [layer.op for layer in plan.layers]
+    parts = [part if isinstance(part, int) else engine_module.DenseRun for part in compiled._runs]
+    assert parts == [engine_module.DenseRun, ops.index("lrn"), engine_module.DenseRun, ops.index("fc"),
+                     ops.index("softmax")]
+    out = compiled.run(x)
+    assert np.array_equal(out, python.run(x))
+    assert np.array_equal(compiled.counter.table, python.counter.table)
+    assert not np.array_equal(out[0], out[1])
+    ref = ort_run(path, x).reshape(out.shape)
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    a, b = compiled.forward(x[2], fuse=True), python.forward(x[2], fuse=True)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_compiled_runs_leave_knob_layers_to_python(tmp_path):
+    """With knobs on some layers, those layers run on the Python path between compiled runs
+    of the others: the same floats and counts as with no compiled run."""
+    from dyvedeep.knobs import KnobConfig
+    path = mixed_network(tmp_path)
+    plan = build_plan(path)
+    knobs = KnobConfig()
+    knobs.set("e3", "spet", 0.0)
+    knobs.set("c10", "sfma", 0.05)
+    x = RNG.normal(0, 1, (2, *plan.input_shape)).astype(np.float32)
+    compiled, python = Engine(plan, knobs, threads=2), Engine(plan, knobs, threads=2, compiled=False)
+    index = {layer.name: i for i, layer in enumerate(plan.layers)}
+    assert index["e3"] in compiled._runs and index["c10"] in compiled._runs
+    assert np.array_equal(compiled.run(x), python.run(x))
+    assert np.array_equal(compiled.counter.table, python.counter.table)
+    assert compiled.counter.get("e3", "terminated") > 0
+
+
+def test_program_reads_the_image_it_is_given():
+    """A step built on the program's image placeholder reads the image passed to run(), which
+    must have the placeholder's size; the step only runs then."""
+    image = np.zeros((2, 3, 4), np.float32)
+    program = K.Program(image)
+    out = np.zeros((2, 1, 2), np.float32)
+    K.maxpool(image, out, 3, 2, 3, 2, 0, 0, 1, program)
+    assert not out.any()
+    assert len(program) == 1
+    with pytest.raises(ValueError, match="24 floats"):
+        program.run(np.zeros((2, 3, 5), np.float32))
+    program.run(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    assert out.reshape(-1).tolist() == [9, 11, 21, 23]
+
+
 def test_buffers_are_reused_and_concat_inputs_written_in_place(tmp_path):
     """A fire module: the expand convs write straight into their slices of the Concat, a dead
     tensor's buffer is reused, and the output still matches onnxruntime."""
