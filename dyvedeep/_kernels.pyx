@@ -401,6 +401,7 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
         raise ValueError("conv_dense: empty layer")
     if (out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or panels.shape[1] < K * 32
             or panels.shape[0] < max(min(threads, ntiles), 1) or ntiles * 32 < N or runs.shape[1] != 4
+            or (O > 1 and W.strides[0] != 4 * K)
             or (dv_split_rows(threads, ntiles, O) and panels.shape[0] < threads)):
         raise ValueError("conv_dense: shape mismatch")
     cdef dv_step s[2]
@@ -449,7 +450,8 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     cdef long reach
     if K == 0 or O == 0 or N == 0 or nvec == 0:
         raise ValueError("conv_direct: empty layer")
-    if out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or vectors.shape[1] != 4:
+    if (out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or vectors.shape[1] != 4
+            or (O > 1 and W.strides[0] != 4 * K)):
         raise ValueError("conv_direct: shape mismatch")
     if vectors[nvec - 1, 1] + __builtin_popcount(<unsigned int>vectors[nvec - 1, 3]) > N:
         raise ValueError("conv_direct: vectors past the output")

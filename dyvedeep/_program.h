@@ -120,14 +120,14 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
     case DV_STEP_DIRECT: {
         int ntiles = (s->n + DV_DTILE - 1) / DV_DTILE;
         if (dv_conv_share(dv_split_rows(T, ntiles, s->O), s->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
-            dv_conv_direct(x, s->tap_off, s->table, s->n, s->W + (long)g0 * s->K, g1 - g0, s->K,
+            dv_conv_direct(x, s->tap_off, s->table, s->n, s->W + (long)g0 * s->ldw, g1 - g0, s->K,
                            s->bias + g0, s->relu, s->out + (long)g0 * s->ldo, s->ldo, t0, t1);
         break;
     }
     case DV_STEP_DENSE: {
         int ntiles = (s->N + 31) / 32;
         if (dv_conv_share(dv_split_rows(T, ntiles, s->O), s->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
-            dv_conv_dense_tiles(x, s->tap_off, s->sw, s->table, s->table2, s->W + (long)g0 * s->K, g1 - g0,
+            dv_conv_dense_tiles(x, s->tap_off, s->sw, s->table, s->table2, s->W + (long)g0 * s->ldw, g1 - g0,
                                 s->K, s->N, s->bias + g0, s->relu, s->out + (long)g0 * s->ldo, scratch, t0, t1);
         break;
     }
