@@ -9,7 +9,6 @@ GEMM is the register-tiled kernel of _simd.h (AVX-512 here, NEON on the Pi); the
 layers use the BLAS that SciPy ships (scipy.linalg.cython_blas), called in row-major form.
 """
 from cython.parallel cimport prange
-cimport openmp
 from libc.math cimport expf, powf, sqrt, fabs
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset
@@ -23,38 +22,17 @@ cnp.import_array()
 ctypedef unsigned char uint8
 
 cdef extern from "_simd.h" nogil:
-    enum: DV_DTILE  # vectors per direct tile
-    void dv_gemm_tiles(const float* W, long ldw, int O, const float* cols, long ldc, long lds, float* out,
-                       long ldo, int K, int N, const float* bias, int relu, int tile_begin, int tile_end)
+    # the dense kernels are called from _program.h's steps; these are what the wrappers call
     int dv_im2col_runs(int ho, int wo, int sh, int sw, int Wp, int* runs)
-    void dv_im2col_plane_packed(const float* plane, int H, int W, int kh, int kw, int sw, int pt, int pl,
-                                int dh, int dw, int Hp, int Wp, float* pad, const int* runs, int nruns,
-                                float* dst, long lds)
-    void dv_conv_dense_tiles(const float* src, const long* tap_off, int sw, const int* runs,
-                             const int* panel_first, const float* W, int O, int K, int N,
-                             const float* bias, int relu, float* out, float* panel,
-                             int tile_begin, int tile_end)
-    void dv_pad_planes(const float* x, int C, int H, int W, int pt, int pl, int Hp, int Wp, float* dst)
-    void dv_conv_direct(const float* src, const long* tap_off, const int* vec, int nvec,
-                        const float* W, int O, int K, const float* bias, int relu, float* out, long ldo,
-                        int tile_begin, int tile_end)
     int dv_direct_vectors(int ho, int wo, int sh, int row_w, int across, int* vec)
-    float dv_mean(const float* x, int n)
     int dv_position_runs(const int* pos, int n, int wo, int sh, int sw, int Wp, int* runs)
     void dv_knob_tiles(const float* src, const long* tap_off, const int* runs, const int* runs_first,
                        int wo, int sh, int sw, int row_width, const float* W, long ldw, int O, int K, int lead, const int* pos, int n,
                        const unsigned char* mask, const float* bias, const float* cst, float* out, int npos,
                        int spet, float margin, int relu, float* panel, int* list, int tile_begin,
                        int tile_end, long long* stats)
-    void dv_phase_plane(const float* plane, int H, int W, int pt, int pl, int s, int py, int px,
-                        int Hq, int Wq, float* dst)
     int dv_pool_row_stride(int W, int wo, int kw, int sw, int pl)
     int __builtin_popcount(unsigned int x)
-    void dv_maxpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
-                          int sh, int sw, int pt, int pl, float* scratch)
-    void dv_avgpool_plane(const float* inp, int H, int W, float* out, int ho, int wo, int kh, int kw,
-                          int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad, float* scratch)
-
 
 cdef extern from "_program.h" nogil:
     enum:

@@ -520,12 +520,12 @@ static void dv_gemm_tiles(const float *W, long ldw, int O, const float *cols, lo
 {
     if (O > N) {
         int ntile = tile_end - tile_begin;
+        long lines = ((long)K * 4 + 63) / 64;  /* cache lines of a weight row */
         for (int g = 0; g < O; g += 8) {
             /* the next 8-row block's weights, a share before each tile, are prefetched into L2:
              * they come from L3 or memory on each image (a large layer's weights outgrow L2)
              * and the 8 short row streams are too short for the hardware prefetchers */
             int next_rows = O - g - 8 < 8 ? O - g - 8 : 8;
-            long lines = ((long)K * 4 + 63) / 64;
             for (int t = tile_begin; t < tile_end; ++t) {
                 long l0 = lines * (t - tile_begin) / ntile, l1 = lines * (t - tile_begin + 1) / ntile;
                 for (int r = 0; r < next_rows; ++r)

@@ -724,10 +724,6 @@ class Engine:
             return inputs[0].reshape(layer.out_shape)
         if layer.op == "concat":  # every input was written in place
             return out
-        if layer.op == "gap":
-            x = inputs[0]
-            K.global_avgpool(x.reshape(x.shape[0], -1), out.reshape(-1), threads, program)
-            return out
         self._pool(layer, inputs[0], out, threads, program)
         return out
 
@@ -760,11 +756,8 @@ class Engine:
             np.copyto(out, x.reshape(layer.out_shape))
             K.relu_inplace(out.reshape(-1))
             return out
-        if op in ("maxpool", "avgpool"):
+        if op in ("maxpool", "avgpool", "gap"):
             self._pool(layer, x, out, self.kernel_threads)
-            return out
-        if op == "gap":
-            K.global_avgpool(x.reshape(x.shape[0], -1), out.reshape(-1), self.kernel_threads)
             return out
         if op == "gmp":
             np.max(x.reshape(x.shape[0], -1), axis=1, out=out.reshape(-1))
@@ -789,8 +782,13 @@ class Engine:
             return out
         raise DyveError(f"{self.plan.path}: layer {layer.name}: op {op} is not supported by the engine")
 
-    def _pool(self, layer: Layer, x: np.ndarray, out: np.ndarray, threads: int, program: K.Program | None = None) -> None:
-        """A max or average pooling of x into out (appended to ``program`` when given)."""
+    def _pool(self, layer: Layer, x: np.ndarray, out: np.ndarray, threads: int,
+              program: K.Program | None = None) -> None:
+        """A max, average or global average pooling of x into out (appended to ``program``
+        when given)."""
+        if layer.op == "gap":
+            K.global_avgpool(x.reshape(x.shape[0], -1), out.reshape(-1), threads, program)
+            return
         kh, kw = layer.attrs["kernel"]
         sh, sw = layer.attrs["stride"]
         pt, pl, pb, pr = layer.attrs["pads"]
