@@ -35,12 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Engine, knob_statistics, set_blas_threads
+from . import _kernels as K
+from .engine import ConvGeometry, Engine, cell_corner_max, fc_input_order, packed_cols, sdss_grid, set_blas_threads
+from .engine import sfma_spread, spet_channel_order
 from .errors import DyveError
 from .evaluate import add_data_arguments, open_dataset, topk_correct
 from .io_utils import write_text_atomic
-from .knobs import KNOB_NAMES, KnobConfig, applicable_knobs
-from .plan import Plan, build_plan
+from .knobs import DEFAULT_OPTIONS, KNOB_NAMES, KnobConfig, applicable_knobs
+from .plan import Layer, Op, Plan, build_plan
 
 #: Quantiles of each knob's statistic that become candidate thresholds, most aggressive first.
 CANDIDATE_QUANTILES = {
@@ -107,6 +109,61 @@ def _run_chunk(job: tuple[KnobConfig, int, int, int]) -> tuple[np.ndarray, int]:
         outputs[n - lo] = engine.run_image(None, start=index, tensors=cache[n])[plan.output_name]
     return outputs, engine.counter.total("ops")
 
+
+
+# ----------------------------------------------------------------------------- knob statistics
+
+
+def _option(engine: Engine, layer: Layer, knob: str, name: str) -> Any:
+    """``knob``'s option ``name`` in ``layer`` under the engine's knobs, else its default."""
+    setting = engine.knobs.get(layer.name, knob)
+    return setting.option(knob, name) if setting else DEFAULT_OPTIONS[knob][name]
+
+
+def knob_statistics(engine: Engine, layer: Layer, x: np.ndarray, knob: str) -> np.ndarray:
+    """The values that ``knob``'s threshold is compared with in ``layer`` for one input ``x``
+    (under the engine's current knobs for the other knobs), for the candidate grids:
+    SFMA: each input map's spread; SDSS: each cell's largest grid corner (after ReLU);
+    SPET: each neuron's margin -partial where the partial sum is negative."""
+    if knob == "sfma":
+        geom = ConvGeometry.of(layer)
+        statistic = _option(engine, layer, "sfma", "statistic")
+        return np.concatenate([sfma_spread(x[g * geom.cin:(g + 1) * geom.cin], layer.input_nonneg, statistic)[0]
+                               for g in range(geom.groups)])
+    out = engine.run_layer(layer, [x]).reshape(layer.out_shape[0], -1)
+    if knob == "sdss":
+        ho, wo = layer.out_shape[1], layer.out_shape[2]
+        grid = sdss_grid(ho, wo, int(_option(engine, layer, "sdss", "stride")))
+        return cell_corner_max(out.reshape(-1, ho, wo), grid)
+    if knob == "spet":
+        return spet_margins(layer, x, float(_option(engine, layer, "spet", "fraction")))
+    raise ValueError(knob)
+
+
+def spet_margins(layer: Layer, x: np.ndarray, fraction: float) -> np.ndarray:
+    """-partial for the neurons of ``layer`` whose partial sum (bias + the leading ``fraction``
+    of the inputs in SPET's order) is negative on input ``x``."""
+    w = layer.weight
+    if layer.op == Op.FC:
+        order = fc_input_order(w)
+        lead = max(1, math.ceil(fraction * w.shape[1]))
+        partial = w[:, order[:lead]] @ x.reshape(-1)[order[:lead]] + layer.bias
+    else:
+        g = ConvGeometry.of(layer)
+        parts = []
+        for group in range(g.groups):
+            wg = w[group * g.cout:(group + 1) * g.cout]
+            order = spet_channel_order(wg)
+            lead_ch = order[: max(1, math.ceil(fraction * g.cin))].astype(np.int32) + group * g.cin
+            cols = packed_cols(len(lead_ch) * g.kk, g.positions)
+            K.im2col_packed(x=x, channels=lead_ch, kh=g.kh, kw=g.kw, sh=g.sh, sw=g.sw, pt=g.pt, pl=g.pl, dh=g.dh,
+                            dw=g.dw, ho=g.ho, wo=g.wo, cols=cols, threads=1)
+            wl = np.ascontiguousarray(wg[:, lead_ch - group * g.cin].reshape(g.cout, -1))
+            part = np.empty((g.cout, g.positions), np.float32)
+            K.conv_gemm(W=wl, cols=cols, N=g.positions, out=part, bias=layer.bias[group * g.cout:(group + 1) * g.cout])
+            parts.append(part)
+        partial = np.concatenate(parts).reshape(-1)
+    return -partial[partial < 0]
 
 @dataclass
 class Trial:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,32 @@ SUPPORTED_OPS = (
 )
 
 
+class Op(str, Enum):
+    """The engine's ops (a layer's ``op``); equal to their names as strings."""
+
+    CONV = "conv"
+    FC = "fc"
+    RELU = "relu"
+    MAXPOOL = "maxpool"
+    AVGPOOL = "avgpool"
+    GAP = "gap"  # global average pooling
+    GMP = "gmp"  # global max pooling
+    LRN = "lrn"
+    CONCAT = "concat"
+    SOFTMAX = "softmax"
+    ALIAS = "alias"  # a view of its input (Flatten, Reshape, Squeeze, Dropout, Identity)
+    ELTWISE = "eltwise"  # Add, Sub, Mul, Div, Pow with tensors and scalar constants
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
 @dataclass
 class Layer:
     """One step of the engine graph, with per-image shapes (batch dimension dropped)."""
 
     name: str
-    op: str
+    op: Op
     inputs: list[str]
     output: str
     in_shapes: list[tuple[int, ...]]
@@ -238,7 +259,7 @@ def _make_layer(node: onnx.NodeProto, shapes: dict, consts: dict, path: Path) ->
         if in_shapes[0][0] != w.shape[1] * attrs["group"]:
             raise DyveError(f"{path}: Conv {name}: weight {tuple(w.shape)} does not fit input {in_shapes[0]} "
                             f"with group {attrs['group']}")
-        return Layer(op="conv", attrs=attrs, weight=w, bias=b, **base)
+        return Layer(op=Op.CONV, attrs=attrs, weight=w, bias=b, **base)
     if op in ("Gemm", "MatMul"):
         w = np.asarray(_const_input(node, 1, consts, path), dtype=np.float32)
         if op == "Gemm":
@@ -255,9 +276,9 @@ def _make_layer(node: onnx.NodeProto, shapes: dict, consts: dict, path: Path) ->
             b = np.zeros(w.shape[0], np.float32)
         if b.size == 1 and w.shape[0] != 1:
             b = np.full(w.shape[0], b.item(), np.float32)
-        return Layer(op="fc", weight=np.ascontiguousarray(w), bias=np.ascontiguousarray(b), **base)
+        return Layer(op=Op.FC, weight=np.ascontiguousarray(w), bias=np.ascontiguousarray(b), **base)
     if op == "Relu":
-        return Layer(op="relu", **base)
+        return Layer(op=Op.RELU, **base)
     if op in ("MaxPool", "AveragePool"):
         if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             raise DyveError(f"{path}: {op} {name}: auto_pad is not supported; use explicit pads")
@@ -269,32 +290,32 @@ def _make_layer(node: onnx.NodeProto, shapes: dict, consts: dict, path: Path) ->
                      count_include_pad=int(_attr(node, "count_include_pad", 0)))
         if attrs["dilation"] != (1, 1):
             raise DyveError(f"{path}: {op} {name}: dilated pooling is not supported")
-        return Layer(op="maxpool" if op == "MaxPool" else "avgpool", attrs=attrs, **base)
+        return Layer(op=Op.MAXPOOL if op == "MaxPool" else Op.AVGPOOL, attrs=attrs, **base)
     if op in ("GlobalAveragePool", "GlobalMaxPool"):
-        return Layer(op="gap" if op == "GlobalAveragePool" else "gmp", **base)
+        return Layer(op=Op.GAP if op == "GlobalAveragePool" else Op.GMP, **base)
     if op == "LRN":
         attrs = dict(size=int(_attr(node, "size")), alpha=float(_attr(node, "alpha", 1e-4)),
                      beta=float(_attr(node, "beta", 0.75)), bias=float(_attr(node, "bias", 1.0)))
-        return Layer(op="lrn", attrs=attrs, **base)
+        return Layer(op=Op.LRN, attrs=attrs, **base)
     if op == "Concat":
         axis = int(_attr(node, "axis"))
         if axis not in (1, 1 - (len(out_shape) + 1)):
             raise DyveError(f"{path}: Concat {name} on axis {axis}: only channel concat (axis 1) is supported")
-        return Layer(op="concat", **base)
+        return Layer(op=Op.CONCAT, **base)
     if op == "Softmax":
         axis = int(_attr(node, "axis", -1))
         if len(out_shape) != 1 and axis not in (1,):
             raise DyveError(f"{path}: Softmax {name} over axis {axis} of a {len(out_shape) + 1}-D tensor is not supported")
-        return Layer(op="softmax", **base)
+        return Layer(op=Op.SOFTMAX, **base)
     if op in ("Flatten", "Reshape", "Squeeze", "Dropout", "Identity"):
-        return Layer(op="alias", **base)
+        return Layer(op=Op.ALIAS, **base)
     if op in ("Add", "Mul", "Div", "Pow", "Sub"):
         scalars = [float(consts[i].reshape(-1)[0]) if i in consts and consts[i].size == 1 else None for i in node.input]
         for i in node.input:
             if i in consts and consts[i].size != 1:
                 raise DyveError(f"{path}: {op} {name}: only scalar constants are supported")
         # in_shapes must follow the tensor inputs; record which inputs are scalars.
-        return Layer(op="eltwise", attrs=dict(kind=op.lower(), scalars=scalars, order=list(node.input)), **base)
+        return Layer(op=Op.ELTWISE, attrs=dict(kind=op.lower(), scalars=scalars, order=list(node.input)), **base)
     raise DyveError(f"{path}: unsupported ONNX op {op} (node {name})")
 
 

@@ -6,14 +6,15 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-import dyvedeep.engine as engine_module
 from dyvedeep import _kernels as K
-from dyvedeep.engine import Engine
+from dyvedeep.engine import CompiledRun, Engine, EngineTuning
 from dyvedeep.errors import DyveError
 from dyvedeep.plan import build_plan
 from tests.onnx_builders import conv_model, fc_model, save_model
 
 RNG = np.random.default_rng(1234)
+#: Several threads for every layer, however small.
+ALL_THREADS = EngineTuning(parallel_min_work=0)
 
 
 def ort_run(path, x):
@@ -36,13 +37,13 @@ def assert_matches_ort(path, x, rel=1e-5):
     (dict(), (7, 6, 6), (5, 7, 1, 1), None),
     # the engine's own GEMM: inner dimension over one 192-row block, rows not a multiple of 8,
     # a partial last 32-position panel (14 wide: 14 of 16 lanes are too few for the direct route)
-    (dict(pads=[1, 1, 1, 1]), (24, 15, 14), (13, 24, 3, 3), "fused"),
+    (dict(pads=[1, 1, 1, 1]), (24, 15, 14), (13, 24, 3, 3), "panel"),
     # more output channels than positions: unfolded once, weights swept row block by row block
     (dict(), (16, 5, 5), (70, 16, 1, 1), "unfold"),
     # a 1x1 convolution reads its input map in place, vectors running across the rows
     (dict(), (40, 17, 19), (20, 40, 1, 1), "direct"),
-    # strides 1 x 2 with padding: strided runs of the fused unfolding
-    (dict(strides=[1, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3), "fused"),
+    # strides 1 x 2 with padding: strided runs of the panel route's unfolding
+    (dict(strides=[1, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3), "panel"),
     # the phase route (stride s both ways: s x s phase planes read with stride 1): stride 2 with
     # padding; stride 4 with an 11 x 11 kernel and uneven pads (AlexNet's first layer); groups
     (dict(strides=[2, 2], pads=[1, 1, 1, 1]), (3, 41, 37), (40, 3, 3, 3), "phase"),
@@ -62,7 +63,7 @@ def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape, route):
     path = conv_model(tmp_path / "c.onnx", w, b, in_shape, relu=False, **attrs)
     assert_matches_ort(path, RNG.normal(0, 1, (2, *in_shape)).astype(np.float32))
     if route is not None:
-        assert [st.dense_route for st in Engine(build_plan(path)).states.values()] == [route]
+        assert [st.route.name for st in Engine(build_plan(path)).states.values()] == [route]
 
 
 @pytest.mark.parametrize("ho, wo, sh, row_width, across", [
@@ -153,10 +154,9 @@ def test_threads_give_the_same_result(tmp_path):
     assert np.array_equal(Engine(plan, threads=1).run(x), Engine(plan, threads=2).run(x))
 
 
-def test_threads_split_panels_bit_exactly(tmp_path, monkeypatch):
+def test_threads_split_panels_bit_exactly(tmp_path):
     """Several threads share out the 32-position panels of every conv route; the result does
     not depend on the number of threads."""
-    monkeypatch.setattr(engine_module, "PARALLEL_MIN_WORK", 0)
     nodes = [
         helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["a"], ["ra"], name="ra"),
@@ -170,25 +170,24 @@ def test_threads_split_panels_bit_exactly(tmp_path, monkeypatch):
     x = RNG.normal(0, 1, (2, 5, 23, 21)).astype(np.float32)
     plan = build_plan(path)
     one = assert_matches_ort(path, x)
-    assert np.array_equal(one, Engine(plan, threads=2).run(x))
+    assert np.array_equal(one, Engine(plan, threads=2, tuning=ALL_THREADS).run(x))
 
 
 def assert_routes_and_threads_bit_exact(path, routes):
     """The model's conv layers take ``routes``; it matches onnxruntime, and 2 and 3 threads give
     the same floats as one."""
     plan = build_plan(path)
-    assert [st.dense_route for st in Engine(plan).states.values()] == routes
+    assert [st.route.name for st in Engine(plan).states.values()] == routes
     x = RNG.normal(0, 1, (2, *plan.input_shape)).astype(np.float32)
     one = assert_matches_ort(path, x)
     for threads in (2, 3):
-        assert np.array_equal(one, Engine(plan, threads=threads).run(x))
+        assert np.array_equal(one, Engine(plan, threads=threads, tuning=ALL_THREADS).run(x))
 
 
-def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path, monkeypatch):
+def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path):
     """The other ways threads share out work: the phase planes of a strided conv, the pooled
     planes, the 8-row blocks of a product with more rows than columns and the channels of a
     global average; the result does not depend on the number of threads."""
-    monkeypatch.setattr(engine_module, "PARALLEL_MIN_WORK", 0)
     nodes = [
         helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", strides=[2, 2], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["a"], ["ra"], name="ra"),
@@ -203,16 +202,15 @@ def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path, monkeypatch):
     assert_routes_and_threads_bit_exact(path, ["phase", "unfold"])
 
 
-def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path, monkeypatch):
+def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path):
     """With fewer tiles than 4 per thread, the threads share out the 8-row blocks of weights of
-    the direct and fused routes instead (a 14 x 14 map: 7 panels, 5 direct tiles)."""
-    monkeypatch.setattr(engine_module, "PARALLEL_MIN_WORK", 0)
+    the direct and panel routes instead (a 14 x 14 map: 7 panels, 5 direct tiles)."""
     nodes = [helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["a", "W2", "b2"], ["out"], name="b")]
     inits = {"W1": RNG.normal(0, .3, (44, 6, 3, 3)), "b1": RNG.normal(0, .1, 44),
              "W2": RNG.normal(0, .3, (37, 44, 1, 1)), "b2": RNG.normal(0, .1, 37)}
     path = save_model(tmp_path / "r.onnx", nodes, inits, (6, 14, 14), "out")
-    assert_routes_and_threads_bit_exact(path, ["fused", "direct"])
+    assert_routes_and_threads_bit_exact(path, ["panel", "direct"])
 
 
 @pytest.mark.parametrize("shape, pads, stride", [
@@ -242,14 +240,12 @@ def test_phase_planes_are_the_strided_padded_input(shape, pads, stride):
     (dict(strides=[2, 2]), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[0, 0, 2, 2]), "phase"),
 ])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_conv_and_maxpool_fused_band_by_band_bit_exactly(tmp_path, monkeypatch, conv_attrs, pool_attrs, route,
-                                                         threads):
+def test_conv_and_maxpool_run_band_by_band_bit_exactly(tmp_path, conv_attrs, pool_attrs, route, threads):
     """A conv whose only reader is a max-pooling runs with it band by band in Engine.run (small
     bands here: several, each sharing rows with the next): the same floats as layer by layer,
-    both layers counted, and forward without fuse still gives the conv's own output."""
-    monkeypatch.setattr(engine_module, "FUSE_MIN_BYTES", 0)
-    monkeypatch.setattr(engine_module, "FUSE_BAND_BYTES", 4 * 6 * 18 * 5)  # 5 rows of 18, 2 of 37
-    monkeypatch.setattr(engine_module, "PARALLEL_MIN_WORK", 0)
+    both layers counted, and forward without bands still gives the conv's own output."""
+    tuning = EngineTuning(parallel_min_work=0, conv_pool_min_bytes=0,
+                          conv_pool_band_bytes=4 * 6 * 18 * 5)  # 5 rows of 18, 2 of 37
     nodes = [helper.make_node("Conv", ["data", "W", "b"], ["a"], name="a", **conv_attrs),
              helper.make_node("Relu", ["a"], ["r"], name="r"),
              helper.make_node("MaxPool", ["r"], ["out"], name="p", **pool_attrs)]
@@ -257,22 +253,22 @@ def test_conv_and_maxpool_fused_band_by_band_bit_exactly(tmp_path, monkeypatch, 
     path = save_model(tmp_path / "f.onnx", nodes, inits, (4, 39, 37), "out")
     x = RNG.normal(0, 1, (2, 4, 39, 37)).astype(np.float32)
     plan = build_plan(path)
-    engine = Engine(plan, threads=threads)
-    assert [st.dense_route for st in engine.states.values()] == [route]
-    assert len(engine._fused[0].bands) > 2
-    fused = engine.run(x)
-    ref = ort_run(path, x).reshape(fused.shape)
-    assert np.abs(fused - ref).max() <= 1e-5 * np.abs(ref).max()
+    engine = Engine(plan, threads=threads, tuning=tuning)
+    assert [st.route.name for st in engine.states.values()] == [route]
+    assert len(engine.conv_pool_bands[0].bands) > 2
+    banded = engine.run(x)
+    ref = ort_run(path, x).reshape(banded.shape)
+    assert np.abs(banded - ref).max() <= 1e-5 * np.abs(ref).max()
     layer_by_layer = np.stack([engine.forward(img)[plan.output_name].copy() for img in x])
-    assert np.array_equal(fused, layer_by_layer)
-    assert list(engine.counter.dense_runs[:2]) == [4, 4]
+    assert np.array_equal(banded, layer_by_layer)
+    assert list(engine.counter.plain_runs[:2]) == [4, 4]
     assert plan.layers[0].output in engine.forward(x[0])
-    assert plan.layers[0].output not in engine.forward(x[0], fuse=True)
+    assert plan.layers[0].output not in engine.forward(x[0], banded=True)
 
 
 def mixed_network(tmp_path):
     """A network with every kind of layer a compiled run takes (conv routes direct, phase,
-    fused and unfold, a grouped conv, a conv + max-pooling fused band by band, average and
+    panel and unfold, a grouped conv, a conv + max-pooling run band by band, average and
     global pooling, a Concat written in place, a Flatten) and layers it leaves to Python (LRN,
     fully connected, softmax) between them."""
     nodes = [
@@ -304,23 +300,22 @@ def mixed_network(tmp_path):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_compiled_runs_equal_python_dispatch(tmp_path, monkeypatch, threads):
+def test_compiled_runs_equal_python_dispatch(tmp_path, threads):
     """Engine.run through compiled runs (one parallel region per run of dense layers) gives the
     floats and op counts of the kernels called one by one from Python, on every image of a
     batch (the steps read each image, not the one they were built with)."""
-    monkeypatch.setattr(engine_module, "FUSE_MIN_BYTES", 0)
-    monkeypatch.setattr(engine_module, "FUSE_BAND_BYTES", 4 * 8 * 16 * 5)  # 5 of 24 rows
+    tuning = EngineTuning(conv_pool_min_bytes=0, conv_pool_band_bytes=4 * 8 * 16 * 5)  # 5 of 24 rows
     path = mixed_network(tmp_path)
     plan = build_plan(path)
     x = RNG.normal(0, 1, (3, *plan.input_shape)).astype(np.float32)
-    compiled = Engine(plan, threads=threads)
-    python = Engine(plan, threads=threads, compiled=False)
-    routes = {name: getattr(st, "dense_route", None) for name, st in compiled.states.items()}
-    assert set(routes.values()) == {"direct", "phase", "fused", "unfold", None}, routes
-    assert list(compiled._fused) == [0] and len(compiled._fused[0].bands) > 2
+    compiled = Engine(plan, threads=threads, tuning=tuning)
+    python = Engine(plan, threads=threads, compiled=False, tuning=tuning)
+    routes = {name: st.route.name if hasattr(st, "route") else None for name, st in compiled.states.items()}
+    assert set(routes.values()) == {"direct", "phase", "panel", "unfold", None}, routes
+    assert list(compiled.conv_pool_bands) == [0] and len(compiled.conv_pool_bands[0].bands) > 2
     ops = [layer.op for layer in plan.layers]
-    parts = [part if isinstance(part, int) else engine_module.DenseRun for part in compiled._runs]
-    assert parts == [engine_module.DenseRun, ops.index("lrn"), engine_module.DenseRun, ops.index("fc"),
+    parts = [part if isinstance(part, int) else CompiledRun for part in compiled.compiled_runs]
+    assert parts == [CompiledRun, ops.index("lrn"), CompiledRun, ops.index("fc"),
                      ops.index("softmax")]
     out = compiled.run(x)
     assert np.array_equal(out, python.run(x))
@@ -328,7 +323,7 @@ def test_compiled_runs_equal_python_dispatch(tmp_path, monkeypatch, threads):
     assert not np.array_equal(out[0], out[1])
     ref = ort_run(path, x).reshape(out.shape)
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-    a, b = compiled.forward(x[2], fuse=True), python.forward(x[2], fuse=True)
+    a, b = compiled.forward(x[2], banded=True), python.forward(x[2], banded=True)
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in b)
 
 
@@ -344,7 +339,7 @@ def test_compiled_runs_leave_knob_layers_to_python(tmp_path):
     x = RNG.normal(0, 1, (2, *plan.input_shape)).astype(np.float32)
     compiled, python = Engine(plan, knobs, threads=2), Engine(plan, knobs, threads=2, compiled=False)
     index = {layer.name: i for i, layer in enumerate(plan.layers)}
-    assert index["e3"] in compiled._runs and index["c10"] in compiled._runs
+    assert index["e3"] in compiled.compiled_runs and index["c10"] in compiled.compiled_runs
     assert np.array_equal(compiled.run(x), python.run(x))
     assert np.array_equal(compiled.counter.table, python.counter.table)
     assert compiled.counter.get("e3", "terminated") > 0

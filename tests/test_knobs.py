@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-import dyvedeep.engine as engine_module
-from dyvedeep.engine import BILINEAR_FILL_OPS, SFMA_TEST_OPS, Engine, sdss_grid
+from dyvedeep.engine import BILINEAR_FILL_OPS, SFMA_TEST_OPS, Engine, EngineTuning, sdss_grid
 from dyvedeep.errors import DyveError
 from dyvedeep.knobs import KnobConfig, load_knobs
 from dyvedeep.plan import build_plan
@@ -236,9 +235,8 @@ def reference_knobs(x, w, b, pad, sfma_t, sdss_t, spet_t, fraction=0.5):
     # unfolded by gathers, and the panels shared out between two threads
     (7, 11, 19, 2, 7),
 ])
-def test_all_three_knobs_match_the_reference(tmp_path, monkeypatch, cin, cout, h, threads, seed):
+def test_all_three_knobs_match_the_reference(tmp_path, cin, cout, h, threads, seed):
     rng = RNG if seed is None else np.random.default_rng(seed)
-    monkeypatch.setattr(engine_module, "PARALLEL_MIN_WORK", 0)
     w = rng.normal(0, .25, (cout, cin, 3, 3)).astype(np.float32)
     b = rng.normal(0, .1, cout).astype(np.float32)
     path = conv_model(tmp_path / "c.onnx", w, b, (cin, h, h), pads=[1, 1, 1, 1])
@@ -247,7 +245,8 @@ def test_all_three_knobs_match_the_reference(tmp_path, monkeypatch, cin, cout, h
     x[0, 2] = 0.3 + rng.normal(0, 0.01, (h, h))  # near-uniform map: SFMA drops it
     x[0, 4] = 0.0  # dead map
     sfma_t, sdss_t, spet_t = 0.05, 0.4, 0.3
-    engine = Engine(plan, knobs(conv={"sfma": sfma_t, "sdss": sdss_t, "spet": spet_t}), threads=threads)
+    engine = Engine(plan, knobs(conv={"sfma": sfma_t, "sdss": sdss_t, "spet": spet_t}), threads=threads,
+                    tuning=EngineTuning(parallel_min_work=0))
     out = engine.run(x)[0]
     ref, partial = reference_knobs(x[0], w, b, 1, sfma_t, sdss_t, spet_t)
     assert np.abs(np.abs(partial) - spet_t).min() > 1e-4, "a partial sum sits on the threshold; pick another seed"

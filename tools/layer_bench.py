@@ -1,4 +1,4 @@
-"""Per-layer timing of the dense path against the knob path, measured in one run.
+"""Per-layer timing of the knob-free path against the knob path, measured in one run.
 
     python tools/layer_bench.py MODEL.onnx KNOBS.yaml [--data cifar10:test] [--images 30]
 
@@ -27,7 +27,7 @@ def median_layer_ms(engine: Engine, index: int, inputs: list[list[np.ndarray]]) 
     times = []
     for x in inputs:
         start = time.perf_counter()
-        engine._run_layer(layer, x, out, index)
+        engine.run_layer(layer, x, out, index)
         times.append(time.perf_counter() - start)
     return float(np.median(times)) * 1e3
 

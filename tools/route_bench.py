@@ -1,10 +1,10 @@
-"""Per-layer timing of the dense conv routes: each conv layer on its chosen route against the
-unfolding routes it would take without the direct route, measured in one run.
+"""Per-layer timing of the knob-free conv routes: each conv layer on its chosen route against the
+unfolding routes (panel, unfold) it would take without the direct route, measured in one run.
 
     python tools/route_bench.py MODEL.onnx [--threads 1] [--calls 150]
 
 One random input (seeded) goes through the dense engine once to give every layer its input;
-then, for each conv layer, the two engines' dense paths run alternately on that input (hot
+then, for each conv layer, the two engines' knob-free paths run alternately on that input (hot
 caches) and the medians are printed with their ratio (above 1: the chosen route is faster),
 and the largest difference of the outputs (0: the routes give the same floats).
 """
@@ -16,9 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-import dyvedeep.engine as engine_module
-from dyvedeep.engine import Engine
-from dyvedeep.plan import build_plan
+from dyvedeep.engine import Engine, EngineTuning
+from dyvedeep.plan import Op, build_plan
 
 
 def alternate_medians(first: Callable[[], None], second: Callable[[], None], calls: int) -> tuple[float, float]:
@@ -41,29 +40,24 @@ def main() -> None:
     args = parser.parse_args()
     plan = build_plan(args.model)
     chosen = Engine(plan, threads=args.threads)
-    saved = engine_module.DIRECT_MIN_LANE_USE
-    engine_module.DIRECT_MIN_LANE_USE = float("inf")  # no layer qualifies for the direct route
-    try:
-        unfolding = Engine(plan, threads=args.threads)
-    finally:
-        engine_module.DIRECT_MIN_LANE_USE = saved
+    # no layer qualifies for the direct route
+    unfolding = Engine(plan, threads=args.threads, tuning=EngineTuning(direct_min_lane_use=float("inf")))
     x = np.random.default_rng(0).uniform(0, 100, plan.input_shape).astype(np.float32)
     values = {name: np.array(v) for name, v in chosen.forward(x).items()}
     values[plan.input_name] = x
     print(f"{'layer':20s} {'route':>7s} {'us':>9s} {'unfolded':>9s} {'us':>9s} {'ratio':>6s} {'max diff':>8s}")
     for index, layer in enumerate(plan.layers):
-        if layer.op != "conv":
+        if layer.op != Op.CONV:
             continue
         outs, calls = [], []
         for engine in (chosen, unfolding):
-            engine.kernel_threads = engine.layer_threads[layer.name]
-            st = engine.states[layer.name]
-            out = np.empty((layer.out_shape[0], st.ho * st.wo), np.float32)
+            out = np.empty(layer.out_shape, np.float32)
             outs.append(out)
-            calls.append(lambda engine=engine, st=st, out=out: engine._conv_dense(st, values[layer.inputs[0]], out))
+            calls.append(lambda engine=engine, out=out, index=index, layer=layer:
+                         engine.run_layer(layer, [values[layer.inputs[0]]], out, index))
         t_chosen, t_unfolding = alternate_medians(calls[0], calls[1], args.calls)
-        print(f"{layer.name:20s} {chosen.states[layer.name].dense_route:>7s} {t_chosen:9.1f} "
-              f"{unfolding.states[layer.name].dense_route:>9s} {t_unfolding:9.1f} {t_unfolding / t_chosen:6.2f} "
+        print(f"{layer.name:20s} {chosen.states[layer.name].route.name:>7s} {t_chosen:9.1f} "
+              f"{unfolding.states[layer.name].route.name:>9s} {t_unfolding:9.1f} {t_unfolding / t_chosen:6.2f} "
               f"{float(np.abs(outs[0] - outs[1]).max()):8.2g}")
 
 

@@ -1,0 +1,365 @@
+"""The engine: runs a :class:`~dyvedeep.plan.Plan` one image at a time on the Cython kernels,
+each layer on its knob-free path or, in the conv and fully-connected layers with knobs on, on
+the knob path; counts scalar operations exactly in one :class:`OpCounter`. Whenever no knob
+fired in a layer for an image, the layer's result is the knob-free path's, bit for bit.
+
+Layers dispatch through one table (op -> runner); the runs of consecutive knob-free layers are
+compiled into programs (:class:`CompiledRun`) that run in one parallel region per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from .. import _kernels as K
+from ..errors import DyveError
+from ..knobs import KnobConfig
+from ..plan import Layer, Op, Plan
+from . import plain
+from .bands import ConvPoolBands, plan_conv_pool_bands
+from .conv_plan import ConvPlan, plan_conv
+from .counting import OpCounter
+from .knob_path import conv_group_with_knobs
+from .memory import Scratch, aligned_zeros, plan_buffers, tensor_readers
+from .spet import FcPlan, fc_spet, plan_fc
+from .tuning import DEFAULT_TUNING, EngineTuning
+
+
+@dataclass
+class CompiledRun:
+    """Consecutive layers of the knob-free path compiled into one K.Program: their kernels run
+    in one parallel region per image (Engine.run), not one per kernel called from Python."""
+
+    program: K.Program
+    layers: list[int]  # the layer indices it runs
+    views: dict[str, np.ndarray]  # the tensors it produces, as views of the engine's buffers
+
+
+_BLAS = {"controller": None, "threads": None}
+
+
+def set_blas_threads(threads: int) -> None:
+    """Limit the BLAS libraries to ``threads`` threads for the process (only when it changes:
+    looking the libraries up costs far more than a small network's batch-1 run)."""
+    if _BLAS["threads"] == threads:
+        return
+    if _BLAS["controller"] is None:
+        _BLAS["controller"] = ThreadpoolController()
+    _BLAS["controller"].limit(limits=threads, user_api="blas")
+    _BLAS["threads"] = threads
+
+
+def layer_work(layer: Layer) -> int:
+    """A layer's work for the choice of its threads (EngineTuning.parallel_min_work): its MACs,
+    or 8 per element of its output or of its largest input."""
+    elements = [int(np.prod(shape)) for shape in [layer.out_shape, *layer.in_shapes]]
+    return max(layer.dense_macs, 8 * max(elements))
+
+
+class Engine:
+    """Runs a plan on batches of images; ``knobs=None`` (or an empty config) is the dense network.
+
+    Every layer writes into an output buffer allocated once per engine (no allocation, hence no
+    page faults, per image); a Concat's inputs are written in place into their slices of its
+    buffer. :meth:`forward` returns views of these buffers (valid until the next call);
+    :meth:`run` and :meth:`run_image` return copies.
+
+    With ``compiled`` (the default), the runs of consecutive layers that take the knob-free path
+    (convolutions without knobs, poolings, in-place concatenations, views) are compiled into
+    programs (CompiledRun): :meth:`run` then runs each in one parallel region per image, the same
+    kernels with the same shares, hence the same floats. ``tuning`` sets the speed choices."""
+
+    def __init__(self, plan: Plan, knobs: KnobConfig | None = None, threads: int = 1, compiled: bool = True,
+                 tuning: EngineTuning = DEFAULT_TUNING) -> None:
+        if threads < 1:
+            raise DyveError(f"threads must be >= 1, got {threads}")
+        self.plan = plan
+        self.knobs = knobs if knobs is not None else KnobConfig()
+        self.threads = int(threads)
+        self.tuning = tuning
+        self.counter = OpCounter.for_plan(plan)
+        self.layer_threads = {layer.name: self.threads if layer_work(layer) >= tuning.parallel_min_work else 1
+                              for layer in plan.layers}
+        self.kernel_threads = 1  # threads of the current layer's own kernels (Python path)
+        self.states: dict[str, ConvPlan | FcPlan] = {}
+        for layer in plan.layers:
+            if layer.op == Op.CONV:
+                self.states[layer.name] = plan_conv(layer, self.knobs, tuning)
+            elif layer.op == Op.FC:
+                self.states[layer.name] = plan_fc(layer, self.knobs)
+        convs = [st for st in self.states.values() if isinstance(st, ConvPlan)]
+        cols = aligned_zeros(max([cp.cols.size for cp in convs], default=0))
+        for cp in convs:
+            cp.cols = cols[:cp.cols.size].reshape(cp.cols.shape)
+        self.buffers, self.in_place = plan_buffers(plan)
+        readers = tensor_readers(plan)
+        self.conv_pool_bands: dict[int, ConvPoolBands] = {}  # conv layer index -> its bands
+        for i, layer in enumerate(plan.layers):
+            if layer.op == Op.CONV and layer.output not in self.in_place:
+                bands = plan_conv_pool_bands(plan, i, self.states[layer.name], readers, tuning)
+                if bands is not None:
+                    self.conv_pool_bands[i] = bands
+        geoms = [cp.geom for cp in convs]
+        self.scratch = Scratch(
+            cols=cols,
+            source=aligned_zeros(max([cp.source_floats for cp in convs], default=1)),
+            panels=aligned_zeros((self.threads, max([g.cin * g.kk * 32 for g in geoms], default=32))),
+            kept_weights=aligned_zeros(max([g.cout * g.cin * g.kk for g in geoms], default=1)),
+            constant=aligned_zeros(max([g.cout * g.positions for g in geoms], default=1)),
+            bands=aligned_zeros(max([b.band_floats for b in self.conv_pool_bands.values()], default=1)))
+        self._steps = [(i, layer, layer.inputs, self.buffers.get(layer.output)) for i, layer in enumerate(plan.layers)]
+        self._image = aligned_zeros(plan.input_shape)  # stands for the image in the compiled runs
+        self.compiled_runs = self._compile_runs() if compiled else None
+
+    # -- public API ------------------------------------------------------------------------
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Outputs (N, ...) of a batch of preprocessed inputs (N, C, H, W)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(self.plan.input_shape):
+            raise DyveError(f"{self.plan.path}: input shape {tuple(batch.shape)} does not match the model's "
+                            f"(N, {', '.join(map(str, self.plan.input_shape))})")
+        outputs = np.empty((batch.shape[0],) + tuple(self.plan.output_shape), np.float32)
+        set_blas_threads(self.threads)
+        for n in range(batch.shape[0]):
+            outputs[n] = self.forward(batch[n], banded=True)[self.plan.output_name]
+        return outputs
+
+    def run_image(self, image: np.ndarray, start: int = 0, tensors: dict[str, np.ndarray] | None = None,
+                  stop: int | None = None) -> dict[str, np.ndarray]:
+        """Run layers ``start``..``stop`` on one image; returns copies of the tensors still live
+        after it: those that later layers read, and the graph output once made.
+
+        ``tensors`` supplies the inputs of the first layer run (for cached activations)."""
+        values = self.forward(image, start, tensors, stop)
+        later = self.plan.layers[stop:] if stop is not None else []
+        live = {t for layer in later for t in layer.inputs} | {self.plan.output_name}
+        return {name: np.array(v, copy=True) for name, v in values.items() if name in live}
+
+    def forward(self, image: np.ndarray | None, start: int = 0, tensors: dict[str, np.ndarray] | None = None,
+                stop: int | None = None, banded: bool = False) -> dict[str, np.ndarray]:
+        """As :meth:`run_image`, but returns every tensor produced as a view of the engine's
+        buffers: a dead tensor's buffer may already hold a later tensor, and the next call
+        overwrites them all. With ``banded``, a conv and the max-pooling that alone reads it run
+        band by band (ConvPoolBands): the same floats, but the conv's own output is not returned;
+        a whole image then runs through the compiled runs."""
+        if (banded and self.compiled_runs is not None and image is not None and start == 0 and stop is None
+                and not tensors):
+            return self._forward_compiled(np.ascontiguousarray(image, dtype=np.float32))
+        values: dict[str, np.ndarray] = dict(tensors) if tensors else {}
+        if image is not None:
+            values[self.plan.input_name] = image
+        steps = self._steps[start:stop]
+        last = steps[-1][0] if steps else -1
+        skip = -1
+        for i, layer, inputs, out in steps:
+            if i == skip:
+                continue
+            if banded and i in self.conv_pool_bands and i + 1 <= last:
+                pool = self.plan.layers[i + 1]
+                values[pool.output] = self._run_conv_pool_bands(self.conv_pool_bands[i], values[inputs[0]])
+                skip = i + 1
+                continue
+            values[layer.output] = self.run_layer(layer, [values[t] for t in inputs], out, i)
+        return values
+
+    def run_layer(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray | None = None,
+                  index: int | None = None) -> np.ndarray:
+        """One layer (the ``index``-th of the plan) on ``inputs`` into ``out`` (allocated when
+        None) under the engine's knobs; counts its ops. Returns its output."""
+        if index is None:
+            index = self.counter.index[layer.name]
+        if out is None and layer.op != Op.ALIAS:
+            out = np.empty(layer.out_shape, np.float32)
+        self.kernel_threads = self.layer_threads[layer.name]
+        runner = RUNNERS.get(layer.op)
+        if runner is None:
+            raise DyveError(f"{self.plan.path}: layer {layer.name}: op {layer.op} is not supported by the engine")
+        if not layer.is_compute:  # conv and fully-connected layers count themselves (knobs)
+            self.counter.plain_runs[index] += 1
+        return runner(self, layer, inputs, out, index)
+
+    # -- compiled runs ---------------------------------------------------------------------
+
+    def _forward_compiled(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """forward(image, banded=True) through the compiled runs and, between them, the layers
+        on the Python path."""
+        values: dict[str, np.ndarray] = {self.plan.input_name: image}
+        runs = self.counter.plain_runs
+        for part in self.compiled_runs:
+            if isinstance(part, CompiledRun):
+                part.program.run(image)
+                values.update(part.views)
+                for i in part.layers:
+                    runs[i] += 1
+            else:
+                i, layer, inputs, out = self._steps[part]
+                values[layer.output] = self.run_layer(layer, [values[t] for t in inputs], out, i)
+        return values
+
+    def _compilable(self, layer: Layer, values: dict[str, np.ndarray]) -> bool:
+        """Whether a layer joins a compiled run: a conv without knobs, a pooling, a Concat whose
+        inputs are all written in place, or a view (not of the image, which changes per call)."""
+        if layer.op == Op.CONV:
+            return self.states[layer.name].knobs is None
+        if layer.op == Op.ALIAS:
+            return not np.shares_memory(values[layer.inputs[0]], self._image)
+        if layer.op == Op.CONCAT:
+            return all(t in self.in_place for t in layer.inputs)
+        return layer.op in (Op.MAXPOOL, Op.AVGPOOL, Op.GAP)
+
+    def _compile_runs(self) -> list[CompiledRun | int]:
+        """The layers in order as CompiledRuns and, between them, the indices of the layers left
+        to the Python path (knobs, fully connected, softmax, ...). Each run's steps are built by
+        the same code as forward(banded=True), given a program to append to."""
+        parts: list[CompiledRun | int] = []
+        values: dict[str, np.ndarray] = {self.plan.input_name: self._image}
+        current: CompiledRun | None = None
+        last = len(self.plan.layers) - 1
+        skip = -1
+        for i, layer, inputs, out in self._steps:
+            if i == skip:
+                continue
+            if not self._compilable(layer, values):
+                current = None
+                parts.append(i)
+                values[layer.output] = out if out is not None else values[inputs[0]].reshape(layer.out_shape)
+                continue
+            if current is None:
+                current = CompiledRun(K.Program(self._image), [], {})
+                parts.append(current)
+            if i in self.conv_pool_bands and i + 1 <= last:
+                pool = self.plan.layers[i + 1]
+                produced = {pool.output: self._conv_pool_band_steps(self.conv_pool_bands[i], values[inputs[0]],
+                                                                     current.program)}
+                current.layers += [i, i + 1]
+                skip = i + 1
+            else:
+                produced = {layer.output: self._layer_steps(layer, [values[t] for t in inputs], out, current.program)}
+                current.layers.append(i)
+            values.update(produced)
+            current.views.update(produced)
+        return parts
+
+    def _layer_steps(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray | None,
+                     program: K.Program) -> np.ndarray:
+        """Append a compilable layer's steps (see _compilable) to ``program``; returns its output."""
+        threads = self._threads_of(layer, program)
+        if layer.op == Op.CONV:
+            cp = self.states[layer.name]
+            plain.conv_plain(cp, self.scratch, inputs[0], out.reshape(layer.out_shape[0], cp.geom.positions),
+                             threads, program)
+            return out
+        if layer.op == Op.ALIAS:
+            return inputs[0].reshape(layer.out_shape)
+        if layer.op == Op.CONCAT:  # every input was written in place
+            return out
+        plain.pool(layer, inputs[0], out, threads, program)
+        return out
+
+    def _threads_of(self, layer: Layer, program: K.Program | None) -> int:
+        """Threads of a layer's kernels: all the engine's in a compiled run (sharing out a step
+        costs a barrier there, not the start of a parallel loop), else by its work
+        (EngineTuning.parallel_min_work)."""
+        return self.threads if program is not None else self.layer_threads[layer.name]
+
+    def _run_conv_pool_bands(self, bands: ConvPoolBands, x: np.ndarray) -> np.ndarray:
+        """A conv layer and its max-pooling, band by band; returns the pooled map."""
+        out = self._conv_pool_band_steps(bands, x)
+        self.counter.plain_runs[bands.conv] += 1
+        self.counter.plain_runs[bands.conv + 1] += 1
+        return out
+
+    def _conv_pool_band_steps(self, bands: ConvPoolBands, x: np.ndarray,
+                              program: K.Program | None = None) -> np.ndarray:
+        """The kernels of a conv+pool pair, run now or appended to ``program``; returns the pooled map."""
+        layer, pool = self.plan.layers[bands.conv], self.plan.layers[bands.conv + 1]
+        out = self.buffers.get(pool.output)
+        plain.conv_pool_bands(bands, self.states[layer.name], pool, self.scratch, x, out,
+                              self._threads_of(layer, program), self._threads_of(pool, program), program)
+        return out
+
+    # -- runners (one per op; RUNNERS) ---------------------------------------------------
+
+    def _conv(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        cp = self.states[layer.name]
+        geom = cp.geom
+        out2 = out.reshape(layer.out_shape[0], geom.positions)
+        if cp.knobs is None:
+            plain.conv_plain(cp, self.scratch, inputs[0], out2, self.kernel_threads)
+            self.counter.plain_runs[index] += 1
+            return out
+        fired = False
+        for g in range(geom.groups):
+            counts, skipped = conv_group_with_knobs(cp, self.scratch, inputs[0],
+                                                    out2[g * geom.cout:(g + 1) * geom.cout], g, self.kernel_threads)
+            self.counter.add_row(index, list(counts.values()))
+            fired |= skipped
+        if not fired:
+            # nothing was skipped: give the knob-free result exactly (ops were counted above)
+            plain.conv_plain(cp, self.scratch, inputs[0], out2, self.kernel_threads)
+            self.counter.add(index, {"fallbacks": 1})
+        return out
+
+    def _fc(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        fp = self.states[layer.name]
+        x = np.ascontiguousarray(inputs[0].reshape(-1))
+        out = out.reshape(-1)
+        if fp.spet is None:
+            K.gemv_bias(W=layer.weight, x=x, bias=layer.bias, out=out, relu=layer.relu)
+            self.counter.plain_runs[index] += 1
+        else:
+            self.counter.add(index, fc_spet(fp, x, out, self.kernel_threads))
+        return out
+
+    def _alias(self, layer: Layer, inputs: list[np.ndarray], out: None, index: int) -> np.ndarray:
+        return inputs[0].reshape(layer.out_shape)
+
+    def _relu(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        np.copyto(out, inputs[0].reshape(layer.out_shape))
+        K.relu_inplace(x=out.reshape(-1))
+        return out
+
+    def _pool(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        plain.pool(layer, inputs[0], out, self.kernel_threads)
+        return out
+
+    def _gmp(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        x = inputs[0]
+        np.max(x.reshape(x.shape[0], -1), axis=1, out=out.reshape(-1))
+        return out
+
+    def _lrn(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        a = layer.attrs
+        K.lrn_across(x=inputs[0], out=out, size=a["size"], alpha=a["alpha"], beta=a["beta"], bias=a["bias"],
+                     threads=self.kernel_threads)
+        return out
+
+    def _concat(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        channel = 0
+        for name, t in zip(layer.inputs, inputs):
+            if name not in self.in_place:  # written in place by its producer otherwise
+                out[channel:channel + t.shape[0]] = t
+            channel += t.shape[0]
+        return out
+
+    def _softmax(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        x = inputs[0]
+        flat = x.reshape(-1, 1) if len(layer.out_shape) == 1 else x.reshape(x.shape[0], -1)
+        K.softmax_columns(x=np.ascontiguousarray(flat), out=out.reshape(flat.shape))
+        return out
+
+    def _eltwise(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        out[...] = plain.eltwise(layer, inputs)
+        return out
+
+
+#: The runner of each op: (engine, layer, inputs, out, layer index) -> the layer's output.
+RUNNERS: dict[Op, Callable[[Engine, Layer, list[np.ndarray], np.ndarray | None, int], np.ndarray]] = {
+    Op.CONV: Engine._conv, Op.FC: Engine._fc, Op.ALIAS: Engine._alias, Op.RELU: Engine._relu,
+    Op.MAXPOOL: Engine._pool, Op.AVGPOOL: Engine._pool, Op.GAP: Engine._pool, Op.GMP: Engine._gmp,
+    Op.LRN: Engine._lrn, Op.CONCAT: Engine._concat, Op.SOFTMAX: Engine._softmax, Op.ELTWISE: Engine._eltwise,
+}

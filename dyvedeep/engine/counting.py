@@ -1,0 +1,146 @@
+"""Op accounting: the :class:`OpCounter` shared by every kernel path, and one cost function per
+knob decision, each the formula of its row in docs/ops.md ("What the knobs add and save").
+
+The dense counts of every layer are the plan's (``Layer.dense_macs``, ``Layer.dense_ops``); a
+layer run on its knob-free path is counted as one more run of its dense row.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..plan import Plan
+
+#: Counter columns: one row per layer.
+COUNTER_FIELDS = (
+    "images", "macs", "ops",
+    "overhead_sfma", "overhead_sdss", "overhead_spet",
+    "saved_sfma", "saved_sdss", "saved_spet",
+    "dropped_maps", "filled", "terminated", "fallbacks",
+)
+#: Scalar ops of one bilinear fill (three lerps of 3 ops each); a zero fill costs nothing.
+BILINEAR_FILL_OPS = 9
+#: Scalar ops to turn one map's sums into its spread and test it (mean, variance, sqrt, ratio, compare).
+SFMA_TEST_OPS = 7
+
+
+class OpCounter:
+    """Exact per-layer totals over the images run: MACs, scalar ops, and per knob the overhead
+    ops it added and the ops it saved. One instance is shared by every kernel path."""
+
+    def __init__(self, layer_names: list[str], dense_rows: np.ndarray | None = None) -> None:
+        self.layer_names = list(layer_names)
+        self.index = {name: i for i, name in enumerate(layer_names)}
+        self._table = np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64)
+        self.col = {name: j for j, name in enumerate(COUNTER_FIELDS)}
+        # Layers run on their knob-free path are counted by run (one int per layer, no per-field
+        # work on the hot path) and folded in as multiples of their dense row when read.
+        self.dense_rows = (dense_rows if dense_rows is not None
+                           else np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64))
+        self.plain_runs = [0] * len(layer_names)
+
+    @classmethod
+    def for_plan(cls, plan: Plan) -> "OpCounter":
+        """A zeroed counter of ``plan`` whose dense rows are the plan's dense counts."""
+        dense_rows = np.zeros((len(plan.layers), len(COUNTER_FIELDS)), np.int64)
+        for i, layer in enumerate(plan.layers):
+            dense_rows[i, [COUNTER_FIELDS.index(f) for f in ("images", "macs", "ops")]] = \
+                (1, layer.dense_macs if layer.is_compute else 0, layer.dense_ops)
+        return cls([layer.name for layer in plan.layers], dense_rows)
+
+    @property
+    def table(self) -> np.ndarray:
+        """The per-layer totals (layers x COUNTER_FIELDS)."""
+        if any(self.plain_runs):
+            self._table += np.asarray(self.plain_runs, dtype=np.int64)[:, None] * self.dense_rows
+            self.plain_runs = [0] * len(self.layer_names)
+        return self._table
+
+    def add(self, index: int, counts: dict[str, int]) -> None:
+        """Add ``counts`` (field -> value) to row ``index``."""
+        row = self._table[index]
+        for key, value in counts.items():
+            row[self.col[key]] += int(value)
+
+    def add_row(self, index: int, counts: list[int]) -> None:
+        """Add one value per COUNTER_FIELDS column to row ``index`` (the knob paths' hot path)."""
+        self._table[index] += np.asarray(counts, dtype=np.int64)
+
+    def get(self, layer: str, key: str) -> int:
+        """Total of ``key`` for ``layer``."""
+        return int(self.table[self.index[layer], self.col[key]])
+
+    def total(self, key: str) -> int:
+        """Sum of ``key`` over layers."""
+        return int(self.table[:, self.col[key]].sum())
+
+
+def new_counts() -> dict[str, int]:
+    """A zero per-field tally of one layer and image (the knob path's scratch count)."""
+    return dict.fromkeys(COUNTER_FIELDS, 0)
+
+
+def tally(count: dict[str, int], costs: dict[str, int]) -> None:
+    """Add ``costs`` (field -> value) to ``count``."""
+    for key, value in costs.items():
+        count[key] += value
+
+
+# ----------------------------------------------------------------------------- per knob
+
+
+def neuron_costs(n: int, kdim: int, relu: bool) -> dict[str, int]:
+    """``n`` conv neurons computed in full over ``kdim`` inputs (docs/ops.md, dense layers:
+    2 per MAC, 1 for the bias, 1 for a folded ReLU)."""
+    return {"macs": n * kdim, "ops": 2 * n * kdim + n * (1 + int(relu))}
+
+
+def spet_neuron_costs(n: int, terminated: int, kdim: int, lead: int, relu: bool) -> dict[str, int]:
+    """``n`` neurons under SPET, ``terminated`` of them stopped after their ``lead`` leading inputs
+    (docs/ops.md, SPET: 1 compare per tested neuron; saved: a stopped neuron's remaining MACs and
+    its ReLU). The compare is counted as overhead (added to ``ops`` with the other overheads)."""
+    finished = n - terminated
+    macs = n * lead + finished * (kdim - lead)
+    return {"macs": macs, "ops": 2 * macs + n + finished * int(relu), "overhead_spet": n,
+            "saved_spet": 2 * terminated * (kdim - lead) + terminated * int(relu), "terminated": terminated}
+
+
+def fc_spet_costs(outputs: int, inputs: int, lead: int, terminated: int) -> dict[str, int]:
+    """A fully-connected layer (ReLU folded) under SPET, one image: the SPET row of docs/ops.md,
+    its overhead included in ``ops`` (bias add and compare per neuron, ReLU per finished neuron)."""
+    macs = outputs * lead + (outputs - terminated) * (inputs - lead)
+    return {"images": 1, "macs": macs, "ops": 2 * macs + outputs + outputs + (outputs - terminated),
+            "overhead_spet": outputs, "saved_spet": 2 * terminated * (inputs - lead) + terminated,
+            "terminated": terminated}
+
+
+def sdss_decision_ops(maps: int, grid_points: int, cells: int) -> int:
+    """SDSS's test of the cells (docs/ops.md, SDSS): 1 compare per grid point per map, 3 ANDs
+    per cell per map."""
+    return maps * grid_points + 3 * maps * cells
+
+
+def sdss_fill_costs(filled: int, bilinear: bool, kdim: int, relu: bool) -> dict[str, int]:
+    """``filled`` interpolated positions (docs/ops.md, SDSS): 9 ops per bilinear fill, none per
+    zero fill; saved: each position's MACs, bias add and ReLU."""
+    return {"filled": filled, "overhead_sdss": filled * (BILINEAR_FILL_OPS if bilinear else 0),
+            "saved_sdss": filled * (2 * kdim + 1 + int(relu))}
+
+
+def sfma_select_ops(maps: int, elements: int, nonneg: bool, relative: bool) -> int:
+    """SFMA's statistic of ``maps`` input maps of ``elements`` each (docs/ops.md, SFMA): 3 per
+    element (sum; square, add), 2 more when the input may be negative (abs, add), SFMA_TEST_OPS
+    per map; for the relative spread the layer mean (1 add per map + 1 divide)."""
+    layer_mean = maps + 1 if relative else 0
+    return layer_mean + maps * elements * (3 + (0 if nonneg else 2)) + maps * SFMA_TEST_OPS
+
+
+def sfma_constant_ops(outputs: int, dropped: int, kk: int, class_taps: int, positions: int) -> int:
+    """The dropped maps' constant contribution (docs/ops.md, SFMA): 2 per output channel per tap
+    per dropped map (the mean-weighted kernel), 1 add per valid tap per border class per output
+    channel, 1 add per output neuron."""
+    return 2 * outputs * dropped * kk + outputs * class_taps + outputs * positions
+
+
+def sfma_saved_ops(outputs: int, positions: int, kk: int, dropped: int) -> int:
+    """What dropping ``dropped`` maps saves (docs/ops.md, SFMA): their MACs."""
+    return 2 * outputs * positions * kk * dropped

@@ -1,0 +1,113 @@
+"""The knob-free path: each layer's kernels with no knob, run now or, given a ``K.Program``,
+appended to it as steps (a compiled run). A conv layer runs on its route (conv_plan.py)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _kernels as K
+from ..plan import Layer, Op
+from .bands import ConvPoolBands
+from .conv_plan import ConvPlan
+from .memory import Scratch
+
+
+def conv_plain(cp: ConvPlan, scratch: Scratch, x: np.ndarray, out: np.ndarray, threads: int,
+               program: K.Program | None = None) -> None:
+    """A conv layer on its route into ``out`` (cout_total x positions)."""
+    geom, route = cp.geom, cp.route
+    bias, relu = cp.layer.bias, cp.layer.relu
+    for g in range(geom.groups):
+        og, bg = out[g * geom.cout:(g + 1) * geom.cout], bias[g * geom.cout:(g + 1) * geom.cout]
+        if route.name == "direct":  # stride 1 along rows: the tiles read the source in place
+            K.conv_direct(x=x, channel0=g * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
+                          pad=route.pad_src, pad_buffer=scratch.source, tap_off=route.tap_off, vectors=route.vectors,
+                          W=cp.weights[g], bias=bg, relu=relu, out=og, threads=threads, src_offset=0,
+                          program=program)
+        elif route.name == "phase":  # stride s: phase planes, then the direct route's tiles
+            planes = phase_planes(cp, scratch, x, g, threads, program)
+            K.conv_direct(x=planes, channel0=0, pt=0, pl=0, Hp=planes.shape[1], Wp=planes.shape[2], pad=False,
+                          pad_buffer=scratch.source, tap_off=route.phase_tap_off, vectors=route.vectors,
+                          W=cp.weights[g], bias=bg, relu=relu, out=og, threads=threads, src_offset=0,
+                          program=program)
+        elif route.name == "unfold":  # large weights, small map: unfold once, weights stay in L1
+            K.im2col_packed(x=x, channels=cp.channels[g], kh=geom.kh, kw=geom.kw, sh=geom.sh, sw=geom.sw, pt=geom.pt,
+                            pl=geom.pl, dh=geom.dh, dw=geom.dw, ho=geom.ho, wo=geom.wo, cols=cp.cols,
+                            threads=threads, program=program)
+            K.conv_gemm(W=cp.weights[g], cols=cp.cols, N=geom.positions, out=og, bias=bg, relu=relu,
+                        threads=threads, program=program)
+        else:  # panel: im2col fused into the GEMM, one 32-position panel at a time
+            K.conv_dense(x=x, channel0=g * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
+                         pad=route.pad_src, pad_buffer=scratch.source, tap_off=route.tap_off, sw=geom.sw,
+                         runs=route.runs, panel_first=route.panel_first, W=cp.weights[g], bias=bg, relu=relu,
+                         out=og, panels=scratch.panels, threads=threads, program=program)
+
+
+def phase_planes(cp: ConvPlan, scratch: Scratch, x: np.ndarray, group: int, threads: int,
+                 program: K.Program | None = None) -> np.ndarray:
+    """Group ``group``'s input split into the phase route's planes (K.phase_planes), in the
+    source scratch: (cin * s * s, hq, wq)."""
+    geom, (hq, wq) = cp.geom, cp.route.phase_hw
+    s = geom.sh
+    planes = scratch.source[:geom.cin * s * s * hq * wq].reshape(-1, hq, wq)
+    K.phase_planes(x=x, channel0=group * geom.cin, nch=geom.cin, pt=geom.pt, pl=geom.pl, s=s, dst=planes,
+                   threads=threads, program=program)
+    return planes
+
+
+def conv_pool_bands(bands: ConvPoolBands, cp: ConvPlan, pool: Layer, scratch: Scratch, x: np.ndarray,
+                    out: np.ndarray, conv_threads: int, pool_threads: int, program: K.Program | None = None) -> None:
+    """A conv layer and its max-pooling band by band (ConvPoolBands), the pooled map into ``out``."""
+    geom, route = cp.geom, cp.route
+    if route.name == "phase":
+        src, tap_off = phase_planes(cp, scratch, x, 0, conv_threads, program), route.phase_tap_off
+    elif route.pad_src:
+        hp, wp = route.src_hw
+        K.pad_planes(x=x, channel0=0, nch=geom.cin, pt=geom.pt, pl=geom.pl, Hp=hp, Wp=wp, dst=scratch.source,
+                     threads=conv_threads, program=program)
+        src, tap_off = scratch.source[:geom.cin * hp * wp].reshape(geom.cin, hp, wp), route.tap_off
+    else:
+        src, tap_off = x, route.tap_off
+    kh, kw = pool.attrs["kernel"]
+    psh, psw = pool.attrs["stride"]
+    ppl = pool.attrs["pads"][1]
+    for band in bands.bands:
+        conv_out = scratch.bands[:geom.cout * band.rows * geom.wo].reshape(geom.cout, band.rows * geom.wo)
+        K.conv_direct(x=src, channel0=0, pt=0, pl=0, Hp=src.shape[1], Wp=src.shape[2], pad=False,
+                      pad_buffer=scratch.source, tap_off=tap_off, vectors=band.vectors, W=cp.weights[0],
+                      bias=cp.layer.bias, relu=cp.layer.relu, out=conv_out, threads=conv_threads,
+                      src_offset=band.src_offset, program=program)
+        K.maxpool(x=conv_out.reshape(geom.cout, band.rows, geom.wo), out=out[:, band.p0:band.p1], kh=kh, kw=kw,
+                  sh=psh, sw=psw, pt=band.pad_top, pl=ppl, threads=pool_threads, program=program)
+
+
+def pool(layer: Layer, x: np.ndarray, out: np.ndarray, threads: int, program: K.Program | None = None) -> None:
+    """A max, average or global average pooling of x into out."""
+    if layer.op == Op.GAP:
+        K.global_avgpool(x=x.reshape(x.shape[0], -1), out=out.reshape(-1), threads=threads, program=program)
+        return
+    kh, kw = layer.attrs["kernel"]
+    sh, sw = layer.attrs["stride"]
+    pt, pl, pb, pr = layer.attrs["pads"]
+    if layer.op == Op.MAXPOOL:
+        K.maxpool(x=x, out=out, kh=kh, kw=kw, sh=sh, sw=sw, pt=pt, pl=pl, threads=threads, program=program)
+    else:
+        K.avgpool(x=x, out=out, kh=kh, kw=kw, sh=sh, sw=sw, pt=pt, pl=pl, pb=pb, pr=pr,
+                  count_include_pad=layer.attrs["count_include_pad"], threads=threads, program=program)
+
+
+def eltwise(layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
+    """An elementwise Add / Sub / Mul / Div / Pow of tensors and scalar constants."""
+    it = iter(inputs)
+    a, b = (np.float32(s) if s is not None else next(it) for s in layer.attrs["scalars"])
+    kind = layer.attrs["kind"]
+    if kind == "add":
+        r = a + b
+    elif kind == "sub":
+        r = a - b
+    elif kind == "mul":
+        r = a * b
+    elif kind == "div":
+        r = a / b
+    else:
+        r = np.power(a, b)
+    return np.asarray(r, dtype=np.float32).reshape(layer.out_shape)

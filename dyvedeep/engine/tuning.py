@@ -1,0 +1,38 @@
+"""The engine's tuning: the thresholds that choose threads, conv routes and conv+pool bands.
+
+One frozen :class:`EngineTuning` per engine (``Engine(plan, tuning=...)``); tests and tools that
+need another choice pass their own instead of changing module globals. The defaults are the
+measured ones (docs/engine.md); changing them changes speed, never floats or op counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineTuning:
+    """Thresholds of the engine's speed choices."""
+
+    #: On the Python path, a layer gets several threads for its own kernels only above this much
+    #: work (MACs, or 8 per output or input element for the layers without weights, whichever is
+    #: more: pooling reads its whole input): starting a parallel loop costs ~6 us, more than small
+    #: kernels take (SqueezeNet on 2 threads: 1M ran 5 % faster than 2M, 0.5M no better). In a
+    #: compiled run every step is shared by all threads: a barrier costs far less.
+    parallel_min_work: int = 1_000_000
+    #: A conv layer on the direct or phase route (no knobs) whose only reader is a max-pooling
+    #: runs with it band by band of output rows (ConvPoolBands) when its output has at least this
+    #: many bytes: each band of the conv output is pooled while it is still in L2, instead of the
+    #: whole map going out to memory and back (SqueezeNet's conv1: 3.2 MB).
+    conv_pool_min_bytes: int = 1 << 20
+    #: Bytes of one band of the conv output in a conv+pool pair (well inside L2).
+    conv_pool_band_bytes: int = 1 << 19
+    #: The direct conv route needs its vectors this full: maps 16 or 32 wide, or 1x1 layers
+    #: without padding, ran 1.15x-1.8x faster direct; with vectors per output row, 56-, 27- and
+    #: 14-wide maps (0.875, 0.84 and 0.875 of the lanes) ran as fast or faster on the panel route ...
+    direct_min_lane_use: float = 0.9
+    #: ... and at most this many output channels per output position (past it the weights are the
+    #: large operand, and the unfolded panels, read in order, feed the GEMM better).
+    direct_max_rows_per_position: int = 2
+
+
+DEFAULT_TUNING = EngineTuning()
