@@ -25,7 +25,7 @@ import yaml
 
 from .errors import DyveError
 from .io_utils import write_text_atomic
-from .plan import Layer, Plan
+from .plan import Layer, Op, Plan
 
 KNOB_NAMES = ("sfma", "sdss", "spet")  # order of application inside a layer
 
@@ -103,14 +103,14 @@ class KnobConfig:
 
 def applicable_knobs(layer: Layer) -> tuple[str, ...]:
     """The knobs that can act on ``layer`` (SPET and SDSS need a ReLU; SDSS and SFMA a conv)."""
-    if layer.op == "conv":
+    if layer.op == Op.CONV:
         knobs = ["sfma"]
         if layer.relu and layer.out_shape[1] >= 2 and layer.out_shape[2] >= 2:
             knobs.append("sdss")
         if layer.relu:
             knobs.append("spet")
         return tuple(knobs)
-    if layer.op == "fc" and layer.relu:
+    if layer.op == Op.FC and layer.relu:
         return ("spet",)
     return ()
 

@@ -1,9 +1,14 @@
 """Plan: turn an ONNX model (as the converters write it) into the engine's graph.
 
 The plan is a list of :class:`Layer` in execution order with static per-image shapes, weights as
-contiguous float32 arrays, fused ReLUs, and the exact dense op count of every layer. It also
-applies one exact rewrite: ``Conv -> MaxPool -> Relu`` becomes ``Conv+Relu -> MaxPool``
-(max and ReLU commute bit for bit), so that the knobs that need a ReLU (SPET, SDSS) see it.
+contiguous float32 arrays, folded ReLUs (a conv or fully-connected layer applies the ReLU that
+alone reads it), and the exact dense op count of every layer. It also applies one exact rewrite:
+``Conv -> MaxPool -> Relu`` becomes ``Conv+Relu -> MaxPool`` (max and ReLU commute bit for bit),
+so that the knobs that need a ReLU (SPET, SDSS) see it.
+
+Each engine op is one entry of :data:`OP_RULES` (registered with :func:`op_rule`, as onnx2torch
+registers converters): the ONNX ops it parses, its parsing, its dense count and whether its
+output is known to be >= 0. Adding an op: an entry here and a runner in ``engine.core.RUNNERS``.
 
 Op accounting (scalar operations per image; ``docs/ops.md`` has the table):
 conv / fully connected: 2 per MAC, + 1 per output for the bias, + 1 per output for a fused ReLU;
@@ -19,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -27,13 +32,6 @@ from onnx import numpy_helper
 
 from .errors import DyveError
 from .preprocess import LABELS_KEY, METADATA_KEY, Preprocess
-
-SUPPORTED_OPS = (
-    "Conv", "Gemm", "MatMul", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-    "LRN", "Concat", "Softmax", "Flatten", "Reshape", "Squeeze", "Dropout", "Identity",
-    "Add", "Mul", "Div", "Pow", "Sub",
-)
-
 
 class Op(str, Enum):
     """The engine's ops (a layer's ``op``); equal to their names as strings."""
@@ -68,7 +66,7 @@ class Layer:
     attrs: dict[str, Any] = field(default_factory=dict)
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
-    relu: bool = False
+    relu: bool = False  # a folded ReLU
     input_nonneg: bool = False
     dense_macs: int = 0
     dense_ops: int = 0
@@ -188,9 +186,9 @@ def build_plan(path: str | Path) -> Plan:
         if node.op_type == "Constant":
             consts[node.output[0]] = numpy_helper.to_array(_attr(node, "value"))
     for node in graph.node:
-        if node.op_type not in SUPPORTED_OPS and node.op_type != "Constant":
+        if node.op_type not in ONNX_RULES and node.op_type != "Constant":
             raise DyveError(f"{path}: unsupported ONNX op {node.op_type} (node {node.name or node.output[0]}); "
-                            f"the engine runs {', '.join(SUPPORTED_OPS)}")
+                            f"the engine runs {', '.join(ONNX_RULES)}")
     real_inputs = [i for i in graph.input if i.name not in inits]
     if len(real_inputs) != 1 or len(graph.output) != 1:
         raise DyveError(f"{path}: the engine needs exactly one input and one output")
@@ -203,13 +201,11 @@ def build_plan(path: str | Path) -> Plan:
     for node in graph.node:
         if node.op_type == "Constant":
             continue
-        layer = _make_layer(node, shapes, consts, path)
-        if layer is not None:
-            layers.append(layer)
-    layers = _fuse(layers, graph.output[0].name)
+        layers.append(_make_layer(node, shapes, consts, path))
+    layers = _fold_relus(layers, graph.output[0].name)
     _mark_nonneg(layers, real_inputs[0].name)
     for layer in layers:
-        _count_dense(layer, nonzero)
+        layer.dense_macs, layer.dense_ops, layer.nonzero_macs = OP_RULES[layer.op].count(layer, nonzero)
     return Plan(
         path=path,
         layers=layers,
@@ -223,104 +219,285 @@ def build_plan(path: str | Path) -> Plan:
     )
 
 
-def _const_input(node: onnx.NodeProto, index: int, consts: dict[str, np.ndarray], path: Path) -> np.ndarray:
-    name = node.input[index]
-    if name not in consts:
-        raise DyveError(f"{path}: node {node.name or node.output[0]} ({node.op_type}) needs a constant input {name}")
-    return consts[name]
+@dataclass
+class Node:
+    """One ONNX node as an op's parser sees it."""
+
+    node: onnx.NodeProto
+    name: str
+    consts: dict[str, np.ndarray]
+    path: Path
+    in_shapes: list[tuple[int, ...]]
+    out_shape: tuple[int, ...]
+
+    @property
+    def op_type(self) -> str:
+        return self.node.op_type
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return _attr(self.node, name, default)
+
+    def const(self, index: int) -> np.ndarray:
+        """The node's constant input ``index`` (a one-line DyveError when it is not constant)."""
+        name = self.node.input[index]
+        if name not in self.consts:
+            raise DyveError(f"{self.path}: node {self.name} ({self.op_type}) needs a constant input {name}")
+        return self.consts[name]
+
+    def has_input(self, index: int) -> bool:
+        return len(self.node.input) > index and bool(self.node.input[index])
+
+    def error(self, message: str) -> DyveError:
+        return DyveError(f"{self.path}: {self.op_type} {self.name}: {message}")
 
 
-def _make_layer(node: onnx.NodeProto, shapes: dict, consts: dict, path: Path) -> Layer | None:
-    """One ONNX node -> one engine layer (or an alias layer for shape-only ops)."""
-    op = node.op_type
+#: The dense count of a layer: (MACs, scalar ops, MACs on non-zero weights) per image.
+Count = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """One engine op: the ONNX ops it parses, its parser (node -> the layer's attrs, weight and
+    bias), its dense count (docs/ops.md) and whether its output is known to be >= 0."""
+
+    op: Op
+    onnx_types: tuple[str, ...]
+    parse: Callable[[Node], dict[str, Any]]
+    count: Callable[[Layer, dict[str, int]], Count]
+    output_nonneg: Callable[[Layer], bool]
+
+
+OP_RULES: dict[Op, OpRule] = {}
+ONNX_RULES: dict[str, OpRule] = {}  # ONNX op type -> its rule, in the order registered
+
+
+def op_rule(op: Op, *onnx_types: str, count: Callable[[Layer, dict[str, int]], Count],
+            output_nonneg: Callable[[Layer], bool]) -> Callable:
+    """Register the decorated parser as ``op``'s rule for ``onnx_types``."""
+    def register(parse: Callable[[Node], dict[str, Any]]) -> Callable[[Node], dict[str, Any]]:
+        rule = OpRule(op, onnx_types, parse, count, output_nonneg)
+        OP_RULES[op] = rule
+        ONNX_RULES.update(dict.fromkeys(onnx_types, rule))
+        return parse
+    return register
+
+
+def _make_layer(node: onnx.NodeProto, shapes: dict, consts: dict, path: Path) -> Layer:
+    """One ONNX node -> one engine layer (an alias layer for shape-only ops)."""
     name = node.name or node.output[0]
     tensor_inputs = [i for i in node.input if i and i not in consts]
     in_shapes = [shapes[i] for i in tensor_inputs if i in shapes]
     out = node.output[0]
     if out not in shapes:
         raise DyveError(f"{path}: cannot infer the shape of {out} (node {name})")
-    out_shape = shapes[out]
-    base = dict(name=name, inputs=tensor_inputs, output=out, in_shapes=in_shapes, out_shape=out_shape)
+    rule = ONNX_RULES[node.op_type]
+    fields = rule.parse(Node(node, name, consts, path, in_shapes, shapes[out]))
+    return Layer(name=name, op=rule.op, inputs=tensor_inputs, output=out, in_shapes=in_shapes,
+                 out_shape=shapes[out], **fields)
 
-    if op == "Conv":
-        w = np.ascontiguousarray(_const_input(node, 1, consts, path), dtype=np.float32)
-        b = (np.ascontiguousarray(_const_input(node, 2, consts, path), dtype=np.float32)
-             if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32))
-        if w.ndim != 4:
-            raise DyveError(f"{path}: Conv {name} must be 2-D (weight of rank 4), got rank {w.ndim}")
-        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            raise DyveError(f"{path}: Conv {name}: auto_pad is not supported; use explicit pads")
-        pads = list(_attr(node, "pads", [0, 0, 0, 0]))
-        attrs = dict(kernel=(int(w.shape[2]), int(w.shape[3])),
-                     stride=tuple(_attr(node, "strides", [1, 1])),
-                     pads=tuple(int(p) for p in pads),
-                     dilation=tuple(_attr(node, "dilations", [1, 1])),
-                     group=int(_attr(node, "group", 1)))
-        if in_shapes[0][0] != w.shape[1] * attrs["group"]:
-            raise DyveError(f"{path}: Conv {name}: weight {tuple(w.shape)} does not fit input {in_shapes[0]} "
-                            f"with group {attrs['group']}")
-        return Layer(op=Op.CONV, attrs=attrs, weight=w, bias=b, **base)
-    if op in ("Gemm", "MatMul"):
-        w = np.asarray(_const_input(node, 1, consts, path), dtype=np.float32)
-        if op == "Gemm":
-            alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-            if _attr(node, "transA", 0):
-                raise DyveError(f"{path}: Gemm {name} with transA=1 is not supported")
-            if not _attr(node, "transB", 0):
-                w = w.T
-            w = w * np.float32(alpha) if alpha != 1.0 else w
-            b = (np.asarray(_const_input(node, 2, consts, path), dtype=np.float32).reshape(-1) * np.float32(beta)
-                 if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0], np.float32))
-        else:
+
+# ----------------------------------------------------------------------------- counts and signs
+
+
+def _elements(layer: Layer) -> int:
+    return int(np.prod(layer.out_shape)) if layer.out_shape else 0
+
+
+def _count_weighted(layer: Layer, nonzero: dict[str, int]) -> Count:
+    """conv / fully connected: 2 per MAC, 1 per output (bias), 1 per output (folded ReLU)."""
+    w = layer.weight
+    nnz = int(nonzero.get(layer.name, np.count_nonzero(w)))
+    if layer.op == Op.CONV:
+        oc, ho, wo = layer.out_shape
+        macs, nonzero_macs = oc * ho * wo * int(np.prod(w.shape[1:])), ho * wo * nnz
+    else:
+        macs, nonzero_macs = int(w.size), nnz
+    return macs, 2 * macs + _elements(layer) * (1 + int(layer.relu)), nonzero_macs
+
+
+def _count_per_element(layer: Layer, nonzero: dict[str, int]) -> Count:
+    """ReLU, Add / Sub / Mul / Div / Pow: 1 per element."""
+    return 0, _elements(layer), 0
+
+
+def _count_none(layer: Layer, nonzero: dict[str, int]) -> Count:
+    """Concat and views: 0."""
+    return 0, 0, 0
+
+
+def _count_pool(layer: Layer, nonzero: dict[str, int]) -> Count:
+    """Max pooling: (window - 1) compares per output; average: (window - 1) adds + 1 divide
+    (window = taps inside the input)."""
+    c, h, w_ = layer.in_shapes[0]
+    _, ho, wo = layer.out_shape
+    kh, kw = layer.attrs["kernel"]
+    sh, sw = layer.attrs["stride"]
+    pt, pl = layer.attrs["pads"][0], layer.attrs["pads"][1]
+    window = np.outer(_window_counts(h, kh, sh, pt, ho), _window_counts(w_, kw, sw, pl, wo))
+    if layer.op == Op.MAXPOOL:
+        return 0, c * int(np.sum(np.maximum(window - 1, 0))), 0
+    return 0, c * int(np.sum(window)), 0
+
+
+def _count_global_pool(layer: Layer, nonzero: dict[str, int]) -> Count:
+    """Global average: H*W per channel (adds + divide); global max: H*W - 1 compares."""
+    c, h, w_ = layer.in_shapes[0]
+    return 0, c * (h * w_ if layer.op == Op.GAP else h * w_ - 1), 0
+
+
+def _count_lrn(layer: Layer, nonzero: dict[str, int]) -> Count:
+    """Per element: 2 per window tap (square, add) + 4 (scale, shift, power, divide)."""
+    c = layer.in_shapes[0][0]
+    hw = int(np.prod(layer.in_shapes[0][1:]))
+    size = layer.attrs["size"]
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    taps = sum(min(c - 1, ch + hi) - max(0, ch - lo) + 1 for ch in range(c))
+    return 0, hw * (2 * taps + 4 * c), 0
+
+
+def _count_softmax(layer: Layer, nonzero: dict[str, int]) -> Count:
+    """Per row: (F - 1) compares + 4 F (subtract, exp, add, divide)."""
+    f = layer.out_shape[0]
+    rows = _elements(layer) // f
+    return 0, rows * ((f - 1) + 4 * f), 0
+
+
+def _keeps_sign(layer: Layer) -> bool:
+    return layer.input_nonneg
+
+
+def _nonneg(layer: Layer) -> bool:
+    return True
+
+
+def _signed(layer: Layer) -> bool:
+    return False
+
+
+def _relu_folded(layer: Layer) -> bool:
+    return layer.relu
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def _no_auto_pad(node: Node) -> None:
+    if node.attr("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise node.error("auto_pad is not supported; use explicit pads")
+
+
+@op_rule(Op.CONV, "Conv", count=_count_weighted, output_nonneg=_relu_folded)
+def _conv(node: Node) -> dict[str, Any]:
+    w = np.ascontiguousarray(node.const(1), dtype=np.float32)
+    b = (np.ascontiguousarray(node.const(2), dtype=np.float32) if node.has_input(2)
+         else np.zeros(w.shape[0], np.float32))
+    if w.ndim != 4:
+        raise DyveError(f"{node.path}: Conv {node.name} must be 2-D (weight of rank 4), got rank {w.ndim}")
+    _no_auto_pad(node)
+    attrs = dict(kernel=(int(w.shape[2]), int(w.shape[3])),
+                 stride=tuple(node.attr("strides", [1, 1])),
+                 pads=tuple(int(p) for p in node.attr("pads", [0, 0, 0, 0])),
+                 dilation=tuple(node.attr("dilations", [1, 1])),
+                 group=int(node.attr("group", 1)))
+    if node.in_shapes[0][0] != w.shape[1] * attrs["group"]:
+        raise node.error(f"weight {tuple(w.shape)} does not fit input {node.in_shapes[0]} with group {attrs['group']}")
+    return dict(attrs=attrs, weight=w, bias=b)
+
+
+@op_rule(Op.FC, "Gemm", "MatMul", count=_count_weighted, output_nonneg=_relu_folded)
+def _fc(node: Node) -> dict[str, Any]:
+    w = np.asarray(node.const(1), dtype=np.float32)
+    if node.op_type == "Gemm":
+        alpha, beta = float(node.attr("alpha", 1.0)), float(node.attr("beta", 1.0))
+        if node.attr("transA", 0):
+            raise DyveError(f"{node.path}: Gemm {node.name} with transA=1 is not supported")
+        if not node.attr("transB", 0):
             w = w.T
-            b = np.zeros(w.shape[0], np.float32)
-        if b.size == 1 and w.shape[0] != 1:
-            b = np.full(w.shape[0], b.item(), np.float32)
-        return Layer(op=Op.FC, weight=np.ascontiguousarray(w), bias=np.ascontiguousarray(b), **base)
-    if op == "Relu":
-        return Layer(op=Op.RELU, **base)
-    if op in ("MaxPool", "AveragePool"):
-        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            raise DyveError(f"{path}: {op} {name}: auto_pad is not supported; use explicit pads")
-        kernel = tuple(int(k) for k in _attr(node, "kernel_shape"))
-        attrs = dict(kernel=kernel,
-                     stride=tuple(int(s) for s in _attr(node, "strides", [1, 1])),
-                     pads=tuple(int(p) for p in _attr(node, "pads", [0, 0, 0, 0])),
-                     dilation=tuple(int(d) for d in _attr(node, "dilations", [1, 1])),
-                     count_include_pad=int(_attr(node, "count_include_pad", 0)))
-        if attrs["dilation"] != (1, 1):
-            raise DyveError(f"{path}: {op} {name}: dilated pooling is not supported")
-        return Layer(op=Op.MAXPOOL if op == "MaxPool" else Op.AVGPOOL, attrs=attrs, **base)
-    if op in ("GlobalAveragePool", "GlobalMaxPool"):
-        return Layer(op=Op.GAP if op == "GlobalAveragePool" else Op.GMP, **base)
-    if op == "LRN":
-        attrs = dict(size=int(_attr(node, "size")), alpha=float(_attr(node, "alpha", 1e-4)),
-                     beta=float(_attr(node, "beta", 0.75)), bias=float(_attr(node, "bias", 1.0)))
-        return Layer(op=Op.LRN, attrs=attrs, **base)
-    if op == "Concat":
-        axis = int(_attr(node, "axis"))
-        if axis not in (1, 1 - (len(out_shape) + 1)):
-            raise DyveError(f"{path}: Concat {name} on axis {axis}: only channel concat (axis 1) is supported")
-        return Layer(op=Op.CONCAT, **base)
-    if op == "Softmax":
-        axis = int(_attr(node, "axis", -1))
-        if len(out_shape) != 1 and axis not in (1,):
-            raise DyveError(f"{path}: Softmax {name} over axis {axis} of a {len(out_shape) + 1}-D tensor is not supported")
-        return Layer(op=Op.SOFTMAX, **base)
-    if op in ("Flatten", "Reshape", "Squeeze", "Dropout", "Identity"):
-        return Layer(op=Op.ALIAS, **base)
-    if op in ("Add", "Mul", "Div", "Pow", "Sub"):
-        scalars = [float(consts[i].reshape(-1)[0]) if i in consts and consts[i].size == 1 else None for i in node.input]
-        for i in node.input:
-            if i in consts and consts[i].size != 1:
-                raise DyveError(f"{path}: {op} {name}: only scalar constants are supported")
-        # in_shapes must follow the tensor inputs; record which inputs are scalars.
-        return Layer(op=Op.ELTWISE, attrs=dict(kind=op.lower(), scalars=scalars, order=list(node.input)), **base)
-    raise DyveError(f"{path}: unsupported ONNX op {op} (node {name})")
+        w = w * np.float32(alpha) if alpha != 1.0 else w
+        b = (np.asarray(node.const(2), dtype=np.float32).reshape(-1) * np.float32(beta) if node.has_input(2)
+             else np.zeros(w.shape[0], np.float32))
+    else:
+        w = w.T
+        b = np.zeros(w.shape[0], np.float32)
+    if b.size == 1 and w.shape[0] != 1:
+        b = np.full(w.shape[0], b.item(), np.float32)
+    return dict(weight=np.ascontiguousarray(w), bias=np.ascontiguousarray(b))
 
 
-def _fuse(layers: list[Layer], graph_output: str) -> list[Layer]:
-    """Fuse ReLUs into conv / fc, and rewrite Conv -> MaxPool -> Relu as Conv+Relu -> MaxPool."""
+@op_rule(Op.RELU, "Relu", count=_count_per_element, output_nonneg=_nonneg)
+def _relu(node: Node) -> dict[str, Any]:
+    return {}
+
+
+def _pool(node: Node) -> dict[str, Any]:
+    _no_auto_pad(node)
+    attrs = dict(kernel=tuple(int(k) for k in node.attr("kernel_shape")),
+                 stride=tuple(int(s) for s in node.attr("strides", [1, 1])),
+                 pads=tuple(int(p) for p in node.attr("pads", [0, 0, 0, 0])),
+                 dilation=tuple(int(d) for d in node.attr("dilations", [1, 1])),
+                 count_include_pad=int(node.attr("count_include_pad", 0)))
+    if attrs["dilation"] != (1, 1):
+        raise node.error("dilated pooling is not supported")
+    return dict(attrs=attrs)
+
+
+op_rule(Op.MAXPOOL, "MaxPool", count=_count_pool, output_nonneg=_keeps_sign)(_pool)
+op_rule(Op.AVGPOOL, "AveragePool", count=_count_pool, output_nonneg=_keeps_sign)(_pool)
+
+
+@op_rule(Op.GMP, "GlobalMaxPool", count=_count_global_pool, output_nonneg=_keeps_sign)
+@op_rule(Op.GAP, "GlobalAveragePool", count=_count_global_pool, output_nonneg=_keeps_sign)
+def _global_pool(node: Node) -> dict[str, Any]:
+    return {}
+
+
+@op_rule(Op.LRN, "LRN", count=_count_lrn,
+         output_nonneg=lambda layer: layer.input_nonneg and layer.attrs["bias"] > 0)  # x / (bias + ...)^beta
+def _lrn(node: Node) -> dict[str, Any]:
+    return dict(attrs=dict(size=int(node.attr("size")), alpha=float(node.attr("alpha", 1e-4)),
+                           beta=float(node.attr("beta", 0.75)), bias=float(node.attr("bias", 1.0))))
+
+
+@op_rule(Op.CONCAT, "Concat", count=_count_none, output_nonneg=_keeps_sign)
+def _concat(node: Node) -> dict[str, Any]:
+    axis = int(node.attr("axis"))
+    if axis not in (1, 1 - (len(node.out_shape) + 1)):
+        raise DyveError(f"{node.path}: Concat {node.name} on axis {axis}: only channel concat (axis 1) is supported")
+    return {}
+
+
+@op_rule(Op.SOFTMAX, "Softmax", count=_count_softmax, output_nonneg=_nonneg)
+def _softmax(node: Node) -> dict[str, Any]:
+    axis = int(node.attr("axis", -1))
+    if len(node.out_shape) != 1 and axis not in (1,):
+        raise DyveError(f"{node.path}: Softmax {node.name} over axis {axis} of a {len(node.out_shape) + 1}-D tensor "
+                        f"is not supported")
+    return {}
+
+
+@op_rule(Op.ALIAS, "Flatten", "Reshape", "Squeeze", "Dropout", "Identity", count=_count_none,
+         output_nonneg=_keeps_sign)
+def _alias(node: Node) -> dict[str, Any]:
+    return {}
+
+
+@op_rule(Op.ELTWISE, "Add", "Mul", "Div", "Pow", "Sub", count=_count_per_element, output_nonneg=_signed)
+def _eltwise(node: Node) -> dict[str, Any]:
+    consts = node.consts
+    inputs = node.node.input
+    scalars = [float(consts[i].reshape(-1)[0]) if i in consts and consts[i].size == 1 else None for i in inputs]
+    for i in inputs:
+        if i in consts and consts[i].size != 1:
+            raise node.error("only scalar constants are supported")
+    # in_shapes follow the tensor inputs; the scalars record which inputs are constants
+    return dict(attrs=dict(kind=node.op_type.lower(), scalars=scalars, order=list(inputs)))
+
+
+# ----------------------------------------------------------------------------- graph rewrites
+
+
+def _fold_relus(layers: list[Layer], graph_output: str) -> list[Layer]:
+    """Fold ReLUs into conv / fc, and rewrite Conv -> MaxPool -> Relu as Conv+Relu -> MaxPool."""
     consumers: dict[str, list[Layer]] = {}
     for layer in layers:
         for i in layer.inputs:
@@ -335,14 +512,14 @@ def _fuse(layers: list[Layer], graph_output: str) -> list[Layer]:
         if not layer.is_compute or layer.relu:
             continue
         nxt = sole_consumer(layer.output)
-        if nxt is not None and nxt.op == "relu":
+        if nxt is not None and nxt.op == Op.RELU:
             layer.relu = True
             removed.add(id(nxt))
             layer.output = nxt.output  # consumers of the ReLU's output now read the conv directly
             continue
-        if layer.op == "conv" and nxt is not None and nxt.op == "maxpool":
+        if layer.op == Op.CONV and nxt is not None and nxt.op == Op.MAXPOOL:
             after = sole_consumer(nxt.output)
-            if after is not None and after.op == "relu":
+            if after is not None and after.op == Op.RELU:
                 layer.relu = True
                 removed.add(id(after))
                 # the pool now reads the conv (which applies the ReLU) and writes the ReLU's output
@@ -351,65 +528,8 @@ def _fuse(layers: list[Layer], graph_output: str) -> list[Layer]:
 
 
 def _mark_nonneg(layers: list[Layer], input_name: str) -> None:
-    """Record for each layer whether its inputs are known to be >= 0 (after a ReLU, and layers
-    that keep the sign: pooling, views, concatenation, LRN)."""
+    """Record for each layer whether its inputs are known to be >= 0 (its op's output_nonneg)."""
     nonneg: dict[str, bool] = {input_name: False}
     for layer in layers:
         layer.input_nonneg = all(nonneg.get(i, False) for i in layer.inputs) if layer.inputs else False
-        if layer.op == "relu" or (layer.is_compute and layer.relu):
-            nonneg[layer.output] = True
-        elif layer.op in ("maxpool", "avgpool", "gap", "gmp", "alias", "concat"):
-            nonneg[layer.output] = layer.input_nonneg
-        elif layer.op == "lrn":  # x / (bias + ...)^beta keeps the sign of x when bias > 0
-            nonneg[layer.output] = layer.input_nonneg and layer.attrs["bias"] > 0
-        elif layer.op == "softmax":
-            nonneg[layer.output] = True
-        else:
-            nonneg[layer.output] = False
-
-
-def _count_dense(layer: Layer, nonzero: dict[str, int]) -> None:
-    """Exact dense MACs and scalar ops of one layer, per image."""
-    out_elems = int(np.prod(layer.out_shape)) if layer.out_shape else 0
-    if layer.op == "conv":
-        oc, ho, wo = layer.out_shape
-        w = layer.weight
-        layer.dense_macs = oc * ho * wo * int(np.prod(w.shape[1:]))
-        nnz = int(nonzero.get(layer.name, np.count_nonzero(w)))
-        layer.nonzero_macs = ho * wo * nnz
-        layer.dense_ops = 2 * layer.dense_macs + out_elems * (1 + int(layer.relu))
-    elif layer.op == "fc":
-        w = layer.weight
-        layer.dense_macs = int(w.size)
-        nnz = int(nonzero.get(layer.name, np.count_nonzero(w)))
-        layer.nonzero_macs = nnz
-        layer.dense_ops = 2 * layer.dense_macs + out_elems * (1 + int(layer.relu))
-    elif layer.op in ("relu", "eltwise"):
-        layer.dense_ops = out_elems
-    elif layer.op in ("maxpool", "avgpool"):
-        c, h, w_ = layer.in_shapes[0]
-        _, ho, wo = layer.out_shape
-        kh, kw = layer.attrs["kernel"]
-        sh, sw = layer.attrs["stride"]
-        pt, pl = layer.attrs["pads"][0], layer.attrs["pads"][1]
-        window = np.outer(_window_counts(h, kh, sh, pt, ho), _window_counts(w_, kw, sw, pl, wo))
-        if layer.op == "maxpool":
-            layer.dense_ops = c * int(np.sum(np.maximum(window - 1, 0)))
-        else:
-            layer.dense_ops = c * int(np.sum(window))  # (window - 1) adds + 1 divide
-    elif layer.op in ("gap", "gmp"):
-        c, h, w_ = layer.in_shapes[0]
-        layer.dense_ops = c * (h * w_ if layer.op == "gap" else h * w_ - 1)
-    elif layer.op == "lrn":
-        c = layer.in_shapes[0][0]
-        hw = int(np.prod(layer.in_shapes[0][1:]))
-        size = layer.attrs["size"]
-        lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
-        taps = sum(min(c - 1, ch + hi) - max(0, ch - lo) + 1 for ch in range(c))
-        layer.dense_ops = hw * (2 * taps + 4 * c)
-    elif layer.op == "softmax":
-        f = layer.out_shape[0]
-        rows = out_elems // f
-        layer.dense_ops = rows * ((f - 1) + 4 * f)
-    else:
-        layer.dense_ops = 0
+        nonneg[layer.output] = bool(OP_RULES[layer.op].output_nonneg(layer))
