@@ -11,7 +11,7 @@ registers converters): the ONNX ops it parses, its parsing, its dense count and 
 output is known to be >= 0. Adding an op: an entry here and a runner in ``engine.core.RUNNERS``.
 
 Op accounting (scalar operations per image; ``docs/ops.md`` has the table):
-conv / fully connected: 2 per MAC, + 1 per output for the bias, + 1 per output for a fused ReLU;
+conv / fully connected: 2 per MAC, + 1 per output for the bias, + 1 per output for a folded ReLU;
 ReLU: 1 per element; max pooling: (window - 1) compares per output, average pooling:
 (window - 1) adds + 1 divide per output (window = elements inside the input, counted exactly);
 LRN: per element 2 per window element (square, add) + 4 (scale, shift, power, divide);
