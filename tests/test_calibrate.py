@@ -6,12 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from dyvedeep.calibrate import Calibrator, risk_pt
-from dyvedeep.engine import Engine
+from dyvedeep.calibrate import Calibrator, knob_statistics, risk_pt
+from dyvedeep.engine import Engine, sdss_grid
 from dyvedeep.errors import DyveError
-from dyvedeep.knobs import KnobConfig
+from dyvedeep.knobs import DEFAULT_OPTIONS, KnobConfig
 from dyvedeep.plan import build_plan
+from tests.onnx_builders import conv_model
 from tests.test_cli import run, small_data, small_model  # noqa: F401  (fixtures)
+from tests.test_knobs import reference_knobs
 
 
 def test_risk_criteria():
@@ -29,6 +31,45 @@ def test_risk_criteria():
     ok2 = np.array([0, 0, 0, 1, 1, 1, 0, 0], bool)  # 3 lost, 2 gained
     assert risk_pt("ucb", 2.0, dense_ok, dense_pred, ok2, pred)[0] > ucb
     assert risk_pt("ucb", 0.0, dense_ok, dense_pred, ok2, pred)[0] == pytest.approx(loss)
+
+
+@pytest.mark.parametrize("options", [
+    {},  # the knobs' defaults (knobs.DEFAULT_OPTIONS), the layer having no knob on
+    {"spet": {"fraction": 0.25}, "sdss": {"stride": 3}, "sfma": {"statistic": "std"}},
+])
+def test_knob_statistics_are_what_the_thresholds_are_compared_with(tmp_path, options):
+    """The candidate grids' statistics against the rules written directly: SFMA's spread of each
+    input map, SDSS's largest grid corner of each cell, SPET's margin of each negative partial."""
+    rng = np.random.default_rng(11)
+    w = rng.normal(0, .25, (5, 6, 3, 3)).astype(np.float32)
+    b = rng.normal(0, .1, 5).astype(np.float32)
+    plan = build_plan(conv_model(tmp_path / "c.onnx", w, b, (6, 11, 11), pads=[1, 1, 1, 1]))
+    layer = plan.layer("conv")
+    x = rng.normal(0, 1, (6, 11, 11)).astype(np.float32)
+    config = KnobConfig()
+    for knob, opts in options.items():
+        config.set("conv", knob, {"spet": math.inf, "sdss": 0.0, "sfma": 0.0}[knob], **opts)
+    engine = Engine(plan, config)
+
+    def option(knob, name):
+        return options.get(knob, {}).get(name, DEFAULT_OPTIONS[knob][name])
+
+    x64 = x.astype(np.float64)
+    spread = x64.std(axis=(1, 2))
+    if option("sfma", "statistic") == "relative_std":
+        spread = spread / np.abs(x64).mean()
+    np.testing.assert_allclose(knob_statistics(engine, layer, x, "sfma"), spread, rtol=1e-5)
+
+    _, partial = reference_knobs(x, w, b, 1, 0.0, 0.0, 0.0, fraction=option("spet", "fraction"))
+    margins = -partial[partial < 0]
+    np.testing.assert_allclose(np.sort(knob_statistics(engine, layer, x, "spet")), np.sort(margins),
+                               rtol=1e-4, atol=1e-5)
+
+    out = Engine(plan).run(x[None])[0]
+    grid = sdss_grid(11, 11, option("sdss", "stride"))
+    corners = [max(out[o, grid.gy[i + a], grid.gx[j + c]] for a in (0, 1) for c in (0, 1))
+               for o in range(5) for i in range(len(grid.gy) - 1) for j in range(len(grid.gx) - 1)]
+    assert np.array_equal(knob_statistics(engine, layer, x, "sdss"), np.array(corners, np.float32))
 
 
 def _calibrator(model, n=40, **kw):

@@ -7,9 +7,9 @@ import pytest
 from onnx import helper
 
 from dyvedeep import _kernels as K
-from dyvedeep.engine import CompiledRun, Engine, EngineTuning
+from dyvedeep.engine import RUNNERS, CompiledRun, Engine, EngineTuning
 from dyvedeep.errors import DyveError
-from dyvedeep.plan import build_plan
+from dyvedeep.plan import ONNX_RULES, OP_RULES, Op, build_plan
 from tests.onnx_builders import conv_model, fc_model, save_model
 
 RNG = np.random.default_rng(1234)
@@ -496,3 +496,11 @@ def test_nonneg_inputs_pass_through_lrn(tmp_path, relu, expected):
              "W2": RNG.normal(0, .3, (2, 4, 3, 3)), "b2": RNG.normal(0, .1, 2)}
     plan = build_plan(save_model(tmp_path / "n.onnx", nodes, inits, (3, 9, 9), "out"))
     assert [layer.input_nonneg for layer in plan.layers if layer.name == "b"] == [expected]
+
+
+def test_every_op_has_one_rule_and_one_runner():
+    """Each engine op is parsed, counted and signed by one plan rule and run by one engine
+    runner; every ONNX op the plan accepts maps to an op the engine runs."""
+    assert set(OP_RULES) == set(Op) == set(RUNNERS)
+    assert all(rule.op in RUNNERS and name in rule.onnx_types for name, rule in ONNX_RULES.items())
+    assert Op.CONV == "conv" and f"{Op.CONV}" == "conv"  # ops read and print as their names

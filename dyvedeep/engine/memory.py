@@ -61,21 +61,14 @@ def tensor_readers(plan: Plan) -> dict[str, list[int]]:
     return readers
 
 
-def plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
-    """Output buffers of the layers, as onnxruntime's memory planner does: a buffer is reused
-    once every reader of its tensor has run, so that the working set stays in cache.
-
-    A Concat's inputs are written in place into their slices of its buffer when they are made
+def in_place_concat_inputs(plan: Plan) -> dict[str, tuple[str, int]]:
+    """The Concat inputs written in place into their slices of the Concat's buffer: those made
     by a layer that writes into a buffer (not an alias, not the graph input or output) and read
-    by that Concat alone. Aliases (Flatten, Reshape) are views of their input and keep it live.
-    Returns the buffer of every tensor that has one and the set of in-place Concat inputs."""
-    layers = plan.layers
-    producer = {layer.output: layer for layer in layers}
-    produced_at = {layer.output: i for i, layer in enumerate(layers)}
+    by that Concat alone. Returns tensor -> (the Concat's output, its first channel there)."""
+    producer = {layer.output: layer for layer in plan.layers}
     readers = tensor_readers(plan)
-    # in-place Concat inputs: tensor -> (concat output, first channel)
     in_place: dict[str, tuple[str, int]] = {}
-    for layer in layers:
+    for layer in plan.layers:
         if layer.op != Op.CONCAT:
             continue
         channel = 0
@@ -85,9 +78,16 @@ def plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
                     and layer.inputs.count(t) == 1 and t not in in_place):
                 in_place[t] = (layer.output, channel)
             channel += shape[0]
+    return in_place
+
+
+def _lifetimes(plan: Plan, in_place: dict[str, tuple[str, int]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per buffer owner (the tensor whose buffer holds others: its aliases, its in-place Concat
+    inputs), the index of the first layer that writes it and of the last that reads it."""
+    producer = {layer.output: layer for layer in plan.layers}
+    readers = tensor_readers(plan)
 
     def owner(t: str) -> str:
-        """The tensor whose buffer holds ``t`` (itself, its alias source, or its Concat)."""
         while True:
             if t in in_place:
                 t = in_place[t][0]
@@ -96,16 +96,31 @@ def plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
             else:
                 return t
 
-    end_of_graph = len(layers)
+    produced_at = {layer.output: i for i, layer in enumerate(plan.layers)}
     start: dict[str, int] = {}
     end: dict[str, int] = {}
     for t, i in produced_at.items():
         o = owner(t)
         if o == plan.input_name:
             continue
-        last = end_of_graph if t == plan.output_name else max(readers.get(t, [i]))
+        last = len(plan.layers) if t == plan.output_name else max(readers.get(t, [i]))
         start[o] = min(start.get(o, i), i)
         end[o] = max(end.get(o, last), last)
+    return start, end
+
+
+def plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Output buffers of the layers, as onnxruntime's memory planner does: a buffer is reused
+    once every reader of its tensor has run, so that the working set stays in cache.
+
+    A Concat's inputs are written in place into their slices of its buffer
+    (:func:`in_place_concat_inputs`). Aliases (Flatten, Reshape) are views of their input and
+    keep it live. Returns the buffer of every tensor that has one and the set of in-place Concat
+    inputs."""
+    producer = {layer.output: layer for layer in plan.layers}
+    produced_at = {layer.output: i for i, layer in enumerate(plan.layers)}
+    in_place = in_place_concat_inputs(plan)
+    start, end = _lifetimes(plan, in_place)
     buffers: dict[str, np.ndarray] = {}
     blocks: dict[str, np.ndarray] = {}  # owner -> the flat block its buffer is cut from
     free: list[np.ndarray] = []  # flat float32 blocks no longer in use
@@ -116,10 +131,7 @@ def plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
             free.extend(blocks[t] for t in releases.pop(j))
         size = int(np.prod(producer[o].out_shape))
         fits = [k for k, block in enumerate(free) if block.size >= size]
-        if fits:
-            block = free.pop(min(fits, key=lambda k: free[k].size))
-        else:
-            block = aligned_zeros(size)
+        block = free.pop(min(fits, key=lambda k: free[k].size)) if fits else aligned_zeros(size)
         blocks[o] = block
         buffers[o] = block[:size].reshape(producer[o].out_shape)
         releases.setdefault(end[o], []).append(o)
@@ -127,8 +139,7 @@ def plan_buffers(plan: Plan) -> tuple[dict[str, np.ndarray], set[str]]:
     def place(t: str) -> np.ndarray:
         if t not in buffers:
             concat, channel = in_place[t]
-            shape = producer[t].out_shape
-            buffers[t] = place(concat)[channel:channel + shape[0]]
+            buffers[t] = place(concat)[channel:channel + producer[t].out_shape[0]]
         return buffers[t]
 
     for t in in_place:
