@@ -63,7 +63,7 @@ def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape, route):
     path = conv_model(tmp_path / "c.onnx", w, b, in_shape, relu=False, **attrs)
     assert_matches_ort(path, RNG.normal(0, 1, (2, *in_shape)).astype(np.float32))
     if route is not None:
-        assert [st.route.name for st in Engine(build_plan(path)).states.values()] == [route]
+        assert [st.route.name for st in Engine(build_plan(path)).layer_plans.values()] == [route]
 
 
 @pytest.mark.parametrize("ho, wo, sh, row_width, across", [
@@ -177,7 +177,7 @@ def assert_routes_and_threads_bit_exact(path, routes):
     """The model's conv layers take ``routes``; it matches onnxruntime, and 2 and 3 threads give
     the same floats as one."""
     plan = build_plan(path)
-    assert [st.route.name for st in Engine(plan).states.values()] == routes
+    assert [st.route.name for st in Engine(plan).layer_plans.values()] == routes
     x = RNG.normal(0, 1, (2, *plan.input_shape)).astype(np.float32)
     one = assert_matches_ort(path, x)
     for threads in (2, 3):
@@ -254,7 +254,7 @@ def test_conv_and_maxpool_run_band_by_band_bit_exactly(tmp_path, conv_attrs, poo
     x = RNG.normal(0, 1, (2, 4, 39, 37)).astype(np.float32)
     plan = build_plan(path)
     engine = Engine(plan, threads=threads, tuning=tuning)
-    assert [st.route.name for st in engine.states.values()] == [route]
+    assert [st.route.name for st in engine.layer_plans.values()] == [route]
     assert len(engine.conv_pool_bands[0].bands) > 2
     banded = engine.run(x)
     ref = ort_run(path, x).reshape(banded.shape)
@@ -310,7 +310,7 @@ def test_compiled_runs_equal_python_dispatch(tmp_path, threads):
     x = RNG.normal(0, 1, (3, *plan.input_shape)).astype(np.float32)
     compiled = Engine(plan, threads=threads, tuning=tuning)
     python = Engine(plan, threads=threads, compiled=False, tuning=tuning)
-    routes = {name: st.route.name if hasattr(st, "route") else None for name, st in compiled.states.items()}
+    routes = {name: getattr(lp, "route", None) and lp.route.name for name, lp in compiled.layer_plans.items()}
     assert set(routes.values()) == {"direct", "phase", "panel", "unfold", None}, routes
     assert list(compiled.conv_pool_bands) == [0] and len(compiled.conv_pool_bands[0].bands) > 2
     ops = [layer.op for layer in plan.layers]

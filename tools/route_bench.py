@@ -56,8 +56,8 @@ def main() -> None:
             calls.append(lambda engine=engine, out=out, index=index, layer=layer:
                          engine.run_layer(layer, [values[layer.inputs[0]]], out, index))
         t_chosen, t_unfolding = alternate_medians(calls[0], calls[1], args.calls)
-        print(f"{layer.name:20s} {chosen.states[layer.name].route.name:>7s} {t_chosen:9.1f} "
-              f"{unfolding.states[layer.name].route.name:>9s} {t_unfolding:9.1f} {t_unfolding / t_chosen:6.2f} "
+        print(f"{layer.name:20s} {chosen.layer_plans[layer.name].route.name:>7s} {t_chosen:9.1f} "
+              f"{unfolding.layer_plans[layer.name].route.name:>9s} {t_unfolding:9.1f} {t_unfolding / t_chosen:6.2f} "
               f"{float(np.abs(outs[0] - outs[1]).max()):8.2g}")
 
 

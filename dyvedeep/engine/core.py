@@ -84,13 +84,13 @@ class Engine:
         self.layer_threads = {layer.name: self.threads if layer_work(layer) >= tuning.parallel_min_work else 1
                               for layer in plan.layers}
         self.kernel_threads = 1  # threads of the current layer's own kernels (Python path)
-        self.states: dict[str, ConvPlan | FcPlan] = {}
+        self.layer_plans: dict[str, ConvPlan | FcPlan] = {}  # conv and fully-connected layers
         for layer in plan.layers:
             if layer.op == Op.CONV:
-                self.states[layer.name] = plan_conv(layer, self.knobs, tuning)
+                self.layer_plans[layer.name] = plan_conv(layer, self.knobs, tuning)
             elif layer.op == Op.FC:
-                self.states[layer.name] = plan_fc(layer, self.knobs)
-        convs = [st for st in self.states.values() if isinstance(st, ConvPlan)]
+                self.layer_plans[layer.name] = plan_fc(layer, self.knobs)
+        convs = [st for st in self.layer_plans.values() if isinstance(st, ConvPlan)]
         cols = aligned_zeros(max([cp.cols.size for cp in convs], default=0))
         for cp in convs:
             cp.cols = cols[:cp.cols.size].reshape(cp.cols.shape)
@@ -99,7 +99,7 @@ class Engine:
         self.conv_pool_bands: dict[int, ConvPoolBands] = {}  # conv layer index -> its bands
         for i, layer in enumerate(plan.layers):
             if layer.op == Op.CONV and layer.output not in self.in_place:
-                bands = plan_conv_pool_bands(plan, i, self.states[layer.name], readers, tuning)
+                bands = plan_conv_pool_bands(plan, i, self.layer_plans[layer.name], readers, tuning)
                 if bands is not None:
                     self.conv_pool_bands[i] = bands
         geoms = [cp.geom for cp in convs]
@@ -204,7 +204,7 @@ class Engine:
         """Whether a layer joins a compiled run: a conv without knobs, a pooling, a Concat whose
         inputs are all written in place, or a view (not of the image, which changes per call)."""
         if layer.op == Op.CONV:
-            return self.states[layer.name].knobs is None
+            return self.layer_plans[layer.name].knobs is None
         if layer.op == Op.ALIAS:
             return not np.shares_memory(values[layer.inputs[0]], self._image)
         if layer.op == Op.CONCAT:
@@ -249,7 +249,7 @@ class Engine:
         """Append a compilable layer's steps (see _compilable) to ``program``; returns its output."""
         threads = self._threads_of(layer, program)
         if layer.op == Op.CONV:
-            cp = self.states[layer.name]
+            cp = self.layer_plans[layer.name]
             plain.conv_plain(cp, self.scratch, inputs[0], out.reshape(layer.out_shape[0], cp.geom.positions),
                              threads, program)
             return out
@@ -278,14 +278,14 @@ class Engine:
         """The kernels of a conv+pool pair, run now or appended to ``program``; returns the pooled map."""
         layer, pool = self.plan.layers[bands.conv], self.plan.layers[bands.conv + 1]
         out = self.buffers.get(pool.output)
-        plain.conv_pool_bands(bands, self.states[layer.name], pool, self.scratch, x, out,
+        plain.conv_pool_bands(bands, self.layer_plans[layer.name], pool, self.scratch, x, out,
                               self._threads_of(layer, program), self._threads_of(pool, program), program)
         return out
 
     # -- runners (one per op; RUNNERS) ---------------------------------------------------
 
     def _conv(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
-        cp = self.states[layer.name]
+        cp = self.layer_plans[layer.name]
         geom = cp.geom
         out2 = out.reshape(layer.out_shape[0], geom.positions)
         if cp.knobs is None:
@@ -305,7 +305,7 @@ class Engine:
         return out
 
     def _fc(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
-        fp = self.states[layer.name]
+        fp = self.layer_plans[layer.name]
         x = np.ascontiguousarray(inputs[0].reshape(-1))
         out = out.reshape(-1)
         if fp.spet is None:
