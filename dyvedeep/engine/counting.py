@@ -56,14 +56,11 @@ class OpCounter:
         return self._table
 
     def add(self, index: int, counts: dict[str, int]) -> None:
-        """Add ``counts`` (field -> value) to row ``index``."""
-        row = self._table[index]
-        for key, value in counts.items():
-            row[self.col[key]] += int(value)
-
-    def add_row(self, index: int, counts: list[int]) -> None:
-        """Add one value per COUNTER_FIELDS column to row ``index`` (the knob paths' hot path)."""
-        self._table[index] += np.asarray(counts, dtype=np.int64)
+        """Add ``counts`` (field -> value, any of COUNTER_FIELDS) to row ``index``."""
+        unknown = counts.keys() - self.col.keys()
+        if unknown:
+            raise KeyError(f"not counter fields: {sorted(unknown)}")
+        self._table[index] += np.array([counts.get(f, 0) for f in COUNTER_FIELDS], dtype=np.int64)
 
     def get(self, layer: str, key: str) -> int:
         """Total of ``key`` for ``layer``."""
