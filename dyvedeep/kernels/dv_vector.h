@@ -1,0 +1,132 @@
+/* The vector primitives every kernel family builds on: a 16-float vector type (GCC/Clang vector
+ * extensions: one AVX-512 register, or two AVX2 or four NEON registers), whole and partial
+ * loads and stores, lane masks, strided copies, gathers, lane-wise max. No Python API here. */
+#ifndef DYVEDEEP_DV_VECTOR_H
+#define DYVEDEEP_DV_VECTOR_H
+
+#include <string.h>
+
+typedef float dv_v16 __attribute__((vector_size(64)));
+typedef int dv_i16 __attribute__((vector_size(64)));
+
+/* Every lane = x (a plain broadcast: adding x to a zero vector would also flip -0.0 to +0.0). */
+#define DV_SPLAT(x) ((dv_v16){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
+
+static inline dv_v16 dv_load16(const float *p) { dv_v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void dv_store16(float *p, dv_v16 v) { memcpy(p, &v, sizeof v); }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* The first n (1..16) floats at p, zeros in the other lanes (no read past p + n). */
+static inline dv_v16 dv_load16_part(const float *p, int n)
+{
+#if defined(__AVX512F__)
+    __m512 m = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+    dv_v16 v;
+    memcpy(&v, &m, sizeof v);
+    return v;
+#else
+    dv_v16 v = {0};
+    memcpy(&v, p, sizeof(float) * (size_t)n);
+    return v;
+#endif
+}
+
+/* Store the first n (1..16) lanes of v at p (nothing written past p + n). */
+static inline void dv_store16_part(float *p, dv_v16 v, int n)
+{
+#if defined(__AVX512F__)
+    __m512 m;
+    memcpy(&m, &v, sizeof m);
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), m);
+#else
+    memcpy(p, &v, sizeof(float) * (size_t)n);
+#endif
+}
+
+/* Copy n floats (short runs: whole vectors, then one partial vector). */
+static inline void dv_copy_run(float *d, const float *s, int n)
+{
+    for (; n >= 16; n -= 16, d += 16, s += 16) dv_store16(d, dv_load16(s));
+    if (n > 0) dv_store16_part(d, dv_load16_part(s, n), n);
+}
+
+/* d[i] = s[i * stride] for i < n (a constant stride 2 lets the compiler vectorise it). */
+static inline void dv_copy_strided(float *restrict d, const float *restrict s, int n, int stride)
+{
+    if (stride == 1) dv_copy_run(d, s, n);
+    else if (stride == 2) for (int i = 0; i < n; ++i) d[i] = s[2 * i];
+    else for (int i = 0; i < n; ++i) d[i] = s[(long)i * stride];
+}
+
+/* The lanes of a load of n (1..16) floats: a mask (AVX-512; computed once outside a loop) or
+ * the count itself (elsewhere, where a partial load copies n floats). */
+#if defined(__AVX512F__)
+typedef __mmask16 dv_lanes;
+static inline dv_lanes dv_lanes_of(int n) { return (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1u); }
+static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes m)
+{
+    __m512 v = _mm512_maskz_loadu_ps(m, p);
+    dv_v16 r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+}
+#else
+typedef int dv_lanes;
+static inline dv_lanes dv_lanes_of(int n) { return n; }
+static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes n) { return n >= 16 ? dv_load16(p) : dv_load16_part(p, n); }
+#endif
+
+/* Store the lanes of v that `mask` selects, in order, at p, p + 1, ... */
+static inline void dv_store16_compress(float *p, dv_v16 v, unsigned mask)
+{
+#if defined(__AVX512F__)
+    __m512 m;
+    memcpy(&m, &v, sizeof m);
+    _mm512_mask_compressstoreu_ps(p, (__mmask16)mask, m);
+#else
+    for (int l = 0; l < 16; ++l)
+        if (mask >> l & 1u) *p++ = v[l];
+#endif
+}
+
+/* d[j] = s[idx[j]] for j < n. */
+static inline void dv_gather(float *restrict d, const float *restrict s, const int *restrict idx, int n)
+{
+    for (int j = 0; j < n; ++j) d[j] = s[idx[j]];
+}
+
+/* The larger of a and b as (b > a ? b : a), lane by lane (a NaN in b keeps a). */
+static inline dv_v16 dv_vmax(dv_v16 a, dv_v16 b)
+{
+    dv_i16 m = (dv_i16)(b > a);
+    return (dv_v16)(((dv_i16)b & m) | ((dv_i16)a & ~m));
+}
+
+/* __builtin_shufflevector: GCC >= 12 and Clang (a GCC without __has_builtin has none). */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define DV_HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+#ifndef DV_HAVE_SHUFFLEVECTOR
+#define DV_HAVE_SHUFFLEVECTOR 0
+#endif
+
+/* p[0], p[s], ..., p[15 s] for s = 1 or 2 (p[0 .. 16 s - 1] readable). */
+static inline dv_v16 dv_load16_stride(const float *p, int s)
+{
+    if (s == 1) return dv_load16(p);
+#if DV_HAVE_SHUFFLEVECTOR
+    dv_v16 a = dv_load16(p), b = dv_load16(p + 16);
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+#else
+    dv_v16 v;
+    for (int l = 0; l < 16; ++l) v[l] = p[2 * l];
+    return v;
+#endif
+}
+
+#endif
