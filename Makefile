@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KERNELS := $(wildcard dyvedeep/*.pyx dyvedeep/*.pxd dyvedeep/*.h dyvedeep/kernels/*.h) setup.py
 CORES ?= 32
 
-.PHONY: setup build test test-fast test-pi all lint clean proto bench
+.PHONY: setup build test test-fast test-avx2 fma-spills test-pi all lint clean proto bench
 
 setup: $(STAMP) build
 
@@ -26,6 +26,23 @@ dyvedeep/.built: $(KERNELS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The AVX2/FMA kernels (their own tile shapes) as an AVX2-only host builds them, even on an
+# AVX-512 host: a copy of the package and tests built with DYVEDEEP_ISA=avx2 (-mno-avx512f) in
+# build/avx2 and tested there (pytest puts that copy first on the path); then the spill check.
+AVX2_DIR := build/avx2
+test-avx2: setup
+	rm -rf $(AVX2_DIR) && mkdir -p $(AVX2_DIR)
+	cp -r setup.py pyproject.toml dyvedeep tests $(AVX2_DIR)/
+	rm -f $(AVX2_DIR)/dyvedeep/*.so $(AVX2_DIR)/dyvedeep/_kernels.c
+	cd $(AVX2_DIR) && DYVEDEEP_ISA=avx2 $(abspath $(BIN))/python setup.py --quiet build_ext --inplace
+	cd $(AVX2_DIR) && DYVEDEEP_MIRROR=$${DYVEDEEP_MIRROR:-$(abspath ..)/shared/mirror} DYVEDEEP_EXPECT_ISA=avx2 \
+	  $(abspath $(BIN))/python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py
+	$(BIN)/python tools/fma_spills.py $(AVX2_DIR)/dyvedeep/_kernels*.so --max 0
+
+# Vector FMAs whose accumulator is spilled to the stack, in the in-place build (tools/fma_spills.py).
+fma-spills: build
+	$(BIN)/python tools/fma_spills.py $(wildcard dyvedeep/_kernels*.so) --max 0
 
 # The Pi path on an emulated aarch64 board (root; first build 5-20 min, then cached in .pi/).
 test-pi: setup pi-build

@@ -21,6 +21,10 @@ cnp.import_array()
 
 ctypedef unsigned char uint8
 
+cdef extern from "kernels/dv_vector.h":
+    const char* DV_ISA
+    int DV_VW
+
 cdef extern from "kernels/dv_conv.h" nogil:
     # the dense kernels are called from _program.h's steps; these are what the wrappers call
     int dv_im2col_runs(int ho, int wo, int sh, int sw, int Wp, int* runs)
@@ -106,6 +110,10 @@ cdef extern from "_program.h" nogil:
         dv_step_args u
     int dv_split_rows(int T, int ntiles, int O)
     void dv_run_steps(const dv_step* steps, int n, const float* image)
+
+
+#: The instruction set the kernels were built for ("avx512", "avx2", "neon" or "generic"; setup.py)
+ISA = DV_ISA.decode()
 
 
 # --------------------------------------------------------------------------- GEMM

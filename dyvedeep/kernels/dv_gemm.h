@@ -65,7 +65,11 @@ static inline long long dv_tile_store(const dv_v16 *acc, int nv, const int *orow
  * positions of the output, stored compressed. */
 #define DV_VEC 4
 
+#if DV_VW == 16
 #include "dv_tiles_avx512.h"
+#else
+#include "dv_tiles_small.h"
+#endif
 
 /* Write a direct tile: bias[o] + sum, ReLU if asked, to row o at each vector's output offset
  * (the lanes its mask selects). */

@@ -1,5 +1,7 @@
-/* The register tiles of the GEMM: 8 output rows times one, two or three 16-float vectors held
- * in named accumulators (up to 24 registers). Included by dv_gemm.h. */
+/* The register tiles of the GEMM for AVX-512 (32 registers of 16 floats): 8 output rows times
+ * one, two or three 16-float vectors held in named accumulators (up to 24 registers). The tile
+ * API (dv_tile_8x32, dv_tile_8x16, dv_dtile, DV_DTILE) is the one dv_tiles_small.h implements
+ * for the smaller register files. Included by dv_gemm.h. */
 #ifndef DYVEDEEP_DV_TILES_AVX512_H
 #define DYVEDEEP_DV_TILES_AVX512_H
 
@@ -110,15 +112,9 @@ static inline void dv_tile_8x16(const float *const *wr, int K, const float *cols
     DV_T16_SAVE(acc);
 }
 
-/* Vectors per direct tile: with AVX-512 (32 vector registers), 8 output rows x 3 vectors (24
- * accumulators), so that each step loads 3 source vectors and 8 weights for 24 fused
- * multiply-adds; elsewhere (AVX2, NEON: a 16-float vector takes 2 or 4 of 16 or 32 registers)
- * 2 vectors, as the panel tiles. */
-#if defined(__AVX512F__)
+/* Vectors per direct tile: 8 output rows x 3 vectors (24 accumulators), so that each step loads
+ * 3 source vectors and 8 weights for 24 fused multiply-adds. */
 #define DV_DTILE 3
-#else
-#define DV_DTILE 2
-#endif
 
 /* The 8 x 48 register tile of the direct route: acc[3 r + v] (+)= sum over k < K of wr[r][k] *
  * the source vector v (s[v] + tap[k], n[v] lanes 1..16), in k order (the same operations per

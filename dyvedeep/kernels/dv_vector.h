@@ -1,10 +1,37 @@
-/* The vector primitives every kernel family builds on: a 16-float vector type (GCC/Clang vector
- * extensions: one AVX-512 register, or two AVX2 or four NEON registers), whole and partial
- * loads and stores, lane masks, strided copies, gathers, lane-wise max. No Python API here. */
+/* The vector primitives every kernel family builds on: the instruction set's machine vector and
+ * register budget, a 16-float vector type (GCC/Clang vector extensions: one AVX-512 register, or
+ * two AVX2 or four NEON registers), whole and partial loads and stores, lane masks, strided
+ * copies, gathers, lane-wise max. No Python API here. */
 #ifndef DYVEDEEP_DV_VECTOR_H
 #define DYVEDEEP_DV_VECTOR_H
 
 #include <string.h>
+
+/* The instruction set the kernels are built for, decided at build time by the compiler flags
+ * (setup.py): DV_VW floats per machine vector and DV_ACCS accumulators in a register tile, so
+ * that the accumulators, one row of source vectors and a broadcast weight fit the register file
+ * (AVX-512: 32 registers of 16 floats; AVX2 with FMA: 16 of 8, where GCC spilled some of 12
+ * accumulators, none of 8; NEON: 32 of 4). `make fma-spills` checks a build. */
+#if defined(__AVX512F__)
+#define DV_ISA "avx512"
+#define DV_VW 16
+#define DV_ACCS 24
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DV_ISA "avx2"
+#define DV_VW 8
+#define DV_ACCS 8
+#elif defined(__ARM_NEON) || defined(__aarch64__)
+#define DV_ISA "neon"
+#define DV_VW 4
+#define DV_ACCS 24
+#else
+#define DV_ISA "generic"
+#define DV_VW 4
+#define DV_ACCS 12
+#endif
+
+/* A machine vector (DV_VW floats). */
+typedef float dv_vn __attribute__((vector_size(4 * DV_VW)));
 
 typedef float dv_v16 __attribute__((vector_size(64)));
 typedef int dv_i16 __attribute__((vector_size(64)));
@@ -15,7 +42,7 @@ typedef int dv_i16 __attribute__((vector_size(64)));
 static inline dv_v16 dv_load16(const float *p) { dv_v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void dv_store16(float *p, dv_v16 v) { memcpy(p, &v, sizeof v); }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
