@@ -33,7 +33,7 @@ static inline long long dv_tile_store(const dv_v16 *acc, int nv, const int *orow
                 dv_v16 x = acc[r * nv + v];
                 if (bias != NULL) x = base + x;
                 else x = (n == 16 ? dv_load16(dst + 16 * v) : dv_load16_part(dst + 16 * v, n)) + x;
-                if (relu) x = (dv_v16)((dv_i16)x & ~(dv_i16)(x < (dv_v16){0}));
+                if (relu) x = dv_relu16(x);
                 if (n == 16) dv_store16(dst + 16 * v, x);
                 else dv_store16_part(dst + 16 * v, x, n);
             }
@@ -83,7 +83,7 @@ static inline void dv_dtile_store(const dv_v16 *acc, int nvec, const int *orow, 
             const int *q = vec + DV_VEC * v;
             unsigned mask = (unsigned)q[3];
             dv_v16 x = base + acc[r * nvec + v];
-            if (relu) x = (dv_v16)((dv_i16)x & ~(dv_i16)(x < (dv_v16){0}));
+            if (relu) x = dv_relu16(x);
             float *dst = out + (long)o * ldo + q[1];
             if (mask == 0xFFFFu) dv_store16(dst, x);
             else if (mask == (1u << q[2]) - 1u) dv_store16_part(dst, x, q[2]);

@@ -133,9 +133,7 @@ static inline void dv_window_mean(float *o, const float *acc, int wo, int sw, in
         dv_v16 v = dv_load16_stride(a, sw);
         for (int kx = 1; kx < kw; ++kx) v += dv_load16_stride(a + kx, sw);
         dv_v16 count = DV_SPLAT((float)rows) * dv_load16_part(cols + ox, n);
-        dv_i16 some = (dv_i16)(count > (dv_v16){0});
-        count = (dv_v16)(((dv_i16)count & some) | ((dv_i16)DV_SPLAT(1.0f) & ~some));
-        v = (dv_v16)((dv_i16)(v / count) & some);
+        v = dv_div_where_positive(v, count);
         if (n == 16) dv_store16(o + ox, v);
         else dv_store16_part(o + ox, v, n);
     }
