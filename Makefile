@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KERNELS := $(wildcard dyvedeep/*.pyx dyvedeep/*.pxd dyvedeep/*.h dyvedeep/kernels/*.h) setup.py
 CORES ?= 32
 
-.PHONY: setup build test test-fast test-avx2 fma-spills test-pi all lint clean proto bench
+.PHONY: setup build test test-fast test-avx2 fma-spills check-neon test-pi all lint clean proto bench
 
 setup: $(STAMP) build
 
@@ -43,6 +43,18 @@ test-avx2: setup
 # Vector FMAs whose accumulator is spilled to the stack, in the in-place build (tools/fma_spills.py).
 fma-spills: build
 	$(BIN)/python tools/fma_spills.py $(wildcard dyvedeep/_kernels*.so) --max 0
+
+# The NEON kernels compiled by a cross compiler (Debian: gcc-aarch64-linux-gnu), warnings as
+# errors, then their spill check; the emulated board (make test-pi) runs them.
+AARCH64_CC ?= aarch64-linux-gnu-gcc
+check-neon: build
+	@command -v $(AARCH64_CC) >/dev/null || { echo "check-neon: no $(AARCH64_CC) (apt-get install gcc-aarch64-linux-gnu)"; exit 1; }
+	mkdir -p build/neon
+	$(AARCH64_CC) -O3 -fopenmp -fno-fast-math -Wno-psabi -Wall -Werror -Wno-unused-function -fPIC \
+	  -I$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['include'])") \
+	  -I$$($(BIN)/python -c "import numpy; print(numpy.get_include())") -Idyvedeep \
+	  -DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION -c dyvedeep/_kernels.c -o build/neon/_kernels.o
+	$(BIN)/python tools/fma_spills.py build/neon/_kernels.o --objdump $(AARCH64_CC:gcc=objdump) --max 0
 
 # The Pi path on an emulated aarch64 board (root; first build 5-20 min, then cached in .pi/).
 test-pi: setup pi-build

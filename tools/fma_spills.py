@@ -58,7 +58,7 @@ def count(disassembly: str) -> tuple[int, int, Counter]:
         if head:
             body = functions.setdefault(head.group(1), [])
         elif "\t" in line:
-            body.append(_event(line.split("\t", 2)[-1].strip()))
+            body.append(_event(line.split("\t", 1)[1].replace("\t", " ").strip()))
     total = spilled = 0
     per_function: Counter = Counter()
     for name, events in functions.items():

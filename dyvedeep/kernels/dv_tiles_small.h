@@ -3,7 +3,7 @@
  * columns, sums in `acc` as 16-float vectors, row r's vectors at acc[nv * r ..]), each tile computed
  * as sub-tiles of R rows x C machine vectors that keep their DV_ACCS accumulators, C source
  * vectors and one broadcast weight in registers (AVX2: 2 x 4 vectors = 2 rows x 32 columns, 4 x
- * 2 for 16 columns; NEON: 6 x 4 vectors = 6 rows x 16 columns). Every output is still summed
+ * 2 for 16 columns; NEON: 4 x 4 vectors = 4 rows x 16 columns). Every output is still summed
  * over k in order from zero (or the saved sums), so the floats equal those of the AVX-512 tiles.
  * Included by dv_gemm.h. */
 #ifndef DYVEDEEP_DV_TILES_SMALL_H
