@@ -12,6 +12,7 @@ from cython.parallel cimport prange
 from libc.math cimport expf, powf, sqrt, fabs
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from scipy.linalg.cython_blas cimport sgemm, sgemv, sdot
 
 import numpy as np
@@ -109,7 +110,7 @@ cdef extern from "_program.h" nogil:
         long scratch_stride
         dv_step_args u
     int dv_split_rows(int T, int ntiles, int O)
-    void dv_run_steps(const dv_step* steps, int n, const float* image)
+    void dv_run_steps(const dv_step* steps, int n, const float* image, int max_threads)
 
 
 #: The instruction set the kernels were built for ("avx512", "avx2", "neon" or "generic"; setup.py)
@@ -154,14 +155,30 @@ def gemm(const float[:, :] A, const float[:, :] B, float[:, :] C, float beta=0.0
 
 # --------------------------------------------------------------------------- steps and programs
 
+#: Program.run tries the way it is not using (all threads or one) once in this many runs.
+PROBE_EVERY = 16
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
 cdef class Program:
     """Dense-path steps (see _program.h) run by one OpenMP team in one parallel region, a
     barrier between steps: built once (the wrappers below append their steps to it when given
     ``program=``, instead of running them), then run per image. A step whose input lies in
     ``image`` (an array shaped as the graph input, whose data stands for the image) reads the
-    array given to :meth:`run` instead. The program keeps every array its steps point into."""
+    array given to :meth:`run` instead. The program keeps every array its steps point into.
+
+    On a busy machine a barrier waits for a thread the scheduler has taken off its core: with
+    several threads, :meth:`run` keeps a running mean of its time with all of them and with one
+    (the same floats either way), takes the faster, and tries the other once in PROBE_EVERY runs."""
     cdef dv_step* steps
     cdef int n, capacity
+    cdef double mean_team, mean_one
+    cdef long runs
     cdef list keep
     cdef const float* image_data
     cdef Py_ssize_t image_floats
@@ -175,6 +192,9 @@ cdef class Program:
         self.image_data = NULL
         self.image_floats = 0
         self.reads_image = False
+        self.mean_team = 0.0
+        self.mean_one = 0.0
+        self.runs = 0
         if image is not None:
             if cnp.PyArray_TYPE(image) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(image):
                 raise ValueError("Program: the image must be C-contiguous float32")
@@ -216,15 +236,40 @@ cdef class Program:
                     or cnp.PyArray_SIZE(image) != self.image_floats):
                 raise ValueError(f"Program.run: the image must be C-contiguous float32 of {self.image_floats} floats")
             data = <const float*>cnp.PyArray_DATA(image)
+        cdef int limit = self._thread_limit()
+        cdef double start, elapsed
         with nogil:
-            dv_run_steps(self.steps, self.n, data)
+            start = _now()
+            dv_run_steps(self.steps, self.n, data, limit)
+            elapsed = _now() - start
+        self.runs += 1
+        if limit == 1:
+            self.mean_one = elapsed if self.mean_one == 0.0 else 0.75 * self.mean_one + 0.25 * elapsed
+        else:
+            self.mean_team = elapsed if self.mean_team == 0.0 else 0.75 * self.mean_team + 0.25 * elapsed
+
+    cdef int _thread_limit(self):
+        """1 or every thread (a large limit) for the next run: the faster on the recent runs,
+        the other once in PROBE_EVERY runs (each measured first)."""
+        cdef int i
+        cdef bint shared = False
+        for i in range(self.n):
+            shared = shared or self.steps[i].threads > 1
+        if not shared or self.mean_team == 0.0:
+            return 1 << 30
+        if self.mean_one == 0.0:
+            return 1
+        cdef bint one_faster = self.mean_one < self.mean_team
+        if self.runs % PROBE_EVERY == PROBE_EVERY - 1:
+            one_faster = not one_faster
+        return 1 if one_faster else 1 << 30
 
 
 cdef int _emit(Program program, dv_step* steps, int n, tuple keep) except -1:
     """Run the steps now (program None) or append them to ``program``."""
     if program is None:
         with nogil:
-            dv_run_steps(steps, n, NULL)
+            dv_run_steps(steps, n, NULL, 1 << 30)
     else:
         program.append(steps, n, keep)
     return 0

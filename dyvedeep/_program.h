@@ -221,14 +221,16 @@ static inline const float *dv_step_input(const dv_step *s, const float *image)
     return s->x_from_image ? image + s->x_offset : s->x;
 }
 
-/* Run steps[0..n-1] in order, each shared out by its threads, in one parallel region (a team
- * of as many threads as the widest step asks for; a barrier between steps). `image`: the data
- * that steps with x_from_image read (NULL when none does). */
-static void dv_run_steps(const dv_step *steps, int n, const float *image)
+/* Run steps[0..n-1] in order, each shared out by its threads (at most max_threads), in one
+ * parallel region (a team of as many threads as the widest step asks for; a barrier between
+ * steps). Any number of threads gives the same floats. `image`: the data that steps with
+ * x_from_image read (NULL when none does). */
+static void dv_run_steps(const dv_step *steps, int n, const float *image, int max_threads)
 {
     int team = 1;
     for (int i = 0; i < n; ++i)
         if (steps[i].threads > team) team = steps[i].threads;
+    if (team > max_threads) team = max_threads;
     if (team == 1) {
         for (int i = 0; i < n; ++i) dv_step_share(&steps[i], dv_step_input(&steps[i], image), 0, 1);
         return;
