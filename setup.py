@@ -22,6 +22,8 @@ ISA = os.environ.get("DYVEDEEP_ISA", "native")
 ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
 if ISA not in ISA_FLAGS:
     raise SystemExit(f"DYVEDEEP_ISA={ISA}: expected one of {', '.join(ISA_FLAGS)}")
+if ISA != "native" and platform.machine() not in ("x86_64", "AMD64"):
+    raise SystemExit(f"DYVEDEEP_ISA={ISA}: x86-64 only (this is {platform.machine()})")
 if platform.machine() in ("x86_64", "AMD64"):
     # built where it runs (pip install -e . / on the board), so the host's vector units are fair game
     COMPILE_ARGS.append("-march=native")
