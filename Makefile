@@ -42,7 +42,7 @@ test-avx2: setup
 
 # Vector FMAs whose accumulator is spilled to the stack, in the in-place build (tools/fma_spills.py).
 fma-spills: build
-	$(BIN)/python tools/fma_spills.py $(wildcard dyvedeep/_kernels*.so) --max 0
+	$(BIN)/python tools/fma_spills.py dyvedeep/_kernels*.so --max 0
 
 # The NEON kernels compiled by a cross compiler (Debian: gcc-aarch64-linux-gnu), warnings as
 # errors, then their spill check; the emulated board (make test-pi) runs them.
