@@ -4,10 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-KERNELS := $(wildcard dyvedeep/*.pyx dyvedeep/*.pxd dyvedeep/*.h) setup.py
+KERNELS := $(wildcard dyvedeep/*.pyx dyvedeep/*.pxd dyvedeep/*.h dyvedeep/kernels/*.h) setup.py
 CORES ?= 32
 
-.PHONY: setup build test test-fast test-pi all lint clean proto bench
+.PHONY: setup build test test-fast test-avx2 fma-spills check-neon test-pi all lint clean proto bench
 
 setup: $(STAMP) build
 
@@ -26,6 +26,35 @@ dyvedeep/.built: $(KERNELS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The AVX2/FMA kernels (their own tile shapes) as an AVX2-only host builds them, even on an
+# AVX-512 host: a copy of the package and tests built with DYVEDEEP_ISA=avx2 (-mno-avx512f) in
+# build/avx2 and tested there (pytest puts that copy first on the path); then the spill check.
+AVX2_DIR := build/avx2
+test-avx2: setup
+	rm -rf $(AVX2_DIR) && mkdir -p $(AVX2_DIR)
+	cp -r setup.py pyproject.toml dyvedeep tests $(AVX2_DIR)/
+	rm -f $(AVX2_DIR)/dyvedeep/*.so $(AVX2_DIR)/dyvedeep/_kernels.c
+	cd $(AVX2_DIR) && DYVEDEEP_ISA=avx2 $(abspath $(BIN))/python setup.py --quiet build_ext --inplace
+	cd $(AVX2_DIR) && DYVEDEEP_MIRROR=$${DYVEDEEP_MIRROR:-$(abspath ..)/shared/mirror} DYVEDEEP_EXPECT_ISA=avx2 \
+	  $(abspath $(BIN))/python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py
+	$(BIN)/python tools/fma_spills.py $(AVX2_DIR)/dyvedeep/_kernels*.so --max 0
+
+# Vector FMAs whose accumulator is spilled to the stack, in the in-place build (tools/fma_spills.py).
+fma-spills: build
+	$(BIN)/python tools/fma_spills.py dyvedeep/_kernels*.so --max 0
+
+# The NEON kernels compiled by a cross compiler (Debian: gcc-aarch64-linux-gnu), warnings as
+# errors, then their spill check; the emulated board (make test-pi) runs them.
+AARCH64_CC ?= aarch64-linux-gnu-gcc
+check-neon: build
+	@command -v $(AARCH64_CC) >/dev/null || { echo "check-neon: no $(AARCH64_CC) (apt-get install gcc-aarch64-linux-gnu)"; exit 1; }
+	mkdir -p build/neon
+	$(AARCH64_CC) -O3 -fopenmp -fno-fast-math -Wno-psabi -Wall -Werror -Wno-unused-function -fPIC \
+	  -I$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['include'])") \
+	  -I$$($(BIN)/python -c "import numpy; print(numpy.get_include())") -Idyvedeep \
+	  -DNPY_NO_DEPRECATED_API=NPY_1_7_API_VERSION -c dyvedeep/_kernels.c -o build/neon/_kernels.o
+	$(BIN)/python tools/fma_spills.py build/neon/_kernels.o --objdump $(AARCH64_CC:gcc=objdump) --max 0
 
 # The Pi path on an emulated aarch64 board (root; first build 5-20 min, then cached in .pi/).
 test-pi: setup pi-build

@@ -1,17 +1,18 @@
-# cython: language_level=3
-"""Cython kernels of the engine: convolution (im2col fused into the engine's own GEMM, see
-_simd.h), pooling, LRN, softmax, fully connected (BLAS sgemv), and the knobs' kernels (SFMA's
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Cython kernels of the engine: convolution (im2col inside the engine's own GEMM, see
+kernels/), pooling, LRN, softmax, fully connected (BLAS sgemv), and the knobs' kernels (SFMA's
 channel statistics, the knob conv kernel with SPET inside, SDSS's cells, union and fill).
 
 Layout: one image at a time, channels first (C, H, W), float32, C-contiguous. Every inner loop
 runs without the GIL; ``threads`` spreads the outer loop over OpenMP threads. The convolutions'
-GEMM is the register-tiled kernel of _simd.h (AVX-512 here, NEON on the Pi); the fully connected
-layers use the BLAS that SciPy ships (scipy.linalg.cython_blas), called in row-major form.
+GEMM is the register-tiled kernel of kernels/dv_gemm.h (tiles sized per instruction set at build
+time: AVX-512, AVX2, NEON); the fully connected layers use the BLAS that SciPy ships (scipy.linalg.cython_blas), called in row-major form.
 """
 from cython.parallel cimport prange
 from libc.math cimport expf, powf, sqrt, fabs
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from scipy.linalg.cython_blas cimport sgemm, sgemv, sdot
 
 import numpy as np
@@ -21,16 +22,24 @@ cnp.import_array()
 
 ctypedef unsigned char uint8
 
-cdef extern from "_simd.h" nogil:
+cdef extern from "kernels/dv_vector.h":
+    const char* DV_ISA
+    int DV_VW
+
+cdef extern from "kernels/dv_conv.h" nogil:
     # the dense kernels are called from _program.h's steps; these are what the wrappers call
     int dv_im2col_runs(int ho, int wo, int sh, int sw, int Wp, int* runs)
     int dv_direct_vectors(int ho, int wo, int sh, int row_w, int across, int* vec)
     int dv_position_runs(const int* pos, int n, int wo, int sh, int sw, int Wp, int* runs)
+
+cdef extern from "kernels/dv_knob.h" nogil:
     void dv_knob_tiles(const float* src, const long* tap_off, const int* runs, const int* runs_first,
                        int wo, int sh, int sw, int row_width, const float* W, long ldw, int O, int K, int lead, const int* pos, int n,
                        const unsigned char* mask, const float* bias, const float* cst, float* out, int npos,
                        int spet, float margin, int relu, float* panel, int* list, int tile_begin,
                        int tile_end, long long* stats)
+
+cdef extern from "kernels/dv_pool.h" nogil:
     int dv_pool_row_stride(int W, int wo, int kw, int sw, int pl)
     int __builtin_popcount(unsigned int x)
 
@@ -39,36 +48,73 @@ cdef extern from "_program.h" nogil:
         DV_STEP_PAD
         DV_STEP_PHASE
         DV_STEP_DIRECT
-        DV_STEP_DENSE
+        DV_STEP_PANEL
         DV_STEP_IM2COL
         DV_STEP_GEMM
         DV_STEP_MAXPOOL
         DV_STEP_AVGPOOL
         DV_STEP_MEAN
+    ctypedef struct dv_product:
+        const float* W
+        long ldw
+        int O, K
+        const float* bias
+        int relu
+        long ldo
+    ctypedef struct dv_pad_args:
+        int C, H, W, pt, pl, Hp, Wp
+    ctypedef struct dv_phase_args:
+        int n, H, W, pt, pl, s, Hq, Wq
+    ctypedef struct dv_direct_args:
+        dv_product p
+        const long* tap_off
+        const int* vec
+        int nvec
+    ctypedef struct dv_panel_args:
+        dv_product p
+        const long* tap_off
+        const int* runs
+        const int* panel_first
+        int N, sw
+    ctypedef struct dv_im2col_args:
+        int C, H, W, kh, kw, sw, pt, pl, dh, dw, Hp, Wp
+        const int* channels
+        const int* runs
+        int nruns
+        long lds
+    ctypedef struct dv_gemm_args:
+        dv_product p
+        int N
+        long ldc, lds
+    ctypedef struct dv_pool_args:
+        int C, H, W, ho, wo, kh, kw, sh, sw, pt, pl, pb, pr, count_include_pad
+        long ldo
+    ctypedef struct dv_mean_args:
+        int C, N
+    ctypedef union dv_step_args:
+        dv_pad_args pad
+        dv_phase_args phase
+        dv_direct_args direct
+        dv_panel_args panel
+        dv_im2col_args im2col
+        dv_gemm_args gemm
+        dv_pool_args pool
+        dv_mean_args mean
     ctypedef struct dv_step:
         int kind, threads
         const float* x
         long x_offset
         int x_from_image
         float* out
-        long ldo
         float* scratch
         long scratch_stride
-        const float* W
-        long ldw
-        const float* bias
-        int relu
-        const long* tap_off
-        const int* table
-        const int* table2
-        int O, K, N, n
-        long ldc, lds
-        int C, H, Wd
-        int kh, kw, sh, sw, pt, pl, pb, pr, dh, dw
-        int ho, wo, Hp, Wp
-        int flag
+        dv_step_args u
     int dv_split_rows(int T, int ntiles, int O)
-    void dv_run_steps(const dv_step* steps, int n, const float* image)
+    void dv_run_steps(const dv_step* steps, int n, const float* image, int max_threads)
+
+
+#: The instruction set the kernels were built for ("avx512", "avx2", "neon" or "generic"; setup.py)
+ISA = DV_ISA.decode()
 
 
 # --------------------------------------------------------------------------- GEMM
@@ -109,14 +155,30 @@ def gemm(const float[:, :] A, const float[:, :] B, float[:, :] C, float beta=0.0
 
 # --------------------------------------------------------------------------- steps and programs
 
+#: Program.run tries the way it is not using (all threads or one) once in this many runs.
+PROBE_EVERY = 16
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
 cdef class Program:
     """Dense-path steps (see _program.h) run by one OpenMP team in one parallel region, a
     barrier between steps: built once (the wrappers below append their steps to it when given
     ``program=``, instead of running them), then run per image. A step whose input lies in
     ``image`` (an array shaped as the graph input, whose data stands for the image) reads the
-    array given to :meth:`run` instead. The program keeps every array its steps point into."""
+    array given to :meth:`run` instead. The program keeps every array its steps point into.
+
+    On a busy machine a barrier waits for a thread the scheduler has taken off its core: with
+    several threads, :meth:`run` keeps a running mean of its time with all of them and with one
+    (the same floats either way), takes the faster, and tries the other once in PROBE_EVERY runs."""
     cdef dv_step* steps
     cdef int n, capacity
+    cdef double mean_team, mean_one
+    cdef long runs
     cdef list keep
     cdef const float* image_data
     cdef Py_ssize_t image_floats
@@ -130,6 +192,9 @@ cdef class Program:
         self.image_data = NULL
         self.image_floats = 0
         self.reads_image = False
+        self.mean_team = 0.0
+        self.mean_one = 0.0
+        self.runs = 0
         if image is not None:
             if cnp.PyArray_TYPE(image) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(image):
                 raise ValueError("Program: the image must be C-contiguous float32")
@@ -171,37 +236,63 @@ cdef class Program:
                     or cnp.PyArray_SIZE(image) != self.image_floats):
                 raise ValueError(f"Program.run: the image must be C-contiguous float32 of {self.image_floats} floats")
             data = <const float*>cnp.PyArray_DATA(image)
+        cdef int limit = self._thread_limit()
+        cdef double start, elapsed
         with nogil:
-            dv_run_steps(self.steps, self.n, data)
+            start = _now()
+            dv_run_steps(self.steps, self.n, data, limit)
+            elapsed = _now() - start
+        self.runs += 1
+        if limit == 1:
+            self.mean_one = elapsed if self.mean_one == 0.0 else 0.75 * self.mean_one + 0.25 * elapsed
+        else:
+            self.mean_team = elapsed if self.mean_team == 0.0 else 0.75 * self.mean_team + 0.25 * elapsed
+
+    cdef int _thread_limit(self):
+        """1 or every thread (a large limit) for the next run: the faster on the recent runs,
+        the other once in PROBE_EVERY runs (each measured first)."""
+        cdef int i
+        cdef bint shared = False
+        for i in range(self.n):
+            shared = shared or self.steps[i].threads > 1
+        if not shared or self.mean_team == 0.0:
+            return 1 << 30
+        if self.mean_one == 0.0:
+            return 1
+        cdef bint one_faster = self.mean_one < self.mean_team
+        if self.runs % PROBE_EVERY == PROBE_EVERY - 1:
+            one_faster = not one_faster
+        return 1 if one_faster else 1 << 30
 
 
 cdef int _emit(Program program, dv_step* steps, int n, tuple keep) except -1:
     """Run the steps now (program None) or append them to ``program``."""
     if program is None:
         with nogil:
-            dv_run_steps(steps, n, NULL)
+            dv_run_steps(steps, n, NULL, 1 << 30)
     else:
         program.append(steps, n, keep)
     return 0
 
 
-cdef inline void _step_weights(dv_step* s, const float* W, long ldw, int O, int K, const float* bias, bint relu,
-                               float* out, long ldo) noexcept nogil:
+cdef inline dv_product _product(const float* W, long ldw, int O, int K, const float* bias, bint relu,
+                              long ldo) noexcept nogil:
     """The product part of a convolution or GEMM step: out (O rows, ldo apart) = W (O x K, rows
     ldw apart) applied, + bias, ReLU if asked."""
-    s.W = W
-    s.ldw = ldw
-    s.O = O
-    s.K = K
-    s.bias = bias
-    s.relu = relu
-    s.out = out
-    s.ldo = ldo
+    cdef dv_product p
+    p.W = W
+    p.ldw = ldw
+    p.O = O
+    p.K = K
+    p.bias = bias
+    p.relu = relu
+    p.ldo = ldo
+    return p
 
 
 def conv_gemm(const float[:, :] W, const float[:, :, ::1] cols, int N, float[:, ::1] out,
               const float[::1] bias=None, bint relu=False, int threads=1, Program program=None):
-    """The engine's own dense GEMM (register tiles of 8 rows x 32 columns, see _simd.h) on a
+    """The engine's own dense GEMM (register tiles of 8 rows x 32 columns, see kernels/dv_gemm.h) on a
     packed unfolded input ``cols`` (panels x rows x 32; rows 0..K-1 used, K = W's columns, N
     columns): out = W @ cols + bias[:, None] (``bias`` None: out += W @ cols), ReLU if asked.
     Threads share out the 8-row blocks of weights when there are more rows than columns (each
@@ -227,11 +318,12 @@ def conv_gemm(const float[:, :] W, const float[:, :, ::1] cols, int N, float[:, 
     s.kind = DV_STEP_GEMM
     s.threads = threads
     s.x = &cols[0, 0, 0]
-    _step_weights(&s, &W[0, 0], W.strides[0] // 4 if O > 1 else K, O, K, &bias[0] if bias is not None else NULL,
-                  relu, &out[0, 0], N)
-    s.N = N
-    s.ldc = 32
-    s.lds = cols.shape[1] * 32
+    s.out = &out[0, 0]
+    s.u.gemm.p = _product(&W[0, 0], W.strides[0] // 4 if O > 1 else K, O, K,
+                          &bias[0] if bias is not None else NULL, relu, N)
+    s.u.gemm.N = N
+    s.u.gemm.ldc = 32
+    s.u.gemm.lds = cols.shape[1] * 32
     _emit(program, &s, 1, (W, cols, out, bias) if program is not None else None)
 
 
@@ -308,15 +400,16 @@ def im2col_packed(const float[:, :, ::1] x, const int[::1] channels, int kh, int
     s.kind = DV_STEP_IM2COL
     s.threads = threads
     s.x = &x[0, 0, 0]
-    s.C, s.H, s.Wd = <int>nch, H, W
-    s.kh, s.kw, s.sw, s.pt, s.pl, s.dh, s.dw, s.Hp, s.Wp = kh, kw, sw, pt, pl, dh, dw, Hp, Wp
-    s.table = &r[0]
-    s.n = dv_im2col_runs(ho, wo, sh, sw, Wp, &r[0])
-    s.table2 = &channels[0]
+    s.u.im2col.C, s.u.im2col.H, s.u.im2col.W = <int>nch, H, W
+    s.u.im2col.kh, s.u.im2col.kw, s.u.im2col.sw, s.u.im2col.pt, s.u.im2col.pl = kh, kw, sw, pt, pl
+    s.u.im2col.dh, s.u.im2col.dw, s.u.im2col.Hp, s.u.im2col.Wp = dh, dw, Hp, Wp
+    s.u.im2col.runs = &r[0]
+    s.u.im2col.nruns = dv_im2col_runs(ho, wo, sh, sw, Wp, &r[0])
+    s.u.im2col.channels = &channels[0]
     s.scratch = &p[0, 0]
     s.scratch_stride = Hp * Wp
     s.out = &cols[0, 0, 0]
-    s.lds = cols.shape[1] * 32
+    s.u.im2col.lds = cols.shape[1] * 32
     _emit(program, &s, 1, (x, channels, cols, runs, pad) if program is not None else None)
 
 
@@ -338,7 +431,7 @@ cdef inline void _pad_step(dv_step* s, const float* x, int C, int H, int W, int 
     s.kind = DV_STEP_PAD
     s.threads = threads
     s.x = x
-    s.C, s.H, s.Wd, s.pt, s.pl, s.Hp, s.Wp = C, H, W, pt, pl, Hp, Wp
+    s.u.pad.C, s.u.pad.H, s.u.pad.W, s.u.pad.pt, s.u.pad.pl, s.u.pad.Hp, s.u.pad.Wp = C, H, W, pt, pl, Hp, Wp
     s.out = dst
 
 
@@ -368,9 +461,9 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
                const int[::1] panel_first, const float[:, ::1] W, const float[::1] bias, bint relu,
                float[:, ::1] out, float[:, ::1] panels, int threads=1, Program program=None):
     """Dense convolution of one group (input channels channel0.., W: O x K with K = that many
-    channels x taps) with im2col fused into the GEMM (dv_conv_dense_tiles). With ``pad`` the
-    group's channels are first copied with their zero padding into ``pad_buffer`` (Hp x Wp
-    planes) and ``tap_off`` indexes it; else it indexes ``x`` itself. ``panels`` is scratch,
+    channels x taps) on the panel route: im2col one panel at a time inside the GEMM
+    (dv_conv_panel_tiles). With ``pad`` the group's channels are first copied with their zero
+    padding into ``pad_buffer`` (Hp x Wp planes) and ``tap_off`` indexes it; else it indexes ``x`` itself. ``panels`` is scratch,
     one row of K * 32 floats per thread. Threads share out the tiles, or the 8-row blocks of
     weights when the tiles are too few (dv_split_rows)."""
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
@@ -387,15 +480,16 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
     cdef const float* src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, -1, threads, &s[0],
                                           "conv_dense")
     memset(&s[i], 0, sizeof(dv_step))
-    s[i].kind = DV_STEP_DENSE
+    s[i].kind = DV_STEP_PANEL
     s[i].threads = threads
     s[i].x = src
-    _step_weights(&s[i], &W[0, 0], K, O, K, &bias[0], relu, &out[0, 0], N)
-    s[i].N = N
-    s[i].tap_off = &tap_off[0]
-    s[i].sw = sw
-    s[i].table = &runs[0, 0]
-    s[i].table2 = &panel_first[0]
+    s[i].out = &out[0, 0]
+    s[i].u.panel.p = _product(&W[0, 0], K, O, K, &bias[0], relu, N)
+    s[i].u.panel.N = N
+    s[i].u.panel.tap_off = &tap_off[0]
+    s[i].u.panel.sw = sw
+    s[i].u.panel.runs = &runs[0, 0]
+    s[i].u.panel.panel_first = &panel_first[0]
     s[i].scratch = &panels[0, 0]
     s[i].scratch_stride = panels.shape[1]
     _emit(program, s, i + 1,
@@ -444,11 +538,11 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     s[i].kind = DV_STEP_DIRECT
     s[i].threads = threads
     s[i].x = src + src_offset
-    _step_weights(&s[i], &W[0, 0], K, O, K, &bias[0], relu, &out[0, 0], N)
-    s[i].N = N
-    s[i].tap_off = &tap_off[0]
-    s[i].table = &vectors[0, 0]
-    s[i].n = nvec
+    s[i].out = &out[0, 0]
+    s[i].u.direct.p = _product(&W[0, 0], K, O, K, &bias[0], relu, N)
+    s[i].u.direct.tap_off = &tap_off[0]
+    s[i].u.direct.vec = &vectors[0, 0]
+    s[i].u.direct.nvec = nvec
     _emit(program, s, i + 1, (x, pad_buffer, tap_off, vectors, W, bias, out) if program is not None else None)
 
 
@@ -481,8 +575,9 @@ def phase_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl
     step.kind = DV_STEP_PHASE
     step.threads = threads
     step.x = &x[channel0, 0, 0]
-    step.n = <int>n
-    step.H, step.Wd, step.pt, step.pl, step.sh, step.Hp, step.Wp = H, W, pt, pl, s, Hq, Wq
+    step.u.phase.n = <int>n
+    step.u.phase.H, step.u.phase.W, step.u.phase.pt, step.u.phase.pl = H, W, pt, pl
+    step.u.phase.s, step.u.phase.Hq, step.u.phase.Wq = s, Hq, Wq
     step.out = &dst[0, 0, 0]
     _emit(program, &step, 1, (x, dst) if program is not None else None)
 
@@ -600,10 +695,11 @@ cdef inline void _pool_step(dv_step* s, int kind, const float[:, :, ::1] x, floa
     s.kind = kind
     s.threads = threads
     s.x = &x[0, 0, 0]
-    s.C, s.H, s.Wd = x.shape[0], x.shape[1], x.shape[2]
+    s.u.pool.C, s.u.pool.H, s.u.pool.W = x.shape[0], x.shape[1], x.shape[2]
     s.out = out
-    s.ldo = out_plane
-    s.ho, s.wo, s.kh, s.kw, s.sh, s.sw, s.pt, s.pl = ho, wo, kh, kw, sh, sw, pt, pl
+    s.u.pool.ldo = out_plane
+    s.u.pool.ho, s.u.pool.wo, s.u.pool.kh, s.u.pool.kw = ho, wo, kh, kw
+    s.u.pool.sh, s.u.pool.sw, s.u.pool.pt, s.u.pool.pl = sh, sw, pt, pl
     s.scratch = scratch
     s.scratch_stride = stride
 
@@ -641,7 +737,7 @@ def avgpool(const float[:, :, ::1] x, float[:, :, ::1] out, int kh, int kw, int 
     cdef dv_step s
     _pool_step(&s, DV_STEP_AVGPOOL, x, &out[0, 0, 0], out.strides[0] // 4, Ho, Wo, kh, kw, sh, sw, pt, pl, &rows[0, 0], span,
                threads)
-    s.pb, s.pr, s.flag = pb, pr, count_include_pad
+    s.u.pool.pb, s.u.pool.pr, s.u.pool.count_include_pad = pb, pr, count_include_pad
     _emit(program, &s, 1, (x, out, scratch) if program is not None else None)
 
 
@@ -659,8 +755,8 @@ def global_avgpool(const float[:, ::1] x, float[::1] out, int threads=1, Program
     s.kind = DV_STEP_MEAN
     s.threads = threads
     s.x = &x[0, 0]
-    s.C = C
-    s.N = P
+    s.u.mean.C = C
+    s.u.mean.N = P
     s.out = &out[0]
     _emit(program, &s, 1, (x, out) if program is not None else None)
 

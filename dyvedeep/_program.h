@@ -1,7 +1,7 @@
 /* The dense path's kernels as steps, and their run by one OpenMP team.
  *
  * A step is one dense-path kernel over a layer (or a group, or a band of rows of one) with the
- * number of threads that share it out: padding, phase planes, the direct and fused convolution
+ * number of threads that share it out: padding, phase planes, the direct and panel convolution
  * routes, unfolding and GEMM, max and average pooling, channel means. dv_run_steps runs a list
  * of them inside one parallel region, each thread doing its share of a step and then waiting
  * at a barrier for the others before the next step. The wrappers of _kernels.pyx either run
@@ -12,13 +12,14 @@
 #define DYVEDEEP_PROGRAM_H
 
 #include <omp.h>
-#include "_simd.h"
+#include "kernels/dv_conv.h"
+#include "kernels/dv_pool.h"
 
 enum {
     DV_STEP_PAD,      /* dv_pad_planes, channels shared out */
     DV_STEP_PHASE,    /* dv_phase_plane, planes shared out */
     DV_STEP_DIRECT,   /* dv_conv_direct: tiles or 8-row blocks of weights shared out */
-    DV_STEP_DENSE,    /* dv_conv_dense_tiles: likewise, one panel scratch per thread */
+    DV_STEP_PANEL,    /* dv_conv_panel_tiles: likewise, one panel scratch per thread */
     DV_STEP_IM2COL,   /* dv_im2col_plane_packed, channels shared out, one pad scratch per thread */
     DV_STEP_GEMM,     /* dv_gemm_tiles on packed panels: tiles or 8-row blocks shared out */
     DV_STEP_MAXPOOL,  /* dv_maxpool_plane, planes shared out, one row scratch per thread */
@@ -26,29 +27,60 @@ enum {
     DV_STEP_MEAN      /* dv_mean of each row (global average pooling), rows shared out */
 };
 
+/* The product part of a convolution or GEMM step: out (O rows, ldo floats apart) = W (O x K,
+ * rows ldw apart) applied, + bias (NULL: GEMM only, out += the product), ReLU if asked. */
 typedef struct {
-    int kind;           /* DV_STEP_* */
+    const float *W;
+    long ldw;
+    int O, K;
+    const float *bias;
+    int relu;
+    long ldo;
+} dv_product;
+
+/* C planes (H x W) copied with their zero padding (input at row pt, column pl) into Hp x Wp. */
+typedef struct { int C, H, W, pt, pl, Hp, Wp; } dv_pad_args;
+/* n phase planes (s * s per channel) of H x W planes, as Hq x Wq (dv_phase_plane). */
+typedef struct { int n, H, W, pt, pl, s, Hq, Wq; } dv_phase_args;
+/* The direct route: nvec vectors (DV_VEC ints each) over the taps tap_off[0..K-1]. */
+typedef struct { dv_product p; const long *tap_off; const int *vec; int nvec; } dv_direct_args;
+/* The panel route: N positions, runs (4 ints each) from panel_first[t] for panel t, columns sw apart. */
+typedef struct { dv_product p; const long *tap_off; const int *runs; const int *panel_first; int N, sw; } dv_panel_args;
+/* im2col of channels[0..C-1] (H x W planes) into packed panels lds floats apart (runs: nruns). */
+typedef struct {
+    int C, H, W, kh, kw, sw, pt, pl, dh, dw, Hp, Wp;
+    const int *channels;
+    const int *runs;
+    int nruns;
+    long lds;
+} dv_im2col_args;
+/* GEMM on packed panels: N columns, rows ldc apart in a panel, panels lds apart. */
+typedef struct { dv_product p; int N; long ldc, lds; } dv_gemm_args;
+/* Pooling of C planes (H x W) into ho x wo planes ldo floats apart. */
+typedef struct { int C, H, W, ho, wo, kh, kw, sh, sw, pt, pl, pb, pr, count_include_pad; long ldo; } dv_pool_args;
+/* The means of C rows of N floats. */
+typedef struct { int C, N; } dv_mean_args;
+
+/* One step: its kind, its input, output and per-thread scratch, and the arguments of its kind. */
+typedef struct {
+    int kind;           /* DV_STEP_*: which member of `u` holds the arguments */
     int threads;        /* how many threads share the step out (threads 0..threads-1 of the team) */
     const float *x;     /* the step's input (its source planes, panels or map) */
     long x_offset;      /* with x_from_image: x is the image's data + x_offset floats */
     int x_from_image;
     float *out;
-    long ldo;           /* floats between output rows (GEMM, convolutions) or planes (pooling) */
     float *scratch;     /* thread t's scratch at scratch + t * scratch_stride */
     long scratch_stride;
-    const float *W;     /* convolutions, GEMM: weights (O x K, rows ldw apart) and bias (or NULL) */
-    long ldw;
-    const float *bias;
-    int relu;
-    const long *tap_off;      /* convolutions: each unfolded row's offset in the source */
-    const int *table;         /* direct: vectors; dense, im2col: runs; im2col: channels in table2 */
-    const int *table2;        /* dense: each panel's first run; im2col: the channels */
-    int O, K, N, n;           /* rows, inner dimension, positions; n: vectors, runs or planes */
-    long ldc, lds;            /* GEMM: packed panels (column stride in a panel, panel stride) */
-    int C, H, Wd;             /* pad, phase, im2col, pooling, mean: the input's channels and plane */
-    int kh, kw, sh, sw, pt, pl, pb, pr, dh, dw;
-    int ho, wo, Hp, Wp;       /* output plane; padded (or phase) planes */
-    int flag;                 /* avgpool: count_include_pad */
+    union {
+        dv_pad_args pad;
+        dv_phase_args phase;
+        dv_direct_args direct;
+        dv_panel_args panel;
+        dv_im2col_args im2col;
+        dv_gemm_args gemm;
+        dv_pool_args pool;      /* DV_STEP_MAXPOOL and DV_STEP_AVGPOOL */
+        dv_mean_args mean;
+    } u;
 } dv_step;
 
 /* Thread t's share [*begin, *end) of n items split in T contiguous parts. */
@@ -103,67 +135,84 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
     int b, e, g0, g1, t0, t1;
     float *scratch = s->scratch ? s->scratch + (long)t * s->scratch_stride : NULL;
     switch (s->kind) {
-    case DV_STEP_PAD:
-        dv_share(s->C, t, T, &b, &e);
+    case DV_STEP_PAD: {
+        const dv_pad_args *a = &s->u.pad;
+        dv_share(a->C, t, T, &b, &e);
         if (e > b)
-            dv_pad_planes(x + (long)b * s->H * s->Wd, e - b, s->H, s->Wd, s->pt, s->pl, s->Hp, s->Wp,
-                          s->out + (long)b * s->Hp * s->Wp);
+            dv_pad_planes(x + (long)b * a->H * a->W, e - b, a->H, a->W, a->pt, a->pl, a->Hp, a->Wp,
+                          s->out + (long)b * a->Hp * a->Wp);
         break;
+    }
     case DV_STEP_PHASE: {
-        int per_channel = s->sh * s->sh;
-        dv_share(s->n, t, T, &b, &e);
+        const dv_phase_args *a = &s->u.phase;
+        int per_channel = a->s * a->s;
+        dv_share(a->n, t, T, &b, &e);
         for (int i = b; i < e; ++i)
-            dv_phase_plane(x + (long)(i / per_channel) * s->H * s->Wd, s->H, s->Wd, s->pt, s->pl, s->sh,
-                           (i / s->sh) % s->sh, i % s->sh, s->Hp, s->Wp, s->out + (long)i * s->Hp * s->Wp);
+            dv_phase_plane(x + (long)(i / per_channel) * a->H * a->W, a->H, a->W, a->pt, a->pl, a->s,
+                           (i / a->s) % a->s, i % a->s, a->Hq, a->Wq, s->out + (long)i * a->Hq * a->Wq);
         break;
     }
     case DV_STEP_DIRECT: {
-        int ntiles = (s->n + DV_DTILE - 1) / DV_DTILE;
-        if (dv_conv_share(dv_split_rows(T, ntiles, s->O), s->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
-            dv_conv_direct(x, s->tap_off, s->table, s->n, s->W + (long)g0 * s->ldw, g1 - g0, s->K,
-                           s->bias + g0, s->relu, s->out + (long)g0 * s->ldo, s->ldo, t0, t1);
+        const dv_direct_args *a = &s->u.direct;
+        const dv_product *p = &a->p;
+        int ntiles = (a->nvec + DV_DTILE - 1) / DV_DTILE;
+        if (dv_conv_share(dv_split_rows(T, ntiles, p->O), p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
+            dv_conv_direct(x, a->tap_off, a->vec, a->nvec, p->W + (long)g0 * p->ldw, g1 - g0, p->K,
+                           p->bias + g0, p->relu, s->out + (long)g0 * p->ldo, p->ldo, t0, t1);
         break;
     }
-    case DV_STEP_DENSE: {
-        int ntiles = (s->N + 31) / 32;
-        if (dv_conv_share(dv_split_rows(T, ntiles, s->O), s->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
-            dv_conv_dense_tiles(x, s->tap_off, s->sw, s->table, s->table2, s->W + (long)g0 * s->ldw, g1 - g0,
-                                s->K, s->N, s->bias + g0, s->relu, s->out + (long)g0 * s->ldo, scratch, t0, t1);
+    case DV_STEP_PANEL: {
+        const dv_panel_args *a = &s->u.panel;
+        const dv_product *p = &a->p;
+        int ntiles = (a->N + 31) / 32;
+        if (dv_conv_share(dv_split_rows(T, ntiles, p->O), p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
+            dv_conv_panel_tiles(x, a->tap_off, a->sw, a->runs, a->panel_first, p->W + (long)g0 * p->ldw, g1 - g0,
+                                p->K, a->N, p->bias + g0, p->relu, s->out + (long)g0 * p->ldo, scratch, t0, t1);
         break;
     }
-    case DV_STEP_IM2COL:
-        dv_share(s->C, t, T, &b, &e);
+    case DV_STEP_IM2COL: {
+        const dv_im2col_args *a = &s->u.im2col;
+        dv_share(a->C, t, T, &b, &e);
         for (int i = b; i < e; ++i)
-            dv_im2col_plane_packed(x + (long)s->table2[i] * s->H * s->Wd, s->H, s->Wd, s->kh, s->kw, s->sw,
-                                   s->pt, s->pl, s->dh, s->dw, s->Hp, s->Wp, scratch, s->table, s->n,
-                                   s->out + (long)i * s->kh * s->kw * 32, s->lds);
-        break;
-    case DV_STEP_GEMM: {
-        /* more rows than columns: each thread streams only its share of the weights */
-        int ntiles = (s->N + 31) / 32;
-        int rows_first = s->O > s->N && T > 1 && (s->O + 7) / 8 > 1;
-        if (dv_conv_share(rows_first, s->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
-            dv_gemm_tiles(s->W + (long)g0 * s->ldw, s->ldw, g1 - g0, x, s->ldc, s->lds, s->out + (long)g0 * s->ldo,
-                          s->ldo, s->K, s->N, s->bias ? s->bias + g0 : NULL, s->relu, t0, t1);
+            dv_im2col_plane_packed(x + (long)a->channels[i] * a->H * a->W, a->H, a->W, a->kh, a->kw, a->sw,
+                                   a->pt, a->pl, a->dh, a->dw, a->Hp, a->Wp, scratch, a->runs, a->nruns,
+                                   s->out + (long)i * a->kh * a->kw * 32, a->lds);
         break;
     }
-    case DV_STEP_MAXPOOL:
-        dv_share(s->C, t, T, &b, &e);
-        for (int c = b; c < e; ++c)
-            dv_maxpool_plane(x + (long)c * s->H * s->Wd, s->H, s->Wd, s->out + (long)c * s->ldo, s->ho, s->wo,
-                             s->kh, s->kw, s->sh, s->sw, s->pt, s->pl, scratch);
+    case DV_STEP_GEMM: {
+        const dv_gemm_args *a = &s->u.gemm;
+        const dv_product *p = &a->p;
+        /* more rows than columns: each thread streams only its share of the weights */
+        int ntiles = (a->N + 31) / 32;
+        int rows_first = p->O > a->N && T > 1 && (p->O + 7) / 8 > 1;
+        if (dv_conv_share(rows_first, p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
+            dv_gemm_tiles(p->W + (long)g0 * p->ldw, p->ldw, g1 - g0, x, a->ldc, a->lds, s->out + (long)g0 * p->ldo,
+                          p->ldo, p->K, a->N, p->bias ? p->bias + g0 : NULL, p->relu, t0, t1);
         break;
-    case DV_STEP_AVGPOOL:
-        dv_share(s->C, t, T, &b, &e);
+    }
+    case DV_STEP_MAXPOOL: {
+        const dv_pool_args *a = &s->u.pool;
+        dv_share(a->C, t, T, &b, &e);
         for (int c = b; c < e; ++c)
-            dv_avgpool_plane(x + (long)c * s->H * s->Wd, s->H, s->Wd, s->out + (long)c * s->ldo, s->ho, s->wo,
-                             s->kh, s->kw, s->sh, s->sw, s->pt, s->pl, s->pb, s->pr, s->flag, scratch);
+            dv_maxpool_plane(x + (long)c * a->H * a->W, a->H, a->W, s->out + (long)c * a->ldo, a->ho, a->wo,
+                             a->kh, a->kw, a->sh, a->sw, a->pt, a->pl, scratch);
         break;
-    case DV_STEP_MEAN:
-        dv_share(s->C, t, T, &b, &e);
+    }
+    case DV_STEP_AVGPOOL: {
+        const dv_pool_args *a = &s->u.pool;
+        dv_share(a->C, t, T, &b, &e);
         for (int c = b; c < e; ++c)
-            s->out[c] = dv_mean(x + (long)c * s->N, s->N);
+            dv_avgpool_plane(x + (long)c * a->H * a->W, a->H, a->W, s->out + (long)c * a->ldo, a->ho, a->wo,
+                             a->kh, a->kw, a->sh, a->sw, a->pt, a->pl, a->pb, a->pr, a->count_include_pad, scratch);
         break;
+    }
+    case DV_STEP_MEAN: {
+        const dv_mean_args *a = &s->u.mean;
+        dv_share(a->C, t, T, &b, &e);
+        for (int c = b; c < e; ++c)
+            s->out[c] = dv_mean(x + (long)c * a->N, a->N);
+        break;
+    }
     }
 }
 
@@ -172,14 +221,16 @@ static inline const float *dv_step_input(const dv_step *s, const float *image)
     return s->x_from_image ? image + s->x_offset : s->x;
 }
 
-/* Run steps[0..n-1] in order, each shared out by its threads, in one parallel region (a team
- * of as many threads as the widest step asks for; a barrier between steps). `image`: the data
- * that steps with x_from_image read (NULL when none does). */
-static void dv_run_steps(const dv_step *steps, int n, const float *image)
+/* Run steps[0..n-1] in order, each shared out by its threads (at most max_threads), in one
+ * parallel region (a team of as many threads as the widest step asks for; a barrier between
+ * steps). Any number of threads gives the same floats. `image`: the data that steps with
+ * x_from_image read (NULL when none does). */
+static void dv_run_steps(const dv_step *steps, int n, const float *image, int max_threads)
 {
     int team = 1;
     for (int i = 0; i < n; ++i)
         if (steps[i].threads > team) team = steps[i].threads;
+    if (team > max_threads) team = max_threads;
     if (team == 1) {
         for (int i = 0; i < n; ++i) dv_step_share(&steps[i], dv_step_input(&steps[i], image), 0, 1);
         return;

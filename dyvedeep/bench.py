@@ -4,7 +4,10 @@ noise hits all three alike); reports medians after warm-up and the speed-ups."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -90,6 +93,19 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
     }
 
 
+@contextlib.contextmanager
+def busy_load(n: int):
+    """N busy processes (a Python loop each) running for the duration: a competing load that
+    anyone can reproduce (``--load``)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     plan = build_plan(args.model)
     spec = args.data or DEFAULT_DATA.get(plan.labels or "", None)
@@ -99,8 +115,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if len(dataset) <= args.warmup:
         raise DyveError(f"{spec}: {len(dataset)} images, need more than --warmup {args.warmup}")
     images = dataset.images(0, len(dataset))
-    result = bench(args.model, images, args.knobs, args.threads, args.warmup, not args.no_onnxruntime, args.rounds)
-    print(f"threads: {result['threads']}, images: {result['n_images']} (after {result['warmup']} warm-up)")
+    if args.load < 0:
+        raise DyveError(f"--load {args.load}: expected a number of busy processes >= 0")
+    with busy_load(args.load):
+        result = bench(args.model, images, args.knobs, args.threads, args.warmup, not args.no_onnxruntime, args.rounds)
+    result["load"] = args.load
+    print(f"threads: {result['threads']}, images: {result['n_images']} (after {result['warmup']} warm-up)"
+          + (f", {args.load} busy processes running" if args.load else ""))
     print(f"median latency, dense engine: {result['latency_dense_ms']:.3f} ms")
     if args.knobs:
         print(f"median latency, DyVEDeep:     {result['latency_dyvedeep_ms']:.3f} ms "
@@ -128,4 +149,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mirror", type=Path, default=None, metavar="DIR")
     p.add_argument("--no-onnxruntime", action="store_true", help="skip the onnxruntime reference")
     p.add_argument("--json", type=Path, default=None, metavar="OUT.json")
+    p.add_argument("--load", type=int, default=0, metavar="N", help="run N busy processes during the bench (default 0)")
     p.set_defaults(func=cmd_bench)

@@ -60,9 +60,9 @@ def test_engine_is_built_on_the_board(pi_board: remote.Board, pi_engine: remote.
     assert pi_engine.machine == "aarch64" and pi_engine.version == remote.engine_version()
     venv = remote.venv_dir(pi_board, pi_engine.version)
     probe = (f"{venv}/bin/python -c 'import platform, dyvedeep, dyvedeep._kernels as k; "
-             "print(platform.machine(), k.__file__.rsplit(\"/\", 1)[-1])'")
-    machine, ext = remote.ssh(pi_board, probe, what="importing the engine").decode().split()
-    assert machine == "aarch64" and "aarch64" in ext
+             "print(platform.machine(), k.__file__.rsplit(\"/\", 1)[-1], k.ISA)'")
+    machine, ext, isa = remote.ssh(pi_board, probe, what="importing the engine").decode().split()
+    assert machine == "aarch64" and "aarch64" in ext and isa == "neon"  # the NEON tile shapes
     again = remote.setup(pi_board)
     assert not again.built and again.version == pi_engine.version
     TIMINGS["remote_setup_recheck_s"] = round(again.seconds, 2)

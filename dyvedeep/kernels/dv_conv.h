@@ -1,0 +1,227 @@
+/* Convolution around the GEMM tiles: im2col into packed panels, the panel route (im2col one
+ * panel at a time inside the GEMM), the direct route and its vectors, zero padding, phase planes
+ * of strided convolutions, and the runs of an unfolding of scattered positions. */
+#ifndef DYVEDEEP_DV_CONV_H
+#define DYVEDEEP_DV_CONV_H
+
+#include "dv_gemm.h"
+
+/* The runs of an im2col into packed panels: output positions j = oy * wo + ox, cut where a panel
+ * (32 positions) or an output row ends. Run r is (panel, first lane, offset in the padded input
+ * of its first position's tap (0, 0), length); a padded input has (wo - 1) * sw + (kw - 1) * dw + 1
+ * columns (Wp) and row oy's taps start at row oy * sh. Returns the number of runs written to
+ * `runs` (room for 4 * (ho * wo / 32 + ho + 1) ints). */
+static int dv_im2col_runs(int ho, int wo, int sh, int sw, int Wp, int *runs)
+{
+    int n = 0, N = ho * wo;
+    for (int j = 0; j < N;) {
+        int oy = j / wo, ox = j % wo;
+        int len = wo - ox;
+        if (len > 32 - (j & 31)) len = 32 - (j & 31);
+        runs[4 * n] = j >> 5;
+        runs[4 * n + 1] = j & 31;
+        runs[4 * n + 2] = oy * sh * Wp + ox * sw;
+        runs[4 * n + 3] = len;
+        ++n;
+        j += len;
+    }
+    return n;
+}
+
+/* im2col of one input channel `plane` (H x W) into packed panels: rows (ky, kx) starting at
+ * `dst` (the channel's first row in panel 0; rows 32 floats apart, panels lds apart) get the
+ * input under that tap for every output position. `pad` (Hp x Wp, zero outside the copied
+ * input, which lands at row pt, column pl) is the channel with its zero padding, so that every
+ * run is a plain (strided) copy. */
+static void dv_im2col_plane_packed(const float *plane, int H, int W, int kh, int kw, int sw, int pt, int pl,
+                                   int dh, int dw, int Hp, int Wp, float *pad, const int *runs, int nruns,
+                                   float *dst, long lds)
+{
+    int rows = H < Hp - pt ? H : Hp - pt;
+    int width = W < Wp - pl ? W : Wp - pl;
+    for (int y = 0; y < rows; ++y)
+        memcpy(pad + (long)(y + pt) * Wp + pl, plane + (long)y * W, sizeof(float) * (size_t)(width > 0 ? width : 0));
+    for (int ky = 0; ky < kh; ++ky) {
+        for (int kx = 0; kx < kw; ++kx) {
+            float *row = dst + (long)(ky * kw + kx) * 32;
+            const float *src = pad + (long)ky * dh * Wp + (long)kx * dw;
+            for (int r = 0; r < nruns; ++r) {
+                const int *run = runs + 4 * r;
+                float *d = row + (long)run[0] * lds + run[1];
+                const float *s = src + run[2];
+                int len = run[3];
+                if (sw == 1) {
+                    dv_copy_run(d, s, len);
+                } else {
+                    dv_copy_strided(d, s, len, sw);
+                }
+            }
+        }
+    }
+}
+
+/* The panel route of a dense convolution: im2col one 32-position panel at a time inside the
+ * GEMM, so that the unfolded input never leaves L1: for each tile t in [tile_begin, tile_end),
+ * its panel (K rows of 32; row k is tap tap_off[k] of the source) is built from the runs
+ * panel_first[t]..panel_first[t+1]-1 (see dv_im2col_runs; offsets in `src`, which is the input
+ * with its zero padding, rows row_w apart), then every 8-row block of W (O x K) is applied:
+ * out[o, j] = bias[o] + sum_k W[o, k] * panel[k, j], ReLU if asked. `panel` is K * 32 floats. */
+static void dv_conv_panel_tiles(const float *src, const long *tap_off, int sw, const int *runs,
+                                const int *panel_first, const float *W, int O, int K, int N,
+                                const float *bias, int relu, float *out, float *panel,
+                                int tile_begin, int tile_end)
+{
+    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 8 * DV_DTILE * (size_t)((O + 7) / 8) + 64);
+    accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
+    for (int t = tile_begin; t < tile_end; ++t) {
+        for (int k = 0; k < K; ++k) {
+            const float *base = src + tap_off[k];
+            float *row = panel + (long)k * 32;
+            for (int r = panel_first[t]; r < panel_first[t + 1]; ++r) {
+                const int *run = runs + 4 * r;
+                const float *s = base + run[2];
+                float *d = row + run[1];
+                int len = run[3];
+                dv_copy_strided(d, s, len, sw);
+            }
+        }
+        dv_gemm_tile_rows(W, K, O, panel, 32, out, N, K, N, bias, relu, t, accbuf);
+    }
+}
+
+/* Direct convolution of one group: out[o, p] = bias[o] + sum_k W[o, k] src[s(p) + tap_off[k]],
+ * ReLU if asked, for the tiles tile_begin..tile_end-1 (DV_DTILE consecutive vectors each, see
+ * above), each through dv_tile_rows. */
+static void dv_conv_direct(const float *src, const long *tap_off, const int *vec, int nvec,
+                           const float *W, int O, int K, const float *bias, int relu, float *out, long ldo,
+                           int tile_begin, int tile_end)
+{
+    dv_v16 *accbuf = (dv_v16 *)__builtin_alloca(sizeof(dv_v16) * 8 * DV_DTILE * (size_t)((O + 7) / 8) + 64);
+    accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
+    for (int t = tile_begin; t < tile_end; ++t) {
+        const int *v = vec + DV_DTILE * DV_VEC * t, *next = v + DV_DTILE * DV_VEC;
+        int nv = nvec - DV_DTILE * t < DV_DTILE ? nvec - DV_DTILE * t : DV_DTILE;
+        dv_tile_src b = {NULL, 0, 0, 0, src, tap_off, v, nv, 0, 0, 0};
+        if (t + 1 < tile_end) {  /* the next tile: its source (first weight block), its output lines */
+            int last_vec = nvec - 1 < DV_DTILE * (t + 2) - 1 ? nvec - 1 : DV_DTILE * (t + 2) - 1;
+            const int *last = vec + DV_VEC * last_vec;
+            b.pf = next[0] - v[0];
+            b.next_j = next[1];
+            b.next_n = last[1] + __builtin_popcount((unsigned)last[3]) - next[1];
+        }
+        dv_tile_rows(W, K, O, K, &b, out, ldo, bias, relu, accbuf);
+    }
+}
+
+/* The vectors of a direct convolution (see above) for an ho x wo output whose position
+ * (oy, ox) has its tap (0, 0) at source offset oy * sh * row_w + ox: per output row, or, with
+ * `across` (needs sh == 1 and row_w >= wo), over consecutive source offsets from the first
+ * position to the last. Writes DV_VEC ints per vector; returns their number (room for
+ * DV_VEC * (ho * ((wo + 15) / 16) + (ho * row_w + 15) / 16) ints). */
+static int dv_direct_vectors(int ho, int wo, int sh, int row_w, int across, int *vec)
+{
+    int n = 0;
+    if (across) {
+        int end = (ho - 1) * row_w + wo;  /* one past the last position's source offset */
+        for (int p = 0; p < end; p += 16, ++n) {
+            int lanes = end - p < 16 ? end - p : 16;
+            unsigned mask = 0;
+            int first = -1;
+            for (int l = 0; l < lanes; ++l) {
+                int oy = (p + l) / row_w, ox = (p + l) % row_w;
+                if (ox < wo) {
+                    mask |= 1u << l;
+                    if (first < 0) first = oy * wo + ox;
+                }
+            }
+            if (mask == 0) { --n; continue; }  /* only dropped columns */
+            int *v = vec + DV_VEC * n;
+            v[0] = p; v[1] = first; v[2] = lanes; v[3] = (int)mask;
+        }
+        return n;
+    }
+    for (int oy = 0; oy < ho; ++oy)
+        for (int ox = 0; ox < wo; ox += 16, ++n) {
+            int *v = vec + DV_VEC * n;
+            v[0] = oy * sh * row_w + ox;
+            v[1] = oy * wo + ox;
+            v[2] = wo - ox < 16 ? wo - ox : 16;
+            v[3] = (int)((1u << v[2]) - 1u);
+        }
+    return n;
+}
+
+/* Copy channels of a (C x H x W) input into zero-padded planes (C x Hp x Wp, input at row pt,
+ * column pl); every element of the padded planes is written. */
+static void dv_pad_planes(const float *x, int C, int H, int W, int pt, int pl, int Hp, int Wp, float *dst)
+{
+    for (int c = 0; c < C; ++c) {
+        const float *plane = x + (long)c * H * W;
+        float *d = dst + (long)c * Hp * Wp;
+        for (int y = 0; y < Hp; ++y) {
+            float *row = d + (long)y * Wp;
+            int iy = y - pt;
+            if (iy < 0 || iy >= H) { memset(row, 0, sizeof(float) * (size_t)Wp); continue; }
+            int x0 = pl < Wp ? pl : Wp;
+            int n = W < Wp - x0 ? W : Wp - x0;
+            if (x0) memset(row, 0, sizeof(float) * (size_t)x0);
+            if (n > 0) memcpy(row + x0, plane + (long)iy * W, sizeof(float) * (size_t)n);
+            if (x0 + n < Wp) memset(row + x0 + (n > 0 ? n : 0), 0, sizeof(float) * (size_t)(Wp - x0 - (n > 0 ? n : 0)));
+        }
+    }
+}
+
+/* One phase plane of a strided convolution's input: of the zero-padded plane (input at row
+ * pt, column pl), the rows py, py + s, ... and columns px, px + s, ..., as Hq x Wq (zeros past
+ * the padded plane). A stride-s convolution reads tap (ky, kx) of output (oy, ox) at row
+ * oy + ky / s, column ox + kx / s of phase plane (ky % s, kx % s): a stride-1 read. Every
+ * element of dst is written. */
+static void dv_phase_plane(const float *plane, int H, int W, int pt, int pl, int s, int py, int px,
+                           int Hq, int Wq, float *dst)
+{
+    int q0 = pl - px > 0 ? (pl - px + s - 1) / s : 0;  /* first qx with an input column */
+    int q1 = (W + pl - px + s - 1) / s;                 /* one past the last */
+    if (q1 > Wq) q1 = Wq;
+    if (q0 > q1) q0 = q1;
+    for (int qy = 0; qy < Hq; ++qy) {
+        float *row = dst + (long)qy * Wq;
+        int iy = qy * s + py - pt;
+        if (iy < 0 || iy >= H || q0 == q1) { memset(row, 0, sizeof(float) * (size_t)Wq); continue; }
+        if (q0) memset(row, 0, sizeof(float) * (size_t)q0);
+        dv_copy_strided(row + q0, plane + (long)iy * W + (q0 * s + px - pl), q1 - q0, s);
+        if (q1 < Wq) memset(row + q1, 0, sizeof(float) * (size_t)(Wq - q1));
+    }
+}
+
+/* The runs of an unfolding of the output positions pos[0..n-1] (increasing, y * wo + x) into
+ * packed panels, column i of the unfolded matrix being position pos[i]: a run is (panel, first
+ * lane, offset of its first position's tap (0, 0) in the padded input (rows Wp apart), length,
+ * stride in the input between its positions). A run stays in one panel and one output row, with
+ * one x step. Returns the number of runs (room for 5 * n ints in `runs`). */
+static int dv_position_runs(const int *pos, int n, int wo, int sh, int sw, int Wp, int *runs)
+{
+    int nr = 0;
+    for (int i = 0; i < n;) {
+        int oy = pos[i] / wo, ox = pos[i] % wo;
+        int len = 1, step = 0;
+        while (i + len < n && ((i + len) & 31) != 0) {
+            int q = pos[i + len];
+            int qy = q / wo, qx = q % wo;
+            int d = qx - (ox + (len - 1) * step);
+            if (qy != oy) break;
+            if (len == 1) { step = qx - ox; if (step <= 0) break; }
+            else if (d != step) break;
+            ++len;
+        }
+        int *r = runs + 5 * nr++;
+        r[0] = i >> 5;
+        r[1] = i & 31;
+        r[2] = oy * sh * Wp + ox * sw;
+        r[3] = len;
+        r[4] = (len > 1 ? step : 1) * sw;
+        i += len;
+    }
+    return nr;
+}
+
+#endif

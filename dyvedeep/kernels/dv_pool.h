@@ -1,0 +1,186 @@
+/* Pooling: max and average pooling of a plane (a window-row reduction, then the windows along
+ * the rows) and channel means (global average pooling). */
+#ifndef DYVEDEEP_DV_POOL_H
+#define DYVEDEEP_DV_POOL_H
+
+#include "dv_vector.h"
+
+/* The mean of x[0..n-1]: 16 float lanes summed as they come, the lanes then in double. */
+static inline float dv_mean(const float *x, int n)
+{
+    dv_v16 acc = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc += dv_load16(x + i);
+    if (i < n) acc += dv_load16_part(x + i, n - i);
+    double total = 0.0;
+    for (int l = 0; l < 16; ++l) total += acc[l];
+    return (float)(total / n);
+}
+
+/* Pooling works on a window-row reduction: for each output row, the rows of its window are
+ * reduced into `acc` (the input row with pl padding entries on the left, enough on the right for
+ * every window), then each output takes its kw entries of `acc`. Both steps run on whole vectors
+ * (16 outputs at a time, strides 1 and 2 de-interleaved in registers), tails masked. */
+static inline int dv_pool_span(int W, int wo, int kw, int sw, int pl)
+{
+    int span = (wo - 1) * sw + kw;
+    return span > W + pl ? span : W + pl;
+}
+
+/* Floats of a pooling row scratch: the span plus the slack that whole-vector reads of the last
+ * outputs' windows reach (16 outputs of stride <= 2 read 32 floats past their window start). */
+static inline int dv_pool_scratch(int W, int wo, int kw, int sw, int pl)
+{
+    return dv_pool_span(W, wo, kw, sw, pl) + 2 * 16 + 16;
+}
+
+/* m[x] = max over i < rows of r[i * W + x] (in that order), for x < n; rows >= 1. Whole
+ * vectors are reduced in registers and stored once: no load waits on a store just made. */
+static inline void dv_col_max(float *m, const float *r, long W, int rows, int n)
+{
+    int x = 0;
+    for (; x + 16 <= n; x += 16) {
+        dv_v16 v = dv_load16(r + x);
+        for (int i = 1; i < rows; ++i) v = dv_vmax(v, dv_load16(r + i * W + x));
+        dv_store16(m + x, v);
+    }
+    if (x < n) {
+        dv_v16 v = dv_load16_part(r + x, n - x);
+        for (int i = 1; i < rows; ++i) v = dv_vmax(v, dv_load16_part(r + i * W + x, n - x));
+        dv_store16_part(m + x, v, n - x);
+    }
+}
+
+/* m[x] = 0 + r[x] + r[W + x] + ... over rows rows (in that order), for x < n; rows >= 0. */
+static inline void dv_col_sum(float *m, const float *r, long W, int rows, int n)
+{
+    int x = 0;
+    for (; x + 16 <= n; x += 16) {
+        dv_v16 v = {0};
+        for (int i = 0; i < rows; ++i) v += dv_load16(r + i * W + x);
+        dv_store16(m + x, v);
+    }
+    if (x < n) {
+        dv_v16 v = {0};
+        for (int i = 0; i < rows; ++i) v += dv_load16_part(r + i * W + x, n - x);
+        dv_store16_part(m + x, v, n - x);
+    }
+}
+
+/* o[ox] = max of acc[ox * sw + kx] over kx < kw (acc with dv_pool_scratch floats). */
+static inline void dv_window_max(float *o, const float *acc, int wo, int sw, int kw)
+{
+    if (sw > 2) {
+        for (int ox = 0; ox < wo; ++ox) {
+            float m = acc[ox * sw];
+            for (int kx = 1; kx < kw; ++kx) m = acc[ox * sw + kx] > m ? acc[ox * sw + kx] : m;
+            o[ox] = m;
+        }
+        return;
+    }
+    for (int ox = 0; ox < wo; ox += 16) {
+        const float *a = acc + (long)ox * sw;
+        dv_v16 v = dv_load16_stride(a, sw);
+        for (int kx = 1; kx < kw; ++kx) v = dv_vmax(v, dv_load16_stride(a + kx, sw));
+        if (wo - ox >= 16) dv_store16(o + ox, v);
+        else dv_store16_part(o + ox, v, wo - ox);
+    }
+}
+
+/* Floats from one row of a plane's pooling scratch to the next (a whole number of vectors). */
+static inline int dv_pool_row_stride(int W, int wo, int kw, int sw, int pl)
+{
+    return (dv_pool_scratch(W, wo, kw, sw, pl) + 15) & ~15;
+}
+
+/* Max pooling of one H x W plane into ho x wo (-inf padding: windows clipped to the input).
+ * First every output row's window rows are reduced into its own row of `acc` (ho rows of
+ * dv_pool_row_stride floats), then the windows are taken along the rows: the second step reads
+ * what the first stored long before (a load overlapping a store still in flight waits for it). */
+static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
+                             int sh, int sw, int pt, int pl, float *acc)
+{
+    const float ninf = -__builtin_inff();
+    int span = dv_pool_span(W, wo, kw, sw, pl), stride = dv_pool_row_stride(W, wo, kw, sw, pl);
+    for (int oy = 0; oy < ho; ++oy) {
+        float *row = acc + (long)oy * stride;
+        int y0 = oy * sh - pt, y1 = y0 + kh;
+        if (y0 < 0) y0 = 0;
+        if (y1 > H) y1 = H;
+        for (int p = 0; p < pl; ++p) row[p] = ninf;
+        for (int p = pl + W; p < span; ++p) row[p] = ninf;
+        dv_col_max(row + pl, in + (long)y0 * W, W, y1 - y0, W);  /* row[pl + x] is input column x */
+    }
+    for (int oy = 0; oy < ho; ++oy) dv_window_max(out + (long)oy * wo, acc + (long)oy * stride, wo, sw, kw);
+}
+
+/* o[ox] = sum of acc[ox * sw + kx] over kx < kw (kx in order), divided by rows * cols[ox]
+ * (0 where that count is 0). */
+static inline void dv_window_mean(float *o, const float *acc, int wo, int sw, int kw, int rows, const float *cols)
+{
+    if (sw > 2) {
+        for (int ox = 0; ox < wo; ++ox) {
+            float m = acc[ox * sw];
+            for (int kx = 1; kx < kw; ++kx) m += acc[ox * sw + kx];
+            float count = (float)rows * cols[ox];
+            o[ox] = count > 0.0f ? m / count : 0.0f;
+        }
+        return;
+    }
+    for (int ox = 0; ox < wo; ox += 16) {
+        const float *a = acc + (long)ox * sw;
+        int n = wo - ox < 16 ? wo - ox : 16;
+        dv_v16 v = dv_load16_stride(a, sw);
+        for (int kx = 1; kx < kw; ++kx) v += dv_load16_stride(a + kx, sw);
+        dv_v16 count = DV_SPLAT((float)rows) * dv_load16_part(cols + ox, n);
+        v = dv_div_where_positive(v, count);
+        if (n == 16) dv_store16(o + ox, v);
+        else dv_store16_part(o + ox, v, n);
+    }
+}
+
+/* Output row oy's window of an average pooling: its input rows y0..y1-1 (clipped to the
+ * input); returns the rows its divisor counts (the window clipped to the padded input with
+ * count_include_pad, else y1 - y0). */
+static inline int dv_avg_window_rows(int oy, int sh, int pt, int kh, int H, int pb, int count_include_pad,
+                                     int *y0, int *y1)
+{
+    int hs = oy * sh - pt, he = hs + kh;
+    if (he > H + pb) he = H + pb;
+    *y0 = hs > 0 ? hs : 0;
+    *y1 = he < H ? he : H;
+    return count_include_pad ? he - hs : *y1 - *y0;
+}
+
+/* Average pooling of one plane, onnxruntime's divisor rule (see _kernels.avgpool): the window
+ * sum over the taps inside the input (acc is zero elsewhere), divided by the window clipped
+ * to the padded input (count_include_pad) or by the taps inside the input. `acc` holds ho rows
+ * of dv_pool_row_stride floats (the two steps of dv_maxpool_plane), then wo floats for the
+ * column counts. */
+static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
+                             int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad, float *acc)
+{
+    int span = dv_pool_span(W, wo, kw, sw, pl), stride = dv_pool_row_stride(W, wo, kw, sw, pl);
+    float *cols = acc + (long)ho * stride;
+    for (int ox = 0; ox < wo; ++ox) {
+        int ws = ox * sw - pl, we = ws + kw;
+        if (we > W + pr) we = W + pr;
+        int x0 = ws > 0 ? ws : 0, x1 = we < W ? we : W;
+        cols[ox] = (float)(count_include_pad ? we - ws : x1 - x0);
+    }
+    for (int oy = 0; oy < ho; ++oy) {
+        float *row = acc + (long)oy * stride;
+        int y0, y1;
+        dv_avg_window_rows(oy, sh, pt, kh, H, pb, count_include_pad, &y0, &y1);
+        for (int p = 0; p < pl; ++p) row[p] = 0.0f;
+        for (int p = pl + W; p < span; ++p) row[p] = 0.0f;
+        dv_col_sum(row + pl, in + (long)y0 * W, W, y1 - y0, W);
+    }
+    for (int oy = 0; oy < ho; ++oy) {
+        int y0, y1;
+        int rows = dv_avg_window_rows(oy, sh, pt, kh, H, pb, count_include_pad, &y0, &y1);
+        dv_window_mean(out + (long)oy * wo, acc + (long)oy * stride, wo, sw, kw, rows, cols);
+    }
+}
+
+#endif

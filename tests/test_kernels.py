@@ -1,0 +1,151 @@
+"""The kernels' contracts (dyvedeep._kernels), whatever instruction set they were built for: the
+GEMM, the direct and panel convolution routes and pooling against numpy references, threads
+and programs giving the same floats as one thread run at once. `make test-avx2` runs this file
+on the AVX2 build as well (DYVEDEEP_EXPECT_ISA names the build under test)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from dyvedeep import _kernels as K
+
+RNG = np.random.default_rng(7)
+
+
+def test_the_build_is_the_one_asked_for():
+    assert K.ISA in ("avx512", "avx2", "neon", "generic")
+    expected = os.environ.get("DYVEDEEP_EXPECT_ISA")
+    if expected:
+        assert K.ISA == expected, (K.ISA, K.__file__)
+
+
+def conv_reference(x, w, kh, kw, sh, sw, bias, relu):
+    """out[o, y * wo + x] in float64 (valid convolution of x: C x H x W, w: O x C*kh*kw)."""
+    c, h, wd = x.shape
+    ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    cols = np.empty((c, kh, kw, ho, wo))
+    for ky in range(kh):
+        for kx in range(kw):
+            cols[:, ky, kx] = x[:, ky:ky + sh * (ho - 1) + 1:sh, kx:kx + sw * (wo - 1) + 1:sw]
+    out = w.astype(np.float64) @ cols.reshape(c * kh * kw, ho * wo) + bias[:, None]
+    return np.maximum(out, 0) if relu else out
+
+
+def close(ours, ref):
+    scale = np.abs(ref).max() + 1e-30
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-6 * scale * max(1, np.sqrt(ref.size) / 64))
+
+
+def tap_offsets(c, kh, kw, h, w):
+    return (np.arange(c)[:, None, None] * h * w + np.arange(kh)[:, None] * w + np.arange(kw)).reshape(-1).astype(np.int64)
+
+
+# shapes: partial 16- and 32-column tiles, 8-row blocks with a remainder, K past one block (192)
+@pytest.mark.parametrize("O,depth,N", [(1, 1, 1), (7, 5, 13), (8, 3, 16), (13, 27, 33), (20, 200, 47), (70, 9, 5)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_gemm_matches_numpy(O, depth, N, relu):
+    w = RNG.standard_normal((O, depth)).astype(np.float32)
+    b = RNG.standard_normal((depth, N)).astype(np.float32)
+    bias = RNG.standard_normal(O).astype(np.float32)
+    cols = np.zeros(((N + 31) // 32, depth, 32), np.float32)
+    for j in range(N):
+        cols[j // 32, :, j % 32] = b[:, j]
+    out = np.empty((O, N), np.float32)
+    K.conv_gemm(w, cols, N, out, bias, relu)
+    ref = w.astype(np.float64) @ b + bias[:, None]
+    close(out, np.maximum(ref, 0) if relu else ref)
+    # without bias the product is added to what out holds
+    before = RNG.standard_normal((O, N)).astype(np.float32)
+    out2 = before.copy()
+    K.conv_gemm(w, cols, N, out2)
+    close(out2, before + w.astype(np.float64) @ b)
+
+
+@pytest.mark.parametrize("C,H,W,kh,O", [(3, 9, 13, 3, 10), (2, 20, 37, 3, 17), (16, 6, 6, 1, 9), (4, 18, 18, 5, 8)])
+@pytest.mark.parametrize("across", [False, True])
+def test_direct_route_matches_numpy(C, H, W, kh, O, across):
+    x = RNG.standard_normal((C, H, W)).astype(np.float32)
+    w = RNG.standard_normal((O, C * kh * kh)).astype(np.float32)
+    bias = RNG.standard_normal(O).astype(np.float32)
+    ho, wo = H - kh + 1, W - kh + 1
+    vectors = K.direct_vectors(ho, wo, 1, W, across)
+    out = np.full((O, ho * wo), np.nan, np.float32)
+    K.conv_direct(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap_offsets(C, kh, kh, H, W), vectors, w,
+                  bias, True, out)
+    close(out, conv_reference(x, w, kh, kh, 1, 1, bias, True))
+
+
+@pytest.mark.parametrize("C,H,W,kh,s,O", [(3, 11, 11, 3, 1, 10), (2, 15, 40, 3, 2, 17), (5, 9, 9, 3, 2, 24)])
+def test_panel_route_matches_numpy(C, H, W, kh, s, O):
+    x = RNG.standard_normal((C, H, W)).astype(np.float32)
+    w = RNG.standard_normal((O, C * kh * kh)).astype(np.float32)
+    bias = RNG.standard_normal(O).astype(np.float32)
+    ho, wo = (H - kh) // s + 1, (W - kh) // s + 1
+    runs, panel_first = K.im2col_run_table(ho, wo, s, s, W)
+    out = np.full((O, ho * wo), np.nan, np.float32)
+    panels = np.zeros((1, C * kh * kh * 32), np.float32)
+    K.conv_dense(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap_offsets(C, kh, kh, H, W), s, runs,
+                 panel_first, w, bias, False, out, panels)
+    close(out, conv_reference(x, w, kh, kh, s, s, bias, False))
+
+
+def test_threads_and_programs_give_the_same_floats():
+    C, H, W, kh, O = 8, 14, 14, 3, 40
+    x = RNG.standard_normal((C, H, W)).astype(np.float32)
+    w = RNG.standard_normal((O, C * kh * kh)).astype(np.float32)
+    bias = RNG.standard_normal(O).astype(np.float32)
+    ho, wo = H - kh + 1, W - kh + 1
+    tap = tap_offsets(C, kh, kh, H, W)
+    vectors = K.direct_vectors(ho, wo, 1, W, True)
+    runs, panel_first = K.im2col_run_table(ho, wo, 1, 1, W)
+    outs = []
+    for threads in (1, 2):
+        for use_program in (False, True):
+            program = K.Program() if use_program else None
+            direct = np.empty((O, ho * wo), np.float32)
+            panel = np.empty((O, ho * wo), np.float32)
+            panels = np.zeros((threads, C * kh * kh * 32), np.float32)
+            K.conv_direct(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap, vectors, w, bias, True, direct,
+                          threads, 0, program)
+            K.conv_dense(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap, 1, runs, panel_first, w, bias, True,
+                         panel, panels, threads, program)
+            if program is not None:
+                program.run()
+            outs.append((direct, panel))
+    for direct, panel in outs:
+        assert np.array_equal(direct, outs[0][0]) and np.array_equal(panel, outs[0][1])
+    # a program run again and again (one thread or both, as its timings choose) keeps its floats
+    for _ in range(2 * K.PROBE_EVERY):
+        direct[:] = np.nan
+        program.run()
+        assert np.array_equal(direct, outs[0][0])
+    # the two routes sum the same products in the same order
+    assert np.array_equal(outs[0][0], outs[0][1])
+
+
+def pool_reference(x, kh, kw, sh, sw, pt, pl, ho, wo, op):
+    c, h, w = x.shape
+    out = np.empty((c, ho, wo))
+    for oy in range(ho):
+        for ox in range(wo):
+            y0, x0 = oy * sh - pt, ox * sw - pl
+            win = x[:, max(y0, 0):min(y0 + kh, h), max(x0, 0):min(x0 + kw, w)]
+            out[:, oy, ox] = win.max(axis=(1, 2)) if op == "max" else win.mean(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("H,W,k,s,p", [(13, 13, 3, 2, 0), (32, 32, 3, 2, 1), (7, 40, 2, 2, 0), (9, 9, 3, 1, 1)])
+def test_pooling_matches_numpy(H, W, k, s, p):
+    x = RNG.standard_normal((5, H, W)).astype(np.float32)
+    ho, wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    out = np.empty((5, ho, wo), np.float32)
+    K.maxpool(x, out, k, k, s, s, p, p)
+    assert np.array_equal(out, pool_reference(x, k, k, s, s, p, p, ho, wo, "max").astype(np.float32))
+    out = np.empty((5, ho, wo), np.float32)
+    K.avgpool(x, out, k, k, s, s, p, p, p, p, False)
+    close(out, pool_reference(x, k, k, s, s, p, p, ho, wo, "mean"))
+    means = np.empty(5, np.float32)
+    K.global_avgpool(x.reshape(5, -1), means)
+    close(means, x.reshape(5, -1).astype(np.float64).mean(axis=1))
