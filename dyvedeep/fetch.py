@@ -93,13 +93,6 @@ def file_checksum(path: str | os.PathLike[str], kind: str = "sha256") -> str:
     return f"{kind}:{h.hexdigest()}"
 
 
-def bytes_checksum(data: bytes, kind: str = "sha256") -> str:
-    """Checksum of in-memory bytes as ``kind:hex``."""
-    h = _hasher(kind, len(data))
-    h.update(data)
-    return f"{kind}:{h.hexdigest()}"
-
-
 # --- locations -------------------------------------------------------------------------------
 
 def project_root() -> Path:
@@ -116,6 +109,11 @@ def url_relpath(url: str) -> Path:
     if any(p in ("", ".", "..") for p in parts):
         raise DyveError(f"URL {url!r} has an empty, '.' or '..' path component")
     return Path(*parts)
+
+
+def mirror_path(mirror: str | os.PathLike[str], url: str) -> Path:
+    """Where ``url`` lies in the mirror directory ``mirror`` (the one URL -> mirror path rule)."""
+    return Path(mirror) / url_relpath(url)
 
 
 def resolve_mirror(explicit: str | os.PathLike[str] | None = None) -> Path | None:
@@ -284,7 +282,7 @@ def _fetch_into(path: Path, url: str, expected: str | None, recorded: bool,
     """Copy ``url`` from the mirror, or download it, into ``path`` atomically after verifying it
     against ``expected`` (``recorded``: that is the sha256 of an earlier download). Returns the
     checksum it verified."""
-    source = mirror / url_relpath(url) if mirror is not None else None
+    source = mirror_path(mirror, url) if mirror is not None else None
     kind = parse_checksum(expected)[0] if expected else "sha256"
     with atomic_path(path) as tmp:
         if source is not None and source.is_file():

@@ -23,7 +23,7 @@ DATA = b"DyVEDeep test payload\n" * 100
 
 def put_in_mirror(mirror: Path, url: str, data: bytes) -> Path:
     """Write ``data`` where ``url`` lies in a fake mirror (the URL without its scheme)."""
-    path = mirror / url.split("://", 1)[1]
+    path = fetch_mod.mirror_path(mirror, url)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
