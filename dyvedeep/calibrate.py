@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .datasets import parse_spec
 from .engine import Engine, knob_statistics, set_blas_threads
 from .errors import DyveError
 from .evaluate import add_data_arguments, open_dataset, topk_correct
@@ -468,8 +469,7 @@ class Calibrator:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     plan = build_plan(args.model)
-    split = args.data.rsplit(":", 1)[-1]
-    if split == "test":
+    if parse_spec(args.data)[2] == "test":
         raise DyveError(f"{args.data}: calibration never uses the test split; use the calib split")
     dataset = open_dataset(plan, args.data, args.limit, args.mirror)
     if len(dataset) == 0:

@@ -578,6 +578,13 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
     return name, None, split
 
 
+def spec_source(spec: str) -> str:
+    """The spec without its split: the data name, with its directory for ``imagenet-val=DIR``
+    (what the pipeline fetches once for both splits)."""
+    name, arg, _ = parse_spec(spec)
+    return f"{name}={arg}" if name == "imagenet-val" else name
+
+
 def load_dataset(
     spec: str,
     preprocess: Preprocess | None,

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.conftest import mirror_path
 from dyvedeep import catalog, datasets
-from dyvedeep.datasets import export_npz, load_dataset, parse_spec
+from dyvedeep.datasets import export_npz, load_dataset, parse_spec, spec_source
 from dyvedeep.errors import DyveError
 from dyvedeep.preprocess import Preprocess
 
@@ -44,6 +44,15 @@ def test_parse_spec() -> None:
     assert parse_spec("imagenet-val=/data/val:calib") == ("imagenet-val", "/data/val", "calib")
     assert parse_spec("imagenet-val=/data/val") == ("imagenet-val", "/data/val", "all")
     assert parse_spec("npz:/tmp/a:b.npz") == ("npz", "/tmp/a:b.npz", "")
+
+
+def test_spec_source_drops_only_the_split() -> None:
+    """What the pipeline fetches once for both splits (workflow/rules/common.smk calls it)."""
+    assert spec_source("cifar10:calib") == spec_source("cifar10") == "cifar10"
+    assert spec_source("imagenet-val=/data/v:al:calib") == "imagenet-val=/data/v:al"
+    assert spec_source("imagenet-val=/data/val") == "imagenet-val=/data/val"
+    with pytest.raises(DyveError, match="valid specs"):
+        spec_source("cifar10:train")
 
 
 @pytest.mark.parametrize("spec", ["mnist:test", "cifar10:train", "imagenet-val", ""])
