@@ -20,8 +20,11 @@ from typing import Any
 
 import numpy as np
 
-METADATA_KEY = "dyvedeep.preprocess"
-LABELS_KEY = "dyvedeep.labels"
+from .metadata_keys import LABELS_KEY, PREPROCESS_KEY
+
+# plan.py still imports the keys from here under these names (it is outside this change).
+METADATA_KEY = PREPROCESS_KEY
+__all__ = ["LABELS_KEY", "METADATA_KEY", "Preprocess"]
 
 
 @dataclass

@@ -11,7 +11,8 @@ import onnx
 import pytest
 
 from dyvedeep.cli import main
-from dyvedeep.preprocess import LABELS_KEY, METADATA_KEY, Preprocess
+from dyvedeep.metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
+from dyvedeep.preprocess import Preprocess
 from tests.factory import (
     DEEP_COMPRESSION_TINY,
     TINY_NETS,
@@ -54,11 +55,11 @@ def test_cifar10_preset_with_mean_file(tmp_path):
             "--preset", "cifar10-caffe", "--mean", str(mean_file)]
     assert main(argv) == 0
     meta = metadata_of(out)
-    preprocess = Preprocess.from_json(meta[METADATA_KEY])
+    preprocess = Preprocess.from_json(meta[PREPROCESS_KEY])
     assert preprocess.channel_order == "RGB" and preprocess.mean_shape == [3, 9, 7]
     np.testing.assert_array_equal(np.asarray(preprocess.mean_image, np.float32).reshape(3, 9, 7), mean)
     assert meta[LABELS_KEY] == "cifar10"
-    assert json.loads(meta["dyvedeep.source"])["format"] == "caffe"
+    assert json.loads(meta[SOURCE_KEY])["format"] == "caffe"
 
 
 def test_imagenet_preset_and_overrides(tmp_path):
@@ -69,7 +70,7 @@ def test_imagenet_preset_and_overrides(tmp_path):
             "--std", "0.5,0.25,0.125", "--scale", "2", "--labels", "imagenet"]
     assert main(argv) == 0
     meta = metadata_of(out)
-    assert Preprocess.from_json(meta[METADATA_KEY]) == Preprocess(
+    assert Preprocess.from_json(meta[PREPROCESS_KEY]) == Preprocess(
         channel_order="RGB", resize=[240, 250], crop=[224, 224], pixel_scale=1 / 255,
         mean_values=[1.0, 2.0, 3.0], std=[0.5, 0.25, 0.125], scale=2.0)
     assert meta[LABELS_KEY] == "imagenet"
@@ -82,12 +83,12 @@ def test_deep_compression_and_openvino_detected_from_names(tmp_path):
     out = tmp_path / "dc.onnx"
     assert main(["convert", str(files.prototxt), str(net_file), "-o", str(out)]) == 0
     meta = metadata_of(out)
-    assert json.loads(meta["dyvedeep.source"])["format"] == "deep_compression"
-    assert meta[LABELS_KEY] == "cifar10" and "dyvedeep.nonzero_weights" in meta  # 10 classes
+    assert json.loads(meta[SOURCE_KEY])["format"] == "deep_compression"
+    assert meta[LABELS_KEY] == "cifar10" and NONZERO_KEY in meta  # 10 classes
     ir = write_openvino_ir(tmp_path / "ir")
     out = tmp_path / "ir.onnx"
     assert main(["convert", str(ir.xml), "-o", str(out)]) == 0, "the .bin beside the .xml is found"
-    assert json.loads(metadata_of(out)["dyvedeep.source"]) == {"format": "openvino", "files": ["tiny_fire.xml", "tiny_fire.bin"]}
+    assert json.loads(metadata_of(out)[SOURCE_KEY]) == {"format": "openvino", "files": ["tiny_fire.xml", "tiny_fire.bin"]}
 
 
 # --------------------------------------------------------------------------- failures

@@ -15,7 +15,8 @@ from typing import Callable
 import onnx
 
 from ..errors import DyveError
-from ..preprocess import LABELS_KEY, METADATA_KEY, Preprocess
+from ..metadata_keys import LABELS_KEY, PREPROCESS_KEY
+from ..preprocess import Preprocess
 from .caffe import convert_caffe, read_mean_binaryproto
 from .deep_compression import convert_deep_compression
 from .onnx_graph import ConvertedModel, check_and_save, set_metadata
@@ -143,7 +144,7 @@ def convert(
     model = converted.model
     preprocess = preprocess or Preprocess()
     check_preprocess(preprocess, model, source)
-    metadata = {**converted.metadata, METADATA_KEY: preprocess.to_json()}
+    metadata = {**converted.metadata, PREPROCESS_KEY: preprocess.to_json()}
     labels = labels or infer_labels(model)
     if labels is not None:
         metadata[LABELS_KEY] = labels

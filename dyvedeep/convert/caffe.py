@@ -19,8 +19,9 @@ from google.protobuf.message import DecodeError
 
 from .. import caffe_pb2
 from ..errors import DyveError
+from ..metadata_keys import SOURCE_KEY
 from .onnx_graph import (
-    INPUT_NAME, SOURCE_KEY, ConvertedModel, GraphBuilder, Shape, source_metadata,
+    INPUT_NAME, ConvertedModel, GraphBuilder, Shape, source_metadata,
 )
 from .pooling import caffe_pool_axis, emit_caffe_average_pool, emit_max_pool
 

@@ -20,7 +20,8 @@ from typing import Callable, Union
 import numpy as np
 
 from ..errors import DyveError
-from .onnx_graph import INPUT_NAME, SOURCE_KEY, ConvertedModel, GraphBuilder, Shape, source_metadata
+from ..metadata_keys import SOURCE_KEY
+from .onnx_graph import INPUT_NAME, ConvertedModel, GraphBuilder, Shape, source_metadata
 from .pooling import PoolAxis, emit_max_pool
 
 # IR element types -> numpy dtypes.
