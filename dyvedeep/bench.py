@@ -13,7 +13,7 @@ import numpy as np
 
 from .engine import Engine, set_blas_threads
 from .errors import DyveError
-from .evaluate import Progress, onnxruntime_session, open_dataset, platform_info
+from .cli_support import Progress, onnxruntime_session, open_dataset, platform_info
 from .io_utils import write_json_atomic
 from .knobs import load_knobs
 from .plan import build_plan
