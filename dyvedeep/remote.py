@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib.resources
 import io
 import json
 import os
@@ -42,9 +43,9 @@ from .io_utils import write_json_atomic
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Files of the source distribution, relative to the project root (the engine version hashes them).
 SDIST_TOP_FILES = ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "LICENSE")
-SDIST_PACKAGE_SUFFIXES = (".py", ".pyx", ".pxd", ".proto", ".yaml", ".h")
+SDIST_PACKAGE_SUFFIXES = (".py", ".pyx", ".pxd", ".proto", ".yaml", ".h", ".csv")
 # Not shipped: the transport itself (the board never runs it), so that changing it is no new engine.
-SDIST_EXCLUDE = ("dyvedeep/remote.py",)
+SDIST_EXCLUDE = ("dyvedeep/remote.py", "dyvedeep/board_setup.py")
 VERSION_LENGTH = 16  # hex digits of the engine hash used in names on the board
 READY_MARKER = ".dyvedeep-ready"
 KEEP_BUILDS = 3  # engine builds kept on a board (older ones are removed after a new build)
@@ -343,75 +344,9 @@ def push_files(board: Board, files: Sequence[Path]) -> dict[Path, str]:
 # --------------------------------------------------------------------------------------------
 # Setup: build the engine on the board once per version
 
-# Runs on the board under its system Python (read from stdin): make the venv under a lock.
-REMOTE_SETUP = r'''
-import fcntl, json, os, platform, shutil, subprocess, sys, time
-workdir, version, sdist, build_reqs, ort_req = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5]
-KEEP = int(sys.argv[6])
-venv = os.path.join(workdir, "venvs", version)
-marker = os.path.join(venv, ".dyvedeep-ready")
-os.makedirs(os.path.dirname(venv), exist_ok=True)
-lock = open(venv + ".lock", "w")
-fcntl.flock(lock, fcntl.LOCK_EX)
-if os.path.exists(marker):
-    with open(marker) as fh:
-        info = json.load(fh)
-    info["built"] = False
-    print(json.dumps(info)); sys.exit(0)
-started = time.time()
-def sh(*cmd, check=True):
-    print("[board] $ " + " ".join(cmd), file=sys.stderr, flush=True)
-    code = subprocess.call(cmd, stdout=sys.stderr)
-    if check and code != 0:
-        print("[board] %s failed with exit %d" % (os.path.basename(cmd[0]) if len(cmd) < 3 else " ".join(cmd[1:4]), code), file=sys.stderr)
-        sys.exit(code or 1)
-    return code
-shutil.rmtree(venv, ignore_errors=True)
-py = os.path.join(venv, "bin", "python")
-# Without its own pip the venv is made in a fraction of a second (the system pip, seen through
-# the system site packages, installs into it); with pip where the system has none.
-sh(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv)
-if sh(py, "-m", "pip", "--version", check=False) != 0:
-    shutil.rmtree(venv, ignore_errors=True)
-    sh(sys.executable, "-m", "venv", "--system-site-packages", venv)
-pip = [py, "-m", "pip", "--disable-pip-version-check", "--no-input", "install", "--progress-bar", "off"]
-if build_reqs:
-    sh(*pip, *build_reqs)
-sh(*pip, "--no-build-isolation", sdist)
-ort = sh(*pip, ort_req, check=False) == 0 if ort_req else False
-if ort and sh(py, "-c", "import onnxruntime", check=False) != 0:
-    # installed but unusable here (e.g. it crashes under qemu): remove it, bench then skips it
-    sh(py, "-m", "pip", "uninstall", "-y", "--disable-pip-version-check", "onnxruntime", check=False)
-    ort = False
-sh(os.path.join(venv, "bin", "dyvedeep"), "--version")
-info = {"version": version, "machine": platform.machine(), "python": platform.python_version(),
-        "onnxruntime": ort, "build_seconds": round(time.time() - started, 1)}
-with open(marker + ".tmp", "w") as fh:
-    json.dump(info, fh)
-os.replace(marker + ".tmp", marker)
-# Keep the newest KEEP engine builds; older ones (and their sources) go.
-root = os.path.dirname(venv)
-built = sorted((os.path.getmtime(os.path.join(root, d, ".dyvedeep-ready")), d) for d in os.listdir(root)
-               if os.path.isfile(os.path.join(root, d, ".dyvedeep-ready")))
-unfinished = []
-for d in os.listdir(root):  # failed builds of other versions, unless one is under way
-    if os.path.isdir(os.path.join(root, d)) and d != version and not os.path.exists(os.path.join(root, d, ".dyvedeep-ready")):
-        with open(os.path.join(root, d + ".lock"), "w") as other:
-            try:
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue
-            unfinished.append((0, d))
-for _, old in built[:-KEEP] + unfinished:
-    print("[board] removing old engine build " + old, file=sys.stderr)
-    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    for stale in (os.path.join(root, old + ".lock"),
-                  os.path.join(workdir, "sdist", "dyvedeep-%s.tar.gz" % old)):
-        if os.path.exists(stale):
-            os.remove(stale)
-info["built"] = True
-print(json.dumps(info))
-'''
+def board_setup_script() -> bytes:
+    """The script ``setup`` runs on the board under its system Python (``board_setup.py``)."""
+    return importlib.resources.files(__package__).joinpath("board_setup.py").read_bytes()
 
 
 def project_dependencies(root: Path = PROJECT_ROOT) -> list[str]:
@@ -466,7 +401,7 @@ def setup(board: Board, root: Path = PROJECT_ROOT, onnxruntime: bool = True,
     args = " ".join(q(a) for a in (board.remote_workdir, sdist.version, remote_sdist,
                                    " ".join(requirements),
                                    ONNXRUNTIME_REQUIREMENT if onnxruntime else "", str(KEEP_BUILDS)))
-    out = ssh(board, f"{q(board.python)} - {args}", stdin=REMOTE_SETUP.encode(),
+    out = ssh(board, f"{q(board.python)} - {args}", stdin=board_setup_script(),
               what=f"building engine {sdist.version}")
     info = _last_json(out, board, "setup")
     return SetupResult(sdist.version, info.get("machine", machine), built=bool(info.get("built")),

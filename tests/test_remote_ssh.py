@@ -158,9 +158,19 @@ def test_sdist_is_reproducible_and_includes_the_engine_sources() -> None:
     names = {p.relative_to(PROJECT_ROOT).as_posix() for p in remote.sdist_files()}
     assert {"pyproject.toml", "setup.py", "dyvedeep/cli.py", "dyvedeep/caffe.proto"} <= names
     assert "dyvedeep/remote.py" not in names  # the transport is no part of the engine version
+    assert "dyvedeep/board_setup.py" not in names and "dyvedeep/imagenet_sample.csv" in names
     if (PROJECT_ROOT / "dyvedeep" / "_kernels.pyx").exists():
         assert "dyvedeep/_kernels.pyx" in names
     assert not any(n.endswith((".so", ".c")) or "__pycache__" in n for n in names)
+
+
+def test_board_setup_script_is_the_package_file_and_imports_without_running() -> None:
+    """setup sends dyvedeep/board_setup.py itself; importing it does nothing (the work is in main)."""
+    import importlib
+
+    assert remote.board_setup_script() == (PROJECT_ROOT / "dyvedeep" / "board_setup.py").read_bytes()
+    module = importlib.import_module("dyvedeep.board_setup")
+    assert callable(module.main) and callable(module.sh)
 
 
 def test_setup_then_eval_over_ssh(sshd: remote.Board, fake_project: Path, tmp_path: Path) -> None:
