@@ -10,13 +10,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .cli_support import Progress, add_data_arguments, onnxruntime_session, open_dataset, platform_info
+from .cli_support import (Progress, add_data_arguments, load_plan, onnxruntime_outputs, onnxruntime_session,
+                          open_dataset, platform_info)
 from .engine import Engine
 from .errors import DyveError
 from .io_utils import write_json_atomic
 from .knobs import KNOB_NAMES, KnobConfig, load_knobs
 from .metadata_keys import NONZERO_KEY
-from .plan import Plan, build_plan
+from .plan import Plan
 
 #: verify's tolerance: per image, max |ours - onnxruntime| <= RELATIVE_TOLERANCE * max |onnxruntime|.
 RELATIVE_TOLERANCE = 1e-4
@@ -105,13 +106,17 @@ def verify(plan: Plan, batches: Iterable[np.ndarray], threads: int = 1, total: i
     progress = Progress("verify", total or 0)
     for x in batches:
         ours = engine.run(x)
-        ref = session.run(None, {input_name: x})[0].reshape(ours.shape)
+        ref = onnxruntime_outputs(session, input_name, x, plan.path).reshape(ours.shape)
+        if not np.isfinite(ref).all():
+            raise DyveError(f"{plan.path}: onnxruntime's output holds NaN or Inf (image {n}); "
+                            "nothing to verify against", exit_code=1)
         for i in range(len(x)):
             diff = float(np.abs(ours[i] - ref[i]).max())
             scale = float(np.abs(ref[i]).max())
             rel = diff / scale if scale > 0 else diff
-            max_abs, max_rel = max(max_abs, diff), max(max_rel, rel)
-            if diff > RELATIVE_TOLERANCE * scale:
+            # NaN first: max() keeps its first argument when the second is NaN
+            max_abs, max_rel = max(diff, max_abs), max(rel, max_rel)
+            if not diff <= RELATIVE_TOLERANCE * scale:  # a NaN difference fails too
                 failures.append(n + i)
             flat_o, flat_r = ours[i].reshape(-1), ref[i].reshape(-1)
             if flat_o.argmax() != flat_r.argmax():
@@ -123,7 +128,7 @@ def verify(plan: Plan, batches: Iterable[np.ndarray], threads: int = 1, total: i
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    plan = build_plan(args.model)
+    plan = load_plan(args.model)
     dataset = open_dataset(plan, args.data, args.limit, args.mirror)
     result = verify(plan, (x for x, _ in dataset.batches(args.batch)), args.threads, len(dataset))
     print(f"images: {result.n}")
@@ -189,7 +194,7 @@ def evaluate(plan: Plan, dataset, knobs: KnobConfig | None, threads: int = 1) ->
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    plan = build_plan(args.model)
+    plan = load_plan(args.model)
     knobs = load_knobs(args.knobs, plan) if args.knobs else None
     dataset = open_dataset(plan, args.data, args.limit, args.mirror)
     result = evaluate(plan, dataset, knobs, args.threads)

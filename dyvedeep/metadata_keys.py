@@ -8,6 +8,11 @@ PREPROCESS_KEY = "dyvedeep.preprocess"
 LABELS_KEY = "dyvedeep.labels"
 """The label set of the model's outputs (``cifar10`` or ``imagenet``), where known."""
 
+LABEL_SET_CLASSES = {"cifar10": 10, "imagenet": 1000}
+"""The values of :data:`LABELS_KEY` and their number of classes (labels run 0 .. classes - 1)."""
+
+LABEL_SETS = tuple(LABEL_SET_CLASSES)
+
 SOURCE_KEY = "dyvedeep.source"
 """JSON ``{"format": ..., "files": [...]}``: the source format and the converted files' names."""
 

@@ -25,6 +25,7 @@ import importlib.resources
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -429,8 +430,11 @@ def run_engine(board: Board, command: str, model: Path, knobs: Path, data: Path 
     ``command`` is ``eval`` or ``bench``; ``options`` are further engine options, passed as they are.
     The result's ``platform`` is {name, machine, emulated, host} of the board.
     """
-    result = setup(board, root=root)
     inputs = [model, knobs] + ([data] if data is not None else [])
+    for path in inputs:  # before connecting: a missing input is a local mistake, not the board's
+        if not Path(path).is_file():
+            raise DyveError(f"{path}: file not found (needed by remote {command})")
+    result = setup(board, root=root)
     located = push_files(board, inputs)
     run_dir = f"runs/{uuid.uuid4().hex[:12]}"
     argv = [f"venvs/{result.version}/bin/dyvedeep", command, located[model], "--knobs", located[knobs]]
@@ -459,22 +463,68 @@ def run_engine(board: Board, command: str, model: Path, knobs: Path, data: Path 
 # Command line
 
 
+BOARD_FILE_MAX_BYTES = 64 << 10
+BOARD_TEXT_FIELDS = ("host", "user", "key", "python", "workdir", "name", "known_hosts")
+# Host and user go onto ssh's command line: no spaces, no leading '-' (ssh would read an option).
+_SSH_WORD = re.compile(r"[A-Za-z0-9_.:%@\[\]-]+")
+
+
+def read_board_file(path: Path) -> dict[str, Any]:
+    """The JSON object of a board file (size, encoding and type checked; one line otherwise)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(BOARD_FILE_MAX_BYTES + 1)
+    except OSError as err:
+        raise DyveError(f"{path}: cannot read the board description ({err.strerror})") from None
+    if len(raw) > BOARD_FILE_MAX_BYTES:
+        raise DyveError(f"{path}: larger than {BOARD_FILE_MAX_BYTES} bytes; not a board description")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DyveError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise DyveError(f"{path}: not valid JSON ({str(err)[:80]})") from None
+    if not isinstance(data, dict):
+        raise DyveError(f"{path}: a board description is a JSON object, not {type(data).__name__}")
+    return data
+
+
+def check_board_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Validate the connection fields (from ``origin``: a board file or the options)."""
+    for key in BOARD_TEXT_FIELDS:
+        value = values.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value or len(value) > 4096 or not value.isprintable():
+            raise DyveError(f"{origin}: {key} must be a non-empty printable string, got {repr(value)[:40]}")
+    for key in ("host", "user"):
+        value = values.get(key)
+        if value is not None and (not _SSH_WORD.fullmatch(value) or value.startswith("-")):
+            raise DyveError(f"{origin}: {key} {value[:40]!r} is not a host or user name ssh accepts")
+    port = values.get("port", 22)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise DyveError(f"{origin}: port must be an integer in 1..65535, got {repr(port)[:40]}")
+    if not isinstance(values.get("emulated", False), bool):
+        raise DyveError(f"{origin}: emulated must be true or false, got {repr(values['emulated'])[:40]}")
+    return values
+
+
 def board_from_args(args: argparse.Namespace) -> Board:
-    """The Board named by ``--board FILE`` and/or the explicit connection options."""
-    base: dict[str, Any] = {}
-    if args.board:
-        try:
-            base = json.loads(Path(args.board).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DyveError(f"{args.board}: cannot read the board description ({err})") from err
+    """The Board named by ``--board FILE`` and/or the explicit connection options, validated
+    before anything connects."""
     fields = ("host", "port", "user", "key", "python", "workdir", "name", "known_hosts")
-    values = {k: base[k] for k in fields if base.get(k) is not None}
-    values.update({k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
-    values["emulated"] = bool(args.emulated or base.get("emulated", False))
+    values: dict[str, Any] = {}
+    if args.board:
+        base = read_board_file(Path(args.board))
+        values = check_board_values({k: base[k] for k in (*fields, "emulated") if base.get(k) is not None},
+                                    str(args.board))
+    options = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    values.update(check_board_values(options, "dyvedeep remote"))
+    values["emulated"] = bool(args.emulated or values.get("emulated", False))
     for needed in ("host", "user"):
         if not values.get(needed):
             raise DyveError(f"dyvedeep remote: --{needed} (or --board FILE) is required")
-    values["port"] = int(values.get("port", 22))
+    values.setdefault("port", 22)
     values.setdefault("workdir", DEFAULT_WORKDIR)
     return Board(**values)
 
