@@ -190,15 +190,17 @@ def _recorded_sha256(record: dict[str, Any]) -> str | None:
 
 
 def _cache_hit(path: Path, url: str, expected: str | None) -> bool:
-    """True when ``path`` holds the verified file. A cached file that fails verification is
-    removed (with a note on stderr) so that it is fetched again."""
+    """True when ``path`` holds the verified file. Asked for a checksum (``expected``), the file
+    is hashed again: an unchanged size and mtime do not prove unchanged bytes. Without one, the
+    record of an unchanged file stands. A cached file that fails verification is removed (with
+    a note on stderr) so that it is fetched again."""
     if not path.is_file():
         return False
     record = _read_record(path)
     reference = expected or _recorded_sha256(record)
     st = path.stat()
     fresh = record.get("size") == st.st_size and record.get("mtime_ns") == st.st_mtime_ns
-    if reference is not None and fresh and reference in record.get("checksums", []):
+    if expected is None and reference is not None and fresh and reference in record.get("checksums", []):
         return True
     kind = parse_checksum(reference)[0] if reference else "sha256"
     actual = file_checksum(path, kind)
