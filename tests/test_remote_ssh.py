@@ -239,3 +239,51 @@ def test_unreachable_host_fails_with_one_line(tmp_path: Path) -> None:
     assert lines[0].startswith(f"dyvedeep: error: cannot reach 127.0.0.1:{port} as pi:")
     assert "Connection refused" in lines[0]
     assert time.monotonic() - started < 15
+
+
+# --------------------------------------------------------------------------- bad input (issue 20)
+
+
+def remote_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, list[str]]:
+    from dyvedeep.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-1"])
+def test_port_out_of_range_is_one_line_before_connecting(port: str, tmp_path: Path, capsys) -> None:
+    code, lines = remote_cli(capsys, "remote", "setup", "--host", "127.0.0.1", "--user", "pi", "--port", port)
+    assert code == 2 and len(lines) == 1 and "port must be an integer in 1..65535" in lines[0], lines
+    board = tmp_path / "board.json"
+    board.write_text(json.dumps({"host": "127.0.0.1", "user": "pi", "port": int(port)}))
+    code, lines = remote_cli(capsys, "remote", "setup", "--board", board)
+    assert code == 2 and len(lines) == 1 and "board.json" in lines[0] and "port" in lines[0], lines
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"host": "127.0.0.1", "user": "pi", "port": "twenty-two"}', "port"),
+    ('[{"host": "127.0.0.1", "user": "pi"}]', "JSON object"),
+    ('{"host": "-oProxyCommand=x", "user": "pi"}', "host"),
+    ('{"host": "127.0.0.1", "user": "pi", "emulated": "yes"}', "emulated"),
+    ('{"host": 127, "user": "pi"}', "host"),
+    ('{"host": "127.0.0.1", ', "not valid JSON"),
+])
+def test_bad_board_file_is_one_line_naming_the_field(content: str, needle: str, tmp_path: Path, capsys) -> None:
+    board = tmp_path / "board.json"
+    board.write_text(content)
+    code, lines = remote_cli(capsys, "remote", "setup", "--board", board)
+    assert code == 2 and len(lines) == 1 and "board.json" in lines[0] and needle in lines[0], lines
+
+
+def test_local_inputs_of_remote_are_checked_before_connecting(tmp_path: Path, capsys) -> None:
+    """A missing local model is named at once; the closed port is never tried."""
+    port = free_port()
+    knobs = tmp_path / "k.yaml"
+    knobs.write_text("layers: {}\n")
+    code, lines = remote_cli(capsys, "remote", "eval", "--host", "127.0.0.1", "--user", "pi", "--port", port,
+                             tmp_path / "absent.onnx", "--knobs", knobs, "--data-npz", tmp_path / "d.npz",
+                             "--json", tmp_path / "r.json")
+    assert code == 2 and len(lines) == 1, lines
+    assert "absent.onnx" in lines[0] and "not found" in lines[0] and "cannot reach" not in lines[0]
+    assert not (tmp_path / "r.json").exists()

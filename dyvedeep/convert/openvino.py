@@ -157,6 +157,26 @@ def int_field(xml_path: Path, where: str, name: str, text: str | None, low: int 
     return value
 
 
+# The integer (list) attributes of <data> the converters read, and their lowest valid value.
+INT_DATA_FIELDS = {"strides": 1, "dilations": 1, "kernel": 1, "pads_begin": 0, "pads_end": 0, "shape": 0,
+                   "offset": 0, "size": 0, "axis": -8}
+
+
+def check_data_fields(xml_path: Path, where: str, data: dict[str, str]) -> None:
+    """Every integer attribute of a layer's <data> parsed once here, so that the converters
+    read only well-formed values; one line naming the layer and the field otherwise."""
+    for key, low in INT_DATA_FIELDS.items():
+        text = data.get(key)
+        if text is None:
+            continue
+        items = [v for v in text.replace(" ", "").split(",")]
+        if key in ("strides", "dilations", "kernel") and items == [""]:
+            raise DyveError(f"{xml_path}: {where}: {key} is empty")
+        for item in items:
+            if item != "" or key not in ("shape", "pads_begin", "pads_end"):
+                int_field(xml_path, where, key, item, low)
+
+
 def parse_port(element: ET.Element, xml_path: Path, where: str) -> IrPort:
     """An IR ``<port>`` element (its id and dims checked)."""
     names = [n.strip() for n in element.get("names", "").split(",") if n.strip()]
@@ -181,6 +201,7 @@ def read_ir(xml_path: Path) -> tuple[str, list[IrLayer], list[tuple[int, int, in
     for element in root.iterfind("layers/layer"):
         data = element.find("data")
         where = f"layer '{element.get('name', '')}'"
+        check_data_fields(xml_path, where, dict(data.attrib) if data is not None else {})
         layers.append(IrLayer(
             id=int_field(xml_path, where, "id", element.get("id")),
             name=element.get("name", ""),
