@@ -532,13 +532,14 @@ NPZ_TEXT_KEYS = ("name", "split", "label_set", "preprocess")
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an npz file; one line naming the file for anything that is not one."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f:  # ours to close, also when numpy fails half-way
             magic = f.read(4)
-        if magic != b"PK\x03\x04":
-            kind = "a plain .npy array" if magic == b"\x93NUM" else "not a zip archive"
-            raise DyveError(f"{path}: not an npz file written by export_npz ({kind})")
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            if magic != b"PK\x03\x04":
+                kind = "a plain .npy array" if magic == b"\x93NUM" else "not a zip archive"
+                raise DyveError(f"{path}: not an npz file written by export_npz ({kind})")
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
     except DyveError:
         raise
     except OSError as err:
