@@ -275,3 +275,16 @@ def test_npz_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     with pytest.raises(DyveError, match="bad.npz"):
         load_dataset(f"npz:{tmp_path / 'bad.npz'}", None)
+
+
+def test_imagenet_sample_table_is_package_data_and_complete() -> None:
+    """catalog reads imagenet_sample.csv through importlib.resources: pyproject ships it."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dyvedeep"]
+    assert any(fnmatch.fnmatch(catalog.IMAGENET_SAMPLE_FILE, p) for p in patterns)
+    entries = catalog.imagenet_sample()
+    assert len(entries) == 1000 and len(set(catalog.imagenet_wnids())) == 1000
+    assert all(c.startswith("sha256:") and len(c) == 7 + 64 for _, c in entries)
