@@ -16,7 +16,7 @@ import numpy as np
 
 from .engine import Engine, set_blas_threads
 from .errors import DyveError
-from .evaluate import Progress, onnxruntime_session, open_dataset, platform_info
+from .cli_support import Progress, onnxruntime_session, open_dataset, platform_info
 from .io_utils import write_json_atomic
 from .knobs import load_knobs
 from .plan import build_plan
@@ -39,12 +39,12 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
     knobs = load_knobs(knobs_path, plan) if knobs_path else None
     dense = Engine(plan, threads=threads)
     dyve = Engine(plan, knobs, threads=threads) if knobs is not None else None
-    session = None
+    session, onnxruntime_note = None, "skipped (--no-onnxruntime)"
     if with_onnxruntime:
         try:
             session = onnxruntime_session(plan.path, threads)
-        except DyveError:
-            session = None  # a board without onnxruntime still gets our two engines
+        except DyveError as err:  # a board without onnxruntime still gets our two engines
+            onnxruntime_note = f"not run: {err}"
     input_name = session.get_inputs()[0].name if session is not None else None
     runners: dict[str, Callable[[np.ndarray], Any]] = {"dense": dense.run}
     if dyve is not None:
@@ -89,6 +89,7 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
         "speedup": med["dense"] / med["dyvedeep"] if med["dyvedeep"] else None,
         "speedup_vs_onnxruntime": (med["onnxruntime"] / med["dyvedeep"]) if med["onnxruntime"] else None,
         "dense_vs_onnxruntime": (med["dense"] / med["onnxruntime"]) if med["onnxruntime"] else None,
+        "onnxruntime_note": "" if session is not None else onnxruntime_note,
         "platform": platform_info(),
     }
 
@@ -130,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"median latency, onnxruntime:  {result['latency_onnxruntime_ms']:.3f} ms "
               f"(dense engine / onnxruntime = {result['dense_vs_onnxruntime']:.2f}x)")
     else:
-        print("onnxruntime: not installed here")
+        print(f"onnxruntime: {result['onnxruntime_note']}")
     if args.json:
         write_json_atomic(args.json, result)
     return 0

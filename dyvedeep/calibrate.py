@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _kernels as K
+from .datasets import parse_spec
 from .engine import ConvGeometry, Engine, cell_corner_max, fc_input_order, packed_cols, sdss_grid, set_blas_threads
 from .engine import sfma_spread, spet_channel_order
 from .errors import DyveError
@@ -525,8 +526,7 @@ class Calibrator:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     plan = build_plan(args.model)
-    split = args.data.rsplit(":", 1)[-1]
-    if split == "test":
+    if parse_spec(args.data)[2] == "test":
         raise DyveError(f"{args.data}: calibration never uses the test split; use the calib split")
     dataset = open_dataset(plan, args.data, args.limit, args.mirror)
     if len(dataset) == 0:

@@ -51,6 +51,8 @@ import os
 import pickle
 import re
 import tarfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -62,6 +64,7 @@ from . import catalog
 from .errors import DyveError
 from .fetch import fetch, resolve_cache
 from .io_utils import atomic_path
+from .metadata_keys import LABEL_SET_CLASSES
 from .preprocess import Preprocess
 
 SPLITS: dict[str, tuple[str, ...]] = {
@@ -523,25 +526,68 @@ def export_npz(dataset: Dataset, path: str | os.PathLike[str], *, batch_size: in
     return path
 
 
-def _npz(path_text: str, preprocess: Preprocess | None, limit: int | None) -> Dataset:
-    """``npz:PATH``: an array file written by :func:`export_npz`."""
-    path = Path(path_text).expanduser()
+NPZ_TEXT_KEYS = ("name", "split", "label_set", "preprocess")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an npz file; one line naming the file for anything that is not one."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise DyveError(f"cannot read preprocessed data {path}: {err}") from None
+        with open(path, "rb") as f:  # ours to close, also when numpy fails half-way
+            magic = f.read(4)
+            if magic != b"PK\x03\x04":
+                kind = "a plain .npy array" if magic == b"\x93NUM" else "not a zip archive"
+                raise DyveError(f"{path}: not an npz file written by export_npz ({kind})")
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+    except DyveError:
+        raise
+    except OSError as err:
+        raise DyveError(f"cannot read preprocessed data {path}: {err.strerror or err}") from None
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError) as err:
+        raise DyveError(f"{path}: a damaged npz file ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+def check_npz_arrays(path: Path, data: dict[str, np.ndarray]) -> None:
+    """The one place npz data is validated: x float32 [N, C, H, W] finite, y integer labels of
+    the label set, ids one per image, text fields 0-d strings; one line naming the array."""
     missing = [k for k in ("x", "y", "ids") if k not in data]
     if missing:
         raise DyveError(f"{path} lacks the arrays {', '.join(missing)} (expected x, y, ids)")
     x, y, ids = data["x"], data["y"], data["ids"]
-    if x.dtype != np.float32 or x.ndim != 4 or len(y) != len(x) or len(ids) != len(x):
+    if x.dtype != np.float32 or x.ndim != 4 or y.ndim != 1 or ids.ndim != 1 or len(y) != len(x) or len(ids) != len(x):
         raise DyveError(f"{path}: x must be float32 [N, C, H, W] with N labels and ids, got "
                         f"x {x.dtype} {x.shape}, y {y.shape}, ids {ids.shape}")
+    if y.dtype.kind not in "iu":
+        raise DyveError(f"{path}: labels y must be integers, got {y.dtype}")
+    for key in NPZ_TEXT_KEYS:
+        if key in data and (data[key].ndim != 0 or data[key].dtype.kind != "U"):
+            raise DyveError(f"{path}: {key} must be one string, got {data[key].dtype} {data[key].shape}")
+    label_set = str(data["label_set"]) if "label_set" in data else ""
+    if label_set and label_set not in LABEL_SET_CLASSES:
+        raise DyveError(f"{path}: unknown label_set {label_set[:40]!r} (known: {', '.join(LABEL_SET_CLASSES)})")
+    classes = LABEL_SET_CLASSES.get(label_set)
+    if len(y) and (y.min() < 0 or (classes is not None and y.max() >= classes)):
+        bad = int(y[(y < 0) | (y >= (classes or np.iinfo(np.int64).max))][0])
+        raise DyveError(f"{path}: label {bad} is outside the label set {label_set or '(labels >= 0)'}")
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1) if len(x) else np.ones(0, bool)
+    if not finite.all():
+        raise DyveError(f"{path}: image {int(np.flatnonzero(~finite)[0])} holds NaN or Inf")
+
+
+def _npz(path_text: str, preprocess: Preprocess | None, limit: int | None) -> Dataset:
+    """``npz:PATH``: an array file written by :func:`export_npz`."""
+    path = Path(path_text).expanduser()
+    data = _read_npz(path)
+    check_npz_arrays(path, data)
+    x, y, ids = data["x"], data["y"], data["ids"]
     stored = str(data["preprocess"]) if "preprocess" in data else ""
-    if preprocess is not None and stored and json.loads(stored) != json.loads(preprocess.to_json()):
-        raise DyveError(f"{path} was preprocessed differently from this model ({stored})")
-    stored_pre = Preprocess.from_json(stored) if stored else preprocess
+    try:
+        stored_pre = Preprocess.from_json(stored) if stored else preprocess
+    except ValueError as err:
+        raise DyveError(f"{path}: preprocess: {err}") from None
+    if preprocess is not None and stored_pre is not None and stored_pre != preprocess:
+        raise DyveError(f"{path} was preprocessed differently from this model ({stored[:200]})")
     n = len(x) if limit is None else min(limit, len(x))
     return Dataset(
         str(data["name"]) if "name" in data else "npz",
@@ -576,6 +622,13 @@ def parse_spec(spec: str) -> tuple[str, str | None, str]:
     if split not in SPLITS[name]:
         raise DyveError(f"unknown split {split!r} of {name} in {spec!r}{valid}")
     return name, None, split
+
+
+def spec_source(spec: str) -> str:
+    """The spec without its split: the data name, with its directory for ``imagenet-val=DIR``
+    (what the pipeline fetches once for both splits)."""
+    name, arg, _ = parse_spec(spec)
+    return f"{name}={arg}" if name == "imagenet-val" else name
 
 
 def load_dataset(

@@ -4,77 +4,26 @@ bootstrap 95 % interval, and the per-layer, per-knob breakdown)."""
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from .cli_support import (Progress, add_data_arguments, load_plan, onnxruntime_outputs, onnxruntime_session,
+                          open_dataset, platform_info)
 from .engine import Engine
 from .errors import DyveError
 from .io_utils import write_json_atomic
 from .knobs import KNOB_NAMES, KnobConfig, load_knobs
-from .plan import Plan, build_plan
+from .metadata_keys import NONZERO_KEY
+from .plan import Plan
 
 #: verify's tolerance: per image, max |ours - onnxruntime| <= RELATIVE_TOLERANCE * max |onnxruntime|.
 RELATIVE_TOLERANCE = 1e-4
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def platform_info() -> dict[str, Any]:
-    """Where this run happens; ``DYVEDEEP_EMULATED=1`` marks an emulated board."""
-    return {
-        "machine": platform.machine(),
-        "system": platform.system(),
-        "python": platform.python_version(),
-        "emulated": os.environ.get("DYVEDEEP_EMULATED", "") == "1",
-    }
-
-
-def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The options every command that reads a dataset takes."""
-    parser.add_argument("--data", required=required, metavar="SPEC",
-                        help="dataset and split, e.g. cifar10:test, imagenet-sample:calib, npz:FILE")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N images")
-    parser.add_argument("--mirror", type=Path, default=None, metavar="DIR",
-                        help="offline mirror directory (default: $DYVEDEEP_MIRROR or ../shared/mirror)")
-
-
-def open_dataset(plan: Plan, spec: str, limit: int | None, mirror: Path | None):
-    """The dataset ``spec`` with the model's preprocessing; checks the label sets agree."""
-    from .datasets import load_dataset
-
-    if plan.preprocess is None and not spec.startswith("npz:"):
-        raise DyveError(f"{plan.path}: no input preprocessing in the model's metadata; convert it with dyvedeep convert")
-    dataset = load_dataset(spec, plan.preprocess, mirror=mirror, limit=limit)
-    label_set = getattr(dataset, "label_set", None)
-    if plan.labels and label_set and plan.labels != label_set:
-        raise DyveError(f"{plan.path}: the model predicts {plan.labels} classes but {spec} has {label_set} labels")
-    shape = tuple(dataset.images(0, 1).shape[1:]) if len(dataset) else tuple(plan.input_shape)
-    if shape != tuple(plan.input_shape):
-        raise DyveError(f"{plan.path}: input shape {plan.input_shape} does not match {spec} images {shape}")
-    return dataset
-
-
-class Progress:
-    """A progress line on stderr, at most every few seconds, for long loops."""
-
-    def __init__(self, label: str, total: int, every_seconds: float = 5.0) -> None:
-        self.label, self.total, self.every = label, total, every_seconds
-        self.start = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every or done == self.total:
-            rate = done / max(now - self.start, 1e-9)
-            print(f"{self.label}: {done}/{self.total} images ({rate:.1f}/s)", file=sys.stderr, flush=True)
-            self.last = now
 
 
 def run_engine(engine: Engine, dataset, label: str, batch_size: int = 64) -> np.ndarray:
@@ -131,23 +80,6 @@ def layer_breakdown(plan: Plan, engine: Engine, n: int) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- verify
 
 
-def onnxruntime_session(path: Path, threads: int):
-    """An onnxruntime session with ``threads`` intra-op threads, run sequentially."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise DyveError("onnxruntime is not installed: pip install onnxruntime (the reference engine)") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:
-        raise DyveError(f"{path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from None
-
-
 @dataclass
 class VerifyResult:
     """Per-image comparison of our dense engine with onnxruntime."""
@@ -174,13 +106,17 @@ def verify(plan: Plan, batches: Iterable[np.ndarray], threads: int = 1, total: i
     progress = Progress("verify", total or 0)
     for x in batches:
         ours = engine.run(x)
-        ref = session.run(None, {input_name: x})[0].reshape(ours.shape)
+        ref = onnxruntime_outputs(session, input_name, x, plan.path).reshape(ours.shape)
+        if not np.isfinite(ref).all():
+            raise DyveError(f"{plan.path}: onnxruntime's output holds NaN or Inf (image {n}); "
+                            "nothing to verify against", exit_code=1)
         for i in range(len(x)):
             diff = float(np.abs(ours[i] - ref[i]).max())
             scale = float(np.abs(ref[i]).max())
             rel = diff / scale if scale > 0 else diff
-            max_abs, max_rel = max(max_abs, diff), max(max_rel, rel)
-            if diff > RELATIVE_TOLERANCE * scale:
+            # NaN first: max() keeps its first argument when the second is NaN
+            max_abs, max_rel = max(diff, max_abs), max(rel, max_rel)
+            if not diff <= RELATIVE_TOLERANCE * scale:  # a NaN difference fails too
                 failures.append(n + i)
             flat_o, flat_r = ours[i].reshape(-1), ref[i].reshape(-1)
             if flat_o.argmax() != flat_r.argmax():
@@ -192,7 +128,7 @@ def verify(plan: Plan, batches: Iterable[np.ndarray], threads: int = 1, total: i
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    plan = build_plan(args.model)
+    plan = load_plan(args.model)
     dataset = open_dataset(plan, args.data, args.limit, args.mirror)
     result = verify(plan, (x for x, _ in dataset.batches(args.batch)), args.threads, len(dataset))
     print(f"images: {result.n}")
@@ -231,7 +167,7 @@ def evaluate(plan: Plan, dataset, knobs: KnobConfig | None, threads: int = 1) ->
     nn = max(n, 1)
     ops_dense = dense.counter.total("ops") / nn
     ops_dyve = dyve.counter.total("ops") / nn
-    nonzero = plan.nonzero_ops if "dyvedeep.nonzero_weights" in plan.metadata else None
+    nonzero = plan.nonzero_ops if NONZERO_KEY in plan.metadata else None
     return {
         "model": str(plan.path),
         "data": getattr(dataset, "name", "") + (":" + dataset.split if getattr(dataset, "split", "") else ""),
@@ -258,7 +194,7 @@ def evaluate(plan: Plan, dataset, knobs: KnobConfig | None, threads: int = 1) ->
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    plan = build_plan(args.model)
+    plan = load_plan(args.model)
     knobs = load_knobs(args.knobs, plan) if args.knobs else None
     dataset = open_dataset(plan, args.data, args.limit, args.mirror)
     result = evaluate(plan, dataset, knobs, args.threads)

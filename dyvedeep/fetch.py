@@ -93,13 +93,6 @@ def file_checksum(path: str | os.PathLike[str], kind: str = "sha256") -> str:
     return f"{kind}:{h.hexdigest()}"
 
 
-def bytes_checksum(data: bytes, kind: str = "sha256") -> str:
-    """Checksum of in-memory bytes as ``kind:hex``."""
-    h = _hasher(kind, len(data))
-    h.update(data)
-    return f"{kind}:{h.hexdigest()}"
-
-
 # --- locations -------------------------------------------------------------------------------
 
 def project_root() -> Path:
@@ -116,6 +109,11 @@ def url_relpath(url: str) -> Path:
     if any(p in ("", ".", "..") for p in parts):
         raise DyveError(f"URL {url!r} has an empty, '.' or '..' path component")
     return Path(*parts)
+
+
+def mirror_path(mirror: str | os.PathLike[str], url: str) -> Path:
+    """Where ``url`` lies in the mirror directory ``mirror`` (the one URL -> mirror path rule)."""
+    return Path(mirror) / url_relpath(url)
 
 
 def resolve_mirror(explicit: str | os.PathLike[str] | None = None) -> Path | None:
@@ -192,15 +190,17 @@ def _recorded_sha256(record: dict[str, Any]) -> str | None:
 
 
 def _cache_hit(path: Path, url: str, expected: str | None) -> bool:
-    """True when ``path`` holds the verified file. A cached file that fails verification is
-    removed (with a note on stderr) so that it is fetched again."""
+    """True when ``path`` holds the verified file. Asked for a checksum (``expected``), the file
+    is hashed again: an unchanged size and mtime do not prove unchanged bytes. Without one, the
+    record of an unchanged file stands. A cached file that fails verification is removed (with
+    a note on stderr) so that it is fetched again."""
     if not path.is_file():
         return False
     record = _read_record(path)
     reference = expected or _recorded_sha256(record)
     st = path.stat()
     fresh = record.get("size") == st.st_size and record.get("mtime_ns") == st.st_mtime_ns
-    if reference is not None and fresh and reference in record.get("checksums", []):
+    if expected is None and reference is not None and fresh and reference in record.get("checksums", []):
         return True
     kind = parse_checksum(reference)[0] if reference else "sha256"
     actual = file_checksum(path, kind)
@@ -284,7 +284,7 @@ def _fetch_into(path: Path, url: str, expected: str | None, recorded: bool,
     """Copy ``url`` from the mirror, or download it, into ``path`` atomically after verifying it
     against ``expected`` (``recorded``: that is the sha256 of an earlier download). Returns the
     checksum it verified."""
-    source = mirror / url_relpath(url) if mirror is not None else None
+    source = mirror_path(mirror, url) if mirror is not None else None
     kind = parse_checksum(expected)[0] if expected else "sha256"
     with atomic_path(path) as tmp:
         if source is not None and source.is_file():

@@ -1,24 +1,65 @@
 """Atomic output: write to a temporary name beside the target, then rename, so that a failed or
-interrupted command never leaves a half-written file under the final name."""
+interrupted command never leaves a half-written file under the final name. The temporary name
+carries the writer's process id, so that the next write to the same target removes what a killed
+writer left behind."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import DyveError
+
+
+def _temporary_prefix(target: Path, pid: int | str) -> str:
+    return f".{target.name}.{pid}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove temporary files of ``target`` whose writer process is gone; return them."""
+    removed = []
+    pattern = glob.escape(str(target.parent / f".{target.name}.")) + "*.tmp"
+    for name in glob.glob(pattern):
+        pid_text = name[len(str(target.parent / f".{target.name}.")):].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+            removed.append(Path(name))
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
 
-    On any exception the temporary file is removed and ``target`` is left untouched.
+    On any exception the temporary file is removed and ``target`` is left untouched. A target
+    that is a directory, or whose directory cannot be made or written, is a DyveError naming it.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir():
+        raise DyveError(f"{target}: is a directory, not a file that can be written")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(target, os.getpid()), suffix=".tmp",
+                                        dir=target.parent)
+    except OSError as err:
+        raise DyveError(f"{target}: cannot write there ({err.strerror or err})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -26,16 +67,13 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as err:
+            raise DyveError(f"{target}: cannot write there ({err.strerror or err})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
 
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:

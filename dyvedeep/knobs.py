@@ -101,6 +101,13 @@ class KnobConfig:
         write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=True))
 
 
+KNOB_FILE_MAX_BYTES = 1 << 20
+"""Knob files are a few kB; anything past this is refused before YAML parses it."""
+
+MAX_SDSS_STRIDE = 1 << 16
+"""SDSS strides past this cannot fit any input (and would make the engine allocate for them)."""
+
+
 def applicable_knobs(layer: Layer) -> tuple[str, ...]:
     """The knobs that can act on ``layer`` (SPET and SDSS need a ReLU; SDSS and SFMA a conv)."""
     if layer.op == Op.CONV:
@@ -115,13 +122,31 @@ def applicable_knobs(layer: Layer) -> tuple[str, ...]:
     return ()
 
 
-def _check_threshold(path: Path, lname: str, kname: str, value: Any) -> float:
+def _number(value: Any) -> float | None:
+    """``value`` as a float, or None (bools, strings, NaN, integers too large for a float)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DyveError(f"{path}: layer {lname}, knob {kname}: threshold must be a number, got {value!r}")
-    value = float(value)
-    if math.isnan(value) or value < 0:
-        raise DyveError(f"{path}: layer {lname}, knob {kname}: threshold must be >= 0, got {value}")
-    return value
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return None if math.isnan(number) else number
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message: short (a 400-digit number would make the line unreadable)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_threshold(path: Path, lname: str, kname: str, value: Any) -> float:
+    number = _number(value)
+    if number is None:
+        raise DyveError(f"{path}: layer {lname}, knob {kname}: threshold must be a number "
+                        f"(not NaN, fitting a float), got {_shown(value)}")
+    if number < 0:
+        raise DyveError(f"{path}: layer {lname}, knob {kname}: threshold must be >= 0, got {_shown(value)}")
+    return number
 
 
 def _check_option(path: Path, lname: str, kname: str, name: str, value: Any) -> Any:
@@ -130,14 +155,16 @@ def _check_option(path: Path, lname: str, kname: str, name: str, value: Any) -> 
                         f"(known: enabled, threshold, {', '.join(DEFAULT_OPTIONS[kname])})")
     choices = ALLOWED_CHOICES.get((kname, name))
     if choices is not None and value not in choices:
-        raise DyveError(f"{path}: layer {lname}, knob {kname}: option {name} must be one of {', '.join(choices)}, got {value!r}")
+        raise DyveError(f"{path}: layer {lname}, knob {kname}: option {name} must be one of {', '.join(choices)}, got {_shown(value)}")
     if (kname, name) == ("spet", "fraction"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) <= 1:
-            raise DyveError(f"{path}: layer {lname}, knob spet: fraction must be a number in (0, 1], got {value!r}")
-        return float(value)
+        number = _number(value)
+        if number is None or not 0 < number <= 1:
+            raise DyveError(f"{path}: layer {lname}, knob spet: fraction must be a number in (0, 1], got {_shown(value)}")
+        return number
     if (kname, name) == ("sdss", "stride"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise DyveError(f"{path}: layer {lname}, knob sdss: stride must be an integer >= 2, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_SDSS_STRIDE:
+            raise DyveError(f"{path}: layer {lname}, knob sdss: stride must be an integer in "
+                            f"[2, {MAX_SDSS_STRIDE}], got {_shown(value)}")
     return value
 
 
@@ -183,16 +210,28 @@ def parse_knobs(data: Any, plan: Plan, path: Path) -> KnobConfig:
 
 
 def load_knobs(path: str | Path, plan: Plan) -> KnobConfig:
-    """Read and validate a knob file for ``plan``."""
+    """Read and validate a knob file for ``plan`` (at most :data:`KNOB_FILE_MAX_BYTES`, UTF-8,
+    one YAML mapping with a ``layers`` key)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(KNOB_FILE_MAX_BYTES + 1)
     except OSError as err:
         raise DyveError(f"{path}: cannot read knob file ({err.strerror})") from None
+    if len(raw) > KNOB_FILE_MAX_BYTES:
+        raise DyveError(f"{path}: larger than {KNOB_FILE_MAX_BYTES} bytes; not a knob file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DyveError(f"{path}: not UTF-8 text (byte {err.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise DyveError(f"{path}: not valid YAML{where}") from None
+    except RecursionError:
+        raise DyveError(f"{path}: nested too deeply to be a knob file") from None
+    if data is None:
+        raise DyveError(f"{path}: the knob file is empty (expected a mapping with a 'layers' key)")
     return parse_knobs(data, plan, path)

@@ -15,13 +15,42 @@ image of shape (H, W, 3):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-METADATA_KEY = "dyvedeep.preprocess"
-LABELS_KEY = "dyvedeep.labels"
+from .metadata_keys import LABELS_KEY, PREPROCESS_KEY
+
+# plan.py still imports the keys from here under these names (it is outside this change).
+METADATA_KEY = PREPROCESS_KEY
+__all__ = ["LABELS_KEY", "METADATA_KEY", "Preprocess"]
+
+
+MAX_SIZE = 1 << 16  # pixels per side; beyond it a resize or crop is a broken file
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_list(key: str, values: Any, length: int | None, integer: bool = False, low: float | None = None) -> None:
+    """ValueError unless ``values`` is None or a list of ``length`` finite numbers (integers >= low)."""
+    if values is None:
+        return
+    if not isinstance(values, list) or (length is not None and len(values) != length):
+        raise ValueError(f"{key} must be a list of {length or 'some'} numbers, got {_shown(values)}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+            raise ValueError(f"{key} must hold {'integers' if integer else 'numbers'}, got {_shown(v)}")
+        try:
+            finite = math.isfinite(float(v))
+        except OverflowError:
+            finite = False
+        if not finite or (low is not None and v < low) or (integer and v > MAX_SIZE):
+            raise ValueError(f"{key} holds {_shown(v)}, out of range")
 
 
 @dataclass
@@ -45,8 +74,40 @@ class Preprocess:
 
     @classmethod
     def from_json(cls, text: str) -> "Preprocess":
-        """Inverse of :meth:`to_json`."""
-        return cls(**json.loads(text))
+        """Inverse of :meth:`to_json`; ValueError naming the field when ``text`` is not a valid
+        preprocessing (the callers add the file)."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise ValueError(f"not valid JSON ({str(err)[:60]})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(map(str, unknown))[:60]}")
+        preprocess = cls(**data)
+        preprocess.validate()
+        return preprocess
+
+    def validate(self) -> None:
+        """ValueError naming the first field that is not what the loaders can apply."""
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be RGB or BGR, got {_shown(self.channel_order)}")
+        for key in ("resize", "crop"):
+            _check_list(key, getattr(self, key), 2, integer=True, low=1)
+        _check_list("mean_shape", self.mean_shape, 3, integer=True, low=1)
+        for key in ("pixel_scale", "scale"):
+            _check_list(key, [getattr(self, key)], 1)
+        for key in ("mean_values", "std"):
+            _check_list(key, getattr(self, key), None)
+        if self.std is not None and 0 in self.std:
+            raise ValueError("std holds a zero")
+        if (self.mean_image is None) != (self.mean_shape is None):
+            raise ValueError("mean_image and mean_shape go together")
+        if self.mean_image is not None:
+            _check_list("mean_image", self.mean_image, int(np.prod(self.mean_shape, dtype=np.int64)))
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a mapping, got {_shown(self.extra)}")
 
     def input_hw(self) -> tuple[int, int] | None:
         """Spatial size of the model input this preprocessing produces, when it is fixed."""

@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib.resources
 import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -42,9 +44,9 @@ from .io_utils import write_json_atomic
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Files of the source distribution, relative to the project root (the engine version hashes them).
 SDIST_TOP_FILES = ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "LICENSE")
-SDIST_PACKAGE_SUFFIXES = (".py", ".pyx", ".pxd", ".proto", ".yaml", ".h")
+SDIST_PACKAGE_SUFFIXES = (".py", ".pyx", ".pxd", ".proto", ".yaml", ".h", ".csv")
 # Not shipped: the transport itself (the board never runs it), so that changing it is no new engine.
-SDIST_EXCLUDE = ("dyvedeep/remote.py",)
+SDIST_EXCLUDE = ("dyvedeep/remote.py", "dyvedeep/board_setup.py")
 VERSION_LENGTH = 16  # hex digits of the engine hash used in names on the board
 READY_MARKER = ".dyvedeep-ready"
 KEEP_BUILDS = 3  # engine builds kept on a board (older ones are removed after a new build)
@@ -343,75 +345,9 @@ def push_files(board: Board, files: Sequence[Path]) -> dict[Path, str]:
 # --------------------------------------------------------------------------------------------
 # Setup: build the engine on the board once per version
 
-# Runs on the board under its system Python (read from stdin): make the venv under a lock.
-REMOTE_SETUP = r'''
-import fcntl, json, os, platform, shutil, subprocess, sys, time
-workdir, version, sdist, build_reqs, ort_req = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5]
-KEEP = int(sys.argv[6])
-venv = os.path.join(workdir, "venvs", version)
-marker = os.path.join(venv, ".dyvedeep-ready")
-os.makedirs(os.path.dirname(venv), exist_ok=True)
-lock = open(venv + ".lock", "w")
-fcntl.flock(lock, fcntl.LOCK_EX)
-if os.path.exists(marker):
-    with open(marker) as fh:
-        info = json.load(fh)
-    info["built"] = False
-    print(json.dumps(info)); sys.exit(0)
-started = time.time()
-def sh(*cmd, check=True):
-    print("[board] $ " + " ".join(cmd), file=sys.stderr, flush=True)
-    code = subprocess.call(cmd, stdout=sys.stderr)
-    if check and code != 0:
-        print("[board] %s failed with exit %d" % (os.path.basename(cmd[0]) if len(cmd) < 3 else " ".join(cmd[1:4]), code), file=sys.stderr)
-        sys.exit(code or 1)
-    return code
-shutil.rmtree(venv, ignore_errors=True)
-py = os.path.join(venv, "bin", "python")
-# Without its own pip the venv is made in a fraction of a second (the system pip, seen through
-# the system site packages, installs into it); with pip where the system has none.
-sh(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv)
-if sh(py, "-m", "pip", "--version", check=False) != 0:
-    shutil.rmtree(venv, ignore_errors=True)
-    sh(sys.executable, "-m", "venv", "--system-site-packages", venv)
-pip = [py, "-m", "pip", "--disable-pip-version-check", "--no-input", "install", "--progress-bar", "off"]
-if build_reqs:
-    sh(*pip, *build_reqs)
-sh(*pip, "--no-build-isolation", sdist)
-ort = sh(*pip, ort_req, check=False) == 0 if ort_req else False
-if ort and sh(py, "-c", "import onnxruntime", check=False) != 0:
-    # installed but unusable here (e.g. it crashes under qemu): remove it, bench then skips it
-    sh(py, "-m", "pip", "uninstall", "-y", "--disable-pip-version-check", "onnxruntime", check=False)
-    ort = False
-sh(os.path.join(venv, "bin", "dyvedeep"), "--version")
-info = {"version": version, "machine": platform.machine(), "python": platform.python_version(),
-        "onnxruntime": ort, "build_seconds": round(time.time() - started, 1)}
-with open(marker + ".tmp", "w") as fh:
-    json.dump(info, fh)
-os.replace(marker + ".tmp", marker)
-# Keep the newest KEEP engine builds; older ones (and their sources) go.
-root = os.path.dirname(venv)
-built = sorted((os.path.getmtime(os.path.join(root, d, ".dyvedeep-ready")), d) for d in os.listdir(root)
-               if os.path.isfile(os.path.join(root, d, ".dyvedeep-ready")))
-unfinished = []
-for d in os.listdir(root):  # failed builds of other versions, unless one is under way
-    if os.path.isdir(os.path.join(root, d)) and d != version and not os.path.exists(os.path.join(root, d, ".dyvedeep-ready")):
-        with open(os.path.join(root, d + ".lock"), "w") as other:
-            try:
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue
-            unfinished.append((0, d))
-for _, old in built[:-KEEP] + unfinished:
-    print("[board] removing old engine build " + old, file=sys.stderr)
-    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    for stale in (os.path.join(root, old + ".lock"),
-                  os.path.join(workdir, "sdist", "dyvedeep-%s.tar.gz" % old)):
-        if os.path.exists(stale):
-            os.remove(stale)
-info["built"] = True
-print(json.dumps(info))
-'''
+def board_setup_script() -> bytes:
+    """The script ``setup`` runs on the board under its system Python (``board_setup.py``)."""
+    return importlib.resources.files(__package__).joinpath("board_setup.py").read_bytes()
 
 
 def project_dependencies(root: Path = PROJECT_ROOT) -> list[str]:
@@ -466,7 +402,7 @@ def setup(board: Board, root: Path = PROJECT_ROOT, onnxruntime: bool = True,
     args = " ".join(q(a) for a in (board.remote_workdir, sdist.version, remote_sdist,
                                    " ".join(requirements),
                                    ONNXRUNTIME_REQUIREMENT if onnxruntime else "", str(KEEP_BUILDS)))
-    out = ssh(board, f"{q(board.python)} - {args}", stdin=REMOTE_SETUP.encode(),
+    out = ssh(board, f"{q(board.python)} - {args}", stdin=board_setup_script(),
               what=f"building engine {sdist.version}")
     info = _last_json(out, board, "setup")
     return SetupResult(sdist.version, info.get("machine", machine), built=bool(info.get("built")),
@@ -494,8 +430,11 @@ def run_engine(board: Board, command: str, model: Path, knobs: Path, data: Path 
     ``command`` is ``eval`` or ``bench``; ``options`` are further engine options, passed as they are.
     The result's ``platform`` is {name, machine, emulated, host} of the board.
     """
-    result = setup(board, root=root)
     inputs = [model, knobs] + ([data] if data is not None else [])
+    for path in inputs:  # before connecting: a missing input is a local mistake, not the board's
+        if not Path(path).is_file():
+            raise DyveError(f"{path}: file not found (needed by remote {command})")
+    result = setup(board, root=root)
     located = push_files(board, inputs)
     run_dir = f"runs/{uuid.uuid4().hex[:12]}"
     argv = [f"venvs/{result.version}/bin/dyvedeep", command, located[model], "--knobs", located[knobs]]
@@ -524,22 +463,68 @@ def run_engine(board: Board, command: str, model: Path, knobs: Path, data: Path 
 # Command line
 
 
+BOARD_FILE_MAX_BYTES = 64 << 10
+BOARD_TEXT_FIELDS = ("host", "user", "key", "python", "workdir", "name", "known_hosts")
+# Host and user go onto ssh's command line: no spaces, no leading '-' (ssh would read an option).
+_SSH_WORD = re.compile(r"[A-Za-z0-9_.:%@\[\]-]+")
+
+
+def read_board_file(path: Path) -> dict[str, Any]:
+    """The JSON object of a board file (size, encoding and type checked; one line otherwise)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(BOARD_FILE_MAX_BYTES + 1)
+    except OSError as err:
+        raise DyveError(f"{path}: cannot read the board description ({err.strerror})") from None
+    if len(raw) > BOARD_FILE_MAX_BYTES:
+        raise DyveError(f"{path}: larger than {BOARD_FILE_MAX_BYTES} bytes; not a board description")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DyveError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise DyveError(f"{path}: not valid JSON ({str(err)[:80]})") from None
+    if not isinstance(data, dict):
+        raise DyveError(f"{path}: a board description is a JSON object, not {type(data).__name__}")
+    return data
+
+
+def check_board_values(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Validate the connection fields (from ``origin``: a board file or the options)."""
+    for key in BOARD_TEXT_FIELDS:
+        value = values.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value or len(value) > 4096 or not value.isprintable():
+            raise DyveError(f"{origin}: {key} must be a non-empty printable string, got {repr(value)[:40]}")
+    for key in ("host", "user"):
+        value = values.get(key)
+        if value is not None and (not _SSH_WORD.fullmatch(value) or value.startswith("-")):
+            raise DyveError(f"{origin}: {key} {value[:40]!r} is not a host or user name ssh accepts")
+    port = values.get("port", 22)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise DyveError(f"{origin}: port must be an integer in 1..65535, got {repr(port)[:40]}")
+    if not isinstance(values.get("emulated", False), bool):
+        raise DyveError(f"{origin}: emulated must be true or false, got {repr(values['emulated'])[:40]}")
+    return values
+
+
 def board_from_args(args: argparse.Namespace) -> Board:
-    """The Board named by ``--board FILE`` and/or the explicit connection options."""
-    base: dict[str, Any] = {}
-    if args.board:
-        try:
-            base = json.loads(Path(args.board).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DyveError(f"{args.board}: cannot read the board description ({err})") from err
+    """The Board named by ``--board FILE`` and/or the explicit connection options, validated
+    before anything connects."""
     fields = ("host", "port", "user", "key", "python", "workdir", "name", "known_hosts")
-    values = {k: base[k] for k in fields if base.get(k) is not None}
-    values.update({k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
-    values["emulated"] = bool(args.emulated or base.get("emulated", False))
+    values: dict[str, Any] = {}
+    if args.board:
+        base = read_board_file(Path(args.board))
+        values = check_board_values({k: base[k] for k in (*fields, "emulated") if base.get(k) is not None},
+                                    str(args.board))
+    options = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    values.update(check_board_values(options, "dyvedeep remote"))
+    values["emulated"] = bool(args.emulated or values.get("emulated", False))
     for needed in ("host", "user"):
         if not values.get(needed):
             raise DyveError(f"dyvedeep remote: --{needed} (or --board FILE) is required")
-    values["port"] = int(values.get("port", 22))
+    values.setdefault("port", 22)
     values.setdefault("workdir", DEFAULT_WORKDIR)
     return Board(**values)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dyvedeep.fetch import mirror_path  # noqa: F401  (the one URL -> mirror path rule; tests import it from here)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,3 @@ def mirror() -> Path:
         pytest.skip("no mirror of real models/data (set DYVEDEEP_MIRROR or put ../shared/mirror beside the project)")
     return found
 
-
-def mirror_path(mirror: Path, url: str) -> Path:
-    """Where ``url`` lies in the mirror (the URL without its scheme)."""
-    return mirror / url.split("://", 1)[1]

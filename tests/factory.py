@@ -22,6 +22,7 @@ from google.protobuf import text_format
 from PIL import Image
 
 from dyvedeep import caffe_pb2
+from dyvedeep.fetch import mirror_path as fetch_mirror_path
 
 # --------------------------------------------------------------------------- prototxts
 
@@ -898,7 +899,7 @@ IMAGENET_SAMPLE_DIR = ("https://github.com/EliSchwartz/imagenet-sample-images/ra
 
 def mirror_file(mirror: Path, url: str) -> Path:
     """Where ``url`` lies in the mirror."""
-    return Path(mirror) / url.split("://", 1)[1]
+    return fetch_mirror_path(mirror, url)
 
 
 def cifar10_test_images(mirror: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -129,3 +129,228 @@ def test_bench_reports_three_engines_in_one_run(tmp_path, capsys, small_model, s
     for key in ("latency_dense_ms", "latency_dyvedeep_ms", "latency_onnxruntime_ms"):
         assert result[key] > 0
     assert result["speedup"] == pytest.approx(result["latency_dense_ms"] / result["latency_dyvedeep_ms"])
+
+
+# --------------------------------------------------------------------------- bad input (issue 20)
+
+
+def one_error_line(code, err, *needles):
+    """The contract on a refused input: exit 2, exactly one ``dyvedeep: error:`` line naming ``needles``."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("dyvedeep: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def small_npz(path, model, x=None, y=None, **extra):
+    """An npz of 4 images for ``model``; ``x``/``y`` replace the arrays."""
+    x = RNG.normal(0, 1, (4, 3, 12, 12)).astype(np.float32) if x is None else x
+    y = np.array([0, 1, 2, 0]) if y is None else y
+    np.savez(path, x=x, y=y, ids=np.array([f"i{i}" for i in range(len(x))]), **extra)
+    return path
+
+
+def with_initializer(src, dst, name, transform):
+    """A copy of ONNX ``src`` at ``dst`` with initializer ``name`` replaced by ``transform(array)``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    for init in model.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(transform(numpy_helper.to_array(init).copy()), name))
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("command", ["verify", "eval"])
+def test_limit_zero_is_refused_not_a_pass_on_zero_images(command, capsys, small_model, small_data):
+    code, out, err = run(capsys, command, small_model, "--data", f"npz:{small_data['test']}", "--limit", 0)
+    one_error_line(code, err, "no images", "--limit 0")
+    assert "OK" not in out
+
+
+@pytest.mark.parametrize("labels", [[999, 0, 1, 2], [-3, 0, 1, 2]])
+def test_labels_outside_the_models_outputs_are_refused(labels, tmp_path, capsys, small_model):
+    data = small_npz(tmp_path / "d.npz", small_model, y=np.array(labels))
+    code, _, err = run(capsys, "eval", small_model, "--data", f"npz:{data}")
+    one_error_line(code, err, str(labels[0]))
+
+
+def test_labels_outside_the_label_set_are_refused(tmp_path, capsys, small_model):
+    data = small_npz(tmp_path / "d.npz", small_model, y=np.array([0, 10, 1, 2]), label_set=np.array("cifar10"))
+    code, _, err = run(capsys, "eval", small_model, "--data", f"npz:{data}")
+    one_error_line(code, err, "d.npz", "label 10", "cifar10")
+
+
+@pytest.mark.parametrize("y", [np.array([0.5, 1.0, 2.0, 0.0]), np.array(["cat", "dog", "cat", "dog"])])
+def test_labels_that_are_not_integers_are_refused(y, tmp_path, capsys, small_model):
+    data = small_npz(tmp_path / "d.npz", small_model, y=y)
+    code, _, err = run(capsys, "eval", small_model, "--data", f"npz:{data}")
+    one_error_line(code, err, "d.npz", "integers")
+
+
+def test_all_nan_images_are_refused(tmp_path, capsys, small_model):
+    data = small_npz(tmp_path / "d.npz", small_model, x=np.full((4, 3, 12, 12), np.nan, np.float32))
+    code, _, err = run(capsys, "verify", small_model, "--data", f"npz:{data}")
+    one_error_line(code, err, "d.npz", "image 0", "NaN")
+
+
+@pytest.mark.parametrize("kind", ["plain_npy", "truncated"])
+def test_plain_npy_or_truncated_npz_is_one_line(kind, tmp_path, capsys, small_model, small_data):
+    data = tmp_path / "d.npz"
+    if kind == "plain_npy":
+        with open(data, "wb") as f:
+            np.save(f, np.zeros((4, 3, 12, 12), np.float32))
+    else:
+        raw = small_data["test"].read_bytes()
+        data.write_bytes(raw[: len(raw) // 2])
+    code, _, err = run(capsys, "eval", small_model, "--data", f"npz:{data}")
+    one_error_line(code, err, "d.npz")
+
+
+@pytest.mark.parametrize("command", ["verify", "eval"])
+def test_onnx_weight_set_to_nan_is_refused(command, tmp_path, capsys, small_model, small_data):
+    def poison(w):
+        w.reshape(-1)[3] = np.nan
+        return w
+    bad = with_initializer(small_model, tmp_path / "nan.onnx", "W2", poison)
+    code, _, err = run(capsys, command, bad, "--data", f"npz:{small_data['test']}")
+    one_error_line(code, err, "nan.onnx", "W2", "NaN")
+
+
+def test_verify_fails_in_one_line_when_onnxruntime_outputs_nan(tmp_path, capsys, small_model, small_data):
+    """Finite weights that overflow: onnxruntime's output is NaN; verify must not report a pass."""
+    bad = with_initializer(small_model, tmp_path / "overflow.onnx", "W1", lambda w: np.full_like(w, 3e38))
+    code, out, err = run(capsys, "verify", bad, "--data", f"npz:{small_data['test']}")
+    lines = err.strip().splitlines()
+    assert code == 1 and "OK" not in out
+    assert len(lines) == 1 and "overflow.onnx" in lines[0] and "NaN" in lines[0], err
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("dyvedeep.preprocess", "{not json", "not valid JSON"),
+    ("dyvedeep.preprocess", '{"channel_order": "GBR"}', "channel_order"),
+    ("dyvedeep.labels", "mnist", "unknown label set"),
+    ("dyvedeep.nonzero_weights", "[1, 2]", "JSON object"),
+])
+def test_broken_onnx_metadata_is_one_line_naming_the_key(key, value, needle, tmp_path, capsys, small_model,
+                                                         small_data):
+    import onnx
+
+    model = onnx.load(str(small_model))
+    model.metadata_props.add(key=key, value=value)
+    path = tmp_path / "meta.onnx"
+    onnx.save(model, str(path))
+    code, _, err = run(capsys, "eval", path, "--data", f"npz:{small_data['test']}")
+    one_error_line(code, err, "meta.onnx", key, needle)
+
+
+def test_non_utf8_onnx_metadata_is_one_line(tmp_path, capsys, small_model, small_data):
+    import onnx
+
+    model = onnx.load(str(small_model))
+    model.metadata_props.add(key="dyvedeep.labels", value="cifar10")
+    data = model.SerializeToString().replace(b"cifar10", b"cif\xffr10")
+    path = tmp_path / "latin.onnx"
+    path.write_bytes(data)
+    code, _, err = run(capsys, "eval", path, "--data", f"npz:{small_data['test']}")
+    one_error_line(code, err, "latin.onnx")
+
+
+@pytest.mark.parametrize("strides", [None, [0, 1]])
+def test_conv_strides_missing_run_and_zero_strides_are_one_line(strides, tmp_path, capsys, small_data):
+    """No strides attribute means 1 (ONNX's default): it runs; a zero stride is one line."""
+    import onnx
+
+    w = RNG.normal(0, 1, (3, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["data", "W"], ["c"], name="conv", pads=[1, 1, 1, 1], strides=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat", axis=1)]
+    path = save_model(tmp_path / "s.onnx", nodes, {"W": w}, (3, 12, 12), "f")
+    model = onnx.load(str(path))
+    attrs = model.graph.node[0].attribute
+    if strides is None:
+        attrs.remove(next(a for a in attrs if a.name == "strides"))
+    else:
+        next(a for a in attrs if a.name == "strides").ints[:] = strides
+    onnx.save(model, str(path))
+    code, out, err = run(capsys, "verify", path, "--data", f"npz:{small_data['test']}")
+    if strides is None:
+        assert code == 0 and "OK" in out, err
+    else:
+        one_error_line(code, err, "s.onnx", "strides")
+
+
+def test_empty_knob_file_is_refused_not_a_dense_eval(tmp_path, capsys, small_model, small_data):
+    knobs = tmp_path / "empty.yaml"
+    knobs.write_text("")
+    code, _, err = run(capsys, "eval", small_model, "--data", f"npz:{small_data['test']}", "--knobs", knobs)
+    one_error_line(code, err, "empty.yaml", "empty")
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"layers:\n  conv2:\n    spet: {threshold: 0.\xff}\n", "UTF-8"),
+    (("layers: {conv2: {spet: {threshold: " + "4" * 400 + "}}}\n").encode(), "threshold"),
+    (b"layers: {conv2: {spet: {threshold: .nan}}}\n", "threshold"),
+    (b"# padding\n" * (1 << 17), "larger than"),
+])
+def test_bad_knob_file_bytes_are_one_line(content, needle, tmp_path, capsys, small_model, small_data):
+    knobs = tmp_path / "k.yaml"
+    knobs.write_bytes(content)
+    code, _, err = run(capsys, "eval", small_model, "--data", f"npz:{small_data['test']}", "--knobs", knobs)
+    line = one_error_line(code, err, "k.yaml", needle)
+    assert len(line) < 300  # a 400-digit number is not copied whole into the message
+
+
+def test_a_30_mb_knob_file_is_refused_without_parsing_it(tmp_path, capsys, small_model, small_data):
+    """The size limit comes before YAML: a 30 MB file is refused at once (not parsed for minutes)."""
+    knobs = tmp_path / "huge.yaml"
+    with open(knobs, "wb") as f:
+        f.write(b"layers:\n")
+        f.write(b"  - [" + b"1, " * (10 << 20) + b"1]\n")
+    code, _, err = run(capsys, "eval", small_model, "--data", f"npz:{small_data['test']}", "--knobs", knobs)
+    one_error_line(code, err, "huge.yaml", "larger than")
+
+
+@pytest.mark.parametrize("argv", [["eval"], ["eval", "m.onnx", "--threads", "two"], ["no-such-command"],
+                                  ["verify", "m.onnx", "--data", "x", "--bogus"]])
+def test_usage_errors_are_one_line(argv, capsys):
+    code, _, err = run(capsys, *argv)
+    one_error_line(code, err)
+
+
+def test_nul_bytes_from_input_are_not_copied_into_messages(tmp_path, capsys, small_model, small_data):
+    knobs = tmp_path / "k.yaml"
+    knobs.write_bytes(b"layers: {\"conv\\0x\": {spet: {threshold: 1}}}\n")
+    code, _, err = run(capsys, "eval", small_model, "--data", f"npz:{small_data['test']}", "--knobs", knobs)
+    line = one_error_line(code, err, "k.yaml", "unknown layer")
+    assert "\x00" not in line
+
+
+def test_out_of_memory_is_one_line_naming_the_model(tmp_path, capsys, small_model, small_data, monkeypatch):
+    """An allocation the machine cannot serve (a huge input) ends as one line, not a traceback.
+    (The allocation is made to fail here: a real one would need more memory than a test has.)"""
+    from dyvedeep import evaluate
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 1.2 TiB for an array")
+    monkeypatch.setattr(evaluate, "Engine", no_memory)
+    code, _, err = run(capsys, "verify", small_model, "--data", f"npz:{small_data['test']}")
+    one_error_line(code, err, "small.onnx", "out of memory")
+
+
+def test_bench_names_why_onnxruntime_did_not_run(tmp_path, capsys, small_model, small_data):
+    """onnxruntime installed but unable to load the model: bench says so, not "not installed"."""
+    import onnx
+
+    model = onnx.load(str(small_model))
+    model.ir_version = 99  # beyond any onnxruntime; the engine does not care
+    path = tmp_path / "ir99.onnx"
+    onnx.save(model, str(path))
+    code, out, _ = run(capsys, "bench", path, "--data", f"npz:{small_data['test']}", "--images", 2,
+                       "--warmup", 1, "--rounds", 1)
+    assert code == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("onnxruntime:"))
+    assert "not installed" not in line and "cannot load" in line and "ir99.onnx" in line

@@ -16,7 +16,8 @@ from dyvedeep import caffe_pb2
 from dyvedeep.convert import convert, preset_preprocess, read_mean_binaryproto
 from dyvedeep.convert.caffe import convert_caffe, read_caffemodel
 from dyvedeep.errors import DyveError
-from dyvedeep.preprocess import LABELS_KEY, METADATA_KEY, Preprocess
+from dyvedeep.metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
+from dyvedeep.preprocess import Preprocess
 from tests.factory import (
     OVERFEAT_FAST_SHAPES,
     TINY_NETS,
@@ -106,9 +107,9 @@ def test_model_contract_input_output_opset_metadata(tmp_path):
     assert gemm.name == "ip" and onnx.helper.get_attribute_value(gemm.attribute[0]) == 1  # transB
     assert model.graph.node[[n.name for n in model.graph.node].index("ip") - 1].op_type == "Flatten"
     meta = metadata(model)
-    assert json.loads(meta["dyvedeep.source"]) == {
+    assert json.loads(meta[SOURCE_KEY]) == {
         "format": "caffe", "files": ["concat_eltwise_split.prototxt", "concat_eltwise_split.caffemodel"]}
-    assert Preprocess.from_json(meta[METADATA_KEY]) == Preprocess()
+    assert Preprocess.from_json(meta[PREPROCESS_KEY]) == Preprocess()
     assert LABELS_KEY not in meta  # 6 classes: no known label set
 
 
@@ -237,7 +238,7 @@ def test_real_cifar10_models(mirror, tmp_path, prefix, prototxt, caffemodel, exp
                          preprocess=preset_preprocess("cifar10-caffe", mean_path)[0])
     meta = metadata(model)
     assert meta[LABELS_KEY] == "cifar10"
-    preprocess = Preprocess.from_json(meta[METADATA_KEY])
+    preprocess = Preprocess.from_json(meta[PREPROCESS_KEY])
     assert preprocess.channel_order == "RGB" and preprocess.mean_shape == [3, 32, 32]
     images, labels = cifar10_test_images(mirror)
     x = np.stack([preprocess.apply(image) for image in images])

@@ -12,7 +12,8 @@ import pytest
 from dyvedeep.convert import convert, preset_preprocess
 from dyvedeep.convert.deep_compression import convert_deep_compression
 from dyvedeep.errors import DyveError
-from dyvedeep.preprocess import METADATA_KEY, Preprocess
+from dyvedeep.metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
+from dyvedeep.preprocess import Preprocess
 from tests.conftest import mirror_path
 from tests.factory import (
     DEEP_COMPRESSION_TINY,
@@ -47,7 +48,7 @@ def test_tiny_net_file_decodes_exactly(tiny_dc):
     for name, (weight, bias) in decoded.items():
         np.testing.assert_array_equal(arrays[f"{name}_W"], weight)
         np.testing.assert_array_equal(arrays[f"{name}_b"], bias)
-    assert json.loads(converted.metadata["dyvedeep.nonzero_weights"]) == nonzero
+    assert json.loads(converted.metadata[NONZERO_KEY]) == nonzero
     x = random_input(net, batch=2)
     (y,) = ort.InferenceSession(converted.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"data": x})
     np.testing.assert_allclose(y, caffe_forward(net, decoded, x)["prob"], rtol=1e-4, atol=1e-6)
@@ -81,7 +82,7 @@ def test_real_squeezenet_dc(mirror, tmp_path):
     convert(prototxt, net_file, out, preprocess=preset_preprocess("imagenet-caffe")[0])
     model = onnx.load(out)
     meta = {p.key: p.value for p in model.metadata_props}
-    nonzero = json.loads(meta["dyvedeep.nonzero_weights"])
+    nonzero = json.loads(meta[NONZERO_KEY])
     weights = {i.name[:-2]: int(np.prod(i.dims)) for i in model.graph.initializer if i.name.endswith("_W")}
     assert len(nonzero) == 26 and nonzero.keys() == weights.keys()
     assert sum(weights.values()) == 1_244_448
@@ -89,7 +90,7 @@ def test_real_squeezenet_dc(mirror, tmp_path):
     assert 0.30 < density < 0.36, density  # SqueezeNet + Deep Compression keeps about a third
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim[1:]] == [1000, 1, 1]
     files, labels = imagenet_sample(mirror, every=8)
-    preprocess = Preprocess.from_json(meta[METADATA_KEY])
+    preprocess = Preprocess.from_json(meta[PREPROCESS_KEY])
     x = np.stack([preprocess.apply(load_resized_rgb(f, tuple(preprocess.resize))) for f in files])
     (scores,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"data": x})
     top1 = float((scores.reshape(len(files), -1).argmax(axis=1) == labels).mean())

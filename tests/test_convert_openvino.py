@@ -11,7 +11,8 @@ import pytest
 from dyvedeep.convert import convert, preset_preprocess
 from dyvedeep.convert.openvino import convert_openvino
 from dyvedeep.errors import DyveError
-from dyvedeep.preprocess import METADATA_KEY, Preprocess
+from dyvedeep.metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
+from dyvedeep.preprocess import Preprocess
 from tests.conftest import mirror_path
 from tests.factory import (
     caffe_forward,
@@ -95,7 +96,7 @@ def test_real_squeezenet_v1_1_ir(mirror, tmp_path):
     assert {"conv1", "fire2/squeeze1x1", "fire9/expand3x3", "conv10", "pool10", "prob"} <= set(names)
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim[1:]] == [1000, 1, 1]
     files, labels = imagenet_sample(mirror, every=8)
-    preprocess = Preprocess.from_json({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
+    preprocess = Preprocess.from_json({p.key: p.value for p in model.metadata_props}[PREPROCESS_KEY])
     x = np.stack([preprocess.apply(load_resized_rgb(f, tuple(preprocess.resize))) for f in files])
     scores = run(model, x).reshape(len(files), -1)
     top1 = float((scores.argmax(axis=1) == labels).mean())

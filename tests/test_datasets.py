@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.conftest import mirror_path
 from dyvedeep import catalog, datasets
-from dyvedeep.datasets import export_npz, load_dataset, parse_spec
+from dyvedeep.datasets import export_npz, load_dataset, parse_spec, spec_source
 from dyvedeep.errors import DyveError
 from dyvedeep.preprocess import Preprocess
 
@@ -44,6 +44,15 @@ def test_parse_spec() -> None:
     assert parse_spec("imagenet-val=/data/val:calib") == ("imagenet-val", "/data/val", "calib")
     assert parse_spec("imagenet-val=/data/val") == ("imagenet-val", "/data/val", "all")
     assert parse_spec("npz:/tmp/a:b.npz") == ("npz", "/tmp/a:b.npz", "")
+
+
+def test_spec_source_drops_only_the_split() -> None:
+    """What the pipeline fetches once for both splits (workflow/rules/common.smk calls it)."""
+    assert spec_source("cifar10:calib") == spec_source("cifar10") == "cifar10"
+    assert spec_source("imagenet-val=/data/v:al:calib") == "imagenet-val=/data/v:al"
+    assert spec_source("imagenet-val=/data/val") == "imagenet-val=/data/val"
+    with pytest.raises(DyveError, match="valid specs"):
+        spec_source("cifar10:train")
 
 
 @pytest.mark.parametrize("spec", ["mnist:test", "cifar10:train", "imagenet-val", ""])
@@ -266,3 +275,16 @@ def test_npz_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     with pytest.raises(DyveError, match="bad.npz"):
         load_dataset(f"npz:{tmp_path / 'bad.npz'}", None)
+
+
+def test_imagenet_sample_table_is_package_data_and_complete() -> None:
+    """catalog reads imagenet_sample.csv through importlib.resources: pyproject ships it."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dyvedeep"]
+    assert any(fnmatch.fnmatch(catalog.IMAGENET_SAMPLE_FILE, p) for p in patterns)
+    entries = catalog.imagenet_sample()
+    assert len(entries) == 1000 and len(set(catalog.imagenet_wnids())) == 1000
+    assert all(c.startswith("sha256:") and len(c) == 7 + 64 for _, c in entries)

@@ -23,7 +23,7 @@ DATA = b"DyVEDeep test payload\n" * 100
 
 def put_in_mirror(mirror: Path, url: str, data: bytes) -> Path:
     """Write ``data`` where ``url`` lies in a fake mirror (the URL without its scheme)."""
-    path = mirror / url.split("://", 1)[1]
+    path = fetch_mod.mirror_path(mirror, url)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
@@ -124,6 +124,37 @@ def test_corrupt_cache_is_fetched_again(fake_mirror: Path, tmp_path: Path) -> No
     path = fetch(URL, checksum, mirror=fake_mirror, cache_dir=cache, progress=False)
     path.write_bytes(b"X" + DATA[1:])
     assert fetch(URL, checksum, mirror=fake_mirror, cache_dir=cache, progress=False).read_bytes() == DATA
+
+
+def test_cache_rehashes_a_file_with_unchanged_size_and_mtime_when_given_a_checksum(
+        fake_mirror: Path, tmp_path: Path) -> None:
+    """A corrupted cache file with the size and mtime its record holds is still caught."""
+    import os
+
+    checksum = "sha256:" + hashlib.sha256(DATA).hexdigest()
+    cache = tmp_path / "cache"
+    path = fetch(URL, checksum, mirror=fake_mirror, cache_dir=cache, progress=False)
+    st = path.stat()
+    path.write_bytes(b"X" + DATA[1:])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fetch(URL, checksum, mirror=fake_mirror, cache_dir=cache, progress=False).read_bytes() == DATA
+
+
+@pytest.mark.parametrize("where", ["directory", "under_a_file"])
+def test_cache_or_dest_that_cannot_be_written_is_one_line(where: str, fake_mirror: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("dyvedeep.fetch",))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    if where == "directory":  # the cached copy's own path is a directory
+        cache = tmp_path / "cache"
+        fetch_mod.cache_path(URL, cache).mkdir(parents=True)
+    else:
+        cache = blocker / "cache"
+    code = cli.main(["fetch", URL, "--mirror", str(fake_mirror), "--cache", str(cache)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("dyvedeep: error: "), err
+    assert ("is a directory" if where == "directory" else "cannot write there") in err[0]
 
 
 def test_dest_gets_verified_copy(fake_mirror: Path, tmp_path: Path) -> None:

@@ -158,9 +158,19 @@ def test_sdist_is_reproducible_and_includes_the_engine_sources() -> None:
     names = {p.relative_to(PROJECT_ROOT).as_posix() for p in remote.sdist_files()}
     assert {"pyproject.toml", "setup.py", "dyvedeep/cli.py", "dyvedeep/caffe.proto"} <= names
     assert "dyvedeep/remote.py" not in names  # the transport is no part of the engine version
+    assert "dyvedeep/board_setup.py" not in names and "dyvedeep/imagenet_sample.csv" in names
     if (PROJECT_ROOT / "dyvedeep" / "_kernels.pyx").exists():
         assert "dyvedeep/_kernels.pyx" in names
     assert not any(n.endswith((".so", ".c")) or "__pycache__" in n for n in names)
+
+
+def test_board_setup_script_is_the_package_file_and_imports_without_running() -> None:
+    """setup sends dyvedeep/board_setup.py itself; importing it does nothing (the work is in main)."""
+    import importlib
+
+    assert remote.board_setup_script() == (PROJECT_ROOT / "dyvedeep" / "board_setup.py").read_bytes()
+    module = importlib.import_module("dyvedeep.board_setup")
+    assert callable(module.main) and callable(module.sh)
 
 
 def test_setup_then_eval_over_ssh(sshd: remote.Board, fake_project: Path, tmp_path: Path) -> None:
@@ -229,3 +239,51 @@ def test_unreachable_host_fails_with_one_line(tmp_path: Path) -> None:
     assert lines[0].startswith(f"dyvedeep: error: cannot reach 127.0.0.1:{port} as pi:")
     assert "Connection refused" in lines[0]
     assert time.monotonic() - started < 15
+
+
+# --------------------------------------------------------------------------- bad input (issue 20)
+
+
+def remote_cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, list[str]]:
+    from dyvedeep.cli import main
+
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-1"])
+def test_port_out_of_range_is_one_line_before_connecting(port: str, tmp_path: Path, capsys) -> None:
+    code, lines = remote_cli(capsys, "remote", "setup", "--host", "127.0.0.1", "--user", "pi", "--port", port)
+    assert code == 2 and len(lines) == 1 and "port must be an integer in 1..65535" in lines[0], lines
+    board = tmp_path / "board.json"
+    board.write_text(json.dumps({"host": "127.0.0.1", "user": "pi", "port": int(port)}))
+    code, lines = remote_cli(capsys, "remote", "setup", "--board", board)
+    assert code == 2 and len(lines) == 1 and "board.json" in lines[0] and "port" in lines[0], lines
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"host": "127.0.0.1", "user": "pi", "port": "twenty-two"}', "port"),
+    ('[{"host": "127.0.0.1", "user": "pi"}]', "JSON object"),
+    ('{"host": "-oProxyCommand=x", "user": "pi"}', "host"),
+    ('{"host": "127.0.0.1", "user": "pi", "emulated": "yes"}', "emulated"),
+    ('{"host": 127, "user": "pi"}', "host"),
+    ('{"host": "127.0.0.1", ', "not valid JSON"),
+])
+def test_bad_board_file_is_one_line_naming_the_field(content: str, needle: str, tmp_path: Path, capsys) -> None:
+    board = tmp_path / "board.json"
+    board.write_text(content)
+    code, lines = remote_cli(capsys, "remote", "setup", "--board", board)
+    assert code == 2 and len(lines) == 1 and "board.json" in lines[0] and needle in lines[0], lines
+
+
+def test_local_inputs_of_remote_are_checked_before_connecting(tmp_path: Path, capsys) -> None:
+    """A missing local model is named at once; the closed port is never tried."""
+    port = free_port()
+    knobs = tmp_path / "k.yaml"
+    knobs.write_text("layers: {}\n")
+    code, lines = remote_cli(capsys, "remote", "eval", "--host", "127.0.0.1", "--user", "pi", "--port", port,
+                             tmp_path / "absent.onnx", "--knobs", knobs, "--data-npz", tmp_path / "d.npz",
+                             "--json", tmp_path / "r.json")
+    assert code == 2 and len(lines) == 1, lines
+    assert "absent.onnx" in lines[0] and "not found" in lines[0] and "cannot reach" not in lines[0]
+    assert not (tmp_path / "r.json").exists()

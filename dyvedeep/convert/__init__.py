@@ -12,10 +12,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..errors import DyveError
-from ..preprocess import LABELS_KEY, METADATA_KEY, Preprocess
+from ..metadata_keys import LABEL_SET_CLASSES, LABEL_SETS, LABELS_KEY, PREPROCESS_KEY
+from ..preprocess import Preprocess
 from .caffe import convert_caffe, read_mean_binaryproto
 from .deep_compression import convert_deep_compression
 from .onnx_graph import ConvertedModel, check_and_save, set_metadata
@@ -26,8 +29,7 @@ __all__ = [
     "LABEL_SETS", "PRESETS",
 ]
 
-LABEL_SETS = ("cifar10", "imagenet")
-CLASSES_OF_LABEL_SET = {10: "cifar10", 1000: "imagenet"}
+CLASSES_OF_LABEL_SET = {classes: name for name, classes in LABEL_SET_CLASSES.items()}
 
 # Format name -> function(source, weights) -> ConvertedModel.
 CONVERTERS: dict[str, Callable[[Path, Path], ConvertedModel]] = {
@@ -117,6 +119,16 @@ def check_preprocess(preprocess: Preprocess, model: onnx.ModelProto, source: Pat
             raise DyveError(f"{source}: {len(values)} {key} for a {channels}-channel input")
 
 
+def check_finite(model: onnx.ModelProto, weights: Path) -> None:
+    """Refuse weights holding NaN or Inf, whatever the source format (they would make every
+    output NaN, which a comparison with onnxruntime cannot catch)."""
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
+            raise DyveError(f"{weights}: weights {init.name} hold NaN or Inf (first at element {bad})")
+
+
 def infer_labels(model: onnx.ModelProto) -> str | None:
     """The label set implied by the number of output classes (10 or 1000), if any."""
     dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim[1:]]
@@ -141,9 +153,10 @@ def convert(
         raise DyveError(f"unknown label set {labels!r} (choose from {', '.join(LABEL_SETS)})")
     converted = CONVERTERS[fmt](source, weights)
     model = converted.model
+    check_finite(model, weights)
     preprocess = preprocess or Preprocess()
     check_preprocess(preprocess, model, source)
-    metadata = {**converted.metadata, METADATA_KEY: preprocess.to_json()}
+    metadata = {**converted.metadata, PREPROCESS_KEY: preprocess.to_json()}
     labels = labels or infer_labels(model)
     if labels is not None:
         metadata[LABELS_KEY] = labels

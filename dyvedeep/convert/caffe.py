@@ -19,8 +19,9 @@ from google.protobuf.message import DecodeError
 
 from .. import caffe_pb2
 from ..errors import DyveError
+from ..metadata_keys import SOURCE_KEY
 from .onnx_graph import (
-    INPUT_NAME, SOURCE_KEY, ConvertedModel, GraphBuilder, Shape, source_metadata,
+    INPUT_NAME, ConvertedModel, GraphBuilder, Shape, source_metadata,
 )
 from .pooling import caffe_pool_axis, emit_caffe_average_pool, emit_max_pool
 
@@ -203,11 +204,16 @@ class WeightSource(Protocol):
 
 def fit_blob(array: np.ndarray, expected: Shape, any_shape: bool) -> np.ndarray | None:
     """``array`` reshaped to ``expected`` if its shape agrees (leading 1s of legacy 4-D blobs
-    ignored; with ``any_shape`` any shape of the right size), else None."""
+    ignored), else None. With ``any_shape`` the trailing dimensions may be any of the right size
+    (an InnerProduct's (out, C, H, W)), but the first must be ``expected``'s: a transposed
+    (in, out) blob of the right size is refused."""
     shape = array.shape
     while len(shape) > len(expected) and shape[0] == 1:
         shape = shape[1:]
-    if tuple(shape) == tuple(expected) or (any_shape and array.size == math.prod(expected)):
+    if tuple(shape) == tuple(expected):
+        return array.reshape(expected)
+    if any_shape and array.size == math.prod(expected) and (
+            len(expected) == 1 or (len(shape) >= 2 and shape[0] == expected[0])):
         return array.reshape(expected)
     return None
 
@@ -605,7 +611,25 @@ def net_to_graph(
         raise DyveError(f"{prototxt}: the net declares no input (Input layer or input/input_dim)")
     if ctx.last_output is None or ctx.last_output == ctx.input_name:
         raise DyveError(f"{prototxt}: the net computes nothing")
+    check_in_place_tops(net_layers(net), prototxt)
     return ctx.graph, ctx.last_output
+
+
+IN_PLACE_TYPES = ("ReLU", "Dropout")
+
+
+def check_in_place_tops(layers: list[LayerParameter], prototxt: Path) -> None:
+    """Refuse an element-wise layer (run in place by convention) whose top is read by no later
+    layer while its bottom is: a renamed in-place top (one changed byte) would otherwise drop
+    the layer and silently rewire the net around it."""
+    for i, layer in enumerate(layers):
+        if layer.type not in IN_PLACE_TYPES or len(layer.top) != 1 or len(layer.bottom) != 1:
+            continue
+        top, bottom = layer.top[0], layer.bottom[0]
+        later = [b for other in layers[i + 1:] for b in other.bottom]
+        if top != bottom and top not in later and bottom in later:
+            raise DyveError(f"{prototxt}: layer '{layer.name}' (type {layer.type}): its top '{top}' is "
+                            f"read by no later layer while its bottom '{bottom}' is (a renamed in-place top?)")
 
 
 def caffe_model(net: caffe_pb2.NetParameter, weights: WeightSource, prototxt: Path,

@@ -19,7 +19,8 @@ import numpy as np
 from .. import caffe_pb2
 from ..errors import DyveError
 from .caffe import caffe_model, fit_blob, read_prototxt, weight_layers
-from .onnx_graph import NONZERO_KEY, ConvertedModel, Shape
+from ..metadata_keys import NONZERO_KEY
+from .onnx_graph import ConvertedModel, Shape
 
 
 @dataclass

@@ -19,8 +19,6 @@ OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17; readable by older runtimes too
 INPUT_NAME = "data"
 BATCH_DIM = "N"
-SOURCE_KEY = "dyvedeep.source"
-NONZERO_KEY = "dyvedeep.nonzero_weights"
 
 Shape = tuple[int, ...]  # a tensor's shape without the batch dimension
 
@@ -154,11 +152,6 @@ def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
     model.metadata_props.extend(kept)
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
-
-
-def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    """All metadata_props of ``model`` as a dict."""
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def source_metadata(fmt: str, files: Sequence[Path]) -> str:

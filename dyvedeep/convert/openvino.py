@@ -20,7 +20,8 @@ from typing import Callable, Union
 import numpy as np
 
 from ..errors import DyveError
-from .onnx_graph import INPUT_NAME, SOURCE_KEY, ConvertedModel, GraphBuilder, Shape, source_metadata
+from ..metadata_keys import SOURCE_KEY
+from .onnx_graph import INPUT_NAME, ConvertedModel, GraphBuilder, Shape, source_metadata
 from .pooling import PoolAxis, emit_max_pool
 
 # IR element types -> numpy dtypes.
@@ -61,7 +62,10 @@ class IrLayer:
             if default is None:
                 raise KeyError(key)
             return list(default)
-        return [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+        try:
+            return [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise ValueError(f"attribute {key}={text!r} is not a comma-separated list of integers") from None
 
     @property
     def caffe_name(self) -> str:
@@ -137,11 +141,49 @@ def converts(*layer_types: str) -> Callable[[IrConverter], IrConverter]:
 # --------------------------------------------------------------------------- reading the IR
 
 
-def parse_port(element: ET.Element) -> IrPort:
-    """An IR ``<port>`` element."""
+MAX_DIM = 1 << 31  # a dimension or id beyond this is a broken file, not a model
+
+
+def int_field(xml_path: Path, where: str, name: str, text: str | None, low: int = 0) -> int:
+    """The integer ``text`` of field ``name`` of ``where``; one line naming all three otherwise."""
+    if text is None:
+        raise DyveError(f"{xml_path}: {where}: {name} is missing")
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise DyveError(f"{xml_path}: {where}: {name} {text[:40]!r} is not an integer") from None
+    if not low <= value < MAX_DIM:
+        raise DyveError(f"{xml_path}: {where}: {name} {value} is out of range [{low}, {MAX_DIM})")
+    return value
+
+
+# The integer (list) attributes of <data> the converters read, and their lowest valid value.
+INT_DATA_FIELDS = {"strides": 1, "dilations": 1, "kernel": 1, "pads_begin": 0, "pads_end": 0, "shape": 0,
+                   "offset": 0, "size": 0, "axis": -8}
+
+
+def check_data_fields(xml_path: Path, where: str, data: dict[str, str]) -> None:
+    """Every integer attribute of a layer's <data> parsed once here, so that the converters
+    read only well-formed values; one line naming the layer and the field otherwise."""
+    for key, low in INT_DATA_FIELDS.items():
+        text = data.get(key)
+        if text is None:
+            continue
+        items = [v for v in text.replace(" ", "").split(",")]
+        if key in ("strides", "dilations", "kernel") and items == [""]:
+            raise DyveError(f"{xml_path}: {where}: {key} is empty")
+        for item in items:
+            if item != "" or key not in ("shape", "pads_begin", "pads_end"):
+                int_field(xml_path, where, key, item, low)
+
+
+def parse_port(element: ET.Element, xml_path: Path, where: str) -> IrPort:
+    """An IR ``<port>`` element (its id and dims checked)."""
     names = [n.strip() for n in element.get("names", "").split(",") if n.strip()]
-    dims = tuple(int(d.text or 0) for d in element.findall("dim"))
-    return IrPort(int(element.get("id", 0)), dims, names)
+    port_id = int_field(xml_path, where, "port id", element.get("id", "0"))
+    dims = tuple(int_field(xml_path, f"{where}, port {port_id}", "dim", d.text or "")
+                 for d in element.findall("dim"))
+    return IrPort(port_id, dims, names)
 
 
 def read_ir(xml_path: Path) -> tuple[str, list[IrLayer], list[tuple[int, int, int, int]]]:
@@ -158,17 +200,22 @@ def read_ir(xml_path: Path) -> tuple[str, list[IrLayer], list[tuple[int, int, in
     layers = []
     for element in root.iterfind("layers/layer"):
         data = element.find("data")
+        where = f"layer '{element.get('name', '')}'"
+        check_data_fields(xml_path, where, dict(data.attrib) if data is not None else {})
         layers.append(IrLayer(
-            id=int(element.get("id", -1)),
+            id=int_field(xml_path, where, "id", element.get("id")),
             name=element.get("name", ""),
             type=element.get("type", ""),
             data=dict(data.attrib) if data is not None else {},
-            inputs=[parse_port(p) for p in element.iterfind("input/port")],
-            outputs=[parse_port(p) for p in element.iterfind("output/port")],
+            inputs=[parse_port(p, xml_path, where) for p in element.iterfind("input/port")],
+            outputs=[parse_port(p, xml_path, where) for p in element.iterfind("output/port")],
         ))
+    if len({layer.id for layer in layers}) != len(layers):
+        raise DyveError(f"{xml_path}: two layers have the same id")
     edges = [
-        (int(e.get("from-layer")), int(e.get("from-port")), int(e.get("to-layer")), int(e.get("to-port")))
-        for e in root.iterfind("edges/edge")
+        tuple(int_field(xml_path, f"edge {i}", key, e.get(key))
+              for key in ("from-layer", "from-port", "to-layer", "to-port"))
+        for i, e in enumerate(root.iterfind("edges/edge"))
     ]
     return root.get("name") or Path(xml_path).stem, layers, edges
 
@@ -522,7 +569,12 @@ def convert_openvino(xml_path: Path, bin_path: Path | None = None) -> ConvertedM
             if isinstance(value, Tensor) and port.dims and tuple(port.dims[1:]) != ctx.graph.shape(value.name):
                 raise ctx.fail(layer, f"input port {port.id} declares {list(port.dims[1:])} per sample, "
                                       f"the tensor it reads has {list(ctx.graph.shape(value.name))}")
-        outputs = converter(layer, inputs, ctx)
+        try:
+            outputs = converter(layer, inputs, ctx)
+        except KeyError as err:  # a required <data> attribute
+            raise ctx.fail(layer, f"attribute {err.args[0]} is missing") from None
+        except (ValueError, IndexError, ZeroDivisionError, OverflowError) as err:  # a malformed one
+            raise ctx.fail(layer, str(err).splitlines()[0] if str(err) else type(err).__name__) from None
         for port, value in zip(layer.outputs, outputs):
             values[(layer.id, port.id)] = value
             if isinstance(value, Tensor) and value.name:

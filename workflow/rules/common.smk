@@ -9,6 +9,9 @@ from urllib.parse import urlparse
 
 from snakemake.exceptions import WorkflowError
 
+from dyvedeep.datasets import parse_spec, spec_source
+from dyvedeep.errors import DyveError
+
 # The project's root (where the Snakefile is): files that ship with the workflow.
 REPO = Path(workflow.basedir)
 PAPER_RESULTS = str(REPO / "reports" / "paper_results.yaml")
@@ -142,18 +145,18 @@ def data_spec(bench, split):
 
 def data_key(spec):
     """The data name of a spec (cifar10, imagenet-sample, imagenet-val, ...)."""
-    return spec.split("=", 1)[0].split(":", 1)[0]
+    try:
+        return parse_spec(spec)[0]
+    except DyveError as err:
+        _config_error(str(err))
 
 
 def data_source(spec):
     """The spec without its split (imagenet-val=DIR keeps its directory)."""
-    if "=" in spec:
-        head, rest = spec.split("=", 1)
-        for split in (":all", ":calib", ":test"):
-            if rest.endswith(split):
-                rest = rest[: -len(split)]
-        return f"{head}={rest}"
-    return spec.split(":", 1)[0]
+    try:
+        return spec_source(spec)
+    except DyveError as err:
+        _config_error(str(err))
 
 
 DATA_SOURCES = {}

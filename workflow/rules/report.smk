@@ -43,8 +43,8 @@ rule dump_config:
 # The report's front page (tables and plots inlined), included by workflow/report/workflow.rst.
 rule report_front:
     input:
-        summary="results/tables/summary.html",
-        paper="results/tables/paper_comparison.html",
+        summary="results/tables/summary.fragment.html",
+        paper="results/tables/paper_comparison.fragment.html",
         paper_plot="results/plots/paper_vs_ours.png",
         op_reduction="results/plots/op_reduction.png",
         tradeoff="results/plots/tradeoff.png",

@@ -50,6 +50,8 @@ rule tables:
             labels={"table": "paper vs ours"},
         ),
         paper_csv="results/tables/paper_comparison.csv",
+        summary_fragment="results/tables/summary.fragment.html",
+        paper_fragment="results/tables/paper_comparison.fragment.html",
     params:
         plan=lambda wildcards: result_plan(),
         platforms=platform_table(),

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import last_error_line, read_json, say, start_log, write_json  # noqa: E402
+from _common import last_error_line, read_json, say, start_log  # noqa: E402
+from dyvedeep.io_utils import write_json_atomic  # noqa: E402
 
 start_log(snakemake)  # noqa: F821
 sm = snakemake  # noqa: F821
@@ -55,4 +56,4 @@ if reasons:
     say(f"dyvedeep: benchmark {bench} missing: {status['reason']}")
 else:
     print(f"benchmark {bench}: {len(files)} files ok")
-write_json(sm.output.status, status)
+write_json_atomic(sm.output.status, status)

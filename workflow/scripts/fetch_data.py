@@ -4,7 +4,8 @@ Never fails: a data set that cannot be had makes the benchmarks that need it "mi
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821 (snakemake is injected)
-from _common import say, start_log, write_json  # noqa: E402
+from _common import say, start_log  # noqa: E402
+from dyvedeep.io_utils import write_json_atomic  # noqa: E402
 
 start_log(snakemake)  # noqa: F821
 source = snakemake.params.source  # noqa: F821
@@ -55,4 +56,4 @@ except (DyveError, LookupError, OSError) as err:
     reason = " ".join(str(err).split())
     status = {"status": "missing", "reason": f"data {label}: {reason}", "data": source}
     say(f"dyvedeep: data {label} missing: {reason}")
-write_json(out, status)
+write_json_atomic(out, status)

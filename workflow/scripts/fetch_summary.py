@@ -3,7 +3,8 @@ which benchmarks go on)."""
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import read_json, start_log, write_json  # noqa: E402
+from _common import read_json, start_log  # noqa: E402
+from dyvedeep.io_utils import write_json_atomic  # noqa: E402
 
 start_log(snakemake)  # noqa: F821
 summary = {}
@@ -11,4 +12,4 @@ for bench, path in zip(snakemake.params.benchmarks, snakemake.input):  # noqa: F
     st = read_json(path)
     summary[bench] = {"status": st["status"], "reason": st.get("reason", "")}
     print(f"{bench}: {st['status']} {st.get('reason', '')}".rstrip())
-write_json(snakemake.output[0], summary)  # noqa: F821
+write_json_atomic(snakemake.output[0], summary)  # noqa: F821

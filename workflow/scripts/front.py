@@ -1,32 +1,23 @@
 """The front page of the report: the paper-vs-ours table, the summary table (with what is
 missing) and the plots, as one HTML fragment with the images inlined. The report's workflow
-description (workflow/report/workflow.rst) includes it, so the report opens on the results."""
+description (workflow/report/workflow.rst) includes it, so the report opens on the results. The
+tables come as fragments written by the tables rule (no HTML is parsed here)."""
 import base64
 import html
-import re
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import start_log, write_text  # noqa: E402
+from _common import start_log  # noqa: E402
+from dyvedeep.io_utils import write_text_atomic  # noqa: E402
 
 sm = snakemake  # noqa: F821
 start_log(sm)
 
 
-def body_of(path):
+def included(path):
+    """A fragment the tables rule wrote for this page, as it is."""
     with open(path, encoding="utf-8") as f:
-        text = f.read()
-    match = re.search(r"<body>(.*)</body>", text, re.S)
-    inner = match.group(1) if match else text
-    return re.sub(r"<h2>.*?</h2>", "", inner, count=1, flags=re.S)
-
-
-def style_of(path):
-    with open(path, encoding="utf-8") as f:
-        match = re.search(r"<style>(.*?)</style>", f.read(), re.S)
-    # the page's body rule would restyle the whole report: keep the table rules only
-    rules = match.group(1) if match else ""
-    return "\n".join(ln for ln in rules.splitlines() if not ln.strip().startswith("body"))
+        return f.read()
 
 
 def image(path, alt):
@@ -37,13 +28,12 @@ def image(path, alt):
 
 
 parts = [
-    f"<style>{style_of(sm.input.summary)}</style>",
     '<div class="dyve-front">',
     "<h3>The paper's results beside ours</h3>",
-    '<div style="overflow-x:auto">', body_of(sm.input.paper), "</div>",
+    '<div style="overflow-x:auto">', included(sm.input.paper), "</div>",
     image(sm.input.paper_plot, "The paper's ranges (bars) and our benchmarks (points)"),
     "<h3>Summary</h3>",
-    '<div style="overflow-x:auto">', body_of(sm.input.summary), "</div>",
+    '<div style="overflow-x:auto">', included(sm.input.summary), "</div>",
     "<h3>Plots</h3>",
     image(sm.input.op_reduction, "Ops removed per benchmark, by knob"),
     image(sm.input.tradeoff, "Calibration: accuracy loss against ops"),
@@ -51,4 +41,4 @@ parts = [
     image(sm.input.layer_ops, "Ops per image of each layer"),
     "</div>",
 ]
-write_text(sm.output[0], "\n".join(parts) + "\n")
+write_text_atomic(sm.output[0], "\n".join(parts) + "\n")

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import last_error_line, read_json, say, write_json  # noqa: E402
+from _common import last_error_line, read_json, say  # noqa: E402
+from dyvedeep.io_utils import write_json_atomic  # noqa: E402
 
 sm = snakemake  # noqa: F821
 mode = sm.params.mode
@@ -29,7 +30,7 @@ class Failed(Exception):
 
 def missing(reason):
     say(f"dyvedeep: {what} missing: {reason}")
-    write_json(out, {"status": "missing", "reason": reason, "platform": platform})
+    write_json_atomic(out, {"status": "missing", "reason": reason, "platform": platform})
 
 
 def run():
@@ -56,7 +57,7 @@ def run():
     if proc.returncode != 0:
         raise Failed(last_error_line(proc.stdout))
     if mode == "setup":
-        write_json(out, {"status": "ok", "reason": "", "platform": platform,
+        write_json_atomic(out, {"status": "ok", "reason": "", "platform": platform,
                          "output": proc.stdout.strip().splitlines()[-20:]})
     print(f"{what}: ok", file=log, flush=True)
 

@@ -5,7 +5,9 @@
 - layers.csv: benchmark, layer, knob, ops_dense, ops_dyvedeep (per image, host evaluation);
 - missing.csv: benchmark, platform, threads, stage, reason of everything that is missing;
 - paper_comparison.csv/.html: the paper's reported ranges beside ours;
-- HTML versions of summary and layers.
+- HTML versions of summary and layers;
+- summary.fragment.html, paper_comparison.fragment.html: the same tables as HTML fragments that
+  the report's front page includes.
 """
 
 import html
@@ -16,7 +18,8 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import platform_label, read_json, start_log, write_text  # noqa: E402
+from _common import platform_label, read_json, start_log  # noqa: E402
+from dyvedeep.io_utils import write_text_atomic  # noqa: E402
 
 SUMMARY_COLUMNS = [
     "benchmark", "platform", "emulated", "threads", "n_test",
@@ -155,9 +158,9 @@ def compare(summary: pd.DataFrame, paper: dict, platforms: dict) -> pd.DataFrame
 
 
 # --- HTML ------------------------------------------------------------------------------------
-STYLE = """
+# The tables' rules, shared by the pages and the fragments the report's front page includes.
+TABLE_STYLE = """
 <style>
- body { font-family: system-ui, sans-serif; margin: 1em; }
  table.dyve { border-collapse: collapse; font-size: 0.85em; }
  table.dyve th, table.dyve td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
  table.dyve th { background: #f0f0f0; }
@@ -216,9 +219,19 @@ def summary_display(summary: pd.DataFrame, platforms: dict) -> pd.DataFrame:
     return df.drop(columns=["emulated"])
 
 
+PAGE_STYLE = "<style>body { font-family: system-ui, sans-serif; margin: 1em; }</style>"
+
+
 def page(title: str, body: str) -> str:
+    """A stand-alone HTML page of one table."""
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"{STYLE}</head><body><h2>{html.escape(title)}</h2>{body}</body></html>\n")
+            f"{PAGE_STYLE}{TABLE_STYLE}</head><body><h2>{html.escape(title)}</h2>{body}</body></html>\n")
+
+
+def fragment(body: str) -> str:
+    """One table as an HTML fragment (its style rules scoped to the tables) that the report's
+    front page includes as it is."""
+    return f"{TABLE_STYLE.strip()}\n{body}\n"
 
 
 def main(sm) -> None:
@@ -236,8 +249,9 @@ def main(sm) -> None:
               "interval), ops per image (a multiply and an add count 2), latencies in ms per "
               "image (median, batch 1). Times of an emulated board are not the board's.</p>"
             + "<h3>Missing</h3>" + missing_list(missing, platforms))
-    write_text(sm.output.summary_html, page("DyVEDeep summary", body))
-    write_text(sm.output.layers_html, page("Ops per layer and knob", html_table(layers)))
+    write_text_atomic(sm.output.summary_html, page("DyVEDeep summary", body))
+    write_text_atomic(sm.output.summary_fragment, fragment(body))
+    write_text_atomic(sm.output.layers_html, page("Ops per layer and knob", html_table(layers)))
 
     with open(sm.input.paper, encoding="utf-8") as f:
         paper = yaml.safe_load(f)
@@ -250,7 +264,8 @@ def main(sm) -> None:
             + f"<p class='note'>Paper: {html.escape(' '.join(paper['source'].split()))}; "
               f"benchmarks: {html.escape(', '.join(paper['benchmarks']))}; baseline: "
               f"{html.escape(paper.get('baseline', ''))}.</p>")
-    write_text(sm.output.paper, page("The paper's results beside ours", body))
+    write_text_atomic(sm.output.paper, page("The paper's results beside ours", body))
+    write_text_atomic(sm.output.paper_fragment, fragment(body))
 
 
 main(snakemake)  # noqa: F821
