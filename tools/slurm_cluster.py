@@ -200,6 +200,8 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort={ports['slurmdbd']}
 # the munge socket the clients use to reach slurmdbd
 AccountingStoragePass={paths.munge_socket}
+# sacct shows each job's comment (the executor plugin writes the rule there)
+AccountingStoreFlags=job_comment
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill

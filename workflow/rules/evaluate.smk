@@ -8,7 +8,8 @@
 
 if config["eval_shard_size"]:
 
-    # The shards of the test split: its size is known once the data can be opened.
+    # The shards of the test split: its size is known once the data can be opened (quick: it
+    # runs where Snakemake runs, not as a cluster job).
     checkpoint eval_ranges:
         input:
             model="results/models/{bench}.onnx",
@@ -23,6 +24,7 @@ if config["eval_shard_size"]:
             "logs/evaluate/{bench}/ranges.log",
         resources:
             cpu_lock=1,
+        localrule: True
         conda:
             CONDA_ENV
         script:
