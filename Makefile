@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KERNELS := $(wildcard dyvedeep/*.pyx dyvedeep/*.pxd dyvedeep/*.h dyvedeep/kernels/*.h) setup.py
 CORES ?= 32
 
-.PHONY: setup build test test-fast test-avx2 fma-spills check-neon test-pi all lint clean proto bench
+.PHONY: setup build test test-fast test-avx2 fma-spills check-neon test-pi test-slurm all lint clean proto bench
 
 setup: $(STAMP) build
 
@@ -59,6 +59,12 @@ check-neon: build
 # The Pi path on an emulated aarch64 board (root; first build 5-20 min, then cached in .pi/).
 test-pi: setup pi-build
 	$(BIN)/python -m pytest -q tests/pi
+
+# The Slurm profile against a real one-node Slurm on this machine (root; tools/slurm_cluster.py
+# installs munge, slurmctld, slurmd, slurmdbd and MariaDB with apt-get, then starts and stops
+# them by PID; a few minutes).
+test-slurm: setup
+	$(BIN)/python -m pytest -q tests/slurm
 
 # The emulated Raspberry Pi (tools/pi_emulator.py): build caches its root filesystem in .pi/,
 # start prints (and writes .pi/board.json) host, port, user and key; stop ends it by its PID.

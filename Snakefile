@@ -27,6 +27,7 @@ include: "workflow/rules/remote.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/plots.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/failures.smk"
 
 
 rule all:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .cli_support import (Progress, add_data_arguments, load_plan, onnxruntime_outputs, onnxruntime_session,
                           open_dataset, platform_info)
-from .engine import Engine
+from .engine import COUNTER_FIELDS, Engine, OpCounter
 from .errors import DyveError
 from .io_utils import write_json_atomic
 from .knobs import KNOB_NAMES, KnobConfig, load_knobs
@@ -56,18 +56,19 @@ def paired_bootstrap(dense_ok: np.ndarray, knob_ok: np.ndarray, rounds: int = 20
     return float(np.percentile(losses, 2.5)), float(np.percentile(losses, 97.5))
 
 
-def layer_breakdown(plan: Plan, engine: Engine, n: int) -> list[dict[str, Any]]:
+def layer_breakdown(plan: Plan, knobs: KnobConfig | None, counter: OpCounter, n: int) -> list[dict[str, Any]]:
     """Per layer: dense and DyVEDeep ops per image (knob 'all'), and per enabled knob the ops
-    the layer would cost with only that knob's savings and overhead."""
+    the layer would cost with only that knob's savings and overhead (``counter``: totals over
+    ``n`` images)."""
     rows = []
-    c = engine.counter
+    c = counter
     for layer in plan.layers:
         if layer.dense_ops == 0:
             continue
         ops = c.get(layer.name, "ops") / n
         rows.append({"layer": layer.name, "knob": "all", "ops_dense": layer.dense_ops, "ops_dyvedeep": ops})
         for knob in KNOB_NAMES:
-            if engine.knobs.get(layer.name, knob) is None:
+            if knobs is None or knobs.get(layer.name, knob) is None:
                 continue
             saved = c.get(layer.name, f"saved_{knob}") / n
             overhead = c.get(layer.name, f"overhead_{knob}") / n
@@ -148,56 +149,202 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- eval
+# An evaluation keeps its per-image results (each image's label and top-5 classes, dense and
+# DyVEDeep) and its exact op counts (integer totals per layer and counter field); the summary
+# (top-1, ops per image, the bootstrap interval, ...) is computed from them. Results of image
+# ranges evaluated apart (shards) merge into the results of the whole split, so a sharded
+# evaluation gives the same summary, bit for bit, as one run.
+
+#: The format tag of a per-image results file (``dyvedeep eval --per-image``).
+PER_IMAGE_FORMAT = "dyvedeep-eval-images/1"
+#: Classes kept per image: enough for top-1 and top-5.
+TOP_CLASSES = 5
 
 
-def evaluate(plan: Plan, dataset, knobs: KnobConfig | None, threads: int = 1) -> dict[str, Any]:
-    """Accuracy and op counts, dense and with ``knobs``, on every image of ``dataset``."""
-    labels = np.asarray(dataset.labels)
+def image_ranges(total: int, size: int) -> list[tuple[int, int]]:
+    """The shards of ``total`` images: [start, stop) ranges of ``size`` images (the last one
+    shorter), in order; one empty range for an empty split."""
+    if size < 1:
+        raise DyveError(f"the shard size must be >= 1, not {size}")
+    return [(a, min(a + size, total)) for a in range(0, total, size)] or [(0, 0)]
+
+
+def parse_image_range(text: str, total: int) -> tuple[int, int]:
+    """``START:STOP`` (STOP may be left out: to the end) checked against ``total`` images."""
+    head, sep, tail = text.partition(":")
+    try:
+        start = int(head) if head else 0
+        stop = int(tail) if tail else total
+    except ValueError:
+        raise DyveError(f"--images {text}: expected START:STOP (image indices)") from None
+    if not sep or not 0 <= start <= stop <= total:
+        raise DyveError(f"--images {text}: not a range START:STOP within the {total} images of the data")
+    return start, stop
+
+
+def run_range(engine: Engine, dataset, start: int, stop: int, label: str, batch_size: int = 64) -> np.ndarray:
+    """Outputs of ``engine`` on images ``start:stop`` of ``dataset``; the whole dataset goes
+    through its batches (which fill the preprocessed cache), a part is read image range by range."""
+    if (start, stop) == (0, len(dataset)):
+        return run_engine(engine, dataset, label, batch_size)
+    outputs = []
+    progress = Progress(label, stop - start)
+    for a in range(start, stop, batch_size):
+        outputs.append(engine.run(dataset.images(a, min(a + batch_size, stop))))
+        progress.update(min(a + batch_size, stop) - start)
+    return np.concatenate(outputs) if outputs else np.zeros((0,) + tuple(engine.plan.output_shape), np.float32)
+
+
+def knob_key(knobs: KnobConfig | None) -> str | None:
+    """The knob settings as canonical JSON text (how per-image results name their knobs)."""
+    import json
+
+    return json.dumps(knobs.to_dict(), sort_keys=True) if knobs is not None else None
+
+
+def _classes(outputs: np.ndarray) -> dict[str, list]:
+    """Per image: the index of the highest score and the TOP_CLASSES best (ties by index)."""
+    flat = outputs.reshape(len(outputs), -1)
+    order = np.argsort(-flat, axis=1, kind="stable")[:, :TOP_CLASSES]
+    return {"argmax": flat.argmax(1).tolist(), "top": order.tolist()}
+
+
+def eval_images(plan: Plan, dataset, knobs: KnobConfig | None, threads: int = 1,
+                start: int = 0, stop: int | None = None) -> dict[str, Any]:
+    """Per-image results and op counts, dense and with ``knobs``, of images ``start:stop``."""
+    total = len(dataset)
+    stop = total if stop is None else stop
     dense = Engine(plan, threads=threads)
-    out_dense = run_engine(dense, dataset, "eval dense")
+    out_dense = run_range(dense, dataset, start, stop, "eval dense")
     if knobs is not None and knobs.layers:
         dyve = Engine(plan, knobs, threads=threads)
-        out_dyve = run_engine(dyve, dataset, "eval dyvedeep")
+        out_dyve = run_range(dyve, dataset, start, stop, "eval dyvedeep")
     else:
         dyve, out_dyve = dense, out_dense
+    return {
+        "format": PER_IMAGE_FORMAT,
+        "model": str(plan.path),
+        "data": getattr(dataset, "name", "") + (":" + dataset.split if getattr(dataset, "split", "") else ""),
+        "knobs": knob_key(knobs),
+        "total": total,
+        "range": [start, stop],
+        "label": np.asarray(dataset.labels[start:stop], dtype=np.int64).tolist(),
+        "dense": _classes(out_dense),
+        "dyvedeep": _classes(out_dyve),
+        "counts": {"layers": dense.counter.layer_names, "fields": list(COUNTER_FIELDS),
+                   "dense": dense.counter.table.tolist(), "dyvedeep": dyve.counter.table.tolist()},
+    }
+
+
+def read_per_image(path: Path) -> dict[str, Any]:
+    """A per-image results file; one clear error for a missing, partial or foreign file."""
+    import json
+
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DyveError(f"{path}: no such per-image results file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DyveError(f"{path}: not a complete per-image results file ({str(err).splitlines()[0]})") from None
+    if not isinstance(record, dict) or record.get("format") != PER_IMAGE_FORMAT:
+        raise DyveError(f"{path}: not a per-image results file of `dyvedeep eval --per-image` ({PER_IMAGE_FORMAT})")
+    return record
+
+
+def merge_images(parts: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+    """The per-image results of the whole split from those of its shards (any order): the
+    shards must be of one model, data and knob file and cover every image exactly once."""
+    if not parts:
+        raise DyveError("no per-image results to merge")
+    names = names or [f"part {i}" for i in range(len(parts))]
+    first = parts[0]
+    same = ("model", "data", "knobs", "total")
+    for part, name in zip(parts, names):
+        for key in same:
+            if part[key] != first[key]:
+                raise DyveError(f"{name}: {key} {part[key]!r} differs from {names[0]}'s {first[key]!r}")
+        if part["counts"]["layers"] != first["counts"]["layers"] or part["counts"]["fields"] != first["counts"]["fields"]:
+            raise DyveError(f"{name}: its op counts have other layers or fields than {names[0]}'s")
+    order = sorted(range(len(parts)), key=lambda i: parts[i]["range"][0])
+    expected = 0
+    for i in order:
+        start, stop = parts[i]["range"]
+        if start != expected:
+            what = "overlaps the shard before it" if start < expected else f"leaves images {expected}:{start} out"
+            raise DyveError(f"{names[i]}: images {start}:{stop} {what}")
+        if len(parts[i]["label"]) != stop - start:
+            raise DyveError(f"{names[i]}: {len(parts[i]['label'])} results for images {start}:{stop}")
+        expected = stop
+    if expected != first["total"]:
+        raise DyveError(f"the shards cover images 0:{expected} of {first['total']}")
+    merged = {key: first[key] for key in ("format", *same)}
+    merged["range"] = [0, expected]
+    merged["label"] = [y for i in order for y in parts[i]["label"]]
+    for engine in ("dense", "dyvedeep"):
+        merged[engine] = {key: [v for i in order for v in parts[i][engine][key]] for key in ("argmax", "top")}
+    tables = {e: np.sum([np.asarray(parts[i]["counts"][e], dtype=np.int64) for i in order], axis=0)
+              for e in ("dense", "dyvedeep")}
+    merged["counts"] = {**{k: first["counts"][k] for k in ("layers", "fields")},
+                        **{e: t.tolist() for e, t in tables.items()}}
+    return merged
+
+
+def _counter(counts: dict[str, Any], engine: str) -> OpCounter:
+    """An OpCounter holding the totals of ``counts[engine]``."""
+    if counts["fields"] != list(COUNTER_FIELDS):
+        raise DyveError(f"op counts of fields {counts['fields']} (this dyvedeep counts {list(COUNTER_FIELDS)})")
+    counter = OpCounter(counts["layers"])
+    for index, row in enumerate(counts[engine]):
+        counter.add(index, dict(zip(COUNTER_FIELDS, (int(v) for v in row))))
+    return counter
+
+
+def summarize(plan: Plan, knobs: KnobConfig | None, images: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy and op counts of per-image results (:func:`eval_images`, :func:`merge_images`)."""
+    labels = np.asarray(images["label"], dtype=np.int64)
     n = len(labels)
-    flat_d, flat_k = out_dense.reshape(n, -1), out_dyve.reshape(n, -1)
-    ok_dense, ok_dyve = topk_correct(flat_d, labels, 1), topk_correct(flat_k, labels, 1)
+    top_d = np.asarray(images["dense"]["top"], dtype=np.int64).reshape(n, -1)
+    top_k = np.asarray(images["dyvedeep"]["top"], dtype=np.int64).reshape(n, -1)
+    ok_dense, ok_dyve = top_d[:, 0] == labels, top_k[:, 0] == labels
+    top5_dense, top5_dyve = (top_d == labels[:, None]).any(1), (top_k == labels[:, None]).any(1)
+    agree = np.asarray(images["dense"]["argmax"]) == np.asarray(images["dyvedeep"]["argmax"])
     low, high = paired_bootstrap(ok_dense, ok_dyve)
+    dense, dyve = _counter(images["counts"], "dense"), _counter(images["counts"], "dyvedeep")
     nn = max(n, 1)
-    ops_dense = dense.counter.total("ops") / nn
-    ops_dyve = dyve.counter.total("ops") / nn
+    ops_dense = dense.total("ops") / nn
+    ops_dyve = dyve.total("ops") / nn
     nonzero = plan.nonzero_ops if NONZERO_KEY in plan.metadata else None
     return {
         "model": str(plan.path),
-        "data": getattr(dataset, "name", "") + (":" + dataset.split if getattr(dataset, "split", "") else ""),
+        "data": images["data"],
         "n": n,
         "top1_dense": float(ok_dense.mean() * 100) if n else 0.0,
-        "top5_dense": float(topk_correct(flat_d, labels, 5).mean() * 100) if n else 0.0,
+        "top5_dense": float(top5_dense.mean() * 100) if n else 0.0,
         "top1_dyvedeep": float(ok_dyve.mean() * 100) if n else 0.0,
-        "top5_dyvedeep": float(topk_correct(flat_k, labels, 5).mean() * 100) if n else 0.0,
+        "top5_dyvedeep": float(top5_dyve.mean() * 100) if n else 0.0,
         "top1_loss_pt": float((ok_dense.mean() - ok_dyve.mean()) * 100) if n else 0.0,
         "loss_ci_low": low,
         "loss_ci_high": high,
-        "top1_agreement": float((flat_d.argmax(1) == flat_k.argmax(1)).mean() * 100) if n else 100.0,
+        "top1_agreement": float(agree.mean() * 100) if n else 100.0,
         "ops_dense": ops_dense,
         "ops_dyvedeep": ops_dyve,
-        "macs_dense": dense.counter.total("macs") / nn,
-        "macs_dyvedeep": dyve.counter.total("macs") / nn,
+        "macs_dense": dense.total("macs") / nn,
+        "macs_dyvedeep": dyve.total("macs") / nn,
         "ops_reduction": ops_dense / ops_dyve if ops_dyve else 1.0,
         "nonzero_ops_dense": nonzero,
-        "knob_ops": {k: {"saved": dyve.counter.total(f"saved_{k}") / nn,
-                         "overhead": dyve.counter.total(f"overhead_{k}") / nn} for k in KNOB_NAMES},
-        "layers": layer_breakdown(plan, dyve, nn),
+        "knob_ops": {k: {"saved": dyve.total(f"saved_{k}") / nn,
+                         "overhead": dyve.total(f"overhead_{k}") / nn} for k in KNOB_NAMES},
+        "layers": layer_breakdown(plan, knobs if knobs is not None and knobs.layers else None, dyve, nn),
         "platform": platform_info(),
     }
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    plan = load_plan(args.model)
-    knobs = load_knobs(args.knobs, plan) if args.knobs else None
-    dataset = open_dataset(plan, args.data, args.limit, args.mirror)
-    result = evaluate(plan, dataset, knobs, args.threads)
+def evaluate(plan: Plan, dataset, knobs: KnobConfig | None, threads: int = 1) -> dict[str, Any]:
+    """Accuracy and op counts, dense and with ``knobs``, on every image of ``dataset``."""
+    return summarize(plan, knobs, eval_images(plan, dataset, knobs, threads))
+
+
+def print_summary(result: dict[str, Any]) -> None:
     print(f"n: {result['n']}")
     print(f"top-1: {result['top1_dense']:.2f} % dense, {result['top1_dyvedeep']:.2f} % DyVEDeep "
           f"(loss {result['top1_loss_pt']:+.2f} pt, 95 % CI [{result['loss_ci_low']:+.2f}, {result['loss_ci_high']:+.2f}])")
@@ -207,13 +354,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"({result['ops_reduction']:.2f}x fewer)")
     if result["nonzero_ops_dense"] is not None:
         print(f"scalar ops per image on non-zero weights (dense): {result['nonzero_ops_dense']:.4g}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    plan = load_plan(args.model)
+    knobs = load_knobs(args.knobs, plan) if args.knobs else None
+    dataset = open_dataset(plan, args.data, args.limit, args.mirror)
+    start, stop = parse_image_range(args.images, len(dataset)) if args.images else (0, len(dataset))
+    images = eval_images(plan, dataset, knobs, args.threads, start, stop)
+    result = summarize(plan, knobs, images)
+    if (start, stop) != (0, len(dataset)):
+        print(f"images {start}:{stop} of {len(dataset)}")
+    print_summary(result)
+    if args.per_image:
+        write_json_atomic(args.per_image, images)
     if args.json:
         write_json_atomic(args.json, result)
     return 0
 
 
+def cmd_eval_merge(args: argparse.Namespace) -> int:
+    plan = load_plan(args.model)
+    knobs = load_knobs(args.knobs, plan) if args.knobs else None
+    parts = [read_per_image(p) for p in args.parts]
+    images = merge_images(parts, [str(p) for p in args.parts])
+    if images["model"] != str(plan.path):
+        raise DyveError(f"{args.parts[0]}: results of {images['model']}, not of {plan.path}")
+    if images["knobs"] != knob_key(knobs):
+        raise DyveError(f"{args.parts[0]}: results with other knobs than {args.knobs or 'none'}")
+    result = summarize(plan, knobs, images)
+    print(f"merged {len(parts)} shard(s)")
+    print_summary(result)
+    if args.per_image:
+        write_json_atomic(args.per_image, images)
+    write_json_atomic(args.json, result)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``verify`` and ``eval``."""
+    """Add ``verify``, ``eval`` and ``eval-merge``."""
     p = subparsers.add_parser("verify", help="compare the dense engine with onnxruntime image by image")
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
     add_data_arguments(p)
@@ -226,5 +405,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(p)
     p.add_argument("--knobs", type=Path, default=None, metavar="KNOBS.yaml")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--images", default=None, metavar="START:STOP",
+                   help="evaluate only images START:STOP of the data (after --limit): one shard")
+    p.add_argument("--per-image", type=Path, default=None, metavar="OUT.json",
+                   help="also write the per-image results and op counts (what eval-merge merges)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT.json")
     p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("eval-merge", help="the summary of shards' per-image results (eval --per-image)")
+    p.add_argument("model", type=Path, metavar="MODEL.onnx")
+    p.add_argument("parts", type=Path, nargs="+", metavar="SHARD.json")
+    p.add_argument("--knobs", type=Path, default=None, metavar="KNOBS.yaml")
+    p.add_argument("--per-image", type=Path, default=None, metavar="OUT.json",
+                   help="also write the merged per-image results")
+    p.add_argument("--json", type=Path, required=True, metavar="OUT.json")
+    p.set_defaults(func=cmd_eval_merge)
