@@ -310,6 +310,7 @@ def to_json(result: Headroom, data: str) -> dict[str, Any]:
         "options": {"spet_fraction": DEFAULT_OPTIONS["spet"]["fraction"],
                     "sdss_stride": DEFAULT_OPTIONS["sdss"]["stride"]},
         "ceilings": CEILING_LABELS,
+        "order": list(CEILINGS),  # the JSON's mappings are written with sorted keys
         "ops_dense": result.plan.dense_ops,
         "saved": {r["ceiling"]: r["ops_saved"] for r in net},
         "reduction": {r["ceiling"]: _finite(r["reduction"]) for r in net},
