@@ -14,6 +14,7 @@ from onnx import helper
 from dyvedeep.cli import main
 from dyvedeep.engine import Engine
 from dyvedeep.headroom import CEILINGS, activations, image_savings, measure
+from dyvedeep.knobs import KnobConfig
 from dyvedeep.plan import build_plan
 from tests.onnx_builders import conv_model, save_model
 
@@ -89,6 +90,25 @@ def test_everything_zeroed_saves_everything(tmp_path):
     assert result.saved["conv"]["zeros"] == 2 * dense
     assert result.saved["conv"]["pool"] == 2 * dense
     assert result.network()["zeros"] == math.inf
+
+
+@pytest.mark.parametrize("knobs", [("spet",), ("sdss",), ("sfma",), ("sfma", "sdss", "spet")])
+def test_oracles_count_what_the_engine_saves_when_its_knobs_fire_there(tmp_path, knobs):
+    # every output negative and one input map uniform: SPET (t = 0) stops every neuron, SDSS
+    # (t = 1e-30) fills every cell, SFMA (t = 1e-6) drops exactly the uniform map - the oracles' choices
+    path = conv_model(tmp_path / "c.onnx", np.abs(RNG.normal(0, 1, (4, 2, 3, 3))), np.full(4, -0.1), (2, 5, 5),
+                      pads=[1, 1, 1, 1])
+    plan = build_plan(path)
+    x = -np.abs(RNG.normal(1, 1, (2, 5, 5))).astype(np.float32)
+    x[1] = -0.5
+    config = KnobConfig()
+    for knob in knobs:
+        config.set("conv", knob, {"spet": 0.0, "sdss": 1e-30, "sfma": 1e-6}[knob])
+    engine = Engine(plan, config)
+    engine.run(x[None])
+    saved = sum(engine.counter.get("conv", f"saved_{k}") for k in knobs)
+    assert saved > 0
+    assert savings(path, x)["conv"][knobs[0] if len(knobs) == 1 else "knobs"] == saved
 
 
 def pool_model(tmp_path, weight, in_shape, **pool):
