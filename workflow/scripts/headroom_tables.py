@@ -3,8 +3,8 @@ that are left with the calibrated knobs (``achieved``, from `dyvedeep eval` on t
 and with each oracle ceiling of `dyvedeep headroom` (on the calibration split), and the op
 reduction dense / left of each.
 
-headroom.csv is long (one row per benchmark, scope, layer and series); headroom.html shows
-the reductions, the network first, then the layers.
+headroom.csv is long (one row per benchmark, scope, layer and series; every layer with dense
+ops); headroom.html shows the reductions, the network first, then the conv / fc layers.
 """
 
 import html
@@ -16,7 +16,7 @@ import pandas as pd
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import read_json, start_log, write_text  # noqa: E402
 
-COLUMNS = ["benchmark", "scope", "layer", "series", "label", "images", "data",
+COLUMNS = ["benchmark", "scope", "layer", "op", "series", "label", "images", "data",
            "ops_dense", "ops_left", "reduction"]
 ACHIEVED = "achieved"
 ACHIEVED_LABEL = "achieved (calibrated knobs, test split)"
@@ -34,8 +34,8 @@ def rows_of(bench: str, headroom: dict, evaluation: dict) -> list[dict]:
     labels = headroom["ceilings"]
     common = {"benchmark": bench, "images": headroom["n"], "data": headroom["data"]}
 
-    def row(scope, layer, series, dense, left, images=None, data=None):
-        return {**common, "scope": scope, "layer": layer, "series": series,
+    def row(scope, layer, series, dense, left, images=None, data=None, op=""):
+        return {**common, "scope": scope, "layer": layer, "op": op, "series": series,
                 "label": ACHIEVED_LABEL if series == ACHIEVED else labels[series],
                 "images": images if images is not None else common["images"],
                 "data": data if data is not None else common["data"],
@@ -48,11 +48,11 @@ def rows_of(bench: str, headroom: dict, evaluation: dict) -> list[dict]:
             for c in order]
     achieved = {r["layer"]: r for r in evaluation.get("layers", []) if r["knob"] == "all"}
     for layer in headroom["layers"]:
-        name, dense = layer["layer"], layer["ops_dense"]
+        name, dense, op = layer["layer"], layer["ops_dense"], layer["op"]
         if name in achieved:
             out.append(row("layer", name, ACHIEVED, dense, achieved[name]["ops_dyvedeep"],
-                           evaluation["n"], evaluation["data"]))
-        out += [row("layer", name, c, dense, dense - layer["saved"][c]) for c in order]
+                           evaluation["n"], evaluation["data"], op))
+        out += [row("layer", name, c, dense, dense - layer["saved"][c], op=op) for c in order]
     return out
 
 
@@ -95,7 +95,8 @@ def main(sm) -> None:
         body = ("<p>Op reduction dense / left: with the calibrated knobs (achieved, on the test split) and with "
                 "each oracle ceiling (no output changes; on the calibration split). 'all': every op of the layer "
                 "saved.</p><h3>Network</h3>" + html_table(table)
-                + "<h3>Layers</h3>" + html_table(wide(df[df["scope"] == "layer"], ["benchmark", "layer"])))
+                + "<h3>Conv and fully-connected layers</h3>"
+                + html_table(wide(df[(df["scope"] == "layer") & df["op"].isin(["conv", "fc"])], ["benchmark", "layer"])))
     write_text(sm.output.html, "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Headroom</title>"
                f"{STYLE}</head><body><h2>Headroom: achieved ops against the oracle ceilings</h2>{body}</body></html>\n")
 
