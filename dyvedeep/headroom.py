@@ -154,6 +154,11 @@ def spet_lead_macs(layer: Layer, kept: int, fraction: float) -> int:
     return min(kept, max(1, math.ceil(fraction * kept))) * taps if kept else 0
 
 
+def spet_stop_saving(neuron_ops: int, lead_macs: int) -> int:
+    """Ops a neuron that SPET stops saves: all but its partial sum (leading MACs and bias add)."""
+    return neuron_ops - OPS_PER_MAC * lead_macs - 1
+
+
 def sdss_filled(zero: np.ndarray, stride: int) -> np.ndarray:
     """Per output map (C, H, W zero mask), the off-grid positions SDSS would fill exactly: those
     of the cells whose corners and off-grid positions are all zero."""
@@ -185,11 +190,11 @@ def layer_savings(layer: Layer, x: np.ndarray, y: np.ndarray, winners: np.ndarra
     fraction = float(DEFAULT_OPTIONS["spet"]["fraction"])
     cin = layer.weight.shape[1]  # inputs per group (conv) or per neuron (fc)
     if "spet" in knobs:
-        saved["spet"] = n_zero * (unit - OPS_PER_MAC * spet_lead_macs(layer, cin, fraction) - 1)
+        saved["spet"] = n_zero * spet_stop_saving(unit, spet_lead_macs(layer, cin, fraction))
     if layer.op != "conv":
         saved["knobs"] = saved["spet"]
         return saved
-    cout, ho, wo = layer.out_shape
+    cout = layer.out_shape[0]
     groups = layer.attrs["group"]
     taps = int(np.prod(layer.weight.shape[2:]))
     filled = (sdss_filled(zero, int(DEFAULT_OPTIONS["sdss"]["stride"])) if "sdss" in knobs
@@ -208,7 +213,7 @@ def layer_savings(layer: Layer, x: np.ndarray, y: np.ndarray, winners: np.ndarra
         total += int(filled[g * og:(g + 1) * og].sum()) * neuron
         if "spet" in knobs:
             stopped = int((zero_per_map[g * og:(g + 1) * og] - filled[g * og:(g + 1) * og]).sum())
-            total += stopped * (neuron - OPS_PER_MAC * spet_lead_macs(layer, cin - dropped, fraction) - 1)
+            total += stopped * spet_stop_saving(neuron, spet_lead_macs(layer, cin - dropped, fraction))
     saved["knobs"] = total
     return saved
 
