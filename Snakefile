@@ -26,6 +26,7 @@ include: "workflow/rules/bench.smk"
 include: "workflow/rules/remote.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/plots.smk"
+include: "workflow/rules/headroom.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/failures.smk"
 

@@ -15,6 +15,10 @@ REPORT_FILES = [
     "results/plots/tradeoff.png",
     "results/plots/latency.png",
     "results/plots/paper_vs_ours.png",
+    "results/tables/headroom.csv",
+    "results/tables/headroom.html",
+    "results/plots/headroom.png",
+    "results/plots/headroom_layers.png",
     "results/config_used.yaml",
 ]
 
