@@ -525,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         for predictor in args.predictors.split(","):
             if predictor.startswith("pool") and pool_geometry(plan, i) is None:
                 continue
+            if "bound" in predictor and batches[i].x.min() < 0:  # the bound needs inputs >= 0
+                continue
             usable = [g for g in grans if not (g == "tile" and predictor.startswith(("sdss", "pool")))]
             got = curve(engine, batches[i], predictor, usable, cap=3 * args.changed)
             rows += got
