@@ -394,24 +394,38 @@ def changed_share(engine: Engine, batch: LayerBatch, skipped: np.ndarray) -> tup
     return y, changed / len(y)
 
 
-def curve(engine: Engine, batch: LayerBatch, predictor: str, grans: list[str], cap: float) -> list[dict]:
-    """Rows (parameter, ops, share changed) of one layer and predictor, per granularity, from the
-    most cautious parameter on, until the share changed passes ``cap``."""
+def curve(engine: Engine, batch: LayerBatch, predictor: str, grans: list[str], allowances: list[float]) -> list[dict]:
+    """Rows (parameter, ops, share changed) of one layer and predictor: per granularity and
+    allowance, a binary search over the parameters (cautious to aggressive; the share changed
+    taken as monotone) for the most aggressive one within the allowance."""
     plan = engine.plan
     layer = plan.layers[batch.index]
     pool = pool_geometry(plan, batch.index)
     caches = prepare(layer, predictor, batch.x)
+    params = default_params(predictor, caches)
     rows = []
     for gran in grans:
-        for param in default_params(predictor, caches):
-            skipped, ops = apply(layer, predictor, caches, param, gran, pool)
-            _, changed = changed_share(engine, batch, skipped)
-            saved = layer.dense_ops - ops.mean()
-            rows.append(dict(layer=layer.name, predictor=predictor, gran=gran, param=float(param),
-                             layer_ops=ops.mean(), layer_x=layer.dense_ops / ops.mean(),
-                             net_x=plan.dense_ops / (plan.dense_ops - saved), changed=changed, n=len(skipped)))
-            if changed > cap:
-                break
+        seen: dict[int, dict] = {}
+
+        def row(k: int) -> dict:
+            if k not in seen:
+                skipped, ops = apply(layer, predictor, caches, params[k], gran, pool)
+                _, changed = changed_share(engine, batch, skipped)
+                saved = layer.dense_ops - ops.mean()
+                seen[k] = dict(layer=layer.name, predictor=predictor, gran=gran, param=float(params[k]),
+                               layer_ops=ops.mean(), layer_x=layer.dense_ops / ops.mean(),
+                               net_x=plan.dense_ops / (plan.dense_ops - saved), changed=changed, n=len(skipped))
+            return seen[k]
+
+        for allowance in allowances:
+            lo, hi = 0, len(params) - 1
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                if row(mid)["changed"] <= allowance:
+                    lo = mid + 1
+                else:
+                    hi = mid - 1
+        rows += [seen[k] for k in sorted(seen)]
     return rows
 
 
@@ -484,6 +498,23 @@ def chain(engine: Engine, images: np.ndarray, settings: dict[int, tuple[str, str
     return plan.dense_ops / (plan.dense_ops - saved.mean()), float((top1 != dense_top1).mean())
 
 
+def print_headroom(plan: Plan, batches: dict[int, LayerBatch], grans: list[str]) -> None:
+    """Per layer: the share of neurons an oracle skips at no top-1 change, per granularity (a unit
+    is skipped when all its outputs are 0 after ReLU) and, before a max-pooling, the share of
+    neurons that win no window with a positive maximum."""
+    for i, batch in batches.items():
+        layer = plan.layers[i]
+        zero = (batch.y <= 0).astype(np.int8)
+        shares = [f"{g} {100 * (1 - unit_max(1 - zero, *GRANULARITIES[g])).mean():.1f} %" for g in grans]
+        line = f"headroom {layer.name}: zero outputs skippable per " + ", ".join(shares)
+        pool = pool_geometry(plan, i)
+        if pool is not None:
+            losers = np.concatenate([~pool_needed(preact(layer, batch.x[a:a + CHUNK]), pool, 0.0)
+                                     for a in range(0, len(batch.x), CHUNK)])
+            line += f"; not a winner of any window (max-pooling): {100 * losers.mean():.1f} %"
+        print(line, flush=True)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     selected = dataset.images(*args.select)
     batches = dense_batches(engine, selected, targets)
     grans = args.grans.split(",")
+    print_headroom(plan, batches, grans)
+    if not args.predictors:
+        return 0
+    total = sum(plan.layers[i].dense_ops for i in targets)
     rows = []
     for i in targets:
         layer = plan.layers[i]
@@ -528,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             if "bound" in predictor and batches[i].x.min() < 0:  # the bound needs inputs >= 0
                 continue
             usable = [g for g in grans if not (g == "tile" and predictor.startswith(("sdss", "pool")))]
-            got = curve(engine, batches[i], predictor, usable, cap=3 * args.changed)
+            allowances = [args.changed, args.changed * plan.layers[i].dense_ops / total]
+            got = curve(engine, batches[i], predictor, usable, allowances)
             rows += got
             for gran in usable:
                 best = pick([r for r in got if r["gran"] == gran], args.changed)
@@ -540,7 +576,6 @@ def main(argv: list[str] | None = None) -> int:
         import pandas as pd
         pd.DataFrame(rows).to_csv(args.csv, index=False)
     checked = dataset.images(*args.check)
-    total = sum(plan.layers[i].dense_ops for i in targets)
     for gran in args.combos.split(","):
         settings = {}
         for i in targets:
