@@ -498,6 +498,30 @@ def chain(engine: Engine, images: np.ndarray, settings: dict[int, tuple[str, str
     return plan.dense_ops / (plan.dense_ops - saved.mean()), float((top1 != dense_top1).mean())
 
 
+def greedy_groups(zero: np.ndarray, size: int) -> np.ndarray:
+    """An order of the output channels in groups of ``size`` that are often zero together: each
+    group starts from the channel with the most zeros left and adds the one that keeps the
+    group's all-zero share highest."""
+    left, order = list(range(zero.shape[1])), []
+    while left:
+        group = [max(left, key=lambda c: zero[:, c].mean())]
+        left.remove(group[0])
+        together = zero[:, group[0]]
+        while len(group) < size and left:
+            best = max(left, key=lambda c: (together & zero[:, c]).mean())
+            group.append(best)
+            left.remove(best)
+            together = together & zero[:, best]
+        order += group
+    return np.array(order)
+
+
+def all_zero_share(zero: np.ndarray, order: np.ndarray, size: int) -> float:
+    """Share of neurons in (size channels x 1 position) units that are all zero, channels in ``order``."""
+    n, c, p = zero.shape
+    return float(zero[:, order].reshape(n, c // size, size, p).all(axis=2).mean())
+
+
 def print_headroom(plan: Plan, batches: dict[int, LayerBatch], grans: list[str]) -> None:
     """Per layer: the share of neurons an oracle skips at no top-1 change, per granularity (a unit
     is skipped when all its outputs are 0 after ReLU) and, before a max-pooling, the share of
@@ -507,6 +531,9 @@ def print_headroom(plan: Plan, batches: dict[int, LayerBatch], grans: list[str])
         zero = (batch.y <= 0).astype(np.int8)
         shares = [f"{g} {100 * (1 - unit_max(1 - zero, *GRANULARITIES[g])).mean():.1f} %" for g in grans]
         line = f"headroom {layer.name}: zero outputs skippable per " + ", ".join(shares)
+        grouped = [f"ch{g} {100 * all_zero_share(zero.astype(bool), greedy_groups(zero.astype(bool), g), g):.1f} %"
+                   for g in (2, 4, 8)]
+        line += "; output channels grouped by co-zero rate (on these images): " + ", ".join(grouped)
         pool = pool_geometry(plan, i)
         if pool is not None:
             losers = np.concatenate([~pool_needed(preact(layer, batch.x[a:a + CHUNK]), pool, 0.0)
