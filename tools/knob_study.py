@@ -394,15 +394,17 @@ def changed_share(engine: Engine, batch: LayerBatch, skipped: np.ndarray) -> tup
     return y, changed / len(y)
 
 
-def curve(engine: Engine, batch: LayerBatch, predictor: str, grans: list[str], allowances: list[float]) -> list[dict]:
+def curve(engine: Engine, batch: LayerBatch, predictor: str, grans: list[str], allowances: list[float],
+          fixed: list[float] | None = None) -> list[dict]:
     """Rows (parameter, ops, share changed) of one layer and predictor: per granularity and
     allowance, a binary search over the parameters (cautious to aggressive; the share changed
-    taken as monotone) for the most aggressive one within the allowance."""
+    taken as monotone) for the most aggressive one within the allowance; with ``fixed``, each
+    of those parameters instead."""
     plan = engine.plan
     layer = plan.layers[batch.index]
     pool = pool_geometry(plan, batch.index)
     caches = prepare(layer, predictor, batch.x)
-    params = default_params(predictor, caches)
+    params = fixed if fixed is not None else default_params(predictor, caches)
     rows = []
     for gran in grans:
         seen: dict[int, dict] = {}
@@ -417,7 +419,10 @@ def curve(engine: Engine, batch: LayerBatch, predictor: str, grans: list[str], a
                                net_x=plan.dense_ops / (plan.dense_ops - saved), changed=changed, n=len(skipped))
             return seen[k]
 
-        for allowance in allowances:
+        if fixed is not None:
+            for k in range(len(params)):
+                row(k)
+        for allowance in allowances if fixed is None else []:
             lo, hi = 0, len(params) - 1
             while lo <= hi:
                 mid = (lo + hi) // 2
@@ -561,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grans", default="neuron,ch2,ch4,ch8,tile,allch", help=f"of {', '.join(GRANULARITIES)}")
     parser.add_argument("--changed", type=float, default=0.01, help="share of images allowed to change top-1")
     parser.add_argument("--combos", default="neuron,ch4,tile", help="granularities for which a chained combination is chosen and checked")
+    parser.add_argument("--params", type=lambda t: [float(v) for v in t.split(",")], default=None,
+                        help="evaluate these parameters of every predictor on --select (no search, no combos)")
     parser.add_argument("--csv", type=Path, help="write every curve row here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -576,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = [i for i, l in enumerate(plan.layers) if l.op == "conv" and l.relu]
     selected = dataset.images(*args.select)
     batches = dense_batches(engine, selected, targets)
+    checked = dataset.images(*args.check)
+    check_batches = dense_batches(engine, checked, targets)
     grans = args.grans.split(",")
     print_headroom(plan, batches, grans)
     if not args.predictors:
@@ -591,23 +600,40 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             usable = [g for g in grans if not (g == "tile" and predictor.startswith(("sdss", "pool")))]
             allowances = [args.changed, args.changed * plan.layers[i].dense_ops / total]
-            got = curve(engine, batches[i], predictor, usable, allowances)
+            got = curve(engine, batches[i], predictor, usable, allowances, args.params)
+            if args.params is not None:
+                for r in got:
+                    print(f"{layer.name:8s} {predictor:14s} {r['gran']:7s} param {r['param']:.4g}: layer "
+                          f"{r['layer_x']:.2f}x, network {r['net_x']:.3f}x, changed {100 * r['changed']:.1f} %")
+                rows += got
+                continue
             rows += got
+            check_caches = prepare(layer, predictor, check_batches[i].x)
             for gran in usable:
                 best = pick([r for r in got if r["gran"] == gran], args.changed)
-                print(f"{layer.name:8s} {predictor:14s} {gran:7s} " +
-                      (f"param {best['param']:.4g}: layer {best['layer_x']:.2f}x, network {best['net_x']:.3f}x, "
-                       f"changed {100 * best['changed']:.1f} %" if best else "nothing within the allowance"),
-                      flush=True)
+                text = "nothing within the allowance"
+                if best:
+                    skipped, ops = apply(layer, predictor, check_caches, best["param"], gran, pool_geometry(plan, i))
+                    _, changed = changed_share(engine, check_batches[i], skipped)
+                    saved = layer.dense_ops - ops.mean()
+                    best.update(check_layer_x=layer.dense_ops / ops.mean(),
+                                check_net_x=plan.dense_ops / (plan.dense_ops - saved), check_changed=changed,
+                                picked=True)
+                    text = (f"param {best['param']:.4g}: select: layer {best['layer_x']:.2f}x, network "
+                            f"{best['net_x']:.3f}x, changed {100 * best['changed']:.1f} % | check: layer "
+                            f"{best['check_layer_x']:.2f}x, network {best['check_net_x']:.3f}x, changed "
+                            f"{100 * changed:.1f} %")
+                print(f"{layer.name:8s} {predictor:14s} {gran:7s} {text}", flush=True)
     if args.csv:
         import pandas as pd
         pd.DataFrame(rows).to_csv(args.csv, index=False)
-    checked = dataset.images(*args.check)
-    for gran in args.combos.split(","):
+    if args.params is not None:
+        return 0
+    for gran, split in ((g, s) for g in args.combos.split(",") for s in ("share", "whole")):
         settings = {}
         for i in targets:
-            # each layer may change its op share of the allowance
-            allowance = args.changed * plan.layers[i].dense_ops / total
+            # "share": each layer may change its op share of the allowance; "whole": each the whole
+            allowance = args.changed * (plan.layers[i].dense_ops / total if split == "share" else 1.0)
             found = pick([r for r in rows if r["layer"] == plan.layers[i].name and r["gran"] == gran
                           and r["predictor"] not in ("oracle", "pool:0")], allowance)
             if found and found["layer_x"] > 1.0:
@@ -615,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         names = ", ".join(f"{plan.layers[i].name}={p}@{v:.4g}" for i, (p, _, v) in settings.items())
         for label, (a, b), images in (("select", args.select, selected), ("check", args.check, checked)):
             reduction, changed = chain(engine, images, settings)
-            print(f"combo {gran}: {names} | {label} {a}:{b}: {reduction:.3f}x, changed {100 * changed:.2f} %",
-                  flush=True)
+            print(f"combo {gran} ({split}): {names} | {label} {a}:{b}: {reduction:.3f}x, changed "
+                  f"{100 * changed:.2f} %", flush=True)
     return 0
 
 
