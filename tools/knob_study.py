@@ -1,38 +1,40 @@
 """A measured study of stronger knob predictors (issue 15), simulated in numpy on a real model.
 
-    python tools/knob_study.py --benchmark cifar10_quick [--select 0:1000] [--check 2000:3000]
+    python tools/knob_study.py --benchmark cifar10_quick [--select 0:600] [--check 2000:2600]
 
-For every conv layer followed by ReLU, each predictor decides which output neurons to skip
-(output 0 after ReLU; before a max-pooling, which ones to leave out of the pooling); the
-decision is taken per unit of a granularity (a unit is skipped only when the predictor skips
-every neuron in it, so that skipped work is a whole tile of the kernels):
+Prints, per conv layer followed by ReLU: the headroom (share of outputs an oracle skips, per
+granularity, and before a max-pooling the share that wins no window); then, per predictor and
+granularity, the most aggressive setting that changes the top-1 of at most --changed of the
+--select images, with its op reduction there and on the --check images; then chained
+combinations over all layers. Findings: docs/notes/2026-12-03-predictors.md.
+
+A predictor decides which outputs to skip (0 after ReLU; before a max-pooling, left out of
+the pooling), per unit of a granularity: a unit is skipped only when every output in it is.
 
     neuron   1 output channel x 1 position (the reconstruction's SPET and SDSS)
-    ch2, ch4 2 or 4 output channels x 1 position (gathered positions, narrower tiles)
-    ch8      8 output channels x 1 position (positions gathered into dense panels per
-             block of 8 output channels: one register-tile row of the GEMM)
-    tile     8 output channels x 16 positions (one whole register tile, no gather)
-    allch    every output channel x 1 position (positions dropped from the im2col panel)
+    ch2/4/8  2, 4 or 8 output channels x 1 position (positions gathered into dense panels
+             per block of output channels)
+    tile     8 output channels x 16 positions (a whole register tile, no gather)
+    allch    every output channel x 1 position (the position leaves the im2col panel)
 
-Predictors (``PREDICTORS``): the oracle (the true pre-activation, free); SPET's partial sum
-over the first 1/8, 1/4 or 1/2 of the input channels in the shared L1 order, tested against
--t; the same partial sums at the three check points with the exact upper bound of the rest
-(inputs >= 0: sum over the remaining channels of sum(max(w, 0)) x the window maximum of x),
-scaled by s (s = 1 never changes an output); the partial sums plus a local mean-field estimate
-of the rest (kernel sums x the window mean of x); a rank-r estimate of the whole pre-activation
-(SVD of the weights); an SDSS grid (stride 2, computed exactly for every channel; a cell is
-skipped when its four corners are all <= t). Before a max-pooling, ``pool``: a rank-r estimate
-picks each window's candidates (estimate >= max(window estimate - d, -d)), only those are
-computed.
+Predictors: ``oracle`` (the true pre-activation, < -t; t < 0 spends the budget);
+``partial:F`` (SPET: partial sum over the first F of the input channels in the shared L1
+order, < -t); ``bound`` (check points after 1/8, 1/4, 1/2 of the ordered channels: partial +
+s x the exact upper bound of the rest, sum over the remaining channels of sum(max(w, 0)) x
+the window maximum of x, < 0; inputs >= 0 only; s = 1 never changes an output);
+``meanfield`` (partial + kernel sums x window means of the rest, < -t); ``lowrank:R`` (rank-R
+SVD estimate of the pre-activation, < -t); ``sdss`` (stride-2 grid exact for every channel, a
+cell filled with 0 when its four corners are <= t); ``sdss+bound:S`` (both, the bound at scale
+S). Before a max-pooling: ``pool:R`` (rank-R estimate, ``pool:0`` the true value; only each
+window's candidates, estimate >= max(window max - d, -d), are computed) and ``poolpartial``
+(the partial sum over the first check point as the estimate; candidates finish their sums).
 
-Thresholds are chosen on the --select images so that at most --changed (default 1 %) of them
-change their top-1 against the dense run, then measured on the --check images (never the test
-split). Ops follow docs/ops.md: 2 per MAC, bias and ReLU per computed output, plus each
-predictor's overhead (counted in ``Predictor.overhead``). The layer's simulated output is the
-engine's own dense output with the skipped neurons set to 0, and the rest of the network runs
-on the engine (``Engine.run_image``), so an image whose skipped neurons were all zero anyway
-is unchanged bit for bit. Models with a Concat are refused (a resumed run needs every earlier
-tensor). Seeded (--seed) where anything is random (nothing is, beyond the image order).
+Ops follow docs/ops.md (2 per MAC, bias and ReLU per computed output) plus each predictor's
+own overhead (``Checks.overhead``, ``apply``). The simulated output is the engine's own dense
+output with the skipped outputs set to 0, and the rest of the network runs on the engine
+(``Engine.run_image``), so an image whose skipped outputs were all 0 is unchanged bit for bit.
+Models with a Concat are refused (a resumed run would need every earlier tensor). Never a test
+split. Nothing is random; --seed seeds numpy for any later use.
 """
 from __future__ import annotations
 
