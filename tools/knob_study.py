@@ -91,6 +91,7 @@ def span(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- numpy conv pieces
 
 def padded(x: np.ndarray, layer: Layer) -> np.ndarray:
+    """x (N, C, H, W) with the layer's zero padding."""
     pt, pl, pb, pr = layer.attrs["pads"]
     return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
 
@@ -561,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="config/config.yaml")
     parser.add_argument("--mirror", default=None, help="mirror directory (default: DYVEDEEP_MIRROR or ../shared/mirror)")
     parser.add_argument("--data", default="cifar10:calib", help="data spec; never a test split")
-    parser.add_argument("--select", type=span, default=(0, 1000), help="images that choose thresholds (START:STOP)")
-    parser.add_argument("--check", type=span, default=(2000, 3000), help="images that check them (START:STOP)")
+    parser.add_argument("--select", type=span, default=(0, 600), help="images that choose thresholds (START:STOP)")
+    parser.add_argument("--check", type=span, default=(2000, 2600), help="images that check them (START:STOP)")
     parser.add_argument("--predictors", default=",".join(PREDICTORS) + ",pool:0,pool:2,poolpartial",
                         help="comma-separated; pool:R and poolpartial only before a max-pooling (pool:0 = oracle)")
     parser.add_argument("--grans", default="neuron,ch2,ch4,ch8,tile,allch", help=f"of {', '.join(GRANULARITIES)}")
@@ -582,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         raise DyveError(f"{plan.path}: has a Concat; resumed runs would need every earlier tensor (not supported)")
     dataset = open_dataset(plan, args.data, None, resolve_mirror(args.mirror))
     engine = Engine(plan)
-    targets = [i for i, l in enumerate(plan.layers) if l.op == "conv" and l.relu]
+    targets = [i for i, l in enumerate(plan.layers) if l.op == "conv" and l.relu and l.attrs.get("group", 1) == 1]
     selected = dataset.images(*args.select)
     batches = dense_batches(engine, selected, targets)
     checked = dataset.images(*args.check)
