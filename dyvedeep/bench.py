@@ -16,7 +16,7 @@ import numpy as np
 
 from .engine import Engine, set_blas_threads
 from .errors import DyveError
-from .cli_support import Progress, onnxruntime_session, open_dataset, platform_info
+from .cli_support import Progress, load_plan, onnxruntime_session, open_dataset, platform_info
 from .io_utils import write_json_atomic
 from .knobs import load_knobs
 from .plan import build_plan
@@ -108,7 +108,7 @@ def busy_load(n: int):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    plan = build_plan(args.model)
+    plan = load_plan(args.model)
     spec = args.data or DEFAULT_DATA.get(plan.labels or "", None)
     if spec is None:
         raise DyveError(f"{args.model}: no default dataset for its labels; give --data")

@@ -40,10 +40,11 @@ from .datasets import parse_spec
 from .engine import ConvGeometry, Engine, cell_corner_max, fc_input_order, packed_cols, sdss_grid, set_blas_threads
 from .engine import sfma_spread, spet_channel_order
 from .errors import DyveError
-from .evaluate import add_data_arguments, open_dataset, topk_correct
+from .cli_support import add_data_arguments, load_plan, open_dataset
+from .evaluate import topk_correct
 from .io_utils import write_text_atomic
 from .knobs import DEFAULT_OPTIONS, KNOB_NAMES, KnobConfig, applicable_knobs
-from .plan import Layer, Op, Plan, build_plan
+from .plan import Layer, Op, Plan
 
 #: Quantiles of each knob's statistic that become candidate thresholds, most aggressive first.
 CANDIDATE_QUANTILES = {
@@ -53,6 +54,10 @@ CANDIDATE_QUANTILES = {
 }
 STAT_IMAGES = 64  # calibration images whose statistics make the candidate grids
 EARLY_MIN_IMAGES = 400  # trials on fewer images always run in full
+# A candidate that changes the top-1 of more than half of at least this many images while its
+# knobs save less than this share of the layer's ops is a harness inconsistency, not a setting.
+INCONSISTENT_MIN_IMAGES = 20
+INCONSISTENT_SAVED = 1e-3
 EARLY_Z = 2.0  # early rejection: the loss on the first quarter exceeds the allowance by this many SEs
 TRACE_FIELDS = ("step", "pass", "layer", "knob", "threshold", "options", "calib_top1", "calib_loss_pt", "ops",
                 "images", "lost", "gained", "disagree", "risk_pt", "accepted")
@@ -99,8 +104,9 @@ def live_tensors(plan: Plan, index: int) -> list[str]:
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _run_chunk(job: tuple[KnobConfig, int, int, int]) -> tuple[np.ndarray, int]:
-    """In a worker: outputs of images ``lo``..``hi`` of the cache from layer ``index``, and ops."""
+def _run_chunk(job: tuple[KnobConfig, int, int, int]) -> tuple[np.ndarray, int, int]:
+    """In a worker: outputs of images ``lo``..``hi`` of the cache from layer ``index``, their
+    ops, and the ops the knobs saved in layer ``index``."""
     config, index, lo, hi = job
     plan, cache = _WORKER_STATE["plan"], _WORKER_STATE["cache"]
     set_blas_threads(1)  # one BLAS thread per worker process
@@ -108,7 +114,8 @@ def _run_chunk(job: tuple[KnobConfig, int, int, int]) -> tuple[np.ndarray, int]:
     outputs = np.empty((hi - lo,) + tuple(plan.output_shape), np.float32)
     for n in range(lo, hi):
         outputs[n - lo] = engine.run_image(None, start=index, tensors=cache[n])[plan.output_name]
-    return outputs, engine.counter.total("ops")
+    saved = sum(engine.counter.get(plan.layers[index].name, f"saved_{knob}") for knob in KNOB_NAMES)
+    return outputs, engine.counter.total("ops"), saved
 
 
 
@@ -175,6 +182,7 @@ class Trial:
     correct: np.ndarray
     pred: np.ndarray | None = None  # top-1 class per image
     partial: bool = False  # stopped early on the first images (rejected)
+    saved_in_layer: float = 0.0  # ops per image the knobs saved in the layer under calibration
 
 
 def risk_pt(criterion: str, z: float, dense_correct: np.ndarray, dense_pred: np.ndarray, correct: np.ndarray,
@@ -258,9 +266,9 @@ class Calibrator:
         return cache
 
     def _outputs(self, index: int, cache: list[dict[str, np.ndarray]], config: KnobConfig, lo: int,
-                 hi: int) -> tuple[np.ndarray, float]:
-        """Outputs (flat) of cached images ``lo``..``hi`` from layer ``index``, and their total ops;
-        the images are split over the worker processes."""
+                 hi: int) -> tuple[np.ndarray, float, float]:
+        """Outputs (flat) of cached images ``lo``..``hi`` from layer ``index``, their total ops and
+        the ops the knobs saved in layer ``index``; the images are split over the worker processes."""
         bounds = np.linspace(lo, hi, self.threads + 1).astype(int)
         jobs = [(config, index, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         _WORKER_STATE.update(plan=self.plan, cache=cache)
@@ -268,7 +276,8 @@ class Calibrator:
             parts = self.pool.map(_run_chunk, jobs)
         else:
             parts = [_run_chunk(job) for job in jobs]
-        return np.concatenate([p[0] for p in parts]).reshape(hi - lo, -1), float(sum(p[1] for p in parts))
+        return (np.concatenate([p[0] for p in parts]).reshape(hi - lo, -1), float(sum(p[1] for p in parts)),
+                float(sum(p[2] for p in parts)))
 
     def trial(self, index: int, cache: list[dict[str, np.ndarray]], config: KnobConfig,
               prefix_ops: float, labels: np.ndarray | None = None, allowance: float | None = None) -> Trial:
@@ -280,7 +289,7 @@ class Calibrator:
         n = len(cache)
         labels = self.labels if labels is None else labels
         first = n // 4 if allowance is not None and n >= EARLY_MIN_IMAGES else n
-        outputs, ops = self._outputs(index, cache, config, 0, first)
+        outputs, ops, saved = self._outputs(index, cache, config, 0, first)
         if first < n:
             correct, pred = topk_correct(outputs, labels[:first], 1), outputs.argmax(axis=1)
             # a lower confidence bound of the share lost (criterion lost) or of the loss (the others:
@@ -292,11 +301,13 @@ class Calibrator:
                 lower = risk_pt("lost" if self.criterion == "lost" else "ucb", -EARLY_Z, self.dense.correct[:first],
                                 self.dense.pred[:first], correct, pred)[0]
             if lower > allowance:
-                return Trial(float(correct.mean() * 100), prefix_ops + ops / first, correct, pred, partial=True)
-            rest, rest_ops = self._outputs(index, cache, config, first, n)
-            outputs, ops = np.concatenate([outputs, rest]), ops + rest_ops
+                return Trial(float(correct.mean() * 100), prefix_ops + ops / first, correct, pred, partial=True,
+                             saved_in_layer=saved / first)
+            rest, rest_ops, rest_saved = self._outputs(index, cache, config, first, n)
+            outputs, ops, saved = np.concatenate([outputs, rest]), ops + rest_ops, saved + rest_saved
         correct = topk_correct(outputs, labels, 1)
-        return Trial(float(correct.mean() * 100), prefix_ops + ops / max(n, 1), correct, outputs.argmax(axis=1))
+        return Trial(float(correct.mean() * 100), prefix_ops + ops / max(n, 1), correct, outputs.argmax(axis=1),
+                     saved_in_layer=saved / max(n, 1))
 
     def risk(self, trial: Trial, dense: Trial | None = None) -> tuple[float, int, int, int]:
         """The acceptance statistic of ``trial`` (pt) and its lost / gained / changed counts."""
@@ -479,6 +490,7 @@ class Calibrator:
             config.set(name, knob, t, **options)
             trial = self.trial(index, cache, config, prefix, allowance=allowance if self.early_reject else None)
             risk = self.risk(trial)
+            self.check_consistent(name, knob, t, trial, risk[3])
             ok = not trial.partial and risk[0] <= allowance + 1e-9 and trial.ops < self.current.ops
             tried[mid] = ok
             self.record(pass_no, name, knob, t, options, trial, ok, risk)
@@ -488,6 +500,18 @@ class Calibrator:
             else:
                 lo = mid + 1
         return best
+
+    def check_consistent(self, name: str, knob: str, t: float, trial: Trial, changed: int) -> None:
+        """Stop with an error when a candidate changes the top-1 of most images while its knob
+        barely fires: the runs from cached activations then do not reproduce the network (a
+        harness bug, which would otherwise reject every candidate of the layer silently)."""
+        n = len(trial.correct)
+        layer_ops = self.plan.layers[self.index_of[name]].dense_ops
+        if n >= INCONSISTENT_MIN_IMAGES and changed > n / 2 and trial.saved_in_layer < INCONSISTENT_SAVED * layer_ops:
+            raise DyveError(f"{self.plan.path}: calibrating {name} {knob} at {t:.4g}: the top-1 of {changed} of {n} "
+                            f"images changed while the knob saved {trial.saved_in_layer:.4g} of the layer's "
+                            f"{layer_ops} ops per image; the runs from cached activations do not reproduce "
+                            f"the network (a bug of the harness)")
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -525,7 +549,7 @@ class Calibrator:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    plan = build_plan(args.model)
+    plan = load_plan(args.model)
     if parse_spec(args.data)[2] == "test":
         raise DyveError(f"{args.data}: calibration never uses the test split; use the calib split")
     dataset = open_dataset(plan, args.data, args.limit, args.mirror)

@@ -33,10 +33,10 @@ import numpy as np
 
 from .engine import Engine, sdss_grid
 from .errors import DyveError
-from .evaluate import Progress, add_data_arguments, open_dataset, platform_info
+from .cli_support import Progress, add_data_arguments, load_plan, open_dataset, platform_info
 from .io_utils import write_json_atomic, write_text_atomic
 from .knobs import DEFAULT_OPTIONS, applicable_knobs
-from .plan import Layer, Plan, build_plan
+from .plan import Layer, Plan
 
 CEILINGS = ("zeros", "pool", "spet", "sdss", "sfma", "knobs")
 CEILING_LABELS = {
@@ -335,7 +335,7 @@ def to_csv(result: Headroom) -> str:
 
 
 def cmd_headroom(args: argparse.Namespace) -> int:
-    plan = build_plan(args.model)
+    plan = load_plan(args.model)
     dataset = open_dataset(plan, args.data, args.limit, args.mirror)
     if len(dataset) == 0:
         raise DyveError(f"{args.data}: no images")

@@ -155,3 +155,20 @@ def test_disagree_criterion_weights_the_changed_images():
     assert risk_pt("disagree", 0, dense_ok, dense_pred, ok, pred, changed_weight=0.5)[0] == pytest.approx(25.0)
     # labels play no part: the same changes with other outcomes give the same risk
     assert risk_pt("disagree", 0, ~dense_ok, dense_pred, ok, pred, changed_weight=0.5)[0] == pytest.approx(25.0)
+
+
+def test_a_candidate_changing_most_images_while_barely_firing_stops_calibration(small_model):  # noqa: F811
+    cal = _calibrator(small_model, n=40)
+    cal.run(passes=0)  # the dense run only
+    index = cal.index_of["conv2"]
+    cache = cal.cache_inputs(index, KnobConfig())
+    # cached activations that do not reproduce the network (as the in-place Concat bug once gave):
+    # each image resumes from the activations of an image of another class
+    pred = cal.dense.pred
+    broken = [cache[int(np.flatnonzero(pred != pred[i])[0])] for i in range(len(cache))]
+    with pytest.raises(DyveError, match="do not reproduce the network"):
+        cal.search("conv2", "sfma", [1e-30], {}, broken, index, 0.0, 0.5, 1)
+    # the same candidate on the true cache is scored (and rejected: it saves nothing), no error
+    prefix = cal.prefix_ops(index, KnobConfig())
+    assert cal.search("conv2", "sfma", [1e-30], {}, cache, index, prefix, 0.5, 1) is None
+    assert cal.trace[-1]["disagree"] == 0

@@ -51,7 +51,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from dyvedeep.convert import convert, preset_preprocess
 from dyvedeep.engine import Engine
 from dyvedeep.errors import DyveError
-from dyvedeep.evaluate import open_dataset
+from dyvedeep.cli_support import open_dataset
 from dyvedeep.fetch import resolve_mirror, url_relpath
 from dyvedeep.plan import Layer, Plan, build_plan
 

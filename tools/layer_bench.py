@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from dyvedeep.engine import Engine, set_blas_threads
-from dyvedeep.evaluate import open_dataset
+from dyvedeep.cli_support import open_dataset
 from dyvedeep.knobs import load_knobs
 from dyvedeep.plan import build_plan
 

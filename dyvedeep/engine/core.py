@@ -150,6 +150,12 @@ class Engine:
                 and not tensors):
             return self._forward_compiled(np.ascontiguousarray(image, dtype=np.float32))
         values: dict[str, np.ndarray] = dict(tensors) if tensors else {}
+        for name in values.keys() & self.in_place:
+            # a Concat reads these from its own buffer, where their producer would have written them
+            buffer, given = self.buffers[name], values[name]
+            if given.ctypes.data != buffer.ctypes.data or given.size != buffer.size:
+                np.copyto(buffer, np.array(given, copy=True).reshape(buffer.shape))
+            values[name] = buffer
         if image is not None:
             values[self.plan.input_name] = image
         steps = self._steps[start:stop]

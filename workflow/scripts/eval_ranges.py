@@ -6,7 +6,8 @@ from pathlib import Path
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
 from _common import start_log, write_json  # noqa: E402
 
-from dyvedeep.evaluate import image_ranges, open_dataset  # noqa: E402
+from dyvedeep.cli_support import open_dataset  # noqa: E402
+from dyvedeep.evaluate import image_ranges  # noqa: E402
 from dyvedeep.plan import build_plan  # noqa: E402
 
 start_log(snakemake)  # noqa: F821
