@@ -456,7 +456,7 @@ cdef const float* _group_source(const float[:, :, ::1] x, int channel0, int pt, 
     return &x[channel0, 0, 0]
 
 
-def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
+def conv_panel(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                float[::1] pad_buffer, const long[::1] tap_off, int sw, const int[:, ::1] runs,
                const int[::1] panel_first, const float[:, ::1] W, const float[::1] bias, bint relu,
                float[:, ::1] out, float[:, ::1] panels, int threads=1, Program program=None):
@@ -469,16 +469,16 @@ def conv_dense(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
     cdef int ntiles = panel_first.shape[0] - 1
     if K == 0 or O == 0 or N == 0:
-        raise ValueError("conv_dense: empty layer")
+        raise ValueError("conv_panel: empty layer")
     if (out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or panels.shape[1] < K * 32
             or panels.shape[0] < max(min(threads, ntiles), 1) or ntiles * 32 < N or runs.shape[1] != 4
             or (O > 1 and W.strides[0] != 4 * K)
             or (dv_split_rows(threads, ntiles, O) and panels.shape[0] < threads)):
-        raise ValueError("conv_dense: shape mismatch")
+        raise ValueError("conv_panel: shape mismatch")
     cdef dv_step s[2]
     cdef int i = 1 if pad else 0
     cdef const float* src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, -1, threads, &s[0],
-                                          "conv_dense")
+                                          "conv_panel")
     memset(&s[i], 0, sizeof(dv_step))
     s[i].kind = DV_STEP_PANEL
     s[i].threads = threads

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Engine, sdss_grid
+from .engine import Engine, sdss_grid, spet_lead
 from .errors import DyveError
 from .cli_support import Progress, add_data_arguments, load_plan, open_dataset, platform_info
 from .io_utils import write_json_atomic, write_text_atomic
@@ -151,7 +151,7 @@ def spet_lead_macs(layer: Layer, kept: int, fraction: float) -> int:
     """MACs of SPET's partial sum per neuron: the leading ``fraction`` of the ``kept`` input
     channels (of one group) times the taps per channel, as the engine computes it."""
     taps = int(np.prod(layer.weight.shape[2:])) if layer.op == "conv" else 1
-    return min(kept, max(1, math.ceil(fraction * kept))) * taps if kept else 0
+    return spet_lead(fraction, kept) * taps
 
 
 def spet_stop_saving(neuron_ops: int, lead_macs: int) -> int:

@@ -86,7 +86,7 @@ def test_panel_route_matches_numpy(C, H, W, kh, s, O):
     runs, panel_first = K.im2col_run_table(ho, wo, s, s, W)
     out = np.full((O, ho * wo), np.nan, np.float32)
     panels = np.zeros((1, C * kh * kh * 32), np.float32)
-    K.conv_dense(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap_offsets(C, kh, kh, H, W), s, runs,
+    K.conv_panel(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap_offsets(C, kh, kh, H, W), s, runs,
                  panel_first, w, bias, False, out, panels)
     close(out, conv_reference(x, w, kh, kh, s, s, bias, False))
 
@@ -109,7 +109,7 @@ def test_threads_and_programs_give_the_same_floats():
             panels = np.zeros((threads, C * kh * kh * 32), np.float32)
             K.conv_direct(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap, vectors, w, bias, True, direct,
                           threads, 0, program)
-            K.conv_dense(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap, 1, runs, panel_first, w, bias, True,
+            K.conv_panel(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap, 1, runs, panel_first, w, bias, True,
                          panel, panels, threads, program)
             if program is not None:
                 program.run()

@@ -36,7 +36,7 @@ def conv_plain(cp: ConvPlan, scratch: Scratch, x: np.ndarray, out: np.ndarray, t
             K.conv_gemm(W=cp.weights[g], cols=cp.cols, N=geom.positions, out=og, bias=bg, relu=relu,
                         threads=threads, program=program)
         else:  # panel: im2col fused into the GEMM, one 32-position panel at a time
-            K.conv_dense(x=x, channel0=g * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
+            K.conv_panel(x=x, channel0=g * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
                          pad=route.pad_src, pad_buffer=scratch.source, tap_off=route.tap_off, sw=geom.sw,
                          runs=route.runs, panel_first=route.panel_first, W=cp.weights[g], bias=bg, relu=relu,
                          out=og, panels=scratch.panels, threads=threads, program=program)
