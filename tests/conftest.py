@@ -31,3 +31,12 @@ def mirror() -> Path:
         pytest.skip("no mirror of real models/data (set DYVEDEEP_MIRROR or put ../shared/mirror beside the project)")
     return found
 
+
+
+def skip_unless_linux_root(what: str, why_root: str) -> None:
+    """Skip the test, with the reason, unless this is Linux and we are root (the emulated Pi and
+    the test Slurm cluster start system daemons)."""
+    if os.name != "posix" or os.uname().sysname != "Linux":
+        pytest.skip(f"{what} needs Linux")
+    if os.geteuid() != 0:
+        pytest.skip(f"{what} needs root ({why_root})")

@@ -19,6 +19,7 @@ import pytest
 
 from dyvedeep import remote
 
+from tests.conftest import skip_unless_linux_root
 from pi_support import PROJECT_ROOT, TIMINGS, board_from_description, load_emulator, write_small_model
 
 
@@ -40,10 +41,7 @@ def emulator(request: pytest.FixtureRequest) -> ModuleType:
     """The emulator module (skips where it cannot run, or where the Pi path was not asked for)."""
     if not pi_path_requested(request.config):
         pytest.skip("the Pi path runs with `make test-pi` (pytest tests/pi), not with `make test`")
-    if os.name != "posix" or os.uname().sysname != "Linux":
-        pytest.skip("the emulated Pi needs Linux")
-    if os.geteuid() != 0:
-        pytest.skip("the emulated Pi needs root (binfmt_misc, chroot, mounts)")
+    skip_unless_linux_root("the emulated Pi", "binfmt_misc, chroot, mounts")
     return load_emulator()
 
 

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.conftest import skip_unless_linux_root
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: What the session measured (printed at the end, kept in <cluster dir>/test-slurm.json).
 MEASURED: dict[str, Any] = {}
@@ -46,10 +48,7 @@ def load_cluster_tool() -> ModuleType:
 def cluster_tool(request: pytest.FixtureRequest) -> ModuleType:
     if not slurm_path_requested(request.config):
         pytest.skip("the Slurm path runs with `make test-slurm` (pytest tests/slurm), not with `make test`")
-    if os.name != "posix" or os.uname().sysname != "Linux":
-        pytest.skip("the test Slurm cluster needs Linux")
-    if os.geteuid() != 0:
-        pytest.skip("the test Slurm cluster needs root (its daemons and jobs run as root)")
+    skip_unless_linux_root("the test Slurm cluster", "its daemons and jobs run as root")
     pytest.importorskip("snakemake_executor_plugin_slurm",
                         reason="the Slurm executor plugin is not installed (pip install -e '.[pipeline]')")
     return load_cluster_tool()
