@@ -14,7 +14,8 @@ import sys
 import pandas as pd
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import read_json, start_log, write_text  # noqa: E402
+from _common import read_json, start_log  # noqa: E402
+from dyvedeep.io_utils import write_text_atomic  # noqa: E402
 
 COLUMNS = ["benchmark", "scope", "layer", "op", "series", "label", "images", "data",
            "ops_dense", "ops_left", "reduction"]
@@ -81,7 +82,7 @@ def main(sm) -> None:
     for bench, hpath, epath in zip(sm.params.benchmarks, sm.input.headroom, sm.input.evals):
         rows += rows_of(bench, read_json(hpath), read_json(epath))
     df = pd.DataFrame(rows, columns=COLUMNS)
-    write_text(sm.output.csv, df.to_csv(index=False))
+    write_text_atomic(sm.output.csv, df.to_csv(index=False))
     if df.empty:
         body = "<p>No benchmark has results.</p>"
     else:
@@ -97,7 +98,7 @@ def main(sm) -> None:
                 "saved.</p><h3>Network</h3>" + html_table(table)
                 + "<h3>Conv and fully-connected layers</h3>"
                 + html_table(wide(df[(df["scope"] == "layer") & df["op"].isin(["conv", "fc"])], ["benchmark", "layer"])))
-    write_text(sm.output.html, "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Headroom</title>"
+    write_text_atomic(sm.output.html, "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Headroom</title>"
                f"{STYLE}</head><body><h2>Headroom: achieved ops against the oracle ceilings</h2>{body}</body></html>\n")
 
 
