@@ -171,3 +171,15 @@ def test_data_with_both_means_is_refused(tmp_path):
     prototxt, caffemodel = write_net(tmp_path, "data", text + BN_NET_LAYERS, bn_net_weights())
     with pytest.raises(DyveError, match="'Data1' .*both mean_file and mean_value"):
         convert(prototxt, caffemodel, tmp_path / "data.onnx")
+
+
+def test_negative_variance_and_absurd_crop_are_refused(tmp_path):
+    weights = bn_net_weights()
+    weights["bn2"][1][2] = -1.0
+    prototxt, caffemodel = write_net(tmp_path, "bn", INPUT_LAYER + BN_NET_LAYERS, weights)
+    with pytest.raises(DyveError, match="'bn2' .*variance \\+ eps is not positive"):
+        convert(prototxt, caffemodel, tmp_path / "bn.onnx")
+    text = data_layer("crop_size: 100000 mean_value: 1")
+    prototxt, caffemodel = write_net(tmp_path, "data", text + BN_NET_LAYERS, bn_net_weights())
+    with pytest.raises(DyveError, match="'Data1' .*transform_param: crop holds 100000"):
+        convert(prototxt, caffemodel, tmp_path / "data.onnx")

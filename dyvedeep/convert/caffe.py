@@ -624,11 +624,17 @@ def convert_data(layer: LayerParameter, ctx: CaffeContext) -> None:
         if len(values) not in (1, 3):
             raise ctx.fail(layer, f"{len(values)} mean_value entries for a 3-channel image")
         preprocess.mean_values = values * (3 // len(values))
+    try:
+        preprocess.validate()
+    except ValueError as err:
+        raise ctx.fail(layer, f"transform_param: {err}") from None
     size = size or ctx.input_hw
+    if not layer.top:
+        raise ctx.fail(layer, "needs a top blob")
     if size is None:
         raise ctx.fail(layer, "the input size is not in the prototxt (no crop_size or mean_file): "
                               "give it, e.g. with --crop H,W")
-    define_input(ctx, layer.top[0] if layer.top else "", (1, 3, *size), layer)
+    define_input(ctx, layer.top[0], (1, 3, *size), layer)
     ctx.preprocess = preprocess
 
 
@@ -688,6 +694,8 @@ def convert_batch_norm(layer: LayerParameter, ctx: CaffeContext) -> None:
     channels = channel_count(layer, ctx, x)
     mean, var, factor = layer_blobs(layer, ctx, 3, channels)
     s = 0.0 if factor[0] == 0 else 1.0 / factor[0]  # Caffe's rule for a zero scale factor
+    if not np.all(var * s + float(p.eps) > 0):
+        raise ctx.fail(layer, "variance + eps is not positive for every channel")
     inv_std = 1.0 / np.sqrt(var * s + float(p.eps))
     fold_affine(layer, ctx, x, inv_std, -mean * s * inv_std)
 
