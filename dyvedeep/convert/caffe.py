@@ -605,6 +605,8 @@ def convert_data(layer: LayerParameter, ctx: CaffeContext) -> None:
     (crop_size, mean_file or mean_value, scale) the model's preprocessing; the label top is unused.
     The size comes from crop_size, else the mean file, else ``ctx.input_hw``; colour images."""
     p = layer.transform_param
+    if p.force_gray:
+        raise ctx.fail(layer, "force_gray is not supported (the loaders give colour images)")
     if p.mean_file and p.mean_value:
         raise ctx.fail(layer, "transform_param has both mean_file and mean_value (Caffe refuses this)")
     preprocess = Preprocess(scale=float(p.scale))
