@@ -31,7 +31,8 @@ layer { name: "accuracy" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc
   include { phase: TEST } }
 """
 
-INPUT_LAYER = 'layer { name: "input" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 7 dim: 7 } } }\n'
+INPUT_LAYER = ('layer { name: "input" type: "Input" top: "data" '
+               'input_param { shape { dim: 1 dim: 3 dim: 7 dim: 7 } } }\n')
 
 
 def data_layer(transform: str) -> str:
