@@ -129,6 +129,26 @@ def check_finite(model: onnx.ModelProto, weights: Path) -> None:
             raise DyveError(f"{weights}: weights {init.name} hold NaN or Inf (first at element {bad})")
 
 
+def with_net_preprocess(given: Preprocess | None, from_net: str | None) -> Preprocess:
+    """The preprocessing to store: the net's own (a Caffe Data layer's transform_param) with every
+    field ``given`` sets away from its default put over it; ``given`` or the default without one."""
+    if from_net is None:
+        return given or Preprocess()
+    merged = Preprocess.from_json(from_net)
+    if given is None:
+        return merged
+    default = Preprocess()
+    changed = {f: getattr(given, f) for f in Preprocess.__dataclass_fields__
+               if getattr(given, f) != getattr(default, f)}
+    if "mean_values" in changed:
+        merged.mean_image = merged.mean_shape = None
+    if "mean_image" in changed:
+        merged.mean_values = None
+    for key, value in changed.items():
+        setattr(merged, key, value)
+    return merged
+
+
 def infer_labels(model: onnx.ModelProto) -> str | None:
     """The label set implied by the number of output classes (10 or 1000), if any."""
     dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim[1:]]
@@ -145,16 +165,21 @@ def convert(
 ) -> None:
     """Convert a model to ONNX at ``out`` (written atomically; nothing is left on failure).
 
-    ``preprocess`` defaults to :class:`Preprocess`'s defaults; ``labels`` to the label set
-    implied by the number of classes (10: cifar10, 1000: imagenet).
+    ``preprocess`` defaults to the net's own (a Caffe Data layer's transform_param), else to
+    :class:`Preprocess`'s defaults; given with such a net, the fields it sets override the net's.
+    ``labels`` defaults to the label set implied by the number of classes (10: cifar10, 1000:
+    imagenet).
     """
     fmt, source, weights = detect_format(source, weights)
     if labels is not None and labels not in LABEL_SETS:
         raise DyveError(f"unknown label set {labels!r} (choose from {', '.join(LABEL_SETS)})")
-    converted = CONVERTERS[fmt](source, weights)
+    if fmt == "caffe":  # a Data layer may leave the input size to the preprocessing
+        converted = convert_caffe(source, weights, preprocess.input_hw() if preprocess else None)
+    else:
+        converted = CONVERTERS[fmt](source, weights)
     model = converted.model
     check_finite(model, weights)
-    preprocess = preprocess or Preprocess()
+    preprocess = with_net_preprocess(preprocess, converted.metadata.get(PREPROCESS_KEY))
     check_preprocess(preprocess, model, source)
     metadata = {**converted.metadata, PREPROCESS_KEY: preprocess.to_json()}
     labels = labels or infer_labels(model)

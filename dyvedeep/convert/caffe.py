@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
+from onnx import numpy_helper
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from .. import caffe_pb2
 from ..errors import DyveError
-from ..metadata_keys import SOURCE_KEY
+from ..metadata_keys import PREPROCESS_KEY, SOURCE_KEY
+from ..preprocess import Preprocess
 from .onnx_graph import (
     INPUT_NAME, ConvertedModel, GraphBuilder, Shape, source_metadata,
 )
@@ -49,6 +51,9 @@ _V1_PARAM_FIELDS = (
     "inner_product_param", "lrn_param", "pooling_param", "relu_param", "softmax_param",
     "transform_param", "loss_param", "accuracy_param", "data_param",
 )
+
+# Per-channel affine layers folded into the Conv / Gemm that produces their bottom.
+FOLDABLE_OPS = ("Conv", "Gemm")
 
 
 # --------------------------------------------------------------------------- reading files
@@ -258,6 +263,8 @@ class CaffeContext:
     tensors: dict[str, str] = field(default_factory=dict)  # Caffe blob -> current ONNX tensor
     input_name: str | None = None
     last_output: str | None = None
+    input_hw: tuple[int, int] | None = None  # the input size when the prototxt does not fix it
+    preprocess: Preprocess | None = None  # from a Data layer's transform_param
 
     def fail(self, layer: LayerParameter, problem: str) -> DyveError:
         """A DyveError naming the prototxt, the layer and its type."""
@@ -592,14 +599,173 @@ def convert_flatten(layer: LayerParameter, ctx: CaffeContext) -> None:
         ctx.add_node(layer, "Reshape", [x, target], out_shape)
 
 
+@converts("Data")
+def convert_data(layer: LayerParameter, ctx: CaffeContext) -> None:
+    """Data layer of a train/test net: its first top is the graph input, its ``transform_param``
+    (crop_size, mean_file or mean_value, scale) the model's preprocessing; the label top is unused.
+    The size comes from crop_size, else the mean file, else ``ctx.input_hw``; colour images."""
+    p = layer.transform_param
+    if p.force_gray:
+        raise ctx.fail(layer, "force_gray is not supported (the loaders give colour images)")
+    if p.mean_file and p.mean_value:
+        raise ctx.fail(layer, "transform_param has both mean_file and mean_value (Caffe refuses this)")
+    preprocess = Preprocess(scale=float(p.scale))
+    size = (int(p.crop_size),) * 2 if p.crop_size else None
+    if p.crop_size:
+        preprocess.crop = [int(p.crop_size)] * 2
+    if p.mean_file:
+        mean = read_mean_binaryproto(resolve_beside(ctx.prototxt, p.mean_file, layer, ctx))
+        preprocess.mean_image = [float(v) for v in mean.reshape(-1)]
+        preprocess.mean_shape = [int(d) for d in mean.shape]
+        if size is not None and size != tuple(mean.shape[1:]):
+            raise ctx.fail(layer, f"crop_size {p.crop_size} differs from the {mean.shape[1]} x "
+                                  f"{mean.shape[2]} mean image")
+        size = size or (int(mean.shape[1]), int(mean.shape[2]))
+    elif p.mean_value:
+        values = [float(v) for v in p.mean_value]
+        if len(values) not in (1, 3):
+            raise ctx.fail(layer, f"{len(values)} mean_value entries for a 3-channel image")
+        preprocess.mean_values = values * (3 // len(values))
+    try:
+        preprocess.validate()
+    except ValueError as err:
+        raise ctx.fail(layer, f"transform_param: {err}") from None
+    size = size or ctx.input_hw
+    if not layer.top:
+        raise ctx.fail(layer, "needs a top blob")
+    if size is None:
+        raise ctx.fail(layer, "the input size is not in the prototxt (no crop_size or mean_file): "
+                              "give it, e.g. with --crop H,W")
+    define_input(ctx, layer.top[0], (1, 3, *size), layer)
+    ctx.preprocess = preprocess
+
+
+def resolve_beside(prototxt: Path, name: str, layer: LayerParameter, ctx: CaffeContext) -> Path:
+    """A file a prototxt names (relative to Caffe's working directory): as written if it exists,
+    else the file of that name beside the prototxt."""
+    for candidate in (Path(name), Path(prototxt).parent / Path(name).name):
+        if candidate.is_file():
+            return candidate
+    raise ctx.fail(layer, f"mean_file {name} not found (looked beside the prototxt too)")
+
+
+@converts("Accuracy")
+def convert_accuracy(layer: LayerParameter, ctx: CaffeContext) -> None:
+    """Accuracy of a test net: dropped (it needs the labels and computes no prediction)."""
+
+
+@converts("SoftmaxWithLoss")
+def convert_softmax_with_loss(layer: LayerParameter, ctx: CaffeContext) -> None:
+    """SoftmaxWithLoss of a test net: the loss is dropped, the net ends in its Softmax."""
+    x = ctx.bottom(layer)
+    shape = ctx.shape(x)
+    axis = normalize_axis(layer.softmax_param.axis, len(shape) + 1)
+    if not 1 <= axis <= len(shape):
+        raise ctx.fail(layer, f"axis {layer.softmax_param.axis} is not supported")
+    ctx.add_node(layer, "Softmax", [x], shape, axis=axis)
+
+
+def layer_blobs(layer: LayerParameter, ctx: CaffeContext, count: int, channels: int) -> list[np.ndarray]:
+    """The ``count`` per-channel blobs of a BatchNorm / Scale layer (BatchNorm's third blob is
+    its one scale factor) as float64, or a DyveError naming the layer when the count is wrong."""
+    arrays = getattr(ctx.weights, "blobs", {}).get(layer.name)
+    if arrays is not None and len(arrays) != count:
+        raise DyveError(f"{ctx.weights.path}: layer '{layer.name}' (type {layer.type}) has "
+                        f"{len(arrays)} blobs, expected {count}")
+    shapes = [(1,) if layer.type == "BatchNorm" and i == 2 else (channels,) for i in range(count)]
+    return [ctx.weights.get(layer.name, i, shape, any_shape=True).astype(np.float64)
+            for i, shape in enumerate(shapes)]
+
+
+def channel_count(layer: LayerParameter, ctx: CaffeContext, x: str) -> int:
+    """Channels of the bottom ``x`` (axis 1)."""
+    shape = ctx.shape(x)
+    if not shape:
+        raise ctx.fail(layer, "needs an input with a channel axis")
+    return int(shape[0])
+
+
+@converts("BatchNorm")
+def convert_batch_norm(layer: LayerParameter, ctx: CaffeContext) -> None:
+    """BatchNorm with stored statistics: y = (x - mean/s) / sqrt(var/s + eps), s the stored scale
+    factor (0 meaning no statistics), folded into the preceding Conv / InnerProduct."""
+    p = layer.batch_norm_param
+    if p.HasField("use_global_stats") and not p.use_global_stats:
+        raise ctx.fail(layer, "use_global_stats is false: batch statistics at test time are not supported")
+    x = ctx.bottom(layer)
+    channels = channel_count(layer, ctx, x)
+    mean, var, factor = layer_blobs(layer, ctx, 3, channels)
+    s = 0.0 if factor[0] == 0 else 1.0 / factor[0]  # Caffe's rule for a zero scale factor
+    if not np.all(var * s + float(p.eps) > 0):
+        raise ctx.fail(layer, "variance + eps is not positive for every channel")
+    inv_std = 1.0 / np.sqrt(var * s + float(p.eps))
+    fold_affine(layer, ctx, x, inv_std, -mean * s * inv_std)
+
+
+@converts("Scale")
+def convert_scale(layer: LayerParameter, ctx: CaffeContext) -> None:
+    """Scale (per-channel gamma, optional beta) with learned blobs, folded into the preceding
+    Conv / InnerProduct (usually through a BatchNorm already folded there)."""
+    p = layer.scale_param
+    if len(layer.bottom) != 1:
+        raise ctx.fail(layer, "a scale taken from a second bottom is not supported")
+    x = ctx.bottom(layer)
+    if normalize_axis(p.axis, len(ctx.shape(x)) + 1) != 1 or p.num_axes != 1:
+        raise ctx.fail(layer, f"axis {p.axis}, num_axes {p.num_axes}: only per-channel scales (1, 1)")
+    channels = channel_count(layer, ctx, x)
+    blobs = layer_blobs(layer, ctx, 2 if p.bias_term else 1, channels)
+    gamma = blobs[0]
+    beta = blobs[1] if p.bias_term else np.zeros_like(gamma)
+    fold_affine(layer, ctx, x, gamma, beta)
+
+
+def fold_affine(layer: LayerParameter, ctx: CaffeContext, x: str, mul: np.ndarray, add: np.ndarray) -> None:
+    """Make y = x * mul + add (per channel) part of the Conv / Gemm node writing ``x``:
+    w' = w * mul, b' = b * mul + add (in float64, rounded once). The top then names ``x``.
+
+    Possible only when the node writes ``x`` for this layer alone (no node reads it yet and no
+    other Caffe blob names it) and the layer runs in place; otherwise the per-channel Mul and Add
+    would need broadcasting, which the engine's element-wise ops do not do."""
+    graph = ctx.graph
+    producer = next((n for n in graph.nodes if x in n.output), None)
+    readers = [n for n in graph.nodes if x in n.input]
+    aliases = [blob for blob, tensor in ctx.tensors.items() if tensor == x]
+    in_place = layer.top and layer.top[0] == layer.bottom[0]
+    if (producer is None or producer.op_type not in FOLDABLE_OPS or readers or not in_place
+            or aliases != [layer.bottom[0]]
+            or (producer.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1
+                                                       for a in producer.attribute))):
+        raise ctx.fail(layer, "cannot be folded into a preceding Convolution or InnerProduct "
+                              "(run in place right after one), and the engine has no per-channel Mul/Add")
+    inits = {t.name: i for i, t in enumerate(graph.initializers)}
+    weight = numpy_helper.to_array(graph.initializers[inits[producer.input[1]]]).astype(np.float64)
+    out_channels = weight.shape[0]
+    if mul.shape != (out_channels,):
+        raise ctx.fail(layer, f"has {mul.shape[0]} channels, its input {out_channels}")
+    if len(producer.input) > 2:
+        bias = numpy_helper.to_array(graph.initializers[inits[producer.input[2]]]).astype(np.float64)
+    else:
+        bias = np.zeros(out_channels)
+        producer.input.append(graph.add_initializer(f"{producer.name}_b", bias.astype(np.float32)))
+        inits[producer.input[2]] = len(graph.initializers) - 1
+    scaled = weight * mul.reshape((-1,) + (1,) * (weight.ndim - 1))
+    for index, array in ((1, scaled), (2, bias * mul + add)):
+        name = producer.input[index]
+        graph.initializers[inits[name]] = numpy_helper.from_array(array.astype(np.float32), name)
+    ctx.set_top(layer, x)
+
+
 # --------------------------------------------------------------------------- whole nets
 
 
 def net_to_graph(
-    net: caffe_pb2.NetParameter, weights: WeightSource, prototxt: Path
-) -> tuple[GraphBuilder, str]:
-    """Convert every layer of ``net``; returns the graph and its output tensor (the last blob)."""
-    ctx = CaffeContext(GraphBuilder(net.name or Path(prototxt).stem), weights, Path(prototxt))
+    net: caffe_pb2.NetParameter, weights: WeightSource, prototxt: Path,
+    input_hw: tuple[int, int] | None = None,
+) -> CaffeContext:
+    """Convert every layer of ``net``; the context holds the graph and its output tensor (the
+    last blob) and any preprocessing a Data layer gives."""
+    ctx = CaffeContext(GraphBuilder(net.name or Path(prototxt).stem), weights, Path(prototxt),
+                       input_hw=input_hw)
     for blob, dims in legacy_inputs(net, prototxt):
         define_input(ctx, blob, dims)
     for layer in net_layers(net):
@@ -612,7 +778,7 @@ def net_to_graph(
     if ctx.last_output is None or ctx.last_output == ctx.input_name:
         raise DyveError(f"{prototxt}: the net computes nothing")
     check_in_place_tops(net_layers(net), prototxt)
-    return ctx.graph, ctx.last_output
+    return ctx
 
 
 IN_PLACE_TYPES = ("ReLU", "Dropout")
@@ -633,18 +799,23 @@ def check_in_place_tops(layers: list[LayerParameter], prototxt: Path) -> None:
 
 
 def caffe_model(net: caffe_pb2.NetParameter, weights: WeightSource, prototxt: Path,
-                fmt: str, files: list[Path]) -> ConvertedModel:
-    """Convert a parsed net with the given weights into a :class:`ConvertedModel`."""
-    graph, output = net_to_graph(net, weights, prototxt)
-    model = graph.to_model(INPUT_NAME, output, producer=f"dyvedeep.convert.{fmt}")
-    return ConvertedModel(model, {SOURCE_KEY: source_metadata(fmt, files)})
+                fmt: str, files: list[Path], input_hw: tuple[int, int] | None = None) -> ConvertedModel:
+    """Convert a parsed net with the given weights into a :class:`ConvertedModel` (with the
+    preprocessing of its Data layer, if it has one, under ``dyvedeep.preprocess``)."""
+    ctx = net_to_graph(net, weights, prototxt, input_hw)
+    model = ctx.graph.to_model(INPUT_NAME, ctx.last_output, producer=f"dyvedeep.convert.{fmt}")
+    metadata = {SOURCE_KEY: source_metadata(fmt, files)}
+    if ctx.preprocess is not None:
+        metadata[PREPROCESS_KEY] = ctx.preprocess.to_json()
+    return ConvertedModel(model, metadata)
 
 
-def convert_caffe(prototxt: Path, caffemodel: Path) -> ConvertedModel:
-    """Convert a Caffe deploy prototxt and its caffemodel."""
+def convert_caffe(prototxt: Path, caffemodel: Path, input_hw: tuple[int, int] | None = None) -> ConvertedModel:
+    """Convert a Caffe deploy or test prototxt and its caffemodel; ``input_hw`` is the input size
+    of a Data layer that does not fix it."""
     net = read_prototxt(prototxt)
     weights = CaffemodelWeights(Path(caffemodel), read_caffemodel(caffemodel))
-    return caffe_model(net, weights, Path(prototxt), "caffe", [Path(prototxt), Path(caffemodel)])
+    return caffe_model(net, weights, Path(prototxt), "caffe", [Path(prototxt), Path(caffemodel)], input_hw)
 
 
 def weight_layers(net: caffe_pb2.NetParameter) -> list[LayerParameter]:
