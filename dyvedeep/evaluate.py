@@ -184,15 +184,23 @@ def parse_image_range(text: str, total: int) -> tuple[int, int]:
 
 def run_range(engine: Engine, dataset, start: int, stop: int, label: str, batch_size: int = 64) -> np.ndarray:
     """Outputs of ``engine`` on images ``start:stop`` of ``dataset``; the whole dataset goes
-    through its batches (which fill the preprocessed cache), a part is read image range by range."""
+    through its batches (which fill the preprocessed cache), a part is read image range by range.
+    Outputs that are not finite (weights whose products overflow) are refused: a top-1 of NaN
+    scores is no result."""
     if (start, stop) == (0, len(dataset)):
-        return run_engine(engine, dataset, label, batch_size)
-    outputs = []
-    progress = Progress(label, stop - start)
-    for a in range(start, stop, batch_size):
-        outputs.append(engine.run(dataset.images(a, min(a + batch_size, stop))))
-        progress.update(min(a + batch_size, stop) - start)
-    return np.concatenate(outputs) if outputs else np.zeros((0,) + tuple(engine.plan.output_shape), np.float32)
+        outputs = run_engine(engine, dataset, label, batch_size)
+    else:
+        parts = []
+        progress = Progress(label, stop - start)
+        for a in range(start, stop, batch_size):
+            parts.append(engine.run(dataset.images(a, min(a + batch_size, stop))))
+            progress.update(min(a + batch_size, stop) - start)
+        outputs = np.concatenate(parts) if parts else np.zeros((0,) + tuple(engine.plan.output_shape), np.float32)
+    bad = np.flatnonzero(~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1))
+    if len(bad):
+        raise DyveError(f"{engine.plan.path}: the model's output holds NaN or Inf on {len(bad)} image(s), "
+                        f"the first image {start + int(bad[0])} ({label})")
+    return outputs
 
 
 def knob_key(knobs: KnobConfig | None) -> str | None:

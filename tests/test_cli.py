@@ -233,6 +233,16 @@ def test_verify_fails_in_one_line_when_onnxruntime_outputs_nan(tmp_path, capsys,
     assert len(lines) == 1 and "overflow.onnx" in lines[0] and "NaN" in lines[0], err
 
 
+def test_eval_refuses_outputs_that_overflow_to_nan(tmp_path, capsys, small_model, small_data):
+    """Finite weights whose products overflow: no top-1 is computed from NaN scores."""
+    bad = with_initializer(small_model, tmp_path / "overflow.onnx", "W1", lambda w: np.full_like(w, 3e38))
+    out_json = tmp_path / "eval.json"
+    code, out, err = run(capsys, "eval", bad, "--data", f"npz:{small_data['test']}", "--json", out_json)
+    errors = [line for line in err.strip().splitlines() if line.startswith("dyvedeep:")]  # past the progress
+    assert code == 2 and not out_json.exists()
+    assert len(errors) == 1 and "overflow.onnx" in errors[0] and "NaN or Inf" in errors[0], err
+
+
 @pytest.mark.parametrize("key, value, needle", [
     ("dyvedeep.preprocess", "{not json", "not valid JSON"),
     ("dyvedeep.preprocess", '{"channel_order": "GBR"}', "channel_order"),
