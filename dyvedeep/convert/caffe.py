@@ -531,9 +531,10 @@ def convert_split(layer: LayerParameter, ctx: CaffeContext) -> None:
         ctx.set_top(layer, x, i)
 
 
-@converts("Softmax")
+@converts("Softmax", "SoftmaxWithLoss")
 def convert_softmax(layer: LayerParameter, ctx: CaffeContext) -> None:
-    """Softmax over the channel axis (Caffe's axis, 1 by default)."""
+    """Softmax over the channel axis (Caffe's axis, 1 by default); also a test net's
+    SoftmaxWithLoss, whose loss is dropped so that the net ends in its Softmax."""
     x = ctx.bottom(layer)
     shape = ctx.shape(x)
     axis = normalize_axis(layer.softmax_param.axis, len(shape) + 1)
@@ -654,15 +655,6 @@ def convert_accuracy(layer: LayerParameter, ctx: CaffeContext) -> None:
     """Accuracy of a test net: dropped (it needs the labels and computes no prediction)."""
 
 
-@converts("SoftmaxWithLoss")
-def convert_softmax_with_loss(layer: LayerParameter, ctx: CaffeContext) -> None:
-    """SoftmaxWithLoss of a test net: the loss is dropped, the net ends in its Softmax."""
-    x = ctx.bottom(layer)
-    shape = ctx.shape(x)
-    axis = normalize_axis(layer.softmax_param.axis, len(shape) + 1)
-    if not 1 <= axis <= len(shape):
-        raise ctx.fail(layer, f"axis {layer.softmax_param.axis} is not supported")
-    ctx.add_node(layer, "Softmax", [x], shape, axis=axis)
 
 
 def layer_blobs(layer: LayerParameter, ctx: CaffeContext, count: int, channels: int) -> list[np.ndarray]:
