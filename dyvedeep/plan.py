@@ -31,7 +31,8 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import DyveError
-from .preprocess import LABELS_KEY, METADATA_KEY, Preprocess
+from .metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY
+from .preprocess import Preprocess
 
 class Op(str, Enum):
     """The engine's ops (a layer's ``op``); equal to their names as strings."""
@@ -194,8 +195,8 @@ def build_plan(path: str | Path) -> Plan:
         raise DyveError(f"{path}: the engine needs exactly one input and one output")
     shapes = _shapes(model, path)
     metadata = {p.key: p.value for p in model.metadata_props}
-    preprocess = Preprocess.from_json(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
-    nonzero = json.loads(metadata.get("dyvedeep.nonzero_weights", "{}"))
+    preprocess = Preprocess.from_json(metadata[PREPROCESS_KEY]) if PREPROCESS_KEY in metadata else None
+    nonzero = json.loads(metadata.get(NONZERO_KEY, "{}"))
 
     layers: list[Layer] = []
     for node in graph.node:

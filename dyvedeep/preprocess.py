@@ -21,12 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from .metadata_keys import LABELS_KEY, PREPROCESS_KEY
-
-# plan.py still imports the keys from here under these names (it is outside this change).
-METADATA_KEY = PREPROCESS_KEY
-__all__ = ["LABELS_KEY", "METADATA_KEY", "Preprocess"]
-
 
 MAX_SIZE = 1 << 16  # pixels per side; beyond it a resize or crop is a broken file
 

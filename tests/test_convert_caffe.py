@@ -18,13 +18,9 @@ from dyvedeep.convert.caffe import convert_caffe, read_caffemodel
 from dyvedeep.errors import DyveError
 from dyvedeep.metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
 from dyvedeep.preprocess import Preprocess
-from tests.factory import (
-    OVERFEAT_FAST_SHAPES,
-    TINY_NETS,
+from tests.factories.caffe import (
     alexnet,
     blob_shapes,
-    caffe_forward,
-    cifar10_test_images,
     overfeat_fast,
     param_shapes,
     random_input,
@@ -32,6 +28,9 @@ from tests.factory import (
     vgg16,
     write_caffe_model,
 )
+from tests.factories.mirror_data import cifar10_test_images
+from tests.factories.prototxts import OVERFEAT_FAST_SHAPES, TINY_NETS
+from tests.factories.reference import caffe_forward
 
 CIFAR_QUICK = "https://github.com/Simshang/pycaffe/raw/c59f61709b0c981f63eec8681327994e73e8f411/"
 CIFAR_FULL = "https://github.com/yuvval/nn_ex1/raw/32f4934aca65c4772eb2a43cb119905e981adba3/examples/cifar10/"

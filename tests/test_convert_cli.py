@@ -13,16 +13,10 @@ import pytest
 from dyvedeep.cli import main
 from dyvedeep.metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
 from dyvedeep.preprocess import Preprocess
-from tests.factory import (
-    DEEP_COMPRESSION_TINY,
-    TINY_NETS,
-    encode_deep_compression,
-    tiny_model,
-    write_caffe_model,
-    write_mean_binaryproto,
-    write_caffemodel,
-    write_openvino_ir,
-)
+from tests.factories.caffe import tiny_model, write_caffe_model, write_caffemodel, write_mean_binaryproto
+from tests.factories.deep_compression import encode_deep_compression
+from tests.factories.openvino import write_openvino_ir
+from tests.factories.prototxts import DEEP_COMPRESSION_TINY, TINY_NETS
 
 
 def metadata_of(path: Path) -> dict[str, str]:

@@ -12,18 +12,14 @@ import pytest
 from dyvedeep.convert import convert, preset_preprocess
 from dyvedeep.convert.deep_compression import convert_deep_compression
 from dyvedeep.errors import DyveError
-from dyvedeep.metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
+from dyvedeep.metadata_keys import NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
 from dyvedeep.preprocess import Preprocess
 from tests.conftest import mirror_path
-from tests.factory import (
-    DEEP_COMPRESSION_TINY,
-    caffe_forward,
-    encode_deep_compression,
-    imagenet_sample,
-    load_resized_rgb,
-    random_input,
-    write_caffe_model,
-)
+from tests.factories.caffe import random_input, write_caffe_model
+from tests.factories.deep_compression import encode_deep_compression
+from tests.factories.mirror_data import imagenet_sample, load_resized_rgb
+from tests.factories.prototxts import DEEP_COMPRESSION_TINY
+from tests.factories.reference import caffe_forward
 
 SQUEEZENET_DC = "https://github.com/songhan/SqueezeNet-Deep-Compression/raw/fb13faa2cf121ced9999f8a9d538ec6c56084733/"
 

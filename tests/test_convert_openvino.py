@@ -11,18 +11,13 @@ import pytest
 from dyvedeep.convert import convert, preset_preprocess
 from dyvedeep.convert.openvino import convert_openvino
 from dyvedeep.errors import DyveError
-from dyvedeep.metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
+from dyvedeep.metadata_keys import NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
 from dyvedeep.preprocess import Preprocess
 from tests.conftest import mirror_path
-from tests.factory import (
-    caffe_forward,
-    imagenet_sample,
-    load_resized_rgb,
-    param_shapes,
-    parse_prototxt,
-    random_input,
-    write_openvino_ir,
-)
+from tests.factories.caffe import param_shapes, parse_prototxt, random_input
+from tests.factories.mirror_data import imagenet_sample, load_resized_rgb
+from tests.factories.openvino import write_openvino_ir
+from tests.factories.reference import caffe_forward
 
 SQUEEZENET_IR = "https://github.com/pixelzee3/copy-paste/raw/3fbd553686edc155777b352fdac77cc0065576ed/squeezenet1.1"
 FORRESTI_V11 = "https://github.com/forresti/SqueezeNet/raw/51147dc0681638c28aad593b9e923f3500117125/SqueezeNet_v1.1/deploy.prototxt"

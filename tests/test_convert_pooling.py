@@ -8,7 +8,8 @@ import pytest
 
 from dyvedeep.convert.onnx_graph import GraphBuilder
 from dyvedeep.convert.pooling import caffe_pool_axis, emit_caffe_average_pool, emit_max_pool
-from tests.factory import pooled_size, ref_pooling
+from tests.factories.caffe import pooled_size
+from tests.factories.reference import ref_pooling
 
 
 def geometries() -> list[tuple[int, int, int, int]]:

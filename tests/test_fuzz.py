@@ -26,13 +26,10 @@ from onnx import numpy_helper
 from dyvedeep.cli import main
 from dyvedeep.convert import convert
 from dyvedeep.preprocess import Preprocess
-from tests.factory import (
-    DEEP_COMPRESSION_TINY,
-    encode_deep_compression,
-    tiny_model,
-    write_caffe_model,
-    write_openvino_ir,
-)
+from tests.factories.caffe import tiny_model, write_caffe_model
+from tests.factories.deep_compression import encode_deep_compression
+from tests.factories.openvino import write_openvino_ir
+from tests.factories.prototxts import DEEP_COMPRESSION_TINY
 
 SEED = 20261203
 # Cases per format (the closing note of issue 20 quotes these).

@@ -1,4 +1,4 @@
-"""End-to-end test of the Snakemake pipeline on a reduced configuration.
+"""End-to-end test of the Snakemake pipeline on the CI configuration (.test/config/config.yaml).
 
 The real `snakemake` runs the real workflow (Snakefile of the project) in a temporary working
 directory on cifar10_quick alone, with small limits, from the offline mirror, on the host and
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import PROJECT_ROOT, find_mirror, mirror_path
 
@@ -43,7 +44,8 @@ QUICK = "https://github.com/Simshang/pycaffe/raw/c59f61709b0c981f63eec8681327994
 QUICK_FILES = ["cifar10_quick.prototxt", "cifar10_quick_iter_5000.caffemodel", "mean.binaryproto"]
 CIFAR_PNG = "https://github.com/PeterJensen/cnn/raw/7246f8d20604aeff3d31080f28cb124a6171e6bd/demo/cifar10/"
 CIFAR_LABELS = "https://github.com/PeterJensen/cnn/raw/8f2fb298ae528a1fe410e580e4ad9f5b6813bb2a/demo/cifar10/cifar10_labels.js"
-N_TEST = 40
+CI_CONFIG = PROJECT_ROOT / ".test" / "config" / "config.yaml"
+N_TEST = yaml.safe_load(CI_CONFIG.read_text(encoding="utf-8"))["limit_test"]
 CI_TIMEOUT_S = 600
 
 
@@ -59,23 +61,15 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def ci_config(mirror: Path, workdir: Path) -> str:
-    """The reduced configuration (an overlay of config/config.yaml), as YAML/JSON text: the
-    host, and a board that cannot be reached (nothing listens on its port)."""
+def run_config(mirror: Path, workdir: Path) -> str:
+    """What only this run knows, as YAML/JSON text on top of the CI configuration
+    (.test/config/config.yaml): the mirror, and the unreachable board's port (nothing listens
+    on it) and key."""
     key = workdir / "unreachable_key"
     key.write_text("not a key\n", encoding="utf-8")
     return json.dumps({
-        "suite": "ci",
-        "suites": {"ci": {"benchmarks": ["cifar10_quick"]}},
         "mirror": str(mirror),
-        "limit_calib": 40,
-        "limit_test": N_TEST,
-        "bench": {"images": 6, "warmup": 1},
-        "calibrate": {"passes": 1},
-        "platforms": {"board": {"kind": "ssh", "label": "Unreachable board", "host": "127.0.0.1",
-                                "port": closed_port(), "user": "pi", "key": str(key),
-                                "emulated": True, "threads": [1]}},
-        "platforms_enabled": ["x86", "board"],
+        "platforms": {"board": {"port": closed_port(), "key": str(key)}},
     }, indent=2)
 
 
@@ -92,20 +86,22 @@ def real_mirror() -> Path:
 
 
 def make_workdir(path: Path, mirror: Path) -> Path:
-    """A working directory with the project's config/ and the CI overlay."""
+    """A working directory with the project's config/ and this run's values (ci.yaml)."""
     path.mkdir(parents=True, exist_ok=True)
     shutil.copytree(PROJECT_ROOT / "config", path / "config")
-    (path / "ci.yaml").write_text(ci_config(mirror, path), encoding="utf-8")
+    (path / "ci.yaml").write_text(run_config(mirror, path), encoding="utf-8")
     return path
 
 
 def snakemake(workdir: Path, *args: str, timeout: float = CI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run the project's workflow in ``workdir`` with the CI overlay; output captured."""
+    """Run the project's workflow in ``workdir`` with the CI configuration and this run's
+    values; output captured."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.pop("DYVEDEEP_MIRROR", None)  # the config's mirror decides
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "Snakefile"),
-           "--directory", str(workdir), "--cores", "2", *args, "--configfile", str(workdir / "ci.yaml")]
+           "--directory", str(workdir), "--cores", "2", *args,
+           "--configfile", str(CI_CONFIG), str(workdir / "ci.yaml")]
     proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
     return proc
@@ -235,7 +231,8 @@ def test_killed_calibration_resumes(real_mirror: Path, tmp_path: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.pop("DYVEDEEP_MIRROR", None)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "Snakefile"), "--directory",
-           str(workdir), "--cores", "2", "results/eval/cifar10_quick.json", "--configfile", str(workdir / "ci.yaml")]
+           str(workdir), "--cores", "2", "results/eval/cifar10_quick.json",
+           "--configfile", str(CI_CONFIG), str(workdir / "ci.yaml")]
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:

@@ -16,8 +16,8 @@ from dyvedeep.engine import Engine
 from dyvedeep.evaluate import evaluate, verify
 from dyvedeep.knobs import KnobConfig, applicable_knobs
 from dyvedeep.plan import build_plan
-from tests import factory
 from tests.conftest import mirror_path
+from tests.factories.caffe import alexnet, overfeat_fast, vgg16
 
 GH = "https://github.com"
 QUICK = f"{GH}/Simshang/pycaffe/raw/c59f61709b0c981f63eec8681327994e73e8f411"
@@ -145,7 +145,7 @@ def paper_models(tmp_path_factory) -> dict[str, Path]:
     """AlexNet, VGG-16 (V1 format) and OverFeat fast with random weights, converted once."""
     out_dir = tmp_path_factory.mktemp("paper")
     paths = {}
-    for name, make in (("alexnet", factory.alexnet), ("vgg16", factory.vgg16), ("overfeat", factory.overfeat_fast)):
+    for name, make in (("alexnet", alexnet), ("vgg16", vgg16), ("overfeat", overfeat_fast)):
         files = make(out_dir / name)
         paths[name] = out_dir / f"{name}.onnx"
         convert(files.prototxt, files.caffemodel, paths[name])

@@ -51,7 +51,8 @@ def make_model(path: Path, rng: np.random.Generator) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from dyvedeep.preprocess import LABELS_KEY, METADATA_KEY, Preprocess
+    from dyvedeep.metadata_keys import LABELS_KEY, PREPROCESS_KEY, SOURCE_KEY
+    from dyvedeep.preprocess import Preprocess
 
     def weights(name: str, shape: tuple[int, ...], fan_in: int) -> list[onnx.TensorProto]:
         w = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
@@ -81,8 +82,8 @@ def make_model(path: Path, rng: np.random.Generator) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    for key, value in ((METADATA_KEY, Preprocess(channel_order="RGB").to_json()), (LABELS_KEY, "cifar10"),
-                       ("dyvedeep.source", json.dumps({"format": "synthetic", "files": []}))):
+    for key, value in ((PREPROCESS_KEY, Preprocess(channel_order="RGB").to_json()), (LABELS_KEY, "cifar10"),
+                       (SOURCE_KEY, json.dumps({"format": "synthetic", "files": []}))):
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

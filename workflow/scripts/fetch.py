@@ -45,7 +45,7 @@ for f in sm.params.files:
 # Formats whose weights can be downloaded but not converted here.
 UNCONVERTIBLE = {
     "overfeat": "OverFeat's own weight format has no converter in dyvedeep convert; turn the weights "
-                "into a caffemodel (with the overfeat_fast prototxt of tests/factory.py) and use format caffe",
+                "into a caffemodel (with the overfeat_fast prototxt of tests/factories/prototxts.py) and use format caffe",
 }
 if sm.params.format in UNCONVERTIBLE:
     reasons.append(UNCONVERTIBLE[sm.params.format])
