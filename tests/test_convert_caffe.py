@@ -16,7 +16,7 @@ from dyvedeep import caffe_pb2
 from dyvedeep.convert import convert, preset_preprocess, read_mean_binaryproto
 from dyvedeep.convert.caffe import convert_caffe, read_caffemodel
 from dyvedeep.errors import DyveError
-from dyvedeep.metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
+from dyvedeep.metadata_keys import LABELS_KEY, PREPROCESS_KEY, SOURCE_KEY
 from dyvedeep.preprocess import Preprocess
 from tests.factories.caffe import (
     alexnet,

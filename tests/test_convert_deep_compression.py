@@ -12,7 +12,7 @@ import pytest
 from dyvedeep.convert import convert, preset_preprocess
 from dyvedeep.convert.deep_compression import convert_deep_compression
 from dyvedeep.errors import DyveError
-from dyvedeep.metadata_keys import NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
+from dyvedeep.metadata_keys import NONZERO_KEY, PREPROCESS_KEY
 from dyvedeep.preprocess import Preprocess
 from tests.conftest import mirror_path
 from tests.factories.caffe import random_input, write_caffe_model

@@ -11,7 +11,7 @@ import pytest
 from dyvedeep.convert import convert, preset_preprocess
 from dyvedeep.convert.openvino import convert_openvino
 from dyvedeep.errors import DyveError
-from dyvedeep.metadata_keys import NONZERO_KEY, PREPROCESS_KEY, SOURCE_KEY
+from dyvedeep.metadata_keys import PREPROCESS_KEY
 from dyvedeep.preprocess import Preprocess
 from tests.conftest import mirror_path
 from tests.factories.caffe import param_shapes, parse_prototxt, random_input

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import mirror_path
-from dyvedeep import catalog, datasets
+from dyvedeep import catalog
 from dyvedeep.datasets import export_npz, load_dataset, parse_spec, spec_source
 from dyvedeep.errors import DyveError
 from dyvedeep.preprocess import Preprocess

@@ -200,7 +200,6 @@ def _conv_ref(x: np.ndarray, w: np.ndarray, pad: int) -> np.ndarray:
 
 def reference_knobs(x, w, b, pad, sfma_t, sdss_t, spet_t, fraction=0.5):
     """The specification's rules written directly: SFMA, then SPET per neuron, then SDSS fill."""
-    cin = x.shape[0]
     means = x.astype(np.float64).mean(axis=(1, 2))
     std = x.astype(np.float64).std(axis=(1, 2))
     spread = std / np.abs(x.astype(np.float64)).mean()
