@@ -70,10 +70,14 @@ def run_cli(argv: list[str]) -> Outcome:
     return Outcome(code, out.getvalue(), err.getvalue())
 
 
+PROGRESS_LINE = re.compile(r"[\w ./-]+: \d+/\d+ images \([\d.]+/s\)")
+
+
 def contract_problem(outcome: Outcome, output: Path | None, allowed: tuple[int, ...] = (0, 2),
                      succeeded: Callable[[], bool] | None = None) -> str | None:
     """What breaks the contract in ``outcome`` (None when it holds)."""
-    lines = outcome.stderr.splitlines()
+    # the progress lines of long work (cli_support.Progress) may come before the one error line
+    lines = [line for line in outcome.stderr.splitlines() if not PROGRESS_LINE.fullmatch(line)]
     if "Traceback" in outcome.stderr or "\x00" in outcome.stderr:
         return f"traceback or NUL on stderr: {outcome.stderr[-300:]!r}"
     if outcome.code not in allowed:
