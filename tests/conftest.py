@@ -40,3 +40,16 @@ def skip_unless_linux_root(what: str, why_root: str) -> None:
         pytest.skip(f"{what} needs Linux")
     if os.geteuid() != 0:
         pytest.skip(f"{what} needs root ({why_root})")
+
+
+def path_requested(config: pytest.Config, folder: Path, env: str) -> bool:
+    """Whether this run asked for the tests of ``folder`` (``pytest tests/pi`` as ``make
+    test-pi`` runs it, or the variable ``env`` set to 1); a plain ``pytest tests`` (``make
+    test``) skips those paths: they take minutes and start system daemons."""
+    if os.environ.get(env) == "1":
+        return True
+    for arg in config.args:
+        target = Path(arg.split("::", 1)[0]).resolve()
+        if target == folder or folder in target.parents:
+            return True
+    return False

@@ -19,21 +19,13 @@ import pytest
 
 from dyvedeep import remote
 
-from tests.conftest import skip_unless_linux_root
+from tests.conftest import path_requested, skip_unless_linux_root
 from pi_support import PROJECT_ROOT, TIMINGS, board_from_description, load_emulator, write_small_model
 
 
 def pi_path_requested(config: pytest.Config) -> bool:
-    """Whether this run asked for the Pi path: ``pytest tests/pi`` (``make test-pi``) or
-    DYVEDEEP_TEST_PI=1; a plain ``pytest tests`` (``make test``) skips it, it takes minutes."""
-    if os.environ.get("DYVEDEEP_TEST_PI") == "1":
-        return True
-    here = Path(__file__).resolve().parent
-    for arg in config.args:
-        target = Path(arg.split("::", 1)[0]).resolve()
-        if target == here or here in target.parents:
-            return True
-    return False
+    """``pytest tests/pi`` (``make test-pi``) or DYVEDEEP_TEST_PI=1."""
+    return path_requested(config, Path(__file__).resolve().parent, "DYVEDEEP_TEST_PI")
 
 
 @pytest.fixture(scope="session")

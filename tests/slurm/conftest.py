@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,7 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import skip_unless_linux_root
+from tests.conftest import path_requested, skip_unless_linux_root
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: What the session measured (printed at the end, kept in <cluster dir>/test-slurm.json).
@@ -25,14 +24,8 @@ MEASURED: dict[str, Any] = {}
 
 
 def slurm_path_requested(config: pytest.Config) -> bool:
-    if os.environ.get("DYVEDEEP_TEST_SLURM") == "1":
-        return True
-    here = Path(__file__).resolve().parent
-    for arg in config.args:
-        target = Path(arg.split("::", 1)[0]).resolve()
-        if target == here or here in target.parents:
-            return True
-    return False
+    """``pytest tests/slurm`` (``make test-slurm``) or DYVEDEEP_TEST_SLURM=1."""
+    return path_requested(config, Path(__file__).resolve().parent, "DYVEDEEP_TEST_SLURM")
 
 
 def load_cluster_tool() -> ModuleType:
