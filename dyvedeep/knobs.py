@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from .errors import DyveError
-from .io_utils import write_text_atomic
+from .io_utils import read_text_limited, write_text_atomic
 from .plan import Layer, Op, Plan
 
 KNOB_NAMES = ("sfma", "sdss", "spet")  # order of application inside a layer
@@ -213,17 +213,7 @@ def load_knobs(path: str | Path, plan: Plan) -> KnobConfig:
     """Read and validate a knob file for ``plan`` (at most :data:`KNOB_FILE_MAX_BYTES`, UTF-8,
     one YAML mapping with a ``layers`` key)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(KNOB_FILE_MAX_BYTES + 1)
-    except OSError as err:
-        raise DyveError(f"{path}: cannot read knob file ({err.strerror})") from None
-    if len(raw) > KNOB_FILE_MAX_BYTES:
-        raise DyveError(f"{path}: larger than {KNOB_FILE_MAX_BYTES} bytes; not a knob file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DyveError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    text = read_text_limited(path, KNOB_FILE_MAX_BYTES, "a knob file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 from .errors import DyveError
-from .io_utils import write_json_atomic
+from .io_utils import read_text_limited, write_json_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Files of the source distribution, relative to the project root (the engine version hashes them).
@@ -471,17 +471,9 @@ _SSH_WORD = re.compile(r"[A-Za-z0-9_.:%@\[\]-]+")
 
 def read_board_file(path: Path) -> dict[str, Any]:
     """The JSON object of a board file (size, encoding and type checked; one line otherwise)."""
+    text = read_text_limited(path, BOARD_FILE_MAX_BYTES, "a board description")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(BOARD_FILE_MAX_BYTES + 1)
-    except OSError as err:
-        raise DyveError(f"{path}: cannot read the board description ({err.strerror})") from None
-    if len(raw) > BOARD_FILE_MAX_BYTES:
-        raise DyveError(f"{path}: larger than {BOARD_FILE_MAX_BYTES} bytes; not a board description")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise DyveError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        data = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as err:
         raise DyveError(f"{path}: not valid JSON ({str(err)[:80]})") from None
     if not isinstance(data, dict):
