@@ -1,6 +1,7 @@
-"""Bench: batch-1 latency of the dense engine, of DyVEDeep (a knob file) and of onnxruntime on
-the same images and threads, measured in one run (interleaved image by image so that machine
-noise hits all three alike); reports medians after warm-up and the speed-ups."""
+"""Bench: batch-1 latency of the dense engine, of DyVEDeep (a knob file), of onnxruntime on the
+same images and threads, and of the papers' baseline (Caffe's im2col + sgemm, one thread,
+``engine.CaffeBaseline``), measured in one run (blocks of images alternating over rounds so
+that machine noise hits all engines alike); reports medians after warm-up and the speed-ups."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .engine import Engine, set_blas_threads
+from .engine import CaffeBaseline, Engine, set_blas_threads
 from .errors import DyveError
 from .cli_support import Progress, load_plan, onnxruntime_session, open_dataset, platform_info
 from .io_utils import write_json_atomic
@@ -33,8 +34,9 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int, warmup: int,
-          with_onnxruntime: bool = True, rounds: int = 3) -> dict[str, Any]:
-    """Median per-image latency (ms) of each engine over ``images`` (N, C, H, W), batch 1."""
+          with_onnxruntime: bool = True, rounds: int = 3, with_caffe: bool = True) -> dict[str, Any]:
+    """Median per-image latency (ms) of each engine over ``images`` (N, C, H, W), batch 1. The
+    Caffe-style baseline always runs on one thread (the papers' sequential baseline)."""
     plan = build_plan(model)
     knobs = load_knobs(knobs_path, plan) if knobs_path else None
     dense = Engine(plan, threads=threads)
@@ -51,7 +53,9 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
         runners["dyvedeep"] = dyve.run
     if session is not None:
         runners["onnxruntime"] = lambda b: session.run(None, {input_name: b})
-    times: dict[str, list[float]] = {"dense": [], "dyvedeep": [], "onnxruntime": []}
+    if with_caffe:
+        runners["caffe"] = CaffeBaseline(plan).run
+    times: dict[str, list[float]] = {"dense": [], "dyvedeep": [], "onnxruntime": [], "caffe": []}
     progress = Progress("bench", rounds * len(runners) * len(images))
     done = 0
     # Each engine runs a block of images on its own (so that one engine's idle, spinning thread
@@ -89,6 +93,8 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
         "speedup": med["dense"] / med["dyvedeep"] if med["dyvedeep"] else None,
         "speedup_vs_onnxruntime": (med["onnxruntime"] / med["dyvedeep"]) if med["onnxruntime"] else None,
         "dense_vs_onnxruntime": (med["dense"] / med["onnxruntime"]) if med["onnxruntime"] else None,
+        "latency_caffe_ms": med["caffe"],
+        "speedup_vs_caffe": (med["caffe"] / med["dyvedeep"]) if med["caffe"] else None,
         "onnxruntime_note": "" if session is not None else onnxruntime_note,
         "platform": platform_info(),
     }
@@ -119,7 +125,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.load < 0:
         raise DyveError(f"--load {args.load}: expected a number of busy processes >= 0")
     with busy_load(args.load):
-        result = bench(args.model, images, args.knobs, args.threads, args.warmup, not args.no_onnxruntime, args.rounds)
+        result = bench(args.model, images, args.knobs, args.threads, args.warmup, not args.no_onnxruntime, args.rounds,
+                       not args.no_caffe)
     result["load"] = args.load
     print(f"threads: {result['threads']}, images: {result['n_images']} (after {result['warmup']} warm-up)"
           + (f", {args.load} busy processes running" if args.load else ""))
@@ -132,6 +139,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"(dense engine / onnxruntime = {result['dense_vs_onnxruntime']:.2f}x)")
     else:
         print(f"onnxruntime: {result['onnxruntime_note']}")
+    if result["latency_caffe_ms"] is not None:
+        print(f"median latency, Caffe-style baseline (im2col + sgemm, 1 thread): {result['latency_caffe_ms']:.3f} ms "
+              f"(speed-up of {'DyVEDeep' if args.knobs else 'the dense engine'} over it "
+              f"{result['speedup_vs_caffe']:.2f}x)")
     if args.json:
         write_json_atomic(args.json, result)
     return 0
@@ -139,7 +150,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench``."""
-    p = subparsers.add_parser("bench", help="batch-1 latency: dense engine, DyVEDeep, onnxruntime")
+    p = subparsers.add_parser("bench",
+                              help="batch-1 latency: dense engine, DyVEDeep, onnxruntime, Caffe-style baseline")
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
     p.add_argument("--knobs", type=Path, default=None, metavar="KNOBS.yaml")
     p.add_argument("--threads", type=int, default=1)
@@ -149,6 +161,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each engine's block (default 3)")
     p.add_argument("--mirror", type=Path, default=None, metavar="DIR")
     p.add_argument("--no-onnxruntime", action="store_true", help="skip the onnxruntime reference")
+    p.add_argument("--no-caffe", action="store_true",
+                   help="skip the papers' baseline (Caffe-style: im2col + sgemm, 1 thread)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT.json")
     p.add_argument("--load", type=int, default=0, metavar="N", help="run N busy processes during the bench (default 0)")
     p.set_defaults(func=cmd_bench)

@@ -121,7 +121,8 @@ def test_unsupported_op_through_the_cli(tmp_path, capsys):
     assert code != 0 and "tanh.onnx" in err and "Tanh" in err and len(err.strip().splitlines()) == 1
 
 
-def test_bench_reports_three_engines_in_one_run(tmp_path, capsys, small_model, small_data):
+def test_bench_reports_four_engines_in_one_run(tmp_path, capsys, small_model, small_data):
+    """The dense engine, DyVEDeep, onnxruntime and the Caffe-style baseline, with the speed-ups."""
     knobs = tmp_path / "k.yaml"
     knobs.write_text(yaml.safe_dump({"layers": {"conv2": {"spet": {"threshold": 0.0}}}}))
     out_json = tmp_path / "bench.json"
@@ -130,9 +131,22 @@ def test_bench_reports_three_engines_in_one_run(tmp_path, capsys, small_model, s
     assert code == 0
     result = json.loads(out_json.read_text())
     assert result["n_images"] == 5 and result["threads"] == 1
-    for key in ("latency_dense_ms", "latency_dyvedeep_ms", "latency_onnxruntime_ms"):
+    for key in ("latency_dense_ms", "latency_dyvedeep_ms", "latency_onnxruntime_ms", "latency_caffe_ms"):
         assert result[key] > 0
     assert result["speedup"] == pytest.approx(result["latency_dense_ms"] / result["latency_dyvedeep_ms"])
+    assert result["speedup_vs_caffe"] == pytest.approx(result["latency_caffe_ms"] / result["latency_dyvedeep_ms"])
+    line = next(ln for ln in out.splitlines() if "Caffe-style baseline" in ln)
+    assert "1 thread" in line and f"{result['speedup_vs_caffe']:.2f}x" in line
+
+
+def test_bench_without_the_caffe_baseline(tmp_path, capsys, small_model, small_data):
+    out_json = tmp_path / "bench.json"
+    code, out, _ = run(capsys, "bench", small_model, "--data", f"npz:{small_data['test']}", "--images", 2,
+                       "--warmup", 1, "--rounds", 1, "--no-caffe", "--json", out_json)
+    assert code == 0 and "Caffe" not in out
+    result = json.loads(out_json.read_text())
+    assert result["latency_caffe_ms"] is None and result["speedup_vs_caffe"] is None
+    assert result["latency_dense_ms"] > 0
 
 
 # --------------------------------------------------------------------------- bad input (issue 20)

@@ -34,8 +34,8 @@ SUMMARY_COLUMNS = [
     "benchmark", "platform", "emulated", "threads", "n_test",
     "top1_dense", "top1_dyvedeep", "top1_loss_pt", "loss_ci_low", "loss_ci_high",
     "ops_dense", "ops_dyvedeep", "ops_reduction",
-    "latency_dense_ms", "latency_dyvedeep_ms", "latency_onnxruntime_ms",
-    "speedup", "speedup_vs_onnxruntime",
+    "latency_dense_ms", "latency_dyvedeep_ms", "latency_onnxruntime_ms", "latency_caffe_ms",
+    "speedup", "speedup_vs_onnxruntime", "speedup_vs_caffe",
 ]
 LAYER_COLUMNS = ["benchmark", "layer", "knob", "ops_dense", "ops_dyvedeep"]
 PLOTS = ["op_reduction.png", "layer_ops.png", "tradeoff.png", "latency.png", "paper_vs_ours.png"]
@@ -142,11 +142,15 @@ def test_summary_table(pipeline: Path) -> None:
         assert float(r["ops_reduction"]) == pytest.approx(float(r["ops_dense"]) / float(r["ops_dyvedeep"]), rel=1e-6)
         assert float(r["latency_dense_ms"]) > 0 and float(r["latency_dyvedeep_ms"]) > 0
         assert float(r["speedup"]) > 0
+        assert float(r["latency_caffe_ms"]) > 0
+        caffe_over_dyvedeep = float(r["latency_caffe_ms"]) / float(r["latency_dyvedeep_ms"])
+        assert float(r["speedup_vs_caffe"]) == pytest.approx(caffe_over_dyvedeep)
     _, missing = read_csv(pipeline / "results" / "tables" / "missing.csv")
     assert [(m["benchmark"], m["platform"]) for m in missing] == [("cifar10_quick", "board")]
     assert "127.0.0.1" in missing[0]["reason"] or "connect" in missing[0]["reason"].lower(), missing
     html = (pipeline / "results" / "tables" / "summary.html").read_text(encoding="utf-8")
     assert "Unreachable board (emulated aarch64)" in html
+    assert "Caffe-style baseline: im2col + sgemm, 1 thread" in html
 
 
 def test_layers_table(pipeline: Path) -> None:

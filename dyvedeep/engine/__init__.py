@@ -4,9 +4,11 @@ Modules: ``core`` (the Engine: dispatch, compiled runs), ``tuning`` (EngineTunin
 (aligned buffers, buffer plan, scratch), ``conv_plan`` (conv geometry, route, knob plan),
 ``bands`` (conv+pool bands), ``plain`` (the knob-free kernels), ``knob_path`` (a conv layer's
 knob path) with ``sfma``, ``sdss`` and ``spet`` (one per knob), ``counting`` (OpCounter and the
-knobs' cost functions).
+knobs' cost functions); ``caffe_baseline`` (the papers' baseline: Caffe's im2col + sgemm, one
+thread).
 """
 from .bands import ConvPoolBands, PoolBand
+from .caffe_baseline import CaffeBaseline, im2col
 from .conv_plan import ConvGeometry, ConvKnobPlan, ConvPlan, ConvRoute, choose_route, direct_lane_use
 from .core import RUNNERS, CompiledRun, Engine, layer_work, set_blas_threads
 from .counting import BILINEAR_FILL_OPS, COUNTER_FIELDS, SFMA_TEST_OPS, OpCounter
@@ -18,9 +20,9 @@ from .tuning import DEFAULT_TUNING, EngineTuning
 
 __all__ = [
     "ALIGN", "BILINEAR_FILL_OPS", "COUNTER_FIELDS", "DEFAULT_TUNING", "RUNNERS", "SFMA_TEST_OPS",
-    "CompiledRun", "ConvGeometry", "ConvKnobPlan", "ConvPlan", "ConvPoolBands", "ConvRoute", "Engine",
+    "CaffeBaseline", "CompiledRun", "ConvGeometry", "ConvKnobPlan", "ConvPlan", "ConvPoolBands", "ConvRoute", "Engine",
     "EngineTuning", "FcPlan", "OpCounter", "PoolBand", "Scratch", "SdssGrid",
     "aligned_copy", "aligned_zeros", "cell_corner_max", "choose_route", "direct_lane_use", "fc_input_order",
-    "layer_work", "packed_cols", "plan_buffers", "sdss_grid", "set_blas_threads", "sfma_spread",
+    "im2col", "layer_work", "packed_cols", "plan_buffers", "sdss_grid", "set_blas_threads", "sfma_spread",
     "spet_channel_order", "spet_lead", "tensor_readers",
 ]

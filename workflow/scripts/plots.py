@@ -5,7 +5,8 @@
 - layer_ops.png: ops per image of each layer, dense and DyVEDeep, one panel per benchmark;
 - tradeoff.png: calibration accuracy loss against the ops left, every candidate tried and the
   accepted path, with the budget;
-- latency.png: latency per image of each engine, per benchmark, platform and thread setting;
+- latency.png: latency per image of each engine (dense, DyVEDeep, onnxruntime, the Caffe-style
+  baseline), per benchmark, platform and thread setting;
 - paper_vs_ours.png: the paper's reported ranges (bars) beside our benchmarks (points).
 A plot without data says so instead of failing (e.g. when every benchmark is missing).
 """
@@ -159,21 +160,23 @@ def tradeoff(traces: list[str], benchmarks: list[str], summary: pd.DataFrame, bu
 def latency(summary: pd.DataFrame, platforms: dict, path: str) -> None:
     title = "Latency per image (median, batch 1)"
     cols = {"latency_dense_ms": "dense", "latency_dyvedeep_ms": "DyVEDeep",
-            "latency_onnxruntime_ms": "onnxruntime"}
+            "latency_onnxruntime_ms": "onnxruntime",
+            "latency_caffe_ms": "Caffe-style baseline (im2col + sgemm, 1 thread)"}
+    colours = dict(zip(cols.values(), ["#999999", "#c44e52", "#4c72b0", "#55a868"]))
     df = summary.dropna(subset=["latency_dense_ms", "latency_dyvedeep_ms"], how="all")
     if df.empty:
         return empty(path, title, "no timing results")
     df = df.copy()
     df["setting"] = [f"{platform_label(p, platforms, bool(e))}, {int(t)} thread{'s' if int(t) > 1 else ''}"
                      for p, e, t in zip(df["platform"], df["emulated"], df["threads"])]
-    long = df.melt(id_vars=["benchmark", "setting"], value_vars=list(cols), var_name="engine",
+    long = df.melt(id_vars=["benchmark", "setting"], value_vars=[c for c in cols if c in df], var_name="engine",
                    value_name="ms").dropna(subset=["ms"])
     long["engine"] = long["engine"].map(cols)
     n = long["benchmark"].nunique()
     g = sns.catplot(data=long, kind="bar", x="setting", y="ms", hue="engine", col="benchmark",
                     col_wrap=min(2, n), sharex=False, sharey=False, height=3.4, aspect=1.5,
                     hue_order=[c for c in cols.values() if c in set(long["engine"])],
-                    palette=["#999999", "#c44e52", "#4c72b0"][: long["engine"].nunique()])
+                    palette=colours)
     g.set_titles("{col_name}")
     g.set_axis_labels("", "ms per image")
     for ax in g.axes.flat:
