@@ -156,7 +156,10 @@ def gemm(const float[:, :] A, const float[:, :] B, float[:, :] C, float beta=0.0
 # --------------------------------------------------------------------------- steps and programs
 
 #: Program.run tries the way it is not using (all threads or one) once in this many runs.
-PROBE_EVERY = 16
+PROBE_EVERY = 8
+#: Program.run judges each way by the median of its last this many times.
+cdef enum:
+    RECENT_RUNS = 3
 
 
 cdef inline double _now() noexcept nogil:
@@ -173,12 +176,13 @@ cdef class Program:
     array given to :meth:`run` instead. The program keeps every array its steps point into.
 
     On a busy machine a barrier waits for a thread the scheduler has taken off its core: with
-    several threads, :meth:`run` keeps a running mean of its time with all of them and with one
-    (the same floats either way), takes the faster, and tries the other once in PROBE_EVERY runs."""
+    several threads, :meth:`run` keeps its last RECENT_RUNS times with all of them and with one
+    (the same floats either way), takes the way whose median is lower, and tries the other once
+    in PROBE_EVERY runs. A median, not a mean: one run slowed by another process (or by a
+    spinning thread pool of another engine) must not keep the faster way unused for long."""
     cdef dv_step* steps
     cdef int n, capacity
-    cdef double mean_team, mean_one
-    cdef long runs
+    cdef ThreadChoice choice
     cdef list keep
     cdef const float* image_data
     cdef Py_ssize_t image_floats
@@ -192,9 +196,7 @@ cdef class Program:
         self.image_data = NULL
         self.image_floats = 0
         self.reads_image = False
-        self.mean_team = 0.0
-        self.mean_one = 0.0
-        self.runs = 0
+        self.choice = ThreadChoice()
         if image is not None:
             if cnp.PyArray_TYPE(image) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(image):
                 raise ValueError("Program: the image must be C-contiguous float32")
@@ -242,27 +244,61 @@ cdef class Program:
             start = _now()
             dv_run_steps(self.steps, self.n, data, limit)
             elapsed = _now() - start
-        self.runs += 1
-        if limit == 1:
-            self.mean_one = elapsed if self.mean_one == 0.0 else 0.75 * self.mean_one + 0.25 * elapsed
-        else:
-            self.mean_team = elapsed if self.mean_team == 0.0 else 0.75 * self.mean_team + 0.25 * elapsed
+        self.choice.record(limit == 1, elapsed)
 
     cdef int _thread_limit(self):
-        """1 or every thread (a large limit) for the next run: the faster on the recent runs,
-        the other once in PROBE_EVERY runs (each measured first)."""
+        """1 or every thread (a large limit) for the next run (ThreadChoice)."""
         cdef int i
-        cdef bint shared = False
         for i in range(self.n):
-            shared = shared or self.steps[i].threads > 1
-        if not shared or self.mean_team == 0.0:
-            return 1 << 30
-        if self.mean_one == 0.0:
-            return 1
-        cdef bint one_faster = self.mean_one < self.mean_team
+            if self.steps[i].threads > 1:
+                return 1 if self.choice.one_thread_next() else 1 << 30
+        return 1 << 30
+
+
+cdef class ThreadChoice:
+    """Whether a program's next run takes one thread or all of them: each way judged by the
+    median of its last RECENT_RUNS times, the faster taken, the other tried once in PROBE_EVERY
+    runs; all threads first, then one once, so that both are measured."""
+    cdef double recent_team[RECENT_RUNS]
+    cdef double recent_one[RECENT_RUNS]
+    cdef long runs, runs_team, runs_one
+
+    def __cinit__(self):
+        self.runs = 0
+        self.runs_team = 0
+        self.runs_one = 0
+
+    cpdef record(self, bint one_thread, double seconds):
+        """A run's time, with one thread or all of them."""
+        self.runs += 1
+        if one_thread:
+            self.recent_one[self.runs_one % RECENT_RUNS] = seconds
+            self.runs_one += 1
+        else:
+            self.recent_team[self.runs_team % RECENT_RUNS] = seconds
+            self.runs_team += 1
+
+    cpdef bint one_thread_next(self):
+        """Whether the next run should take one thread."""
+        if self.runs_team == 0:
+            return False
+        if self.runs_one == 0:
+            return True
+        cdef bint one_faster = (_recent_median(self.recent_one, self.runs_one)
+                                < _recent_median(self.recent_team, self.runs_team))
         if self.runs % PROBE_EVERY == PROBE_EVERY - 1:
             one_faster = not one_faster
-        return 1 if one_faster else 1 << 30
+        return one_faster
+
+
+cdef double _recent_median(const double* recent, long count) noexcept:
+    """The median of a way's last RECENT_RUNS times (the lower of two, the one of one)."""
+    if count == 1:
+        return recent[0]
+    if count == 2:
+        return min(recent[0], recent[1])
+    cdef double a = recent[0], b = recent[1], c = recent[2]
+    return max(min(a, b), min(max(a, b), c))
 
 
 cdef int _emit(Program program, dv_step* steps, int n, tuple keep) except -1:

@@ -1,11 +1,17 @@
 """Bench: batch-1 latency of the dense engine, of DyVEDeep (a knob file), of onnxruntime on the
 same images and threads, and of the papers' baseline (Caffe's im2col + sgemm, one thread,
 ``engine.CaffeBaseline``), measured in one run (blocks of images alternating over rounds so
-that machine noise hits all engines alike); reports medians after warm-up and the speed-ups."""
+that machine noise hits all engines alike); reports medians after warm-up and the speed-ups.
+
+With ``--load N``, N busy processes compete, and every round times each engine twice: with the
+processes paused (idle) and running (loaded), so that "latency under load / idle latency" comes
+from one run; with several threads the dense engine on one thread is timed too, the fallback a
+user would otherwise take."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,6 +31,8 @@ from .plan import build_plan
 DEFAULT_DATA = {"cifar10": "cifar10:test", "imagenet": "imagenet-sample:test"}
 #: Seconds of untimed turns of every engine before the timed rounds (see bench()).
 WARM_SECONDS = 1.0
+#: Seconds given to the scheduler after the busy processes are paused or resumed.
+SETTLE_SECONDS = 0.05
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -34,9 +42,11 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int, warmup: int,
-          with_onnxruntime: bool = True, rounds: int = 3, with_caffe: bool = True) -> dict[str, Any]:
+          with_onnxruntime: bool = True, rounds: int = 3, with_caffe: bool = True,
+          load: "BusyLoad | None" = None) -> dict[str, Any]:
     """Median per-image latency (ms) of each engine over ``images`` (N, C, H, W), batch 1. The
-    Caffe-style baseline always runs on one thread (the papers' sequential baseline)."""
+    Caffe-style baseline always runs on one thread (the papers' sequential baseline). With a
+    ``load``, each engine is also timed while it runs (keys ``*_loaded_ms``, ``load_ratio_*``)."""
     plan = build_plan(model)
     knobs = load_knobs(knobs_path, plan) if knobs_path else None
     dense = Engine(plan, threads=threads)
@@ -55,8 +65,11 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
         runners["onnxruntime"] = lambda b: session.run(None, {input_name: b})
     if with_caffe:
         runners["caffe"] = CaffeBaseline(plan).run
-    times: dict[str, list[float]] = {"dense": [], "dyvedeep": [], "onnxruntime": [], "caffe": []}
-    progress = Progress("bench", rounds * len(runners) * len(images))
+    if load is not None and threads > 1:
+        runners["dense_1thread"] = Engine(plan, threads=1).run
+    conditions = ("idle", "loaded") if load is not None else ("idle",)
+    times: dict[tuple[str, str], list[float]] = {(name, condition): [] for name in ENGINES for condition in conditions}
+    progress = Progress("bench", rounds * len(conditions) * len(runners) * len(images))
     done = 0
     # Each engine runs a block of images on its own (so that one engine's idle, spinning thread
     # pool never competes with another's), and the blocks alternate over several rounds (so
@@ -64,53 +77,91 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
     # engines take turns until the CPU has been busy for WARM_SECONDS: a core that was idle
     # runs slower for its first ~0.2 s, which would favour whichever engine is timed later.
     set_blas_threads(threads)
+    if load is not None:
+        load.run(False)
     start = time.perf_counter()
     while time.perf_counter() - start < WARM_SECONDS:
         for run in runners.values():
             for x in images[:max(warmup, 1)]:
                 run(x[None])
     for _ in range(rounds):
-        for name, run in runners.items():
-            for i, x in enumerate(images):
-                t = _timed(lambda: run(x[None]))
-                if i >= warmup:
-                    times[name].append(t)
-                done += 1
-                progress.update(done)
-    med = {k: (statistics.median(v) if v else None) for k, v in times.items()}
-    if med["dyvedeep"] is None:
-        med["dyvedeep"] = med["dense"]
-    return {
+        for condition in conditions:
+            if load is not None:
+                load.run(condition == "loaded")
+            for name, run in runners.items():
+                for i, x in enumerate(images):
+                    t = _timed(lambda: run(x[None]))
+                    if i >= warmup:
+                        times[(name, condition)].append(t)
+                    done += 1
+                    progress.update(done)
+    if load is not None:
+        load.run(False)
+    med = {key: (statistics.median(v) if v else None) for key, v in times.items()}
+    idle = {name: med[(name, "idle")] for name in ENGINES}
+    if idle["dyvedeep"] is None:
+        idle["dyvedeep"] = idle["dense"]
+    result = {
         "model": str(model),
         "knobs": str(knobs_path) if knobs_path else None,
         "threads": threads,
         "n_images": len(images) - warmup,
         "warmup": warmup,
         "rounds": rounds,
-        "latency_dense_ms": med["dense"],
-        "latency_dyvedeep_ms": med["dyvedeep"],
-        "latency_onnxruntime_ms": med["onnxruntime"],
-        "speedup": med["dense"] / med["dyvedeep"] if med["dyvedeep"] else None,
-        "speedup_vs_onnxruntime": (med["onnxruntime"] / med["dyvedeep"]) if med["onnxruntime"] else None,
-        "dense_vs_onnxruntime": (med["dense"] / med["onnxruntime"]) if med["onnxruntime"] else None,
-        "latency_caffe_ms": med["caffe"],
-        "speedup_vs_caffe": (med["caffe"] / med["dyvedeep"]) if med["caffe"] else None,
+        "latency_dense_ms": idle["dense"],
+        "latency_dyvedeep_ms": idle["dyvedeep"],
+        "latency_onnxruntime_ms": idle["onnxruntime"],
+        "speedup": idle["dense"] / idle["dyvedeep"] if idle["dyvedeep"] else None,
+        "speedup_vs_onnxruntime": (idle["onnxruntime"] / idle["dyvedeep"]) if idle["onnxruntime"] else None,
+        "dense_vs_onnxruntime": (idle["dense"] / idle["onnxruntime"]) if idle["onnxruntime"] else None,
+        "latency_caffe_ms": idle["caffe"],
+        "speedup_vs_caffe": (idle["caffe"] / idle["dyvedeep"]) if idle["caffe"] else None,
         "onnxruntime_note": "" if session is not None else onnxruntime_note,
+        "load": load.n if load is not None else 0,
         "platform": platform_info(),
     }
+    if load is not None:
+        for name in ENGINES:
+            loaded = med[(name, "loaded")]
+            result[f"latency_{name}_loaded_ms"] = loaded
+            result[f"load_ratio_{name}"] = loaded / idle[name] if loaded and idle[name] else None
+        result["latency_dense_1thread_ms"] = idle["dense_1thread"]
+    return result
+
+
+#: The engines bench can time (dense_1thread: the dense engine on one thread, timed under --load).
+ENGINES = ("dense", "dyvedeep", "onnxruntime", "caffe", "dense_1thread")
+
+
+class BusyLoad:
+    """N busy processes (a Python loop each): a competing load that anyone can reproduce
+    (``--load``). They are paused (SIGSTOP) for the idle blocks of a bench and resumed
+    (SIGCONT) for the loaded ones."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+    def run(self, running: bool) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGCONT if running else signal.SIGSTOP)
+        time.sleep(SETTLE_SECONDS)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
 
 
 @contextlib.contextmanager
 def busy_load(n: int):
-    """N busy processes (a Python loop each) running for the duration: a competing load that
-    anyone can reproduce (``--load``)."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    """A BusyLoad of n processes for the duration (None for n = 0)."""
+    load = BusyLoad(n) if n else None
     try:
-        yield
+        yield load
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        if load is not None:
+            load.close()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -124,12 +175,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     images = dataset.images(0, len(dataset))
     if args.load < 0:
         raise DyveError(f"--load {args.load}: expected a number of busy processes >= 0")
-    with busy_load(args.load):
+    with busy_load(args.load) as load:
         result = bench(args.model, images, args.knobs, args.threads, args.warmup, not args.no_onnxruntime, args.rounds,
-                       not args.no_caffe)
-    result["load"] = args.load
+                       not args.no_caffe, load)
     print(f"threads: {result['threads']}, images: {result['n_images']} (after {result['warmup']} warm-up)"
-          + (f", {args.load} busy processes running" if args.load else ""))
+          + (f"; idle (the {args.load} busy processes paused) and loaded (running) blocks alternate" if args.load else ""))
     print(f"median latency, dense engine: {result['latency_dense_ms']:.3f} ms")
     if args.knobs:
         print(f"median latency, DyVEDeep:     {result['latency_dyvedeep_ms']:.3f} ms "
@@ -143,9 +193,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"median latency, Caffe-style baseline (im2col + sgemm, 1 thread): {result['latency_caffe_ms']:.3f} ms "
               f"(speed-up of {'DyVEDeep' if args.knobs else 'the dense engine'} over it "
               f"{result['speedup_vs_caffe']:.2f}x)")
+    if args.load:
+        print_load(result)
     if args.json:
         write_json_atomic(args.json, result)
     return 0
+
+
+def print_load(result: dict[str, Any]) -> None:
+    """The loaded latencies beside the idle ones, and their ratios, from one bench run."""
+    names = {"dense": "dense engine", "dyvedeep": "DyVEDeep", "onnxruntime": "onnxruntime"}
+    for name, label in names.items():
+        if result.get(f"latency_{name}_loaded_ms") is not None:
+            print(f"under --load {result['load']}, {label}: {result[f'latency_{name}_loaded_ms']:.3f} ms "
+                  f"(loaded / idle = {result[f'load_ratio_{name}']:.2f}x)")
+    one = result.get("latency_dense_1thread_loaded_ms")
+    if one is not None:
+        print(f"under --load {result['load']}, dense engine on 1 thread: {one:.3f} ms "
+              f"({result['threads']} threads / 1 thread, both loaded = {result['latency_dense_loaded_ms'] / one:.2f}x)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -164,5 +229,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-caffe", action="store_true",
                    help="skip the papers' baseline (Caffe-style: im2col + sgemm, 1 thread)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT.json")
-    p.add_argument("--load", type=int, default=0, metavar="N", help="run N busy processes during the bench (default 0)")
+    p.add_argument("--load", type=int, default=0, metavar="N", help="N busy processes compete; idle and loaded blocks alternate (default 0)")
     p.set_defaults(func=cmd_bench)

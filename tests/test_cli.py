@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,6 +149,38 @@ def test_bench_without_the_caffe_baseline(tmp_path, capsys, small_model, small_d
     result = json.loads(out_json.read_text())
     assert result["latency_caffe_ms"] is None and result["speedup_vs_caffe"] is None
     assert result["latency_dense_ms"] > 0
+
+
+def test_bench_load_times_idle_and_loaded_blocks(tmp_path, capsys, small_model, small_data):
+    """--load: every engine timed with the busy processes paused and running, in one run; the
+    one-thread dense engine beside two threads; no busy process left behind."""
+    before = child_pids()
+    out_json = tmp_path / "bench.json"
+    code, out, _ = run(capsys, "bench", small_model, "--data", f"npz:{small_data['test']}", "--images", 3,
+                       "--warmup", 1, "--rounds", 1, "--threads", 2, "--load", 1, "--no-caffe", "--json", out_json)
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    assert result["load"] == 1
+    for name in ("dense", "onnxruntime"):
+        assert result[f"latency_{name}_loaded_ms"] > 0
+        assert result[f"load_ratio_{name}"] == pytest.approx(result[f"latency_{name}_loaded_ms"]
+                                                              / result[f"latency_{name}_ms"])
+    assert result["latency_dense_1thread_ms"] > 0 and result["latency_dense_1thread_loaded_ms"] > 0
+    assert "loaded / idle" in out and "2 threads / 1 thread" in out
+    assert child_pids() == before
+
+
+def child_pids() -> set[int]:
+    """The pids of this process's children (Linux /proc)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+            pids.add(int(entry.name))
+    return pids
 
 
 # --------------------------------------------------------------------------- bad input (issue 20)

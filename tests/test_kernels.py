@@ -125,6 +125,28 @@ def test_threads_and_programs_give_the_same_floats():
     assert np.array_equal(outs[0][0], outs[0][1])
 
 
+def test_thread_choice_follows_the_faster_way():
+    """A program's choice of one thread or all: all first, then one once; a few slow runs with all
+    threads (a competing pool) do not keep it on one thread once probes show all to be faster,
+    and all threads turning slow (a busy machine) moves it to one within a few runs."""
+    choice = K.ThreadChoice()
+    times = {True: 0.010, False: 0.020}
+    ways = []
+    for run in range(6 * K.PROBE_EVERY):
+        if run == 2:
+            times[False] = 0.005
+        if run == 3 * K.PROBE_EVERY:
+            times[False], times[True] = 0.030, 0.015
+        one = choice.one_thread_next()
+        ways.append(one)
+        choice.record(one, times[one])
+    assert ways[:2] == [False, True]
+    # all threads faster: taken in every run of the second block of PROBE_EVERY but its one probe
+    assert ways[2 * K.PROBE_EVERY:3 * K.PROBE_EVERY].count(True) == 1
+    # all threads slower: one thread in every run of the last block but its one probe
+    assert ways[-K.PROBE_EVERY:].count(False) == 1
+
+
 def pool_reference(x, kh, kw, sh, sw, pt, pl, ho, wo, op):
     c, h, w = x.shape
     out = np.empty((c, ho, wo))
