@@ -130,9 +130,12 @@ static inline dv_v16 dv_load16_lanes(const float *p, dv_lanes n) { return n >= 1
 static inline void dv_store16_compress(float *p, dv_v16 v, unsigned mask)
 {
 #if defined(__AVX512F__)
+    /* compressed in a register, then a masked store: vcompressps to memory is microcoded on
+     * AMD Zen 4 (a tenth of a direct convolution's time on SqueezeNet's 56 x 56 maps) */
     __m512 m;
     memcpy(&m, &v, sizeof m);
-    _mm512_mask_compressstoreu_ps(p, (__mmask16)mask, m);
+    __m512 packed = _mm512_maskz_compress_ps((__mmask16)mask, m);
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << __builtin_popcount(mask)) - 1u), packed);
 #else
     /* run by run of selected lanes (a vector across output rows has one or two): lane-by-lane
      * extraction took a sixth of the AVX2 build's time */
