@@ -101,6 +101,15 @@ def spet_neuron_costs(n: int, terminated: int, kdim: int, lead: int, relu: bool)
             "saved_spet": 2 * terminated * (kdim - lead) + terminated * int(relu), "terminated": terminated}
 
 
+def spet_bound_ops(elements: int, outputs: int, nonneg: bool) -> int:
+    """SPET's ``test: bound`` margins for one input of ``elements`` values read by ``outputs``
+    neurons (docs/ops.md, SPET bound): its largest value (elements - 1 compares) and, unless it
+    is known >= 0 (after a ReLU), its smallest and both clamped to 0 (elements - 1 + 2 compares);
+    per output 1 multiply and 1 add (x 2 when the input may be negative)."""
+    extremes = max(elements - 1, 0) * (1 if nonneg else 2) + (0 if nonneg else 2)
+    return extremes + outputs * (2 if nonneg else 4)
+
+
 def fc_spet_costs(outputs: int, inputs: int, lead: int, terminated: int) -> dict[str, int]:
     """A fully-connected layer (ReLU folded) under SPET, one image: the SPET row of docs/ops.md,
     its overhead included in ``ops`` (bias add and compare per neuron, ReLU per finished neuron)."""
