@@ -85,9 +85,17 @@ def bound(threshold: float) -> tuple[float, dict[str, str]]:
 
 
 def signed_bound_ops(elements: int, outputs: int) -> int:
-    """docs/ops.md, SPET bound, input of unknown sign: max and min (2 (n - 1)), both clamped
-    to 0 (2), per output 2 multiplies and 2 adds."""
+    """docs/ops.md, SPET bound, fully connected, input of unknown sign: max and min (2 (n - 1)),
+    both clamped to 0 (2), per output 2 multiplies and 2 adds."""
     return 2 * (elements - 1) + 2 + 4 * outputs
+
+
+def signed_channel_bound_ops(channels: int, elements: int, outputs: int, rest: int) -> int:
+    """docs/ops.md, SPET bound, conv, input of unknown sign: per map its max and min, the largest
+    max and smallest min, each map's two clamped to 0, the range (1); per output the rest's two
+    dot products (2 per MAC each) and the rounding allowance (3)."""
+    extremes = channels * (elements - 1) + channels - 1
+    return 2 * extremes + 2 * channels + 1 + outputs * (2 * 2 * rest + 3)
 
 
 def test_spet_bound_fc_hand_worked(tmp_path):
@@ -123,19 +131,21 @@ def test_spet_bound_conv_hand_worked(tmp_path):
     w = np.array([[-2.0, 1.0], [-2.0, 0.5]], np.float32).reshape(2, 2, 1, 1)
     path = conv_model(tmp_path / "c.onnx", w, np.zeros(2), (2, 1, 3))
     plan = build_plan(path)
-    x = np.array([[1.0, 1.0, 0.0], [1.0, 3.0, 0.0]], np.float32).reshape(1, 2, 1, 3)
+    x = np.array([[1.0, 1.0, 4.0], [1.0, 3.0, 0.0]], np.float32).reshape(1, 2, 1, 3)
     engine = Engine(plan, knobs(conv={"spet": bound(1.0)}))
     out = engine.run(x)
-    # partials -2, -2, 0 for both outputs; the rest adds at most 1 x 3 (output 0) or 0.5 x 3
-    # (output 1): only output 1 stops, at the first two positions (full sums -1.5, -0.5)
+    # partials -2, -2, -8 for both outputs; the rest (channel 1, its largest value 3: each map has
+    # its own range) adds at most 1 x 3 (output 0) or 0.5 x 3 (output 1): output 0 stops at the
+    # last position, output 1 everywhere (full sums -1.5, -0.5, -8; with the range of the whole
+    # input, 4, it would not stop at the first two)
     assert out.reshape(2, 3).tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
     assert np.array_equal(out, Engine(plan).run(x))
     c = engine.counter
-    neurons, terminated = 6, 2
+    neurons, terminated = 6, 4
     assert c.get("conv", "terminated") == terminated
     macs = neurons * 1 + (neurons - terminated) * 1
     assert c.get("conv", "macs") == macs
-    overhead = neurons + signed_bound_ops(6, 2)
+    overhead = neurons + signed_channel_bound_ops(2, 3, 2, 1)
     assert c.get("conv", "overhead_spet") == overhead
     assert c.get("conv", "ops") == 2 * macs + neurons + (neurons - terminated) + overhead
     assert c.get("conv", "saved_spet") == 2 * terminated * 1 + terminated
@@ -155,7 +165,7 @@ def test_spet_bound_extremes(tmp_path):
     assert not out.any() and not dense.any()
     assert every.counter.get("conv", "terminated") == neurons
     assert every.counter.get("conv", "macs") == neurons * lead
-    overhead = neurons + signed_bound_ops(3 * 36, 8)
+    overhead = neurons + signed_channel_bound_ops(3, 36, 8, 3 - 2)
     assert every.counter.get("conv", "ops") == 2 * neurons * lead + neurons + overhead  # bias, overhead
     # nothing stops (positive weights): the dense result bit for bit, all MACs, the overhead on top
     for t in (1.0, 0.0, math.inf):  # at 0 the test is the partial sum < 0, which never holds here
@@ -180,7 +190,7 @@ def relu_conv_model(path, w, b, in_shape, **conv_attrs):
     return save_model(path, nodes, {"W": w, "b": b}, in_shape, "r")
 
 
-def test_spet_bound_counts_one_compare_per_element_after_a_relu(tmp_path):
+def test_spet_bound_counts_the_maxima_alone_after_a_relu(tmp_path):
     w = -np.abs(RNG.normal(0, 1, (4, 2, 3, 3))).astype(np.float32)
     plan = build_plan(relu_conv_model(tmp_path / "c.onnx", w, np.zeros(4), (2, 5, 5)))
     assert plan.layer("conv").input_nonneg
@@ -188,8 +198,9 @@ def test_spet_bound_counts_one_compare_per_element_after_a_relu(tmp_path):
     engine.run(np.abs(RNG.normal(0, 1, (1, 2, 5, 5))).astype(np.float32) + 0.1)
     neurons = 4 * 9
     assert engine.counter.get("conv", "terminated") == neurons
-    # the largest input (2 x 25 - 1 compares), 1 multiply and 1 add per output, 1 compare per neuron
-    assert engine.counter.get("conv", "overhead_spet") == (2 * 25 - 1) + 2 * 4 + neurons
+    # each map's largest value (24 compares each), the largest of those (1); per output the rest
+    # channel's MAC (2) and the rounding allowance (3); 1 compare per neuron
+    assert engine.counter.get("conv", "overhead_spet") == (2 * 24 + 1) + 4 * (2 + 3) + neurons
 
 
 def kernel_outputs(x, w, bias, lead_ch, margins, relu=False):
@@ -229,7 +240,8 @@ def test_spet_exact_bound_never_changes_an_output():
         setting = KnobSetting(True, 1.0, {"test": "bound"})
         count = {"overhead_spet": 0}
         margins = {t: spet_test_margins(KnobSetting(True, t, {"test": "bound"}),
-                                        spet_bound(w.reshape(o, -1), b, k * k, t), o, lead_ch, x, True, count)
+                                        spet_bound(w.reshape(o, -1), b, k * k, t), o, lead_ch, x,
+                                        np.arange(cin), True, count)
                    for t in (1.0, 0.5, math.inf)}
         assert setting.option("spet", "test") == "bound"
         for relu in (False, True):

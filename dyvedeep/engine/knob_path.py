@@ -47,7 +47,7 @@ def conv_group_with_knobs(cp: ConvPlan, scratch: Scratch, x: np.ndarray, out_g: 
         # the bound covers order[lead_channels:], a superset of the kept channels left after the
         # lead when SFMA dropped some (each kept channel sits at least as far in the order)
         margins = spet_test_margins(knobs.spet, knobs.spet_bounds[group] if knobs.spet_bounds else None, cout,
-                                    lead_channels, xg, cp.layer.input_nonneg, count)
+                                    lead_channels, xg, order, cp.layer.input_nonneg, count)
 
     # ---- the positions computed first (the SDSS grid, or all), with SPET inside
     src, tap_off, wmat = knob_source(cp, scratch, x, group, kept, wmat)

@@ -18,7 +18,8 @@ import numpy as np
 from .. import _kernels as K
 from ..knobs import KnobConfig, KnobSetting
 from ..plan import Layer
-from .counting import fc_spet_costs, neuron_costs, spet_bound_ops, spet_neuron_costs, tally
+from .counting import (fc_spet_costs, neuron_costs, spet_bound_channel_ops, spet_bound_shared_ops, spet_neuron_costs,
+                       tally)
 
 if TYPE_CHECKING:
     from .conv_plan import ConvPlan
@@ -53,59 +54,79 @@ at most n 2^-24 / (1 - n 2^-24) of the sum of their magnitudes."""
 @dataclass(frozen=True)
 class SpetBound:
     """``test: bound``'s static data of one group (conv) or layer (fully connected), the knob's
-    threshold t folded in: output o's margin for an input within [xlo, xhi] (xlo <= 0 <= xhi),
-    with the inputs from position s of SPET's order left, is
-    hi[s, o] xhi + lo[s, o] xlo + const[o], i.e. t x (the rest's largest possible sum
-    sum_k max(w, 0) xhi + min(w, 0) xlo, plus the rounding allowance)."""
+    threshold t folded in. The rest of output o (the inputs from position s of SPET's order on)
+    adds at most sum_k max(w[o, k], 0) xhi_k + min(w[o, k], 0) xlo_k, where [xlo_k, xhi_k] holds
+    input k and 0 (zero padding): per input channel its own range for conv (``pos`` and ``neg``,
+    the positive and negative weight sums per output and channel), one range for all inputs for
+    fully connected (``pos_rest``, ``neg_rest``: suffix sums, the allowance folded in). Output
+    o's margin is t x (that bound + ROUNDING_ALLOWANCE x (fan-in + 6) x (|bias[o]| + |w[o]|_1 x
+    (max xhi - min xlo))): ``spread[o]`` times the range plus ``const[o]``."""
 
-    hi: np.ndarray  # (inputs + 1) x outputs, float64
-    lo: np.ndarray
+    pos: np.ndarray | None  # conv: outputs x channels (float64)
+    neg: np.ndarray | None
+    pos_rest: np.ndarray | None  # fully connected: (inputs + 1) x outputs
+    neg_rest: np.ndarray | None
+    spread: np.ndarray  # outputs
     const: np.ndarray  # outputs
     never: bool  # t = .inf: margins are +inf (the test never fires)
 
 
 def spet_bound(w_ordered: np.ndarray, bias: np.ndarray, per_input: int, threshold: float) -> SpetBound:
     """The bound's static data of the weights ``w_ordered`` (outputs x inputs x ``per_input``
-    columns, the inputs in SPET's order: conv input channels of kk taps, or fully-connected
-    inputs with ``per_input`` 1): suffix sums of the positive and negative weights over the
-    inputs, and the rounding allowance (ROUNDING_ALLOWANCE x (fan-in + 6) x (|bias| + |w|_1
-    x max(xhi, -xlo)), the last factor taken as xhi - xlo)."""
-    w = np.asarray(w_ordered, np.float64).reshape(w_ordered.shape[0], -1, per_input)
-    pos = np.maximum(w, 0).sum(axis=2).T  # inputs x outputs
-    neg = np.minimum(w, 0).sum(axis=2).T
-    zero = np.zeros((1, w.shape[0]))
-    pos_rest = np.concatenate([np.cumsum(pos[::-1], axis=0)[::-1], zero])
-    neg_rest = np.concatenate([np.cumsum(neg[::-1], axis=0)[::-1], zero])
-    allowance = ROUNDING_ALLOWANCE * (w.shape[1] * per_input + 6)
-    l1 = np.abs(w).sum(axis=(1, 2))
+    columns, the inputs in SPET's order): conv input channels of kk taps (each with its own
+    range), or fully-connected inputs (``per_input`` 0: one range for all, suffix sums)."""
+    shared = per_input == 0
+    w = np.asarray(w_ordered, np.float64).reshape(w_ordered.shape[0], -1, max(per_input, 1))
     never = math.isinf(threshold)
     t = 0.0 if never else threshold
-    return SpetBound(t * (pos_rest + allowance * l1), t * (neg_rest - allowance * l1),
-                     t * allowance * np.abs(np.asarray(bias, np.float64)), never)
+    pos = t * np.maximum(w, 0).sum(axis=2)  # outputs x inputs
+    neg = t * np.minimum(w, 0).sum(axis=2)
+    allowance = ROUNDING_ALLOWANCE * (w.shape[1] * w.shape[2] + 6)
+    spread = t * allowance * np.abs(w).sum(axis=(1, 2))
+    const = t * allowance * np.abs(np.asarray(bias, np.float64))
+    if not shared:
+        return SpetBound(pos, neg, None, None, spread, const, never)
+    zero = np.zeros((1, w.shape[0]))
+    pos_rest = np.concatenate([np.cumsum(pos.T[::-1], axis=0)[::-1], zero]) + spread
+    neg_rest = np.concatenate([np.cumsum(neg.T[::-1], axis=0)[::-1], zero]) - spread
+    return SpetBound(None, None, pos_rest, neg_rest, np.zeros_like(spread), const, never)
 
 
-def input_range(x: np.ndarray, nonneg: bool) -> tuple[float, float]:
-    """[xlo, xhi] with xlo <= min(0, min x) and xhi >= max(0, max x): the range of the inputs a
-    neuron reads (zero padding included); after a ReLU (``nonneg``) xlo = 0 without a look."""
-    xhi = max(float(x.max()), 0.0) if x.size else 0.0
-    xlo = 0.0 if nonneg or not x.size else min(float(x.min()), 0.0)
+def input_ranges(x: np.ndarray, nonneg: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per input channel of ``x`` (channels x ...) [xlo, xhi] holding the channel and 0 (zero
+    padding); after a ReLU (``nonneg``) xlo = 0 without a look."""
+    flat = x.reshape(x.shape[0], -1)
+    if flat.shape[1] == 0:
+        return np.zeros(x.shape[0]), np.zeros(x.shape[0])
+    xhi = np.maximum(flat.max(axis=1), 0).astype(np.float64)
+    xlo = np.zeros(x.shape[0]) if nonneg else np.minimum(flat.min(axis=1), 0).astype(np.float64)
     return xlo, xhi
 
 
 def spet_test_margins(setting: KnobSetting, bound: SpetBound | None, outputs: int, rest_from: int,
-                      x: np.ndarray, nonneg: bool, count: dict[str, int]) -> np.ndarray:
+                      x: np.ndarray, order: np.ndarray | None, nonneg: bool, count: dict[str, int]) -> np.ndarray:
     """Each output's SPET margin (float32): the threshold (``test: margin``) or, for
-    ``test: bound``, t x the bound of the inputs from position ``rest_from`` of SPET's order on
-    for the input ``x`` (its ops counted as SPET overhead)."""
+    ``test: bound``, t x the bound of the inputs from position ``rest_from`` of SPET's ``order``
+    on, for the input ``x`` (conv: channels x H x W; fully connected: flat, ``order`` unused);
+    its ops are counted as SPET overhead."""
     if bound is None:
         return np.full(outputs, setting.threshold, np.float32)
-    count["overhead_spet"] += spet_bound_ops(x.size, outputs, nonneg)
+    if bound.pos is None:  # fully connected: one range
+        count["overhead_spet"] += spet_bound_shared_ops(x.size, outputs, nonneg)
+        if bound.never:
+            return np.full(outputs, np.inf, np.float32)
+        xlo, xhi = input_ranges(x.reshape(1, -1), nonneg)
+        margins = bound.pos_rest[rest_from] * xhi[0] + bound.neg_rest[rest_from] * xlo[0] + bound.const
+        return margins.astype(np.float32)
+    channels = x.shape[0]
+    count["overhead_spet"] += spet_bound_channel_ops(channels, x[0].size, outputs, channels - rest_from, nonneg)
     if bound.never:
         return np.full(outputs, np.inf, np.float32)
-    xlo, xhi = input_range(x, nonneg)
-    margins = bound.hi[rest_from] * xhi + bound.const
-    if xlo:
-        margins += bound.lo[rest_from] * xlo
+    xlo, xhi = input_ranges(x, nonneg)
+    rest = order[rest_from:]
+    margins = bound.pos[:, rest_from:] @ xhi[rest] + bound.spread * (xhi.max() - xlo.min()) + bound.const
+    if not nonneg:
+        margins += bound.neg[:, rest_from:] @ xlo[rest]
     return margins.astype(np.float32)
 
 
@@ -149,7 +170,7 @@ def plan_fc(layer: Layer, knobs: KnobConfig) -> FcPlan:
         return FcPlan(layer, None)
     order = fc_input_order(layer.weight).astype(np.int32)
     weight_perm = np.ascontiguousarray(layer.weight[:, order])
-    bound = (spet_bound(weight_perm, layer.bias, 1, spet.threshold)
+    bound = (spet_bound(weight_perm, layer.bias, 0, spet.threshold)
              if spet.option("spet", "test") == "bound" else None)
     return FcPlan(layer, spet, order, weight_perm, bound)
 
@@ -167,7 +188,7 @@ def fc_spet(fp: FcPlan, x: np.ndarray, out: np.ndarray, threads: int) -> dict[st
     K.gemm(A=fp.weight_perm[:, :lead], B=xp[:lead, None], C=out[:, None], beta=1.0)
     cont = np.empty((1, o), U8)
     overhead: dict[str, int] = {"overhead_spet": 0}
-    margins = spet_test_margins(fp.spet, fp.bound, o, lead, x, layer.input_nonneg, overhead)
+    margins = spet_test_margins(fp.spet, fp.bound, o, lead, x, None, layer.input_nonneg, overhead)
     terminated = K.spet_decide(partial=out[None, :], margins=margins, active=np.ones((1, o), U8), cont=cont)
     K.gemv_rows(W=fp.weight_perm, x=xp, out=out, k0=lead, k1=kin, mask=cont[0], threads=threads)
     K.finish_act(out=out[None, :], active=np.ones((1, o), U8), cont=cont, relu=True)
