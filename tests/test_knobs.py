@@ -297,6 +297,8 @@ def test_spet_exact_bound_in_the_engine(tmp_path, seed):
         engine = Engine(plan, knobs(conv={"spet": bound(t), **extra}))
         results[t] = (engine.run(x), engine.counter.get("conv", "terminated"))
     out, stopped = results[1.0]
+    two = Engine(plan, knobs(conv={"spet": bound(1.0), **extra}), threads=2, tuning=EngineTuning(parallel_min_work=0))
+    assert np.array_equal(two.run(x), out) and two.counter.get("conv", "terminated") == stopped
     base = Engine(plan, knobs(conv=extra)).run(x) if extra else dense
     if stopped == 0 and "sfma" not in extra:  # nothing fired: the knob-free result
         assert np.array_equal(out, base)
