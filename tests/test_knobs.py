@@ -124,6 +124,33 @@ def test_spet_bound_fc_hand_worked(tmp_path):
     assert c.get("fc", "ops") == 2 * macs + 4 + 3 + overhead  # bias adds, ReLU of the finished
     assert c.get("fc", "saved_spet") == 2 * 1 * 2 + 1
     assert plan.layer("fc").dense_ops - c.get("fc", "saved_spet") + overhead == c.get("fc", "ops")
+    never = Engine(plan, knobs(fc={"spet": bound(math.inf)}))
+    assert np.array_equal(never.run(x), Engine(plan).run(x)) and never.counter.get("fc", "terminated") == 0
+
+
+def test_spet_exact_bound_on_random_fully_connected_layers(tmp_path):
+    """Scale 1 on random fully-connected layers with non-negative inputs: a stopped neuron is 0
+    in the dense result; with nothing stopped the output is the dense one bit for bit."""
+    rng = np.random.default_rng(15)
+    stops = 0
+    for i in range(40):
+        o, k = int(rng.integers(1, 24)), int(rng.integers(2, 80))
+        w = rng.normal(-rng.uniform(0, 0.5), 1, (o, k)).astype(np.float32)
+        b = rng.normal(-1, 1, o).astype(np.float32)
+        plan = build_plan(fc_model(tmp_path / f"f{i}.onnx", w, b))
+        x = np.maximum(rng.normal(0, 1, (1, k, 1, 1)), 0).astype(np.float32)
+        dense = Engine(plan).run(x)
+        engine = Engine(plan, knobs(fc={"spet": bound(1.0)}))
+        out = engine.run(x)
+        stopped = engine.counter.get("fc", "terminated")
+        stops += stopped
+        if stopped == 0:
+            assert np.array_equal(out, dense)
+        else:
+            np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-5 * float(np.abs(dense).max() or 1))
+            # every stopped neuron is a 0 the dense run has too (the others finish, to rounding)
+            assert (out[dense == 0] == 0).all() and ((out == 0) & (dense == 0)).sum() >= stopped
+    assert stops > 20
 
 
 def test_spet_bound_conv_hand_worked(tmp_path):
