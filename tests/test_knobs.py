@@ -128,6 +128,27 @@ def test_spet_bound_fc_hand_worked(tmp_path):
     assert np.array_equal(never.run(x), Engine(plan).run(x)) and never.counter.get("fc", "terminated") == 0
 
 
+def test_spet_exact_bound_on_a_grouped_conv(tmp_path):
+    """Two groups, each with its own order, ranges and bound: a stopped neuron is 0 in the dense
+    result (the first group's input is 5 times larger)."""
+    rng = np.random.default_rng(1)
+    stops = 0
+    for _ in range(10):
+        w = rng.normal(-0.4, 1, (8, 3, 3, 3)).astype(np.float32)
+        b = rng.normal(-0.5, 1, 8).astype(np.float32)
+        plan = build_plan(relu_conv_model(tmp_path / "c.onnx", w, b, (6, 9, 9), pads=[1] * 4, group=2))
+        x = rng.normal(0, 1, (1, 6, 9, 9)).astype(np.float32)
+        x[0, :3] *= 5
+        dense = Engine(plan).run(x)
+        engine = Engine(plan, knobs(conv={"spet": bound(1.0)}))
+        out = engine.run(x)
+        stopped = engine.counter.get("conv", "terminated")
+        stops += stopped
+        np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-5 * float(np.abs(dense).max()))
+        assert (out[dense == 0] == 0).all() and ((out == 0) & (dense == 0)).sum() >= stopped
+    assert stops > 0
+
+
 def test_spet_exact_bound_on_random_fully_connected_layers(tmp_path):
     """Scale 1 on random fully-connected layers with non-negative inputs: a stopped neuron is 0
     in the dense result; with nothing stopped the output is the dense one bit for bit."""
