@@ -36,7 +36,7 @@ cdef extern from "kernels/dv_knob.h" nogil:
     void dv_knob_tiles(const float* src, const long* tap_off, const int* runs, const int* runs_first,
                        int wo, int sh, int sw, int row_width, const float* W, long ldw, int O, int K, int lead, const int* pos, int n,
                        const unsigned char* mask, const float* bias, const float* cst, float* out, int npos,
-                       int spet, float margin, int relu, float* panel, int* list, int tile_begin,
+                       int spet, const float* margins, int relu, float* panel, int* list, int tile_begin,
                        int tile_end, long long* stats)
 
 cdef extern from "kernels/dv_pool.h" nogil:
@@ -619,13 +619,13 @@ def phase_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl
 
 
 def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] positions, int wo, int sh, int sw,
-              int row_width, const float[:, ::1] W, int lead, bint spet, float margin, bint relu,
+              int row_width, const float[:, ::1] W, int lead, bint spet, const float[::1] margins, bint relu,
               const float[::1] bias, const float[:, ::1] cst, const uint8[:, ::1] mask, float[:, ::1] out,
               float[:, ::1] panels, int threads=1):
     """The knobs' conv kernel for one group (see dv_knob_tiles): the outputs of ``out`` (O x
     positions of the map) at ``positions`` (increasing), over the K = W's columns rows of the
     unfolded input (row k at ``src[tap_off[k] + ...]``), SPET first when ``spet`` (partial
-    over rows < ``lead``), only where ``mask`` (O x len(positions); None: all) is set, starting
+    over rows < ``lead``; output o stops when it is < -``margins[o]``), only where ``mask`` (O x len(positions); None: all) is set, starting
     from bias (+ ``cst``, O x positions of the map, when not None). ``panels``: one row of at
     least K * 32 floats per thread. Returns (outputs stopped by SPET, outputs computed)."""
     cdef int O = W.shape[0], K = W.shape[1], n = positions.shape[0], npos = out.shape[1]
@@ -636,7 +636,8 @@ def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] posi
     cdef const float* pc = NULL
     if n == 0 or O == 0:
         return 0, 0
-    if (tap_off.shape[0] != K or out.shape[0] != O or bias.shape[0] != O or lead < 0 or lead > K
+    if (tap_off.shape[0] != K or out.shape[0] != O or bias.shape[0] != O or margins.shape[0] != O
+            or lead < 0 or lead > K
             or panels.shape[1] < max(K, 1) * 32 or panels.shape[0] < max(nchunks, 1)):
         raise ValueError("knob_conv: shape mismatch")
     for i in range(n):
@@ -678,7 +679,7 @@ def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] posi
             runs_first[t] = r
     for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
         dv_knob_tiles(&src[0], pt, runs, runs_first, wo, sh, sw, row_width, pw, ldw, O, K, lead, &positions[0], n,
-                      m, &bias[0], pc, &out[0, 0], npos, spet, margin, relu, &panels[c, 0], lists + c * O,
+                      m, &bias[0], pc, &out[0, 0], npos, spet, &margins[0], relu, &panels[c, 0], lists + c * O,
                       c * ntiles // nchunks, (c + 1) * ntiles // nchunks, stats + 2 * c)
     cdef long long stopped = 0, active = 0
     for c in range(nch):
@@ -917,17 +918,20 @@ def sfma_constant(const float[:, ::1] W, const int[::1] dropped, const float[::1
 
 # --------------------------------------------------------------------------- SPET (fully connected)
 
-def spet_decide(const float[:, ::1] partial, float margin, const uint8[:, ::1] active, uint8[:, ::1] cont):
-    """cont[o, j] = active[o, j] and partial[o, j] >= -margin. Returns the number terminated
-    (active entries predicted negative)."""
+def spet_decide(const float[:, ::1] partial, const float[::1] margins, const uint8[:, ::1] active,
+                uint8[:, ::1] cont):
+    """cont[o, j] = active[o, j] and partial[o, j] >= -margins[j] (one margin per column: a
+    fully-connected layer's neurons). Returns the number terminated (active entries predicted
+    negative)."""
     cdef Py_ssize_t O = partial.shape[0], N = partial.shape[1], o, j
     cdef long long terminated = 0
-    cdef float neg = -margin
+    if margins.shape[0] != N:
+        raise ValueError("spet_decide: one margin per column")
     with nogil:
         for o in range(O):
             for j in range(N):
                 if active[o, j]:
-                    if partial[o, j] < neg:
+                    if partial[o, j] < -margins[j]:
                         cont[o, j] = 0
                         terminated += 1
                     else:

@@ -69,6 +69,11 @@ CRITERIA = ("disagree", "lost", "ucb", "loss")
 #: SPET's leading fraction p is a per-layer option; calibration tries these (``--spet-fractions``).
 #: 0.25 changes several times more images than 0.5 for the ops it saves, so only 0.5 by default.
 SPET_FRACTIONS = (0.5,)
+#: SPET's tests calibration tries (``--spet-tests``): ``margin`` (the specification's rule) alone
+#: by default; ``bound`` (beyond the reconstruction, docs/knobs.md) searches the scales below.
+SPET_TESTS = ("margin",)
+#: ``test: bound``'s candidate scales, most aggressive first (1: exact).
+SPET_BOUND_SCALES = (0.25, 0.35, 0.5, 0.7, 1.0)
 
 
 def candidate_thresholds(knob: str, values: np.ndarray) -> list[float]:
@@ -226,7 +231,7 @@ class Calibrator:
                  min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES,
                  criterion: str = "disagree", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
                  spet_fractions: tuple[float, ...] = SPET_FRACTIONS, early_reject: bool = True,
-                 changed_weight: float = 0.5) -> None:
+                 changed_weight: float = 0.5, spet_tests: tuple[str, ...] = SPET_TESTS) -> None:
         if criterion not in CRITERIA:
             raise DyveError(f"--criterion: unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
         if not 0 <= holdout < 1:
@@ -242,6 +247,7 @@ class Calibrator:
         self.budget, self.margin, self.min_share = budget, margin, min_share
         self.criterion, self.z = criterion, z
         self.spet_fractions = spet_fractions
+        self.spet_tests = spet_tests
         self.early_reject = early_reject
         self.changed_weight = changed_weight
         self.threads = threads
@@ -446,8 +452,7 @@ class Calibrator:
             if knob not in self.knobs_allowed:
                 continue
             current = self.config.get(name, knob)
-            options_grid = [{"fraction": f} for f in self.spet_fractions] if knob == "spet" else [{}]
-            for options in options_grid:
+            for options in self.options_grid(knob):
                 candidates = self.candidates(layer, knob, cache, options)
                 if current is not None and current.options == options:
                     # a later pass only tries more aggressive settings of the same options
@@ -461,13 +466,24 @@ class Calibrator:
                     self.current = best[1]
                     current = self.config.get(name, knob)
 
+    def options_grid(self, knob: str) -> list[dict[str, Any]]:
+        """The option settings searched for ``knob``: SPET's fractions, per test (the margin rule
+        written without its default, so that knob files keep the specification's form)."""
+        if knob != "spet":
+            return [{}]
+        return [{"fraction": f, **({} if test == "margin" else {"test": test})}
+                for test in self.spet_tests for f in self.spet_fractions]
+
     @staticmethod
     def _more_aggressive(knob: str, t: float, than: float) -> bool:
         return t < than if knob == "spet" else t > than
 
     def candidates(self, layer, knob: str, cache: list[dict[str, np.ndarray]],
                    options: dict[str, Any]) -> list[float]:
-        """Candidate thresholds from the knob's statistic on a sample of cached inputs."""
+        """Candidate thresholds from the knob's statistic on a sample of cached inputs (SPET's
+        bound: its fixed scales)."""
+        if knob == "spet" and options.get("test") == "bound":
+            return list(SPET_BOUND_SCALES)
         probe = self.config.copy()
         probe.disable(layer.name, knob)
         if knob == "spet":  # the statistic depends on the fraction: let the probe know it
@@ -566,9 +582,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise DyveError(f"--spet-fractions: comma-separated numbers, got {args.spet_fractions!r}") from None
     if not spet_fractions or not all(0 < f <= 1 for f in spet_fractions):
         raise DyveError(f"--spet-fractions: fractions in (0, 1], got {args.spet_fractions!r}")
+    spet_tests = tuple(t for t in args.spet_tests.split(",") if t)
+    if not spet_tests or not set(spet_tests) <= {"margin", "bound"}:
+        raise DyveError(f"--spet-tests: comma-separated margin, bound; got {args.spet_tests!r}")
     cal = Calibrator(plan, images, np.asarray(dataset.labels), args.budget, args.margin, args.min_share,
                      args.threads, knobs, criterion=args.criterion, z=args.z, holdout=args.holdout,
-                     spet_fractions=spet_fractions, changed_weight=args.changed_weight)
+                     spet_fractions=spet_fractions, changed_weight=args.changed_weight, spet_tests=spet_tests)
     config = cal.run(passes=args.passes)
     config.save(args.output)
     if args.trace:
@@ -602,6 +621,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fraction of the calibration images held out to check the chosen setting (default 0)")
     p.add_argument("--spet-fractions", default=",".join(map(str, SPET_FRACTIONS)),
                    help="SPET leading fractions tried, most aggressive first (default %(default)s)")
+    p.add_argument("--spet-tests", default=",".join(SPET_TESTS),
+                   help="SPET tests tried: margin (the specification's rule), bound (beyond the reconstruction: "
+                        "the partial sum against a scaled bound of the rest, docs/knobs.md) (default %(default)s)")
     p.add_argument("--knobs", default="", help="comma-separated subset of sfma,sdss,spet (default all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="KNOBS.yaml")

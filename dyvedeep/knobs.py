@@ -10,7 +10,10 @@ A knob file is YAML::
         sfma: {enabled: true, threshold: 0.05}
 
 Thresholds (the rules are a reconstruction of the DyVEDeep papers, see docs/knobs.md):
-- SPET: margin t >= 0; a neuron stops when its partial sum < -t (``.inf`` never fires).
+- SPET: margin t >= 0; a neuron stops when its partial sum < -t (``.inf`` never fires). With
+  ``test: bound`` (beyond the reconstruction) t is a scale: a neuron stops when its partial sum
+  < -t x the largest sum its other inputs can add (1: exact; below 1: predictive; ``.inf``
+  never fires).
 - SDSS: significance t >= 0; a cell is interpolated when all its corners are < t (0 never fires).
 - SFMA: relative spread t >= 0; a map is replaced by its mean when spread < t (0 never fires).
 """
@@ -31,12 +34,13 @@ KNOB_NAMES = ("sfma", "sdss", "spet")  # order of application inside a layer
 
 #: Options of each knob with the specification's defaults and their allowed values.
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "spet": {"fraction": 0.5, "order": "shared"},
+    "spet": {"fraction": 0.5, "order": "shared", "test": "margin"},
     "sdss": {"stride": 2, "fill": "bilinear"},
     "sfma": {"statistic": "relative_std", "border": "exact"},
 }
 ALLOWED_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("spet", "order"): ("shared",),
+    ("spet", "test"): ("margin", "bound"),  # bound: beyond the reconstruction (docs/knobs.md)
     ("sdss", "fill"): ("bilinear", "zero"),
     ("sfma", "statistic"): ("relative_std", "std"),
     ("sfma", "border"): ("exact", "interior"),

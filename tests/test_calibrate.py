@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dyvedeep.calibrate import Calibrator, knob_statistics, risk_pt
+from dyvedeep.calibrate import SPET_BOUND_SCALES, Calibrator, knob_statistics, risk_pt
 from dyvedeep.engine import Engine, sdss_grid
 from dyvedeep.errors import DyveError
 from dyvedeep.knobs import DEFAULT_OPTIONS, KnobConfig
@@ -172,3 +172,22 @@ def test_a_candidate_changing_most_images_while_barely_firing_stops_calibration(
     prefix = cal.prefix_ops(index, KnobConfig())
     assert cal.search("conv2", "sfma", [1e-30], {}, cache, index, prefix, 0.5, 1) is None
     assert cal.trace[-1]["disagree"] == 0
+
+
+def test_spet_bound_is_searched_only_when_asked(small_model):  # noqa: F811
+    """--spet-tests margin (the default) never tries the bound; margin,bound searches its scales
+    beside the margin rule with the same criterion, and a bound setting it keeps is written with
+    its option."""
+    default = _calibrator(small_model, knobs_allowed=("spet",))
+    default.run(passes=1)
+    assert default.trace and all("test=" not in row["options"] for row in default.trace)
+    both = _calibrator(small_model, knobs_allowed=("spet",), spet_tests=("margin", "bound"))
+    both.run(passes=1)
+    tried = [row for row in both.trace if "test=bound" in row["options"]]
+    assert tried and {row["threshold"] for row in tried} <= set(SPET_BOUND_SCALES)
+    for lname, knobs in both.config.layers.items():
+        setting = knobs.get("spet")
+        if setting is not None and setting.option("spet", "test") == "bound":
+            assert setting.threshold in SPET_BOUND_SCALES
+            assert "test=bound" in " ".join(row["options"] for row in tried if row["layer"] == lname
+                                            and row["accepted"])

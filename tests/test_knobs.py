@@ -7,11 +7,16 @@ import math
 import numpy as np
 import pytest
 
+from onnx import helper
+
+from dyvedeep import _kernels as K
 from dyvedeep.engine import BILINEAR_FILL_OPS, SFMA_TEST_OPS, Engine, EngineTuning, sdss_grid
+from dyvedeep.engine.memory import aligned_zeros
+from dyvedeep.engine.spet import spet_bound, spet_test_margins
 from dyvedeep.errors import DyveError
-from dyvedeep.knobs import KnobConfig, load_knobs
+from dyvedeep.knobs import KnobConfig, KnobSetting, load_knobs
 from dyvedeep.plan import build_plan
-from tests.onnx_builders import conv_model, fc_model
+from tests.onnx_builders import conv_model, fc_model, save_model
 
 RNG = np.random.default_rng(7)
 
@@ -70,6 +75,291 @@ def test_spet_extremes(tmp_path):
     assert every.counter.get("conv", "terminated") == neurons
     assert every.counter.get("conv", "macs") == neurons * lead
     assert every.counter.get("conv", "ops") == 2 * neurons * lead + neurons + neurons  # bias, compare
+
+
+# ----------------------------------------------------------------------------- SPET, test: bound
+
+
+def bound(threshold: float) -> tuple[float, dict[str, str]]:
+    return threshold, {"test": "bound"}
+
+
+def signed_bound_ops(elements: int, outputs: int) -> int:
+    """docs/ops.md, SPET bound, fully connected, input of unknown sign: max and min (2 (n - 1)),
+    both clamped to 0 (2), per output 2 multiplies and 2 adds."""
+    return 2 * (elements - 1) + 2 + 4 * outputs
+
+
+def signed_channel_bound_ops(channels: int, elements: int, outputs: int, rest: int) -> int:
+    """docs/ops.md, SPET bound, conv, input of unknown sign: per map its max and min, the largest
+    max and smallest min, each map's two clamped to 0, the range (1); per output the rest's two
+    dot products (2 per MAC each) and the rounding allowance (3)."""
+    extremes = channels * (elements - 1) + channels - 1
+    return 2 * extremes + 2 * channels + 1 + outputs * (2 * 2 * rest + 3)
+
+
+def test_spet_bound_fc_hand_worked(tmp_path):
+    # column |w| sums 7, 2.5, 2, 2.5: order 0, 1, 3, 2 (stable); lead = 2 (columns 0 and 1)
+    w = np.array([[-2.0, -1.0, 0.5, 0.5],
+                  [2.0, 1.0, 0.5, 0.5],
+                  [-2.0, 0.0, 0.25, 1.0],
+                  [-1.0, -0.5, 0.75, 0.5]], np.float32)
+    path = fc_model(tmp_path / "f.onnx", w, np.zeros(4))
+    plan = build_plan(path)
+    assert not plan.layer("fc").input_nonneg
+    x = np.array([1.0, 1.0, 0.0, 2.0], np.float32).reshape(1, 4, 1, 1)
+    engine = Engine(plan, knobs(fc={"spet": bound(1.0)}))
+    out = engine.run(x)
+    # partials -3, 3, -2, -1.5; the rest (columns 3, 2) adds at most 2 x (its positive weights):
+    # 2, 2, 2.5, 2.5. Only neuron 0 is sure to end <= 0 (full sums -2, 4, 0, -0.5): the margin
+    # rule at 0.5 would stop 0, 2 and 3, the bound stops 0 alone, and every output is the dense one.
+    assert out.tolist() == [[0.0, 4.0, 0.0, 0.0]]
+    assert np.array_equal(out, Engine(plan).run(x))
+    c = engine.counter
+    assert c.get("fc", "terminated") == 1
+    macs = 4 * 2 + 3 * 2
+    assert c.get("fc", "macs") == macs
+    overhead = 4 + signed_bound_ops(4, 4)  # compares, the bound's margins
+    assert c.get("fc", "overhead_spet") == overhead
+    assert c.get("fc", "ops") == 2 * macs + 4 + 3 + overhead  # bias adds, ReLU of the finished
+    assert c.get("fc", "saved_spet") == 2 * 1 * 2 + 1
+    assert plan.layer("fc").dense_ops - c.get("fc", "saved_spet") + overhead == c.get("fc", "ops")
+    never = Engine(plan, knobs(fc={"spet": bound(math.inf)}))
+    assert np.array_equal(never.run(x), Engine(plan).run(x)) and never.counter.get("fc", "terminated") == 0
+
+
+def test_spet_exact_bound_on_a_grouped_conv(tmp_path):
+    """Two groups, each with its own order, ranges and bound: a stopped neuron is 0 in the dense
+    result (the first group's input is 5 times larger)."""
+    rng = np.random.default_rng(1)
+    stops = 0
+    for _ in range(10):
+        w = rng.normal(-0.4, 1, (8, 3, 3, 3)).astype(np.float32)
+        b = rng.normal(-0.5, 1, 8).astype(np.float32)
+        plan = build_plan(relu_conv_model(tmp_path / "c.onnx", w, b, (6, 9, 9), pads=[1] * 4, group=2))
+        x = rng.normal(0, 1, (1, 6, 9, 9)).astype(np.float32)
+        x[0, :3] *= 5
+        dense = Engine(plan).run(x)
+        engine = Engine(plan, knobs(conv={"spet": bound(1.0)}))
+        out = engine.run(x)
+        stopped = engine.counter.get("conv", "terminated")
+        stops += stopped
+        np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-5 * float(np.abs(dense).max()))
+        assert (out[dense == 0] == 0).all() and ((out == 0) & (dense == 0)).sum() >= stopped
+    assert stops > 0
+
+
+def test_spet_exact_bound_on_random_fully_connected_layers(tmp_path):
+    """Scale 1 on random fully-connected layers with non-negative inputs: a stopped neuron is 0
+    in the dense result; with nothing stopped the output is the dense one bit for bit."""
+    rng = np.random.default_rng(15)
+    stops = 0
+    for i in range(40):
+        o, k = int(rng.integers(1, 24)), int(rng.integers(2, 80))
+        w = rng.normal(-rng.uniform(0, 0.5), 1, (o, k)).astype(np.float32)
+        b = rng.normal(-1, 1, o).astype(np.float32)
+        plan = build_plan(fc_model(tmp_path / f"f{i}.onnx", w, b))
+        x = np.maximum(rng.normal(0, 1, (1, k, 1, 1)), 0).astype(np.float32)
+        dense = Engine(plan).run(x)
+        engine = Engine(plan, knobs(fc={"spet": bound(1.0)}))
+        out = engine.run(x)
+        stopped = engine.counter.get("fc", "terminated")
+        stops += stopped
+        if stopped == 0:
+            assert np.array_equal(out, dense)
+        else:
+            np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-5 * float(np.abs(dense).max() or 1))
+            # every stopped neuron is a 0 the dense run has too (the others finish, to rounding)
+            assert (out[dense == 0] == 0).all() and ((out == 0) & (dense == 0)).sum() >= stopped
+    assert stops > 20
+
+
+def test_spet_bound_conv_hand_worked(tmp_path):
+    # 1x1 conv, 2 input channels (|w| sums 4 and 1.5: channel 0 leads), a 1 x 3 map
+    w = np.array([[-2.0, 1.0], [-2.0, 0.5]], np.float32).reshape(2, 2, 1, 1)
+    path = conv_model(tmp_path / "c.onnx", w, np.zeros(2), (2, 1, 3))
+    plan = build_plan(path)
+    x = np.array([[1.0, 1.0, 4.0], [1.0, 3.0, 0.0]], np.float32).reshape(1, 2, 1, 3)
+    engine = Engine(plan, knobs(conv={"spet": bound(1.0)}))
+    out = engine.run(x)
+    # partials -2, -2, -8 for both outputs; the rest (channel 1, its largest value 3: each map has
+    # its own range) adds at most 1 x 3 (output 0) or 0.5 x 3 (output 1): output 0 stops at the
+    # last position, output 1 everywhere (full sums -1.5, -0.5, -8; with the range of the whole
+    # input, 4, it would not stop at the first two)
+    assert out.reshape(2, 3).tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    assert np.array_equal(out, Engine(plan).run(x))
+    c = engine.counter
+    neurons, terminated = 6, 4
+    assert c.get("conv", "terminated") == terminated
+    macs = neurons * 1 + (neurons - terminated) * 1
+    assert c.get("conv", "macs") == macs
+    overhead = neurons + signed_channel_bound_ops(2, 3, 2, 1)
+    assert c.get("conv", "overhead_spet") == overhead
+    assert c.get("conv", "ops") == 2 * macs + neurons + (neurons - terminated) + overhead
+    assert c.get("conv", "saved_spet") == 2 * terminated * 1 + terminated
+    assert c.get("conv", "fallbacks") == 0
+
+
+def test_spet_bound_extremes(tmp_path):
+    w = -np.abs(RNG.normal(0, 1, (8, 3, 3, 3))).astype(np.float32)
+    path = conv_model(tmp_path / "c.onnx", w, np.zeros(8), (3, 6, 6), pads=[1, 1, 1, 1])
+    plan = build_plan(path)
+    x = np.abs(RNG.normal(0, 1, (1, 3, 6, 6))).astype(np.float32) + 0.1
+    dense = Engine(plan).run(x)
+    neurons, kdim, lead = 8 * 36, 27, math.ceil(0.5 * 3) * 9
+    # everything stops (all weights negative, input positive: the rest adds at most 0)
+    every = Engine(plan, knobs(conv={"spet": bound(1.0)}))
+    out = every.run(x)
+    assert not out.any() and not dense.any()
+    assert every.counter.get("conv", "terminated") == neurons
+    assert every.counter.get("conv", "macs") == neurons * lead
+    overhead = neurons + signed_channel_bound_ops(3, 36, 8, 3 - 2)
+    assert every.counter.get("conv", "ops") == 2 * neurons * lead + neurons + overhead  # bias, overhead
+    # nothing stops (positive weights): the dense result bit for bit, all MACs, the overhead on top
+    for t in (1.0, 0.0, math.inf):  # at 0 the test is the partial sum < 0, which never holds here
+        none = Engine(plan, knobs(conv={"spet": bound(t)}))
+        positive = Engine(build_plan(conv_model(tmp_path / "p.onnx", -w, np.zeros(8), (3, 6, 6),
+                                                pads=[1, 1, 1, 1])), knobs(conv={"spet": bound(t)}))
+        assert np.array_equal(positive.run(x), Engine(positive.plan).run(x))
+        c = positive.counter
+        assert c.get("conv", "terminated") == 0 and c.get("conv", "fallbacks") == 1
+        assert c.get("conv", "macs") == neurons * kdim
+        assert c.get("conv", "ops") == 2 * neurons * kdim + 2 * neurons + overhead
+        # .inf never fires even where everything would stop
+        if math.isinf(t):
+            assert np.array_equal(none.run(x), dense) and none.counter.get("conv", "terminated") == 0
+
+
+def relu_conv_model(path, w, b, in_shape, **conv_attrs):
+    """data -> Relu -> Conv -> Relu: the conv's input is known non-negative."""
+    nodes = [helper.make_node("Relu", ["data"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "W", "b"], ["c"], name="conv", **conv_attrs),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")]
+    return save_model(path, nodes, {"W": w, "b": b}, in_shape, "r")
+
+
+def test_spet_bound_counts_the_maxima_alone_after_a_relu(tmp_path):
+    w = -np.abs(RNG.normal(0, 1, (4, 2, 3, 3))).astype(np.float32)
+    plan = build_plan(relu_conv_model(tmp_path / "c.onnx", w, np.zeros(4), (2, 5, 5)))
+    assert plan.layer("conv").input_nonneg
+    engine = Engine(plan, knobs(conv={"spet": bound(1.0)}))
+    engine.run(np.abs(RNG.normal(0, 1, (1, 2, 5, 5))).astype(np.float32) + 0.1)
+    neurons = 4 * 9
+    assert engine.counter.get("conv", "terminated") == neurons
+    # each map's largest value (24 compares each), the largest of those (1); per output the rest
+    # channel's MAC (2) and the rounding allowance (3); 1 compare per neuron
+    assert engine.counter.get("conv", "overhead_spet") == (2 * 24 + 1) + 4 * (2 + 3) + neurons
+
+
+def kernel_outputs(x, w, bias, lead_ch, margins, relu=False):
+    """K.knob_conv on an unpadded stride-1 conv (natural channel order), SPET on with ``margins``:
+    the outputs (O x positions) and the number stopped."""
+    cin, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho, wo = h - kh + 1, wd - kw + 1
+    taps = (np.arange(kh)[:, None] * wd + np.arange(kw)[None, :]).reshape(-1)
+    tap_off = (np.arange(cin)[:, None] * h * wd + taps[None, :]).reshape(-1).astype(np.int64)
+    k = cin * kh * kw
+    out = np.full((o, ho * wo), np.nan, np.float32)
+    stopped, _ = K.knob_conv(src=np.ascontiguousarray(x.reshape(-1)), tap_off=tap_off,
+                             positions=np.arange(ho * wo, dtype=np.int32), wo=wo, sh=1, sw=1, row_width=wd,
+                             W=np.ascontiguousarray(w.reshape(o, k)), lead=lead_ch * kh * kw, spet=True,
+                             margins=margins, relu=relu, bias=bias, cst=None, mask=None, out=out,
+                             panels=aligned_zeros((1, k * 32)), threads=1)
+    return out, stopped
+
+
+def test_spet_exact_bound_never_changes_an_output():
+    """On random layers with non-negative inputs, the bound at scale 1 only stops neurons whose
+    full sum is <= 0 (in float64 and in the kernel's own floats): every output equals, bit for
+    bit, the same kernel's with nothing stopped (a stop never touches another output's floats),
+    ReLU or not. Below 1 it stops at least the same neurons."""
+    rng = np.random.default_rng(2026)
+    stops = seeds_with_stops = 0
+    for _ in range(150):
+        cin, o, h = int(rng.integers(1, 7)), int(rng.integers(1, 20)), int(rng.integers(3, 12))
+        k = int(rng.choice([1, 2, 3]))
+        x = np.maximum(rng.normal(0, 1, (cin, h, h)), 0).astype(np.float32)
+        if rng.random() < 0.3:
+            x *= np.float32(rng.uniform(0.1, 30))
+        w = (rng.normal(-rng.uniform(0, 1), 1, (o, cin, k, k))).astype(np.float32)
+        b = rng.normal(-rng.uniform(0, 2), 1, o).astype(np.float32)
+        lead_ch = int(rng.integers(1, cin + 1))
+        setting = KnobSetting(True, 1.0, {"test": "bound"})
+        count = {"overhead_spet": 0}
+        margins = {t: spet_test_margins(KnobSetting(True, t, {"test": "bound"}),
+                                        spet_bound(w.reshape(o, -1), b, k * k, t), o, lead_ch, x,
+                                        np.arange(cin), True, count)
+                   for t in (1.0, 0.5, math.inf)}
+        assert setting.option("spet", "test") == "bound"
+        for relu in (False, True):
+            never, none_stopped = kernel_outputs(x, w, b, lead_ch, margins[math.inf], relu)
+            exact, stopped = kernel_outputs(x, w, b, lead_ch, margins[1.0], relu)
+            half, stopped_half = kernel_outputs(x, w, b, lead_ch, margins[0.5], relu)
+            assert none_stopped == 0
+            if relu:
+                assert np.array_equal(exact, never)
+            else:  # the stopped outputs are the zeros where `never` has its sum
+                was_stopped = (exact == 0) & (never != 0)
+                assert np.array_equal(exact[~was_stopped], never[~was_stopped])
+                assert (never[was_stopped] <= 0).all()
+                assert was_stopped.sum() <= stopped
+            # monotone: whatever scale 1 stops, 0.5 stops
+            assert stopped_half >= stopped
+            assert not (half[exact == 0] != 0).any() if relu else True
+        # the full sums in float64: every neuron stopped at scale 1 ends <= 0
+        ref = np.einsum("chwij,ocij->ohw", np.lib.stride_tricks.sliding_window_view(
+            x.astype(np.float64), (k, k), axis=(1, 2)), w.astype(np.float64)) + b[:, None, None]
+        exact, stopped = kernel_outputs(x, w, b, lead_ch, margins[1.0], relu=False)
+        never, _ = kernel_outputs(x, w, b, lead_ch, margins[math.inf], relu=False)
+        assert (ref.reshape(o, -1)[(exact == 0) & (never != 0)] <= 0).all()
+        stops += stopped
+        seeds_with_stops += stopped > 0
+    assert seeds_with_stops >= 30 and stops > 1000  # the property was exercised
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_spet_exact_bound_in_the_engine(tmp_path, seed):
+    """The engine (padding, strides, SDSS and SFMA beside it): at scale 1 a stopped neuron was
+    0 without SPET; when nothing fires the output is the dense one bit for bit (a finished
+    neuron sums its lead and rest apart, so with SFMA firing it matches to rounding); scale
+    0.5 stops at least as many; .inf never fires."""
+    rng = np.random.default_rng(seed)
+    cin, o, h = int(rng.integers(2, 6)), int(rng.integers(2, 12)), int(rng.integers(5, 12))
+    w = rng.normal(-0.4, 1, (o, cin, 3, 3)).astype(np.float32)
+    b = rng.normal(-0.5, 1, o).astype(np.float32)
+    stride, pad = int(rng.integers(1, 3)), int(rng.integers(0, 2))
+    plan = build_plan(relu_conv_model(tmp_path / "c.onnx", w, b, (cin, h, h), strides=[stride, stride],
+                                      pads=[pad] * 4))
+    x = rng.normal(0, 1, (1, cin, h, h)).astype(np.float32)
+    dense = Engine(plan).run(x)
+    extra = {}
+    if seed % 3 == 1:
+        extra = {"sdss": 0.0}  # on, never firing: positions go through the grid first
+    elif seed % 3 == 2:
+        x[0, 0] = 0.5  # a uniform map that SFMA drops (the bound covers the order past the lead)
+        dense = Engine(plan).run(x)
+        extra = {"sfma": 1e-3}
+    results = {}
+    for t in (1.0, 0.5, math.inf):
+        engine = Engine(plan, knobs(conv={"spet": bound(t), **extra}))
+        results[t] = (engine.run(x), engine.counter.get("conv", "terminated"))
+    out, stopped = results[1.0]
+    two = Engine(plan, knobs(conv={"spet": bound(1.0), **extra}), threads=2, tuning=EngineTuning(parallel_min_work=0))
+    assert np.array_equal(two.run(x), out) and two.counter.get("conv", "terminated") == stopped
+    base = Engine(plan, knobs(conv=extra)).run(x) if extra else dense
+    if stopped == 0 and "sfma" not in extra:  # nothing fired: the knob-free result
+        assert np.array_equal(out, base)
+    else:
+        np.testing.assert_allclose(out, base, rtol=1e-5, atol=1e-5 * float(np.abs(base).max() or 1))
+        assert ((out == 0) | (base != 0)).all() and (out[base == 0] == 0).all()
+    assert results[0.5][1] >= stopped and results[0.5][1] > 0  # (the seeds all stop some at 0.5)
+    never, never_stopped = results[math.inf]
+    assert never_stopped == 0
+    if "sfma" in extra:
+        np.testing.assert_allclose(never, base, rtol=1e-5, atol=1e-5 * float(np.abs(base).max() or 1))
+    else:
+        assert np.array_equal(never, base)
 
 
 # ----------------------------------------------------------------------------- SDSS
@@ -282,6 +572,8 @@ def small_plan(tmp_path):
     ("layers: {conv: {spet: {}}}", "missing threshold"),
     ("layers: {conv: {sdss: {threshold: 1, fill: cubic}}}", "fill must be one of"),
     ("layers: {conv: {spet: {threshold: 1, fraction: 2}}}", "fraction must be"),
+    ("layers: {conv: {spet: {threshold: 1, test: exact}}}", "option test must be one of margin, bound"),
+    ("layers: {conv: {spet: {threshold: -0.5, test: bound}}}", "threshold must be >= 0"),
     ("layers: [1, 2]", "'layers' must map"),
     ("layers: {conv: {spet: {threshold: 1}}", "not valid YAML"),
 ])
@@ -291,6 +583,14 @@ def test_bad_knob_files_fail_with_one_line(tmp_path, small_plan, text, message):
     with pytest.raises(DyveError) as err:
         load_knobs(path, small_plan)
     assert message in str(err.value) and "bad.yaml" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_spet_bound_knob_file(tmp_path, small_plan):
+    path = tmp_path / "k.yaml"
+    path.write_text("layers: {conv: {spet: {threshold: 1.0, test: bound}}}")
+    setting = load_knobs(path, small_plan).get("conv", "spet")
+    assert setting.option("spet", "test") == "bound" and setting.threshold == 1.0
+    assert KnobSetting(True, 0.5).option("spet", "test") == "margin"  # the default: the specification's rule
 
 
 def test_knob_file_round_trip(tmp_path, small_plan):

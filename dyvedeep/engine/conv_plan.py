@@ -18,7 +18,7 @@ from ..plan import Layer
 from .memory import aligned_copy, packed_cols
 from .sdss import SdssGrid, sdss_grid
 from .sfma import border_classes
-from .spet import spet_channel_order
+from .spet import SpetBound, spet_bound, spet_channel_order
 from .tuning import EngineTuning
 
 
@@ -154,6 +154,7 @@ class ConvKnobPlan:
     tap_class: np.ndarray | None = None  # SFMA: per output position its border class ...
     class_taps: np.ndarray | None = None  # ... and per class its valid kernel taps (kk mask)
     class_tap_count: int = 0  # valid taps summed over the border classes
+    spet_bounds: list[SpetBound] | None = None  # SPET ``test: bound``: per group, the bound's static data
 
 
 def plan_knobs(layer: Layer, geom: ConvGeometry, route: ConvRoute, weights: list[np.ndarray],
@@ -183,8 +184,13 @@ def plan_knobs(layer: Layer, geom: ConvGeometry, route: ConvRoute, weights: list
             tap_class, class_taps = border_classes(g.ho, g.wo, g.kh, g.kw, (g.sh, g.sw, g.pt, g.pl, g.dh, g.dw),
                                                    g.h, g.w)
         class_tap_count = int(class_taps.sum())
+    spet_bounds = None
+    if spet is not None and spet.option("spet", "test") == "bound":
+        spet_bounds = [spet_bound(order_weights[group], layer.bias[group * g.cout:(group + 1) * g.cout], g.kk,
+                                  spet.threshold) for group in range(g.groups)]
     return ConvKnobPlan(spet, sdss, sfma, order, order_weights, order_tap_off,
-                        np.arange(g.positions, dtype=np.int32), grid, tap_class, class_taps, class_tap_count)
+                        np.arange(g.positions, dtype=np.int32), grid, tap_class, class_taps, class_tap_count,
+                        spet_bounds)
 
 
 @dataclass

@@ -101,6 +101,27 @@ def spet_neuron_costs(n: int, terminated: int, kdim: int, lead: int, relu: bool)
             "saved_spet": 2 * terminated * (kdim - lead) + terminated * int(relu), "terminated": terminated}
 
 
+def spet_bound_channel_ops(channels: int, elements: int, outputs: int, rest: int, nonneg: bool) -> int:
+    """SPET's ``test: bound`` margins of a conv group for one input of ``channels`` maps of
+    ``elements`` values, ``rest`` channels past the lead (docs/ops.md, SPET bound): per map its
+    largest value (elements - 1 compares), and the largest of those (channels - 1); unless the
+    input is known >= 0 (after a ReLU) the same for the smallest, each clamped to 0 (2 per map)
+    and the range (1 subtract). Per output: 2 per MAC over the rest channels (x 2 for the
+    smallest values), and 3 for the rounding allowance (multiply, add) and its constant (add)."""
+    extremes = channels * max(elements - 1, 0) + max(channels - 1, 0)
+    if not nonneg:
+        extremes = 2 * extremes + 2 * channels + 1
+    return extremes + outputs * (2 * rest * (1 if nonneg else 2) + 3)
+
+
+def spet_bound_shared_ops(elements: int, outputs: int, nonneg: bool) -> int:
+    """The same for a fully-connected layer: one range for all ``elements`` inputs (its largest
+    value, and unless known >= 0 its smallest, both clamped to 0), the weight sums of the rest
+    static; per output 1 multiply and 1 add (x 2 when the input may be negative)."""
+    extremes = max(elements - 1, 0) * (1 if nonneg else 2) + (0 if nonneg else 2)
+    return extremes + outputs * (2 if nonneg else 4)
+
+
 def fc_spet_costs(outputs: int, inputs: int, lead: int, terminated: int) -> dict[str, int]:
     """A fully-connected layer (ReLU folded) under SPET, one image: the SPET row of docs/ops.md,
     its overhead included in ``ops`` (bias add and compare per neuron, ReLU per finished neuron)."""

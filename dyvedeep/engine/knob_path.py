@@ -13,7 +13,7 @@ from .counting import new_counts, sfma_saved_ops
 from .memory import Scratch
 from .sdss import sdss_rest
 from .sfma import sfma_constant, sfma_select
-from .spet import conv_neurons, spet_lead
+from .spet import conv_neurons, spet_lead, spet_test_margins
 
 
 def conv_group_with_knobs(cp: ConvPlan, scratch: Scratch, x: np.ndarray, out_g: np.ndarray, group: int,
@@ -40,16 +40,23 @@ def conv_group_with_knobs(cp: ConvPlan, scratch: Scratch, x: np.ndarray, out_g: 
             count["dropped_maps"] += len(drop)
             count["saved_sfma"] += sfma_saved_ops(cout, geom.positions, geom.kk, len(drop))
     lead = len(kept) * geom.kk
+    margins = None
     if knobs.spet is not None:
-        lead = spet_lead(knobs.spet.option("spet", "fraction"), len(kept)) * geom.kk
+        lead_channels = spet_lead(knobs.spet.option("spet", "fraction"), len(kept))
+        lead = lead_channels * geom.kk
+        # the bound covers order[lead_channels:], a superset of the kept channels left after the
+        # lead when SFMA dropped some (each kept channel sits at least as far in the order)
+        margins = spet_test_margins(knobs.spet, knobs.spet_bounds[group] if knobs.spet_bounds else None, cout,
+                                    lead_channels, xg, order, cp.layer.input_nonneg, count)
 
     # ---- the positions computed first (the SDSS grid, or all), with SPET inside
     src, tap_off, wmat = knob_source(cp, scratch, x, group, kept, wmat)
     positions = knobs.grid.grid_positions if knobs.sdss is not None else knobs.all_positions
-    conv_neurons(cp, src, tap_off, wmat, lead, bias, constant, positions, None, out_g, scratch.panels, threads, count)
+    conv_neurons(cp, src, tap_off, wmat, lead, margins, bias, constant, positions, None, out_g, scratch.panels,
+                 threads, count)
     if knobs.sdss is not None:
         # ---- SDSS: interpolate insignificant cells, compute the rest of the map
-        sdss_rest(cp, out_g, src, tap_off, wmat, lead, bias, constant, scratch.panels, threads, count)
+        sdss_rest(cp, out_g, src, tap_off, wmat, lead, margins, bias, constant, scratch.panels, threads, count)
 
     count["ops"] += count["overhead_sfma"] + count["overhead_sdss"] + count["overhead_spet"]
     return count, bool(count["dropped_maps"] or count["filled"] or count["terminated"])

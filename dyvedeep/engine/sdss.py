@@ -64,8 +64,8 @@ def cell_corner_max(maps: np.ndarray, grid: SdssGrid) -> np.ndarray:
 
 
 def sdss_rest(cp: "ConvPlan", out_g: np.ndarray, src: np.ndarray, tap_off: np.ndarray, wmat: np.ndarray,
-              lead: int, bias: np.ndarray, constant: np.ndarray | None, panels: np.ndarray, threads: int,
-              count: dict[str, int]) -> None:
+              lead: int, margins: np.ndarray | None, bias: np.ndarray, constant: np.ndarray | None,
+              panels: np.ndarray, threads: int, count: dict[str, int]) -> None:
     """After the grid: decide the cells, compute the off-grid positions of significant cells
     (only the positions some map needs are unfolded; each map computes its own) and fill
     the others."""
@@ -78,7 +78,8 @@ def sdss_rest(cp: "ConvPlan", out_g: np.ndarray, src: np.ndarray, tap_off: np.nd
     positions, needed, n_needed = K.sdss_union(insignificant=insig, off_positions=grid.off_positions,
                                                cell_y=grid.cell_y, cell_x=grid.cell_x)
     if n_needed:
-        conv_neurons(cp, src, tap_off, wmat, lead, bias, constant, positions, needed, out_g, panels, threads, count)
+        conv_neurons(cp, src, tap_off, wmat, lead, margins, bias, constant, positions, needed, out_g, panels, threads,
+                     count)
     bilinear = setting.option("sdss", "fill") == "bilinear"
     filled = K.sdss_fill(out=maps, gy=grid.gy, gx=grid.gx, pos_y=grid.off_y, pos_x=grid.off_x, cell_y=grid.cell_y,
                          cell_x=grid.cell_x, insignificant=insig, bilinear=bilinear)

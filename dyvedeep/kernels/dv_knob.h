@@ -41,14 +41,15 @@ static inline void dv_knob_store(float *out, int npos, const int *orow, int rows
  * the output channels with an active entry in it. Each active output starts from
  * b = bias[o] (+ cst[o * npos + pos[i]] when cst != NULL, SFMA's constant maps). Without SPET
  * (spet == 0) it is b + the dot product over all K rows; with SPET the partial p = b + the dot
- * product over rows < lead is compared first: p < -margin stops it (output 0), else it is
- * p + the dot product over rows lead..K-1. ReLU if asked. Results go to out[o * npos + pos[i]].
+ * product over rows < lead is compared first: p < -margins[o] stops it (output 0), else it is
+ * p + the dot product over rows lead..K-1, accumulated as if nothing had stopped (a stop never
+ * changes another output's floats). ReLU if asked. Results go to out[o * npos + pos[i]].
  * stats[0] += outputs stopped, stats[1] += outputs active. `list` holds O ints. */
 static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs, const int *runs_first,
                           int wo, int sh, int sw, int row_width,
                           const float *W, long ldw, int O, int K, int lead, const int *pos, int n,
                           const unsigned char *mask, const float *bias, const float *cst, float *out, int npos,
-                          int spet, float margin, int relu, float *panel, int *list, int tile_begin,
+                          int spet, const float *margins, int relu, float *panel, int *list, int tile_begin,
                           int tile_end, long long *stats)
 {
     dv_v16 acc[16];
@@ -107,13 +108,12 @@ static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs
             int any_cont = 0;
             long long stopped = 0, active = 0;
             if (spet) {
-                float neg = -margin;
                 if (lead > 0) {
                     if (nv == 2) dv_tile_8x32(wr, lead, panel, 32, jn, acc, 0);
                     else dv_tile_8x16(wr, lead, panel, 32, jn, acc, 0);
                 }
                 for (int r = 0; r < rows; ++r) {
-                    float sum[32];
+                    float sum[32], neg = -margins[list[g + r]];
                     if (lead > 0) memcpy(sum, &acc[r * nv], sizeof(float) * 16 * (size_t)nv);
                     else memset(sum, 0, sizeof sum);
                     if (nv == 1) memset(sum + 16, 0, sizeof(float) * 16);
