@@ -4,6 +4,8 @@ elsewhere into the form the planner reads (docs/architecture.md, "Importing one'
 - Initializers listed among the graph inputs (IR < 4 files) are constants, not inputs.
 - Constant subgraphs (ConstantOfShape, Unsqueeze of a weight, ...) are folded by onnxruntime's
   offline graph optimisation at ORT_ENABLE_BASIC (only ONNX-standard ops come out of it).
+- A Softmax of opset < 13 (default axis 1, over the axes from it on, flattened) gets the axis
+  written out, when it means the same as a Softmax of opset 13 over that axis.
 - BatchNormalization is folded into the Conv it alone reads; a Mul or Add by a per-channel
   constant is folded into the Conv or BatchNormalization it alone reads.
 
@@ -28,6 +30,7 @@ def import_model(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     """``model`` (read from ``path``) rewritten for the planner; the original is not changed."""
     model = _copy(model)
     initializers_as_constants(model)
+    explicit_softmax_axes(model, path)
     if has_constant_subgraphs(model):
         model = fold_constant_subgraphs(model, path)
     fold_affine_layers(model)
@@ -50,6 +53,43 @@ def initializers_as_constants(model: onnx.ModelProto) -> None:
     del graph.input[:]
     graph.input.extend(kept)
     model.ir_version = max(model.ir_version, 4)  # IR 4 lets initializers be absent from the inputs
+
+
+def explicit_softmax_axes(model: onnx.ModelProto, path: Path) -> None:
+    """Write out the axis of each Softmax of opset < 13, whose default is 1 and which runs over
+    the axes from ``axis`` on, flattened: the same as opset 13's Softmax over ``axis`` when the
+    axes after it have size 1 (a (N, C, 1, 1) tensor) or there are none."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset >= 13 or not any(n.op_type == "Softmax" for n in model.graph.node):
+        return
+    dims = _dims(model)
+    for node in model.graph.node:
+        if node.op_type != "Softmax":
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = dims.get(node.input[0])
+        if shape is None:
+            raise DyveError(f"{path}: Softmax {node.name or node.output[0]}: cannot infer the rank of its input")
+        axis = axis + len(shape) if axis < 0 else axis
+        if any(d != 1 for d in shape[axis + 1:]):
+            raise DyveError(f"{path}: Softmax {node.name or node.output[0]} (opset {opset}) over the flattened axes "
+                            f"{axis}.. of {shape} is not supported")
+        del node.attribute[:]  # axis was its only attribute
+        node.attribute.append(onnx.helper.make_attribute("axis", axis))
+
+
+def _dims(model: onnx.ModelProto) -> dict[str, tuple]:
+    """The shape of every tensor shape inference knows (None for an unknown dimension)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # the planner reports a graph that does not infer
+        return {}
+    dims = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                  for d in vi.type.tensor_type.shape.dim)
+    return dims
 
 
 def has_constant_subgraphs(model: onnx.ModelProto) -> bool:
@@ -141,15 +181,7 @@ class _Graph:
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     """The rank of every tensor whose rank shape inference knows."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # the planner reports a graph that does not infer
-        return {}
-    ranks = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.type.tensor_type.HasField("shape"):
-            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
-    return ranks
+    return {name: len(shape) for name, shape in _dims(model).items()}
 
 
 def per_channel(array: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
