@@ -534,8 +534,8 @@ def _broadcast_constant(node: Node, array: np.ndarray) -> np.ndarray:
 @op_rule(Op.BATCHNORM, "BatchNormalization", count=_count_batchnorm, output_nonneg=_relu_folded)
 def _batchnorm(node: Node) -> dict[str, Any]:
     gamma, beta, mean, var = (np.asarray(node.const(i), dtype=np.float64).reshape(-1) for i in range(1, 5))
-    if node.attr("training_mode", 0):
-        raise node.error("training mode is not supported")
+    if node.attr("training_mode", 0) or node.attr("spatial", 1) != 1:
+        raise node.error("only inference with per-channel statistics is supported (training_mode=0, spatial=1)")
     if len(node.out_shape) < 1 or not gamma.size == beta.size == mean.size == var.size == node.out_shape[0]:
         raise node.error(f"parameters of {gamma.size} channels do not fit the input {node.in_shapes[0]}")
     eps = np.float64(np.float32(node.attr("epsilon", 1e-5)))

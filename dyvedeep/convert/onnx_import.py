@@ -202,6 +202,13 @@ def _channels(g: _Graph, node: onnx.NodeProto) -> int | None:
     return None if w is None else int(w.shape[0])
 
 
+def _inference_batchnorm(node: onnx.NodeProto) -> bool:
+    """Whether a BatchNormalization normalises per channel with its stored statistics (not in
+    training mode, not ``spatial=0`` of opset < 9): the planner refuses the others."""
+    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    return not attrs.get("training_mode", 0) and attrs.get("spatial", 1) == 1
+
+
 def _fold_one(g: _Graph, node: onnx.NodeProto) -> bool:
     """Fold ``node`` (BatchNormalization, Mul or Add) into the node it alone reads; whether it did."""
     data_inputs = [i for i in node.input if i and i not in g.inits]
@@ -222,11 +229,12 @@ def _fold_one(g: _Graph, node: onnx.NodeProto) -> bool:
         weight = params[0].astype(np.float64)
         bias = params[1].astype(np.float64) if len(params) > 1 else np.zeros(channels)
     else:
-        if any(g.const(i) is None for i in producer.input[1:5]):
+        if any(g.const(i) is None for i in producer.input[1:5]) or not _inference_batchnorm(producer):
             return False
         weight, bias = g.const(producer.input[1]).astype(np.float64), g.const(producer.input[2]).astype(np.float64)
     if node.op_type == "BatchNormalization":
-        if producer.op_type != "Conv" or any(g.const(i) is None for i in node.input[1:5]):
+        if (producer.op_type != "Conv" or any(g.const(i) is None for i in node.input[1:5])
+                or not _inference_batchnorm(node)):
             return False
         gamma, beta, mean, var = (g.const(i).astype(np.float64) for i in node.input[1:5])
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
