@@ -109,11 +109,15 @@ def test_a_model_without_anything_to_import_is_unchanged(tmp_path):
 # ----------------------------------------------------------------------------- folds into the conv
 
 
-@pytest.mark.parametrize("relu", [True, False])
-def test_batchnorm_folds_into_the_conv_as_onnxruntime_computes_it(tmp_path, relu):
-    nodes = [CONV, bn_node("c", "n")] + ([helper.make_node("Relu", ["n"], ["r"], name="relu")] if relu else [])
+@pytest.mark.parametrize("relu, bias", [(True, True), (False, True), (True, False)])
+def test_batchnorm_folds_into_the_conv_as_onnxruntime_computes_it(tmp_path, relu, bias):
+    conv = CONV if bias else helper.make_node("Conv", ["data", "W", ""], ["c"], name="conv", pads=[1, 1, 1, 1])
+    nodes = [conv, bn_node("c", "n")] + ([helper.make_node("Relu", ["n"], ["r"], name="relu")] if relu else [])
     inits = {**conv_inits(), **bn_params(4)}
-    path = save_model(tmp_path / "bn.onnx", nodes, inits, IN_SHAPE, "r" if relu else "n")
+    if not bias:
+        inits["b"] = np.zeros(4)  # for the expected bias below; not an input of the conv
+    path = save_model(tmp_path / "bn.onnx", nodes, inits if bias else {k: v for k, v in inits.items() if k != "b"},
+                      IN_SHAPE, "r" if relu else "n")
     plan = build_plan(path)
     assert [(layer.op, layer.relu) for layer in plan.layers] == [(Op.CONV, relu)]
     scale = inits["bn_g"] / np.sqrt(inits["bn_v"] + np.float32(1e-3))

@@ -223,11 +223,11 @@ def _fold_one(g: _Graph, node: onnx.NodeProto) -> bool:
     if channels is None:
         return False
     if producer.op_type == "Conv":
-        params = [g.const(i) if i else None for i in producer.input[1:]]
-        if params[0] is None or (len(params) > 1 and params[1] is None):
+        has_bias = len(producer.input) > 2 and bool(producer.input[2])
+        if has_bias and g.const(producer.input[2]) is None:
             return False
-        weight = params[0].astype(np.float64)
-        bias = params[1].astype(np.float64) if len(params) > 1 else np.zeros(channels)
+        weight = g.const(producer.input[1]).astype(np.float64)
+        bias = g.const(producer.input[2]).astype(np.float64) if has_bias else np.zeros(channels)
     else:
         if any(g.const(i) is None for i in producer.input[1:5]) or not _inference_batchnorm(producer):
             return False
@@ -249,8 +249,8 @@ def _fold_one(g: _Graph, node: onnx.NodeProto) -> bool:
     if producer.op_type == "Conv":
         # conv(x) * scale + shift: the weights of each output channel scaled, the bias mapped
         w_name = g.add_const(producer.input[1], weight * scale.reshape(-1, *([1] * (weight.ndim - 1))))
-        b_name = g.add_const(producer.input[2] if len(producer.input) > 2 and producer.input[2]
-                             else f"{producer.name or producer.output[0]}_bias", bias * scale + shift)
+        b_name = g.add_const(producer.input[2] if has_bias else f"{producer.name or producer.output[0]}_bias",
+                             bias * scale + shift)
         producer.input[1] = w_name
         if len(producer.input) > 2:
             producer.input[2] = b_name
