@@ -176,8 +176,12 @@ def onnxruntime_session(path: Path, threads: int):
 
 
 def onnxruntime_outputs(session: Any, input_name: str, x: np.ndarray, path: Path) -> np.ndarray:
-    """onnxruntime's first output on ``x``; its failure is one line naming the model."""
+    """onnxruntime's first output on ``x``; its failure is one line naming the model. A model
+    whose batch dimension is fixed at 1 (as many exported models are) runs image by image."""
+    batch = next((i.shape[0] for i in session.get_inputs() if i.name == input_name), None)
     try:
+        if batch == 1 and len(x) != 1:
+            return np.concatenate([session.run(None, {input_name: x[n:n + 1]})[0] for n in range(len(x))])
         return session.run(None, {input_name: x})[0]
     except Exception as err:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException
         raise DyveError(f"{path}: onnxruntime cannot run it: {str(err).splitlines()[0][:200]}") from None

@@ -16,7 +16,13 @@ ReLU: 1 per element; max pooling: (window - 1) compares per output, average pool
 (window - 1) adds + 1 divide per output (window = elements inside the input, counted exactly);
 LRN: per element 2 per window element (square, add) + 4 (scale, shift, power, divide);
 softmax: per row (F - 1) compares + 4F (subtract, exp, add, divide); Add / Mul / Div / Pow:
-1 per element; Concat, Flatten, Reshape, Dropout: 0.
+1 per element; BatchNormalization (not folded into a conv): 2 per element (multiply, add) + 1 per
+element for a folded ReLU; Sum of n inputs: n - 1 per element; Concat, Transpose, Flatten,
+Reshape, Dropout: 0.
+
+A model exported elsewhere is first rewritten by :func:`dyvedeep.convert.onnx_import.import_model`
+(initializers listed as inputs, constant subgraphs, BatchNormalization and per-channel Mul / Add
+folded into the conv before them).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .convert.onnx_import import import_model
 from .errors import DyveError
 from .metadata_keys import LABELS_KEY, NONZERO_KEY, PREPROCESS_KEY
 from .preprocess import Preprocess
@@ -48,7 +55,10 @@ class Op(str, Enum):
     CONCAT = "concat"
     SOFTMAX = "softmax"
     ALIAS = "alias"  # a view of its input (Flatten, Reshape, Squeeze, Dropout, Identity)
-    ELTWISE = "eltwise"  # Add, Sub, Mul, Div, Pow with tensors and scalar constants
+    ELTWISE = "eltwise"  # Add, Sub, Mul, Div, Pow with tensors and constants (broadcast)
+    BATCHNORM = "batchnorm"  # BatchNormalization not folded into a conv: per-channel scale + shift
+    SUM = "sum"  # Sum: an n-ary Add of tensors of one shape
+    TRANSPOSE = "transpose"  # a permutation of the per-image axes (ShuffleNet's channel shuffle)
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -179,7 +189,7 @@ def _window_counts(size: int, kernel: int, stride: int, pad_begin: int, out: int
 def build_plan(path: str | Path) -> Plan:
     """Read ``path`` and build its engine graph; unsupported ops raise a one-line DyveError."""
     path = Path(path)
-    model = load_onnx(path)
+    model = import_model(load_onnx(path), path)
     graph = model.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     consts: dict[str, np.ndarray] = dict(inits)
@@ -322,7 +332,7 @@ def _count_per_element(layer: Layer, nonzero: dict[str, int]) -> Count:
 
 
 def _count_none(layer: Layer, nonzero: dict[str, int]) -> Count:
-    """Concat and views: 0."""
+    """Concat, Transpose and views: 0."""
     return 0, 0, 0
 
 
@@ -361,6 +371,16 @@ def _count_softmax(layer: Layer, nonzero: dict[str, int]) -> Count:
     f = layer.out_shape[0]
     rows = _elements(layer) // f
     return 0, rows * ((f - 1) + 4 * f), 0
+
+
+def _count_batchnorm(layer: Layer, nonzero: dict[str, int]) -> Count:
+    """Per element: 2 (multiply, add) + 1 for a folded ReLU."""
+    return 0, _elements(layer) * (2 + int(layer.relu)), 0
+
+
+def _count_sum(layer: Layer, nonzero: dict[str, int]) -> Count:
+    """n inputs: n - 1 adds per element."""
+    return 0, _elements(layer) * (len(layer.inputs) - 1), 0
 
 
 def _keeps_sign(layer: Layer) -> bool:
@@ -487,18 +507,65 @@ def _eltwise(node: Node) -> dict[str, Any]:
     consts = node.consts
     inputs = node.node.input
     scalars = [float(consts[i].reshape(-1)[0]) if i in consts and consts[i].size == 1 else None for i in inputs]
-    for i in inputs:
-        if i in consts and consts[i].size != 1:
-            raise node.error("only scalar constants are supported")
-    # in_shapes follow the tensor inputs; the scalars record which inputs are constants
-    return dict(attrs=dict(kind=node.op_type.lower(), scalars=scalars, order=list(inputs)))
+    arrays = [_broadcast_constant(node, consts[i]) if i in consts and consts[i].size != 1 else None
+              for i in inputs]
+    # in_shapes follow the tensor inputs; scalars and arrays record which inputs are constants
+    return dict(attrs=dict(kind=node.op_type.lower(), scalars=scalars, arrays=arrays, order=list(inputs)))
+
+
+def _broadcast_constant(node: Node, array: np.ndarray) -> np.ndarray:
+    """A constant operand of an elementwise op per image (its batch axis of 1 dropped), checked
+    to broadcast to the output (ONNX broadcasting is numpy's)."""
+    array = np.asarray(array, dtype=np.float32)
+    rank = len(node.out_shape)
+    if array.ndim == rank + 1:
+        if array.shape[0] != 1:
+            raise node.error(f"constant of shape {array.shape} varies along the batch axis")
+        array = array[0]
+    try:
+        shape = np.broadcast_shapes(array.shape, node.out_shape)
+    except ValueError:
+        shape = None
+    if array.ndim > rank or shape != tuple(node.out_shape):
+        raise node.error(f"constant of shape {array.shape} does not broadcast to the output {node.out_shape}")
+    return np.ascontiguousarray(array)
+
+
+@op_rule(Op.BATCHNORM, "BatchNormalization", count=_count_batchnorm, output_nonneg=_relu_folded)
+def _batchnorm(node: Node) -> dict[str, Any]:
+    gamma, beta, mean, var = (np.asarray(node.const(i), dtype=np.float64).reshape(-1) for i in range(1, 5))
+    if node.attr("training_mode", 0) or node.attr("spatial", 1) != 1:
+        raise node.error("only inference with per-channel statistics is supported (training_mode=0, spatial=1)")
+    if len(node.out_shape) < 1 or not gamma.size == beta.size == mean.size == var.size == node.out_shape[0]:
+        raise node.error(f"parameters of {gamma.size} channels do not fit the input {node.in_shapes[0]}")
+    eps = np.float64(np.float32(node.attr("epsilon", 1e-5)))
+    scale = gamma / np.sqrt(var + eps)
+    # y = x * scale + shift per channel, both computed once in float64
+    return dict(weight=scale.astype(np.float32), bias=(beta - mean * scale).astype(np.float32))
+
+
+@op_rule(Op.SUM, "Sum", count=_count_sum, output_nonneg=_keeps_sign)
+def _sum(node: Node) -> dict[str, Any]:
+    if any(i in node.consts for i in node.node.input) or any(s != node.out_shape for s in node.in_shapes):
+        raise node.error("only a Sum of tensors of one shape is supported")
+    return {}
+
+
+@op_rule(Op.TRANSPOSE, "Transpose", count=_count_none, output_nonneg=_keeps_sign)
+def _transpose(node: Node) -> dict[str, Any]:
+    rank = len(node.out_shape) + 1
+    perm = [int(p) for p in node.attr("perm", list(range(rank))[::-1])]
+    if sorted(perm) != list(range(rank)) or perm[0] != 0:
+        raise node.error(f"perm {perm}: only permutations that keep the batch axis first are supported")
+    return dict(attrs=dict(perm=tuple(p - 1 for p in perm[1:])))
 
 
 # ----------------------------------------------------------------------------- graph rewrites
 
 
 def _fold_relus(layers: list[Layer], graph_output: str) -> list[Layer]:
-    """Fold ReLUs into conv / fc, and rewrite Conv -> MaxPool -> Relu as Conv+Relu -> MaxPool."""
+    """Fold ReLUs into conv / fc / batchnorm, and rewrite Conv -> MaxPool -> Relu as
+    Conv+Relu -> MaxPool."""
     consumers: dict[str, list[Layer]] = {}
     for layer in layers:
         for i in layer.inputs:
@@ -510,7 +577,7 @@ def _fold_relus(layers: list[Layer], graph_output: str) -> list[Layer]:
 
     removed: set[int] = set()
     for layer in layers:
-        if not layer.is_compute or layer.relu:
+        if not (layer.is_compute or layer.op == Op.BATCHNORM) or layer.relu:
             continue
         nxt = sole_consumer(layer.output)
         if nxt is not None and nxt.op == Op.RELU:

@@ -362,10 +362,23 @@ class Engine:
         out[...] = plain.eltwise(layer, inputs)
         return out
 
+    def _batchnorm(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        plain.batchnorm(layer, inputs[0], out)
+        return out
+
+    def _sum(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        plain.sum_inputs(inputs, out)
+        return out
+
+    def _transpose(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
+        plain.transpose(layer, inputs[0], out)
+        return out
+
 
 #: The runner of each op: (engine, layer, inputs, out, layer index) -> the layer's output.
 RUNNERS: dict[Op, Callable[[Engine, Layer, list[np.ndarray], np.ndarray | None, int], np.ndarray]] = {
     Op.CONV: Engine._conv, Op.FC: Engine._fc, Op.ALIAS: Engine._alias, Op.RELU: Engine._relu,
     Op.MAXPOOL: Engine._pool, Op.AVGPOOL: Engine._pool, Op.GAP: Engine._pool, Op.GMP: Engine._gmp,
     Op.LRN: Engine._lrn, Op.CONCAT: Engine._concat, Op.SOFTMAX: Engine._softmax, Op.ELTWISE: Engine._eltwise,
+    Op.BATCHNORM: Engine._batchnorm, Op.SUM: Engine._sum, Op.TRANSPOSE: Engine._transpose,
 }

@@ -96,9 +96,12 @@ def pool(layer: Layer, x: np.ndarray, out: np.ndarray, threads: int, program: K.
 
 
 def eltwise(layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
-    """An elementwise Add / Sub / Mul / Div / Pow of tensors and scalar constants."""
+    """An elementwise Add / Sub / Mul / Div / Pow of tensors and constants (scalars, or arrays
+    broadcast per image as numpy does)."""
     it = iter(inputs)
-    a, b = (np.float32(s) if s is not None else next(it) for s in layer.attrs["scalars"])
+    arrays = layer.attrs.get("arrays") or [None] * len(layer.attrs["scalars"])
+    a, b = (np.float32(s) if s is not None else c if c is not None else next(it)
+            for s, c in zip(layer.attrs["scalars"], arrays))
     kind = layer.attrs["kind"]
     if kind == "add":
         r = a + b
@@ -111,3 +114,25 @@ def eltwise(layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
     else:
         r = np.power(a, b)
     return np.asarray(r, dtype=np.float32).reshape(layer.out_shape)
+
+
+def batchnorm(layer: Layer, x: np.ndarray, out: np.ndarray) -> None:
+    """A BatchNormalization not folded into a conv: x * scale + shift per channel (the plan's
+    weight and bias), then the folded ReLU."""
+    per_channel = (-1,) + (1,) * (x.ndim - 1)
+    np.multiply(x, layer.weight.reshape(per_channel), out=out)
+    out += layer.bias.reshape(per_channel)
+    if layer.relu:
+        np.maximum(out, 0, out=out)
+
+
+def sum_inputs(inputs: list[np.ndarray], out: np.ndarray) -> None:
+    """A Sum: the inputs added in order (as onnxruntime does)."""
+    np.copyto(out, inputs[0])
+    for x in inputs[1:]:
+        out += x
+
+
+def transpose(layer: Layer, x: np.ndarray, out: np.ndarray) -> None:
+    """A Transpose of the per-image axes (``perm`` without the batch axis)."""
+    np.copyto(out, x.reshape(layer.in_shapes[0]).transpose(layer.attrs["perm"]))
