@@ -224,9 +224,10 @@ def eval_images(plan: Plan, dataset, knobs: KnobConfig | None, threads: int = 1,
     total = len(dataset)
     stop = total if stop is None else stop
     dense = Engine(plan, threads=threads)
+    # the knobs' engine is made first: a knob file it refuses (a gates sidecar changed) fails before any run
+    dyve = engine_for(plan, knobs, threads) if knobs is not None and (knobs.layers or knobs.gates is not None) else None
     out_dense = run_range(dense, dataset, start, stop, "eval dense")
-    if knobs is not None and (knobs.layers or knobs.gates is not None):
-        dyve = engine_for(plan, knobs, threads)
+    if dyve is not None:
         out_dyve = run_range(dyve, dataset, start, stop, "eval dyvedeep")
     else:
         dyve, out_dyve = dense, out_dense

@@ -202,6 +202,80 @@ def gate_decisions(gates: list[Gate], features: list[np.ndarray]) -> tuple[np.nd
     return conf, pred
 
 
+@dataclass
+class FittedGates:
+    """The outcome of :func:`fit_gates`: every gate trained, the thresholds chosen (inf: left
+    out) and what they give on the selection images."""
+
+    gates: list[Gate]  # in layer order, thresholds as chosen
+    choice: GateChoice
+    ops_without_gates: float  # mean per image on the selection images (the backbone's knobs only)
+    selection: slice  # the calibration images the thresholds were chosen on
+
+    def kept(self) -> list[Gate]:
+        return [g for g in self.gates if np.isfinite(g.threshold)]
+
+    def config(self, backbone: KnobConfig, knob_file: Path) -> KnobConfig:
+        """``backbone`` with the kept gates; writes their weights beside ``knob_file``."""
+        config = backbone.copy()
+        kept = self.kept()
+        if kept:
+            npz = sidecar_path(knob_file)
+            digest = save_gate_weights(npz, {g.layer: (g.weight, g.bias) for g in kept})
+            config.gates = GateSettings(npz.name, digest, [GateSetting(g.layer, g.threshold, g.confidence)
+                                                           for g in kept], knob_file)
+        return config
+
+
+def fit_gates(plan: Plan, images: np.ndarray, labels: np.ndarray, layer_names: list[str], backbone: KnobConfig,
+              budget: float, loss: str = "log", confidence: str = "softmax", train_fraction: float = 0.5,
+              criterion: str = "disagree", z: float = 1.0, changed_weight: float = 0.5, threads: int = 1) -> FittedGates:
+    """Train a gate after each of ``layer_names`` on the first ``train_fraction`` of the images and
+    choose the thresholds on the rest (see the module docstring)."""
+    n = len(images)
+    n_train = int(round(train_fraction * n))
+    if n_train < 1 or n - n_train < 1:
+        raise DyveError(f"{n} calibration images; too few to train and select gates")
+    index = {layer.name: i for i, layer in enumerate(plan.layers)}
+    for name in layer_names:
+        if name not in index or len(plan.layers[index[name]].out_shape) != 3:
+            raise DyveError(f"--after: {name!r} is not a layer of {plan.path} with a (C, H, W) output")
+    if not layer_names:
+        raise DyveError(f"{plan.path}: no layer to place a gate after (no pooling, no ResNet stage); use --after")
+    layer_names = sorted(set(layer_names), key=index.get)
+    indices = [index[name] for name in layer_names]
+    classes = int(np.prod(plan.output_shape))
+    labels = np.asarray(labels, np.int64)
+    set_blas_threads(threads)
+    log(f"{n} calibration images ({n_train} to train, {n - n_train} to select); gates after {', '.join(layer_names)}")
+    traces = trace_images(Engine(plan, backbone, threads), images, indices)
+    if backbone.layers:
+        dense_pred = Engine(plan, None, threads).run(images).reshape(n, -1).argmax(axis=1)
+    else:
+        dense_pred = traces.pred
+    gates = []
+    for name, i, feats in zip(layer_names, indices, traces.features):
+        t0 = time.monotonic()
+        w, b = train_gate(feats[:n_train], labels[:n_train], classes, loss)
+        gates.append(Gate(name, i, w, b, np.inf, confidence))
+        train_acc = float(((feats[:n_train] @ w.T + b).argmax(axis=1) == labels[:n_train]).mean() * 100)
+        log(f"gate after {name}: trained ({loss} loss) in {time.monotonic() - t0:.1f} s, "
+            f"training top-1 {train_acc:.1f} %")
+    sel = slice(n_train, n)
+    conf, gate_pred = gate_decisions(gates, [f[sel] for f in traces.features])
+    for g, name in enumerate(layer_names):
+        agree = float((gate_pred[:, g] == dense_pred[sel]).mean() * 100)
+        log(f"gate after {name}: selection top-1 {float((gate_pred[:, g] == labels[sel]).mean() * 100):.1f} %, "
+            f"agrees with the network on {agree:.1f} %")
+    sel_traces = Traces([f[sel] for f in traces.features], traces.ops_at[sel], traces.ops_total[sel], traces.pred[sel])
+    search = ThresholdSearch(conf, gate_pred, sel_traces, [g.costs(plan)["ops"] for g in gates], dense_pred[sel],
+                             labels[sel], criterion, z, changed_weight)
+    choice = search.run(budget)
+    for gate, t in zip(gates, choice.thresholds):
+        gate.threshold = t
+    return FittedGates(gates, choice, float(traces.ops_total[sel].mean()), sel)
+
+
 def cmd_gates(args: argparse.Namespace) -> int:
     start_time = time.monotonic()
     plan = load_plan(args.model)
@@ -213,61 +287,17 @@ def cmd_gates(args: argparse.Namespace) -> int:
     if backbone.gates is not None:
         raise DyveError(f"{args.knobs}: already has decision gates; give a knob file without them")
     dataset = open_dataset(plan, args.data, args.limit, args.mirror)
-    n = len(dataset)
-    n_train = int(round(args.train_fraction * n))
-    if n_train < 1 or n - n_train < 1:
-        raise DyveError(f"{args.data}: {n} calibration images; too few to train and select gates")
     layer_names = [l for l in args.after.split(",") if l] if args.after else default_gate_layers(plan)
-    index = {layer.name: i for i, layer in enumerate(plan.layers)}
-    for name in layer_names:
-        if name not in index or len(plan.layers[index[name]].out_shape) != 3:
-            raise DyveError(f"--after: {name!r} is not a layer of {plan.path} with a (C, H, W) output")
-    if not layer_names:
-        raise DyveError(f"{plan.path}: no layer to place a gate after (no pooling, no ResNet stage); use --after")
-    layer_names = sorted(set(layer_names), key=index.get)
-    indices = [index[name] for name in layer_names]
-    classes = int(np.prod(plan.output_shape))
-    labels = np.asarray(dataset.labels, np.int64)
-    images = dataset.images(0, n)
-    set_blas_threads(args.threads)
-    log(f"{n} calibration images ({n_train} to train, {n - n_train} to select); gates after {', '.join(layer_names)}"
-        + (f"; backbone knobs from {args.knobs}" if args.knobs else ""))
-    traces = trace_images(Engine(plan, backbone, args.threads), images, indices)
-    if backbone.layers:
-        dense_pred = Engine(plan, None, args.threads).run(images).reshape(n, -1).argmax(axis=1)
-    else:
-        dense_pred = traces.pred
-    weights, gates = {}, []
-    for name, i, feats in zip(layer_names, indices, traces.features):
-        t0 = time.monotonic()
-        w, b = train_gate(feats[:n_train], labels[:n_train], classes, args.loss)
-        weights[name] = (w, b)
-        gates.append(Gate(name, i, w, b, np.inf, args.confidence))
-        train_acc = float(((feats[:n_train] @ w.T + b).argmax(axis=1) == labels[:n_train]).mean() * 100)
-        log(f"gate after {name}: trained ({args.loss} loss) in {time.monotonic() - t0:.1f} s, "
-            f"training top-1 {train_acc:.1f} %")
-    sel = slice(n_train, n)
-    conf, gate_pred = gate_decisions(gates, [f[sel] for f in traces.features])
-    for g, name in enumerate(layer_names):
-        agree = float((gate_pred[:, g] == dense_pred[sel]).mean() * 100)
-        log(f"gate after {name}: selection top-1 {float((gate_pred[:, g] == labels[sel]).mean() * 100):.1f} %, "
-            f"agrees with the network on {agree:.1f} %")
-    sel_traces = Traces([f[sel] for f in traces.features], traces.ops_at[sel], traces.ops_total[sel], traces.pred[sel])
-    search = ThresholdSearch(conf, gate_pred, sel_traces, [g.costs(plan)["ops"] for g in gates], dense_pred[sel],
-                             labels[sel], args.criterion, args.z, args.changed_weight)
-    choice = search.run(args.budget - args.margin)
-    kept = [g for g, t in enumerate(choice.thresholds) if np.isfinite(t)]
-    config = backbone.copy()
-    if kept:
-        npz = sidecar_path(args.output)
-        digest = save_gate_weights(npz, {layer_names[g]: weights[layer_names[g]] for g in kept})
-        config.gates = GateSettings(npz.name, digest, [GateSetting(layer_names[g], choice.thresholds[g], args.confidence)
-                                                       for g in kept], args.output)
-    config.save(args.output)
-    dense_ops = float(traces.ops_total[sel].mean())
-    print(f"{len(kept)} of {len(layer_names)} gate(s) kept; selection images: ops {dense_ops / choice.ops:.3f}x "
-          f"fewer than without gates, {args.criterion} {choice.risk:.2f} pt, top-1 {choice.top1:.2f} %; "
-          f"knobs written to {args.output} ({time.monotonic() - start_time:.0f} s)")
+    if args.knobs:
+        log(f"the other knobs from {args.knobs}")
+    fitted = fit_gates(plan, dataset.images(0, len(dataset)), np.asarray(dataset.labels), layer_names, backbone,
+                       args.budget - args.margin, args.loss, args.confidence, args.train_fraction, args.criterion,
+                       args.z, args.changed_weight, args.threads)
+    fitted.config(backbone, args.output).save(args.output)
+    choice = fitted.choice
+    print(f"{len(fitted.kept())} of {len(fitted.gates)} gate(s) kept; selection images: ops "
+          f"{fitted.ops_without_gates / choice.ops:.3f}x fewer than without gates, {args.criterion} {choice.risk:.2f} pt, "
+          f"top-1 {choice.top1:.2f} %; knobs written to {args.output} ({time.monotonic() - start_time:.0f} s)")
     return 0
 
 

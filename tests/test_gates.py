@@ -1,0 +1,179 @@
+"""Decision gates (docs/gates.md): a gate that always exits gives its own prediction and the ops of
+the layers before it plus its own; one that never exits leaves the engine's output bit for bit;
+the sidecar's checksum; the knob file round trip; training on real cifar10_quick; composition
+with SPET."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from dyvedeep.datasets import load_dataset
+from dyvedeep.engine import Engine
+from dyvedeep.errors import DyveError
+from dyvedeep.gate_calibrate import default_gate_layers, fit_gates
+from dyvedeep.gates import GatedEngine, gate_costs, load_gates, save_gate_weights, sidecar_path
+from dyvedeep.knobs import GateSetting, GateSettings, KnobConfig, load_knobs
+from dyvedeep.plan import build_plan
+from tests.test_cli import run, small_model  # noqa: F401  (fixtures)
+
+RNG = np.random.default_rng(17)
+
+
+def gated_config(tmp_path, plan, gates: dict[str, tuple[float, str]], seed: int = 3) -> KnobConfig:
+    """A knob file's config with random-weight gates (layer -> (threshold, confidence)), its sidecar written."""
+    rng = np.random.default_rng(seed)
+    classes = int(np.prod(plan.output_shape))
+    weights = {l: (rng.normal(0, 1, (classes, plan.layer(l).out_shape[0])), rng.normal(0, .1, classes)) for l in gates}
+    knob_file = tmp_path / "k.yaml"
+    digest = save_gate_weights(sidecar_path(knob_file), weights)
+    return KnobConfig(gates=GateSettings(sidecar_path(knob_file).name, digest,
+                                         [GateSetting(l, t, c) for l, (t, c) in gates.items()], knob_file))
+
+
+def test_a_gate_that_always_exits_gives_its_prediction_and_the_ops_before_it(tmp_path, small_model):  # noqa: F811
+    plan = build_plan(small_model)
+    config = gated_config(tmp_path, plan, {"conv1": (0.0, "softmax")})
+    x = RNG.normal(0, 1, (5, 3, 12, 12)).astype(np.float32)
+    engine = GatedEngine(plan, config)
+    out = engine.run(x)
+    gate = load_gates(config, plan)[0]
+    dense = Engine(plan)
+    for n in range(len(x)):
+        fmap = dense.run_image(x[n], stop=1)[plan.layers[0].output]  # conv1 (ReLU folded): 8 x 12 x 12
+        logits = gate.weight @ fmap.reshape(8, -1).mean(axis=1, dtype=np.float64) + gate.bias
+        expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        np.testing.assert_allclose(out[n], expected, rtol=1e-6)
+        assert out[n].argmax() == expected.argmax()
+    # hand-worked, per image: conv1 8 x 12 x 12 outputs of 27 MACs: 2 per MAC + bias + ReLU;
+    # the gate: GAP 8 x 144 adds/divide, fc 3 x 8 MACs (2 each) + 3 bias, softmax (3 - 1) + 4 x 3,
+    # the largest probability 2 compares, the threshold 1 compare
+    conv1 = 2 * 1152 * 27 + 1152 + 1152
+    gate_ops = 1152 + (2 * 24 + 3) + (2 + 12) + 2 + 1
+    assert plan.layers[0].dense_ops == conv1
+    assert gate_costs(8, 12, 12, 3, "softmax")["ops"] == gate_ops
+    assert engine.counter.total("ops") == len(x) * (conv1 + gate_ops)
+    assert engine.counter.total("gate_ops") == len(x) * gate_ops
+    assert engine.counter.get("conv1", "exits") == len(x)
+    assert engine.counter.get("conv2", "images") == 0  # nothing after the gate ran
+    # margin: the second largest probability (3 - 2 compares) and a subtraction on top
+    assert gate_costs(8, 12, 12, 3, "margin")["ops"] == gate_ops + 1 + 1
+
+
+@pytest.fixture(scope="module")
+def quick(mirror, tmp_path_factory):
+    """Real cifar10_quick converted from the mirror."""
+    from dyvedeep.convert import convert, preset_preprocess
+    from tests.conftest import mirror_path
+    from tests.test_real_models import QUICK, REAL_MODELS
+
+    source, weights, preset, _, _, _ = REAL_MODELS["cifar10_quick"]
+    out = tmp_path_factory.mktemp("quick") / "cifar10_quick.onnx"
+    convert(mirror_path(mirror, source), mirror_path(mirror, weights), out,
+            *preset_preprocess(preset, mirror_path(mirror, f"{QUICK}/mean.binaryproto")))
+    return out
+
+
+@pytest.mark.mirror
+def test_gates_that_never_exit_are_bit_exact_and_add_only_their_ops(quick, mirror, tmp_path):
+    plan = build_plan(quick)
+    x = load_dataset("cifar10:test", plan.preprocess, mirror=mirror, limit=6).images(0, 6)
+    assert default_gate_layers(plan) == ["pool1", "pool2", "pool3"]
+    config = gated_config(tmp_path, plan, {"pool1": (1.5, "softmax"), "pool3": (math.inf, "margin")})
+    dense, gated = Engine(plan), GatedEngine(plan, config)
+    assert np.array_equal(gated.run(x), dense.run(x))
+    per_image = gate_costs(32, 16, 16, 10, "softmax")["ops"] + gate_costs(64, 4, 4, 10, "margin")["ops"]
+    assert gated.counter.total("ops") == dense.counter.total("ops") + len(x) * per_image
+    assert gated.counter.total("exits") == 0
+
+
+@pytest.mark.mirror
+def test_gates_compose_with_spet(quick, mirror, tmp_path):
+    """Gates decide first; SPET acts in the layers that run, as without gates."""
+    plan = build_plan(quick)
+    x = load_dataset("cifar10:test", plan.preprocess, mirror=mirror, limit=4).images(0, 4)
+    config = gated_config(tmp_path, plan, {"pool2": (2.0, "softmax")})
+    for layer in ("conv1", "conv3"):
+        config.set(layer, "spet", 0.0)
+    plain = KnobConfig({l: dict(k) for l, k in config.layers.items()})
+    knobbed, gated = Engine(plan, plain), GatedEngine(plan, config)
+    assert np.array_equal(gated.run(x), knobbed.run(x))
+    assert gated.counter.total("terminated") == knobbed.counter.total("terminated") > 0
+    assert gated.counter.total("ops") == knobbed.counter.total("ops") + len(x) * gate_costs(32, 8, 8, 10, "softmax")["ops"]
+    # always exiting after pool2: conv3's SPET never runs; the ops are those of the layers to pool2
+    config.gates.after[0].threshold = 0.0
+    gated = GatedEngine(plan, config)
+    gated.run(x)
+    before = Engine(plan, plain)
+    for image in x:
+        before.run_image(image, stop=plan.layers.index(plan.layer("pool2")) + 1)
+    assert gated.counter.get("conv3", "images") == 0
+    assert gated.counter.total("ops") == before.counter.total("ops") + len(x) * gate_costs(32, 8, 8, 10, "softmax")["ops"]
+
+
+def test_a_changed_sidecar_is_one_line(tmp_path, capsys, small_model):  # noqa: F811
+    plan = build_plan(small_model)
+    config = gated_config(tmp_path, plan, {"conv2": (0.9, "softmax")})
+    config.save(tmp_path / "k.yaml")
+    save_gate_weights(sidecar_path(tmp_path / "k.yaml"), {"conv2": (np.ones((3, 8)), np.zeros(3))})
+    with pytest.raises(DyveError) as err:
+        GatedEngine(plan, load_knobs(tmp_path / "k.yaml", plan))
+    assert "sha256" in str(err.value) and str(sidecar_path(tmp_path / "k.yaml")) in str(err.value)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=RNG.normal(0, 1, (4, 3, 12, 12)).astype(np.float32), y=np.zeros(4, np.int64),
+             ids=np.array([f"i{i}" for i in range(4)]), name=np.array("small"), split=np.array("test"))
+    code, out, err_text = run(capsys, "eval", small_model, "--data", f"npz:{data}", "--knobs", tmp_path / "k.yaml")
+    assert code == 2 and len(err_text.strip().splitlines()) == 1 and "sha256" in err_text
+
+
+def test_knob_file_round_trip_and_refusals(tmp_path, small_model):  # noqa: F811
+    plan = build_plan(small_model)
+    config = gated_config(tmp_path, plan, {"conv1": (0.75, "margin"), "conv2": (math.inf, "softmax")})
+    config.set("conv2", "spet", 0.25)
+    config.save(tmp_path / "k.yaml")
+    loaded = load_knobs(tmp_path / "k.yaml", plan)
+    assert loaded.to_dict() == config.to_dict()
+    assert [(g.layer, g.threshold) for g in load_gates(loaded, plan)] == [("conv1", 0.75), ("conv2", math.inf)]
+    with pytest.raises(DyveError, match="GatedEngine"):
+        Engine(plan, loaded)
+    good = yaml.safe_load((tmp_path / "k.yaml").read_text())
+    for mutate, words in [(lambda g: g["after"][0].update(layer="nope"), "unknown layer"),
+                          (lambda g: g["after"][0].update(layer="fc"), "feature map"),
+                          (lambda g: g["after"][0].update(confidence="entropy"), "confidence"),
+                          (lambda g: g["after"][0].update(threshold=-1), "threshold"),
+                          (lambda g: g.update(weights="../x.npz"), "file name"),
+                          (lambda g: g.update(sha256="abc"), "sha256"),
+                          (lambda g: g.pop("after"), "missing after")]:
+        data = json.loads(json.dumps(good))
+        mutate(data["gates"])
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+        with pytest.raises(DyveError, match=words) as err:
+            load_knobs(tmp_path / "bad.yaml", plan)
+        assert "\n" not in str(err.value) and "bad.yaml" in str(err.value)
+
+
+@pytest.mark.mirror
+def test_gates_trained_on_cifar10_quick_do_on_the_images_what_the_search_predicted(quick, mirror, tmp_path, capsys):
+    plan = build_plan(quick)
+    data = load_dataset("cifar10:calib", plan.preprocess, mirror=mirror, limit=400)
+    images, labels = data.images(0, len(data)), np.asarray(data.labels)
+    fitted = fit_gates(plan, images, labels, default_gate_layers(plan), KnobConfig(), budget=2.0)
+    assert fitted.kept(), "no gate was kept at a 2 pt budget"
+    assert fitted.choice.risk <= 2.0 and fitted.choice.ops < fitted.ops_without_gates
+    config = fitted.config(KnobConfig(), tmp_path / "k.yaml")
+    config.save(tmp_path / "k.yaml")
+    engine = GatedEngine(plan, load_knobs(tmp_path / "k.yaml", plan))
+    out = engine.run(images[fitted.selection])
+    n = len(out)
+    assert engine.counter.total("ops") / n == pytest.approx(fitted.choice.ops, rel=1e-12)
+    assert (out.argmax(axis=1) == labels[fitted.selection]).mean() * 100 == pytest.approx(fitted.choice.top1)
+    # the CLI on the test images: per-gate exit rates in the JSON
+    code, _, err = run(capsys, "eval", quick, "--data", "cifar10:test", "--limit", "50", "--knobs", tmp_path / "k.yaml",
+                       "--json", tmp_path / "e.json", "--mirror", mirror)
+    assert code == 0, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert [g["layer"] for g in result["gates"]] == [g.layer for g in fitted.kept()]
+    assert result["gate_ops"] > 0 and all(0 <= g["exit_rate"] <= 100 for g in result["gates"])
