@@ -3,7 +3,7 @@ with the backbone frozen, and choose their thresholds under the accuracy budget.
 
 - placement (default): after each stage of a ResNet (the last residual block of each feature-map
   shape, the last stage left out: the network's own head follows it), else after each pooling
-  that is not global; ``--after`` names the layers instead;
+  that makes the map smaller and is not global; ``--after`` names the layers instead;
 - features: the global average of the layer's output, under the knobs of ``--knobs`` if given
   (the gates then decide first, the knobs act in the layers that run);
 - training: the first ``--train-fraction`` of the calibration images, one scikit-learn linear
@@ -46,10 +46,11 @@ def log(message: str) -> None:
 
 def default_gate_layers(plan: Plan) -> list[str]:
     """After each stage of a ResNet (a net with residual additions), else after each pooling that
-    is not global and has weighted layers after it (see the module docstring)."""
+    makes the map smaller (not global) and has weighted layers after it (see the module docstring)."""
     produced = {layer.output for layer in plan.layers}
-    adds = [i for i, layer in enumerate(plan.layers)
-            if layer.op == Op.ELTWISE and sum(t in produced for t in layer.inputs) >= 2]
+    adds = [i for i, layer in enumerate(plan.layers)  # residual additions: two different tensors added
+            if layer.op == Op.ELTWISE and layer.attrs.get("kind") in ("add", "sum")
+            and len({t for t in layer.inputs if t in produced}) >= 2]
     if adds:
         blocks = []
         for i in adds:  # a block's output: the addition, or the ReLU that follows it
@@ -59,8 +60,10 @@ def default_gate_layers(plan: Plan) -> list[str]:
         ends = [b for b, after in zip(blocks, blocks[1:]) if plan.layers[b].out_shape != plan.layers[after].out_shape]
         return [plan.layers[i].name for i in ends]
     last_compute = max((i for i, layer in enumerate(plan.layers) if layer.is_compute), default=-1)
+    # a pooling that keeps the map's size (the average inside a WITHIN_CHANNEL LRN) is no stage
     return [layer.name for i, layer in enumerate(plan.layers)
-            if layer.op in (Op.MAXPOOL, Op.AVGPOOL) and i < last_compute]
+            if layer.op in (Op.MAXPOOL, Op.AVGPOOL) and i < last_compute
+            and layer.out_shape[1:] != layer.in_shapes[0][1:]]
 
 
 @dataclass
