@@ -177,3 +177,51 @@ def test_gates_trained_on_cifar10_quick_do_on_the_images_what_the_search_predict
     result = json.loads((tmp_path / "e.json").read_text())
     assert [g["layer"] for g in result["gates"]] == [g.layer for g in fitted.kept()]
     assert result["gate_ops"] > 0 and all(0 <= g["exit_rate"] <= 100 for g in result["gates"])
+
+
+def test_default_placement_after_each_resnet_stage_but_the_last(tmp_path):
+    """Two stages of residual blocks (8 x 8, then 4 x 4): a gate after the first stage's last
+    block only. A plain net with a WITHIN_CHANNEL-LRN-like subgraph (a stride-1 average pooling,
+    a quotient of two tensors) after its pooling: a gate after the pooling only."""
+    from onnx import helper
+
+    from tests.onnx_builders import save_model
+
+    def block(x, name, stride=1):
+        down = [helper.make_node("Conv", [x, f"{name}_Wd", f"{name}_bd"], [f"{name}_d"], name=f"{name}_down",
+                                 strides=[stride, stride])] if stride > 1 else []
+        return down + [
+            helper.make_node("Conv", [x, f"{name}_W", f"{name}_b"], [f"{name}_c"], name=f"{name}_conv",
+                             pads=[1, 1, 1, 1], strides=[stride, stride]),
+            helper.make_node("Add", [f"{name}_d" if stride > 1 else x, f"{name}_c"], [f"{name}_a"], name=f"{name}_add"),
+            helper.make_node("Relu", [f"{name}_a"], [f"{name}_r"], name=f"{name}_relu")]
+
+    def head(x, channels):
+        return [helper.make_node("GlobalAveragePool", [x], ["g"], name="gap"),
+                helper.make_node("Flatten", ["g"], ["f"], name="flat", axis=1),
+                helper.make_node("Gemm", ["f", "Wf", "bf"], ["fc"], name="fc", transB=1),
+                helper.make_node("Softmax", ["fc"], ["prob"], name="prob", axis=1)]
+
+    rng = np.random.default_rng(5)
+    inits = {"Wf": rng.normal(0, .3, (3, 8)), "bf": np.zeros(3)}
+    for name, cin, cout, stride in (("b1", 4, 4, 1), ("b2", 4, 4, 1), ("b3", 4, 8, 2)):
+        inits[f"{name}_W"], inits[f"{name}_b"] = rng.normal(0, .3, (cout, cin, 3, 3)), np.zeros(cout)
+        if stride > 1:
+            inits[f"{name}_Wd"], inits[f"{name}_bd"] = rng.normal(0, .3, (cout, cin, 1, 1)), np.zeros(cout)
+    nodes = [*block("data", "b1"), *block("b1_r", "b2"), *block("b2_r", "b3", 2), *head("b3_r", 8)]
+    plan = build_plan(save_model(tmp_path / "res.onnx", nodes, inits, (4, 8, 8), "prob"))
+    assert default_gate_layers(plan) == ["b2_relu"]
+
+    inits = {"Wf": inits["Wf"], "bf": inits["bf"], "W1": rng.normal(0, .3, (8, 4, 3, 3)), "b1": np.zeros(8),
+             "W2": rng.normal(0, .3, (8, 8, 3, 3)), "b2": np.zeros(8), "one": np.ones(1)}
+    nodes = [helper.make_node("Conv", ["data", "W1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Mul", ["p1", "p1"], ["sq"], name="square"),
+             helper.make_node("AveragePool", ["sq"], ["avg"], name="window", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["avg", "one"], ["shift"], name="shift"),
+             helper.make_node("Div", ["p1", "shift"], ["norm"], name="norm"),
+             helper.make_node("Conv", ["norm", "W2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             *head("c2", 8)]
+    plan = build_plan(save_model(tmp_path / "plain.onnx", nodes, inits, (4, 8, 8), "prob"))
+    assert default_gate_layers(plan) == ["pool1"]
