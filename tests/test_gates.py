@@ -18,7 +18,7 @@ from dyvedeep.gate_calibrate import default_gate_layers, fit_gates
 from dyvedeep.gates import GatedEngine, gate_costs, load_gates, save_gate_weights, sidecar_path
 from dyvedeep.knobs import GateSetting, GateSettings, KnobConfig, load_knobs
 from dyvedeep.plan import build_plan
-from tests.test_cli import run, small_model  # noqa: F401  (fixtures)
+from tests.test_cli import run, small_data, small_model  # noqa: F401  (fixtures)
 
 RNG = np.random.default_rng(17)
 
@@ -127,6 +127,16 @@ def test_a_changed_sidecar_is_one_line(tmp_path, capsys, small_model):  # noqa: 
              ids=np.array([f"i{i}" for i in range(4)]), name=np.array("small"), split=np.array("test"))
     code, out, err_text = run(capsys, "eval", small_model, "--data", f"npz:{data}", "--knobs", tmp_path / "k.yaml")
     assert code == 2 and len(err_text.strip().splitlines()) == 1 and "sha256" in err_text
+
+
+def test_bench_times_a_gated_knob_file(tmp_path, capsys, small_model, small_data):  # noqa: F811
+    plan = build_plan(small_model)
+    gated_config(tmp_path, plan, {"conv1": (0.5, "softmax")}).save(tmp_path / "k.yaml")
+    code, _, err = run(capsys, "bench", small_model, "--data", f"npz:{small_data['test']}", "--knobs", tmp_path / "k.yaml",
+                       "--images", 3, "--warmup", 1, "--rounds", 1, "--no-onnxruntime", "--no-caffe",
+                       "--json", tmp_path / "b.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "b.json").read_text())["latency_dyvedeep_ms"] > 0
 
 
 def test_knob_file_round_trip_and_refusals(tmp_path, small_model):  # noqa: F811
