@@ -30,13 +30,12 @@ from .cli_support import Progress, add_data_arguments, load_plan, open_dataset
 from .datasets import parse_spec
 from .engine import Engine, set_blas_threads
 from .errors import DyveError
-from .evaluate import topk_correct
 from .gates import Gate, pooled_features, run_segments, save_gate_weights, sidecar_path
 from .knobs import GATE_CONFIDENCES, GateSetting, GateSettings, KnobConfig, load_knobs
 from .plan import Op, Plan
 
 LOSSES = ("log", "hinge")
-#: Quantiles of a gate's confidence (on the images that reach it) tried as thresholds.
+#: Quantiles of a gate's confidence (on every selection image) tried as its thresholds.
 THRESHOLD_QUANTILES = tuple(np.linspace(0.0, 0.99, 34))
 
 

@@ -86,6 +86,7 @@ class Gate:
         return probs, conf, conf >= self.threshold
 
     def costs(self, plan: Plan) -> dict[str, int]:
+        """The gate's own ops per image it decides on (:func:`gate_costs`)."""
         c, h, w = plan.layers[self.index].out_shape
         return gate_costs(c, h, w, self.weight.shape[0], self.confidence)
 
