@@ -88,6 +88,7 @@ def test_gates_that_never_exit_are_bit_exact_and_add_only_their_ops(quick, mirro
     per_image = gate_costs(32, 16, 16, 10, "softmax")["ops"] + gate_costs(64, 4, 4, 10, "margin")["ops"]
     assert gated.counter.total("ops") == dense.counter.total("ops") + len(x) * per_image
     assert gated.counter.total("exits") == 0
+    assert np.array_equal(GatedEngine(plan, config, threads=2).run(x), Engine(plan, threads=2).run(x))
 
 
 @pytest.mark.mirror
