@@ -63,23 +63,9 @@ def test_a_gate_that_always_exits_gives_its_prediction_and_the_ops_before_it(tmp
     assert gate_costs(8, 12, 12, 3, "margin")["ops"] == gate_ops + 1 + 1
 
 
-@pytest.fixture(scope="module")
-def quick(mirror, tmp_path_factory):
-    """Real cifar10_quick converted from the mirror."""
-    from dyvedeep.convert import convert, preset_preprocess
-    from tests.conftest import mirror_path
-    from tests.test_real_models import QUICK, REAL_MODELS
-
-    source, weights, preset, _, _, _ = REAL_MODELS["cifar10_quick"]
-    out = tmp_path_factory.mktemp("quick") / "cifar10_quick.onnx"
-    convert(mirror_path(mirror, source), mirror_path(mirror, weights), out,
-            *preset_preprocess(preset, mirror_path(mirror, f"{QUICK}/mean.binaryproto")))
-    return out
-
-
 @pytest.mark.mirror
-def test_gates_that_never_exit_are_bit_exact_and_add_only_their_ops(quick, mirror, tmp_path):
-    plan = build_plan(quick)
+def test_gates_that_never_exit_are_bit_exact_and_add_only_their_ops(cifar10_quick_onnx, mirror, tmp_path):
+    plan = build_plan(cifar10_quick_onnx)
     x = load_dataset("cifar10:test", plan.preprocess, mirror=mirror, limit=6).images(0, 6)
     assert default_gate_layers(plan) == ["pool1", "pool2", "pool3"]
     config = gated_config(tmp_path, plan, {"pool1": (1.5, "softmax"), "pool3": (math.inf, "margin")})
@@ -92,9 +78,9 @@ def test_gates_that_never_exit_are_bit_exact_and_add_only_their_ops(quick, mirro
 
 
 @pytest.mark.mirror
-def test_gates_compose_with_spet(quick, mirror, tmp_path):
+def test_gates_compose_with_spet(cifar10_quick_onnx, mirror, tmp_path):
     """Gates decide first; SPET acts in the layers that run, as without gates."""
-    plan = build_plan(quick)
+    plan = build_plan(cifar10_quick_onnx)
     x = load_dataset("cifar10:test", plan.preprocess, mirror=mirror, limit=4).images(0, 4)
     config = gated_config(tmp_path, plan, {"pool2": (2.0, "softmax")})
     for layer in ("conv1", "conv3"):
@@ -167,8 +153,8 @@ def test_knob_file_round_trip_and_refusals(tmp_path, small_model):  # noqa: F811
 
 
 @pytest.mark.mirror
-def test_gates_trained_on_cifar10_quick_do_on_the_images_what_the_search_predicted(quick, mirror, tmp_path, capsys):
-    plan = build_plan(quick)
+def test_gates_trained_on_cifar10_quick_do_what_the_search_predicted(cifar10_quick_onnx, mirror, tmp_path, capsys):
+    plan = build_plan(cifar10_quick_onnx)
     data = load_dataset("cifar10:calib", plan.preprocess, mirror=mirror, limit=400)
     images, labels = data.images(0, len(data)), np.asarray(data.labels)
     fitted = fit_gates(plan, images, labels, default_gate_layers(plan), KnobConfig(), budget=2.0)
@@ -182,8 +168,8 @@ def test_gates_trained_on_cifar10_quick_do_on_the_images_what_the_search_predict
     assert engine.counter.total("ops") / n == pytest.approx(fitted.choice.ops, rel=1e-12)
     assert (out.argmax(axis=1) == labels[fitted.selection]).mean() * 100 == pytest.approx(fitted.choice.top1)
     # the CLI on the test images: per-gate exit rates in the JSON
-    code, _, err = run(capsys, "eval", quick, "--data", "cifar10:test", "--limit", "50", "--knobs", tmp_path / "k.yaml",
-                       "--json", tmp_path / "e.json", "--mirror", mirror)
+    code, _, err = run(capsys, "eval", cifar10_quick_onnx, "--data", "cifar10:test", "--limit", "50",
+                       "--knobs", tmp_path / "k.yaml", "--json", tmp_path / "e.json", "--mirror", mirror)
     assert code == 0, err
     result = json.loads((tmp_path / "e.json").read_text())
     assert [g["layer"] for g in result["gates"]] == [g.layer for g in fitted.kept()]
