@@ -96,7 +96,8 @@ def trace_images(engine: Engine, images: np.ndarray, indices: list[int]) -> Trac
     return Traces(features, ops_at, ops_total, pred)
 
 
-def train_gate(x: np.ndarray, y: np.ndarray, classes: int, loss: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def train_gate(x: np.ndarray, y: np.ndarray, classes: int, loss: str, seed: int = 0,
+               source: str = "calibration data") -> tuple[np.ndarray, np.ndarray]:
     """One gate's (weight (classes, channels), bias) from features ``x`` and labels ``y``: a
     scikit-learn linear classifier on standardised features, the standardisation folded in."""
     from sklearn.linear_model import LogisticRegression, SGDClassifier
@@ -104,7 +105,7 @@ def train_gate(x: np.ndarray, y: np.ndarray, classes: int, loss: str, seed: int 
 
     present = np.unique(y)
     if len(present) != classes:
-        raise DyveError(f"the training images hold {len(present)} of the {classes} classes; "
+        raise DyveError(f"{source}: the gates' training images hold {len(present)} of the {classes} classes; "
                         "use more calibration images")
     scaler = StandardScaler().fit(x)
     if loss == "log":
@@ -231,13 +232,14 @@ class FittedGates:
 
 def fit_gates(plan: Plan, images: np.ndarray, labels: np.ndarray, layer_names: list[str], backbone: KnobConfig,
               budget: float, loss: str = "log", confidence: str = "softmax", train_fraction: float = 0.5,
-              criterion: str = "disagree", z: float = 1.0, changed_weight: float = 0.5, threads: int = 1) -> FittedGates:
+              criterion: str = "disagree", z: float = 1.0, changed_weight: float = 0.5, threads: int = 1,
+              source: str = "calibration data") -> FittedGates:
     """Train a gate after each of ``layer_names`` on the first ``train_fraction`` of the images and
     choose the thresholds on the rest (see the module docstring)."""
     n = len(images)
     n_train = int(round(train_fraction * n))
     if n_train < 1 or n - n_train < 1:
-        raise DyveError(f"{n} calibration images; too few to train and select gates")
+        raise DyveError(f"{source}: {n} calibration images; too few to train and select gates")
     index = {layer.name: i for i, layer in enumerate(plan.layers)}
     for name in layer_names:
         if name not in index or len(plan.layers[index[name]].out_shape) != 3:
@@ -258,7 +260,7 @@ def fit_gates(plan: Plan, images: np.ndarray, labels: np.ndarray, layer_names: l
     gates = []
     for name, i, feats in zip(layer_names, indices, traces.features):
         t0 = time.monotonic()
-        w, b = train_gate(feats[:n_train], labels[:n_train], classes, loss)
+        w, b = train_gate(feats[:n_train], labels[:n_train], classes, loss, source=source)
         gates.append(Gate(name, i, w, b, np.inf, confidence))
         train_acc = float(((feats[:n_train] @ w.T + b).argmax(axis=1) == labels[:n_train]).mean() * 100)
         log(f"gate after {name}: trained ({loss} loss) in {time.monotonic() - t0:.1f} s, "
@@ -294,7 +296,7 @@ def cmd_gates(args: argparse.Namespace) -> int:
         log(f"the other knobs from {args.knobs}")
     fitted = fit_gates(plan, dataset.images(0, len(dataset)), np.asarray(dataset.labels), layer_names, backbone,
                        args.budget - args.margin, args.loss, args.confidence, args.train_fraction, args.criterion,
-                       args.z, args.changed_weight, args.threads)
+                       args.z, args.changed_weight, args.threads, source=args.data)
     fitted.config(backbone, args.output).save(args.output)
     choice = fitted.choice
     print(f"{len(fitted.kept())} of {len(fitted.gates)} gate(s) kept; selection images: ops "
