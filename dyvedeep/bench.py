@@ -24,6 +24,7 @@ import numpy as np
 from .engine import CaffeBaseline, Engine, set_blas_threads
 from .errors import DyveError
 from .cli_support import Progress, load_plan, onnxruntime_session, open_dataset, platform_info
+from .gates import engine_for
 from .io_utils import write_json_atomic
 from .knobs import load_knobs
 from .plan import build_plan
@@ -50,7 +51,7 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
     plan = build_plan(model)
     knobs = load_knobs(knobs_path, plan) if knobs_path else None
     dense = Engine(plan, threads=threads)
-    dyve = Engine(plan, knobs, threads=threads) if knobs is not None else None
+    dyve = engine_for(plan, knobs, threads) if knobs is not None else None  # with gates: a GatedEngine
     session, onnxruntime_note = None, "skipped (--no-onnxruntime)"
     if with_onnxruntime:
         try:

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "dyvedeep.evaluate",
     "dyvedeep.bench",
     "dyvedeep.calibrate",
+    "dyvedeep.gate_calibrate",
     "dyvedeep.headroom",
     "dyvedeep.remote",
 )

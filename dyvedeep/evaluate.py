@@ -14,6 +14,7 @@ from .cli_support import (Progress, add_data_arguments, load_plan, onnxruntime_o
                           open_dataset, platform_info)
 from .engine import COUNTER_FIELDS, Engine, OpCounter
 from .errors import DyveError
+from .gates import GatedEngine, engine_for, exit_rates
 from .io_utils import write_json_atomic
 from .knobs import KNOB_NAMES, KnobConfig, load_knobs
 from .metadata_keys import NONZERO_KEY
@@ -26,7 +27,7 @@ RELATIVE_TOLERANCE = 1e-4
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def run_engine(engine: Engine, dataset, label: str, batch_size: int = 64) -> np.ndarray:
+def run_engine(engine: Engine | GatedEngine, dataset, label: str, batch_size: int = 64) -> np.ndarray:
     """Outputs of ``engine`` on every image of ``dataset`` (with progress)."""
     outputs = []
     progress = Progress(label, len(dataset))
@@ -182,7 +183,7 @@ def parse_image_range(text: str, total: int) -> tuple[int, int]:
     return start, stop
 
 
-def run_range(engine: Engine, dataset, start: int, stop: int, label: str, batch_size: int = 64) -> np.ndarray:
+def run_range(engine: Engine | GatedEngine, dataset, start: int, stop: int, label: str, batch_size: int = 64) -> np.ndarray:
     """Outputs of ``engine`` on images ``start:stop`` of ``dataset``; the whole dataset goes
     through its batches (which fill the preprocessed cache), a part is read image range by range.
     Outputs that are not finite (weights whose products overflow) are refused: a top-1 of NaN
@@ -223,9 +224,10 @@ def eval_images(plan: Plan, dataset, knobs: KnobConfig | None, threads: int = 1,
     total = len(dataset)
     stop = total if stop is None else stop
     dense = Engine(plan, threads=threads)
+    # the knobs' engine is made first: a knob file it refuses (a gates sidecar changed) fails before any run
+    dyve = engine_for(plan, knobs, threads) if knobs is not None and (knobs.layers or knobs.gates is not None) else None
     out_dense = run_range(dense, dataset, start, stop, "eval dense")
-    if knobs is not None and knobs.layers:
-        dyve = Engine(plan, knobs, threads=threads)
+    if dyve is not None:
         out_dyve = run_range(dyve, dataset, start, stop, "eval dyvedeep")
     else:
         dyve, out_dyve = dense, out_dense
@@ -343,6 +345,10 @@ def summarize(plan: Plan, knobs: KnobConfig | None, images: dict[str, Any]) -> d
         "knob_ops": {k: {"saved": dyve.total(f"saved_{k}") / nn,
                          "overhead": dyve.total(f"overhead_{k}") / nn} for k in KNOB_NAMES},
         "layers": layer_breakdown(plan, knobs if knobs is not None and knobs.layers else None, dyve, nn),
+        # decision gates (docs/gates.md): their own ops per image, and per gate its exit rate
+        "gate_ops": dyve.total("gate_ops") / nn,
+        "gates": exit_rates(knobs, dyve.layer_names, [dyve.get(l, "exits") for l in dyve.layer_names], n)
+                 if knobs is not None else [],
         "platform": platform_info(),
     }
 
@@ -362,6 +368,9 @@ def print_summary(result: dict[str, Any]) -> None:
           f"({result['ops_reduction']:.2f}x fewer)")
     if result["nonzero_ops_dense"] is not None:
         print(f"scalar ops per image on non-zero weights (dense): {result['nonzero_ops_dense']:.4g}")
+    for gate in result.get("gates", []):
+        print(f"gate after {gate['layer']} ({gate['confidence']} >= {gate['threshold']:.4g}): "
+              f"{gate['exit_rate']:.1f} % of the images exit")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

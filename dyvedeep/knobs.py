@@ -16,6 +16,19 @@ Thresholds (the rules are a reconstruction of the DyVEDeep papers, see docs/knob
   never fires).
 - SDSS: significance t >= 0; a cell is interpolated when all its corners are < t (0 never fires).
 - SFMA: relative spread t >= 0; a map is replaced by its mean when spread < t (0 never fires).
+
+Decision gates (beyond the specification, docs/gates.md) are an optional top-level key; their
+weights live in a sidecar npz file beside the knob file, named with its sha256::
+
+    gates:
+      weights: KNOBS.gates.npz       # a file name, resolved beside the knob file
+      sha256: 3f5a...                # of that file, checked when the gates load
+      after:
+        - {layer: pool1, threshold: 0.93, confidence: softmax}
+
+A gate exits when its confidence (max softmax probability, or ``margin``: the top two
+probabilities' difference) is >= its threshold (anything above 1 never exits). A knob file with
+gates runs on ``dyvedeep.gates.GatedEngine``.
 """
 from __future__ import annotations
 
@@ -60,12 +73,53 @@ class KnobSetting:
         return self.options.get(name, DEFAULT_OPTIONS[knob][name])
 
 
+#: A decision gate's confidence measures (docs/gates.md).
+GATE_CONFIDENCES = ("softmax", "margin")
+#: The keys of a knob file's ``gates`` mapping and of each gate in its ``after`` list.
+GATES_KEYS = ("weights", "sha256", "after")
+GATE_KEYS = ("layer", "threshold", "confidence")
+
+
+@dataclass
+class GateSetting:
+    """One decision gate: after which layer, its threshold and its confidence measure."""
+
+    layer: str
+    threshold: float
+    confidence: str = "softmax"
+
+
+@dataclass
+class GateSettings:
+    """The decision gates of a knob file (beyond the specification, docs/gates.md)."""
+
+    weights: str  # the sidecar npz's file name, beside the knob file
+    sha256: str
+    after: list[GateSetting] = field(default_factory=list)
+    knob_file: Path | None = None  # where the settings were read from (not written)
+
+    def weights_path(self, knob_file: Path | None = None) -> Path:
+        """The sidecar npz: ``weights`` beside the knob file."""
+        base = knob_file if knob_file is not None else self.knob_file
+        return (base.parent if base is not None else Path(".")) / self.weights
+
+    def copy(self) -> "GateSettings":
+        return GateSettings(self.weights, self.sha256, [GateSetting(g.layer, g.threshold, g.confidence)
+                                                        for g in self.after], self.knob_file)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights, "sha256": self.sha256,
+                "after": [{"layer": g.layer, "threshold": g.threshold if math.isfinite(g.threshold) else float("inf"),
+                           "confidence": g.confidence} for g in self.after]}
+
+
 @dataclass
 class KnobConfig:
-    """Knob settings per layer name and knob name."""
+    """Knob settings per layer name and knob name (and optionally decision gates)."""
 
     layers: dict[str, dict[str, KnobSetting]] = field(default_factory=dict)
     model: str | None = None
+    gates: GateSettings | None = None
 
     def get(self, layer: str, knob: str) -> KnobSetting | None:
         """The enabled setting of ``knob`` in ``layer``, or None when it is off."""
@@ -83,7 +137,8 @@ class KnobConfig:
     def copy(self) -> "KnobConfig":
         """A deep copy."""
         return KnobConfig({l: {k: KnobSetting(s.enabled, s.threshold, dict(s.options)) for k, s in ks.items()}
-                           for l, ks in self.layers.items()}, self.model)
+                           for l, ks in self.layers.items()}, self.model,
+                          self.gates.copy() if self.gates is not None else None)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for YAML."""
@@ -98,6 +153,8 @@ class KnobConfig:
         out: dict[str, Any] = {"layers": layers}
         if self.model:
             out["model"] = self.model
+        if self.gates is not None:
+            out["gates"] = self.gates.to_dict()
         return out
 
     def save(self, path: str | Path) -> None:
@@ -178,9 +235,9 @@ def parse_knobs(data: Any, plan: Plan, path: Path) -> KnobConfig:
         data = {}
     if not isinstance(data, dict):
         raise DyveError(f"{path}: a knob file must be a mapping with a 'layers' key")
-    unknown_top = set(data) - {"layers", "model", "budget", "calibration"}
+    unknown_top = set(data) - {"layers", "model", "budget", "calibration", "gates"}
     if unknown_top:
-        raise DyveError(f"{path}: unknown key(s) {', '.join(sorted(unknown_top))} (known: layers, model)")
+        raise DyveError(f"{path}: unknown key(s) {', '.join(sorted(unknown_top))} (known: layers, model, gates)")
     layers = data.get("layers") or {}
     if not isinstance(layers, dict):
         raise DyveError(f"{path}: 'layers' must map layer names to knobs")
@@ -210,7 +267,56 @@ def parse_knobs(data: Any, plan: Plan, path: Path) -> KnobConfig:
             options = {k: _check_option(path, lname, kname, k, v)
                        for k, v in spec.items() if k not in ("enabled", "threshold")}
             config.layers.setdefault(lname, {})[kname] = KnobSetting(enabled, threshold, options)
+    if data.get("gates") is not None:
+        config.gates = parse_gates(data["gates"], plan, path)
     return config
+
+
+def parse_gates(data: Any, plan: Plan, path: Path) -> GateSettings:
+    """Validate a knob file's ``gates`` mapping (the weights are checked when they load:
+    ``dyvedeep.gates.load_gates``)."""
+    if not isinstance(data, dict):
+        raise DyveError(f"{path}: gates must be a mapping with keys {', '.join(GATES_KEYS)}")
+    unknown = set(data) - set(GATES_KEYS)
+    missing = [k for k in GATES_KEYS if k not in data]
+    if unknown or missing:
+        what = f"unknown key(s) {', '.join(sorted(map(str, unknown)))}" if unknown else f"missing {', '.join(missing)}"
+        raise DyveError(f"{path}: gates: {what} (keys: {', '.join(GATES_KEYS)})")
+    weights, digest = data["weights"], data["sha256"]
+    if not isinstance(weights, str) or not weights or Path(weights).name != weights or weights in (".", ".."):
+        raise DyveError(f"{path}: gates: weights must be a file name beside the knob file, got {_shown(weights)}")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise DyveError(f"{path}: gates: sha256 must be 64 lowercase hex digits, got {_shown(digest)}")
+    after = data["after"]
+    if not isinstance(after, list) or not after:
+        raise DyveError(f"{path}: gates: after must be a non-empty list of gates")
+    by_name = {layer.name: layer for layer in plan.layers}
+    settings = GateSettings(weights, digest, [], path)
+    for i, gate in enumerate(after):
+        where = f"{path}: gates: gate {i + 1}"
+        if not isinstance(gate, dict):
+            raise DyveError(f"{where}: expected a mapping with keys {', '.join(GATE_KEYS)}")
+        unknown = set(gate) - set(GATE_KEYS)
+        if unknown:
+            raise DyveError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))} (keys: {', '.join(GATE_KEYS)})")
+        lname = gate.get("layer")
+        if not isinstance(lname, str) or lname not in by_name:
+            raise DyveError(f"{where}: unknown layer {_shown(lname)}")
+        if len(by_name[lname].out_shape) != 3:
+            raise DyveError(f"{where}: layer {lname}: a gate needs a feature map (C, H, W) there, "
+                            f"not shape {by_name[lname].out_shape}")
+        if any(g.layer == lname for g in settings.after):
+            raise DyveError(f"{where}: a second gate after layer {lname}")
+        if "threshold" not in gate:
+            raise DyveError(f"{where}: missing threshold")
+        threshold = _number(gate["threshold"])
+        if threshold is None or threshold < 0:
+            raise DyveError(f"{where}: threshold must be a number >= 0, got {_shown(gate['threshold'])}")
+        confidence = gate.get("confidence", GATE_CONFIDENCES[0])
+        if confidence not in GATE_CONFIDENCES:
+            raise DyveError(f"{where}: confidence must be one of {', '.join(GATE_CONFIDENCES)}, got {_shown(confidence)}")
+        settings.after.append(GateSetting(lname, threshold, confidence))
+    return settings
 
 
 def load_knobs(path: str | Path, plan: Plan) -> KnobConfig:

@@ -76,6 +76,9 @@ class Engine:
                  tuning: EngineTuning = DEFAULT_TUNING) -> None:
         if threads < 1:
             raise DyveError(f"threads must be >= 1, got {threads}")
+        if knobs is not None and knobs.gates is not None:
+            raise DyveError(f"{knobs.gates.knob_file or plan.path}: the knob file has decision gates; "
+                            "run it with dyvedeep.gates.GatedEngine")
         self.plan = plan
         self.knobs = knobs if knobs is not None else KnobConfig()
         self.threads = int(threads)

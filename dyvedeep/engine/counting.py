@@ -16,6 +16,9 @@ COUNTER_FIELDS = (
     "overhead_sfma", "overhead_sdss", "overhead_spet",
     "saved_sfma", "saved_sdss", "saved_spet",
     "dropped_maps", "filled", "terminated", "fallbacks",
+    # decision gates (docs/gates.md), in the row of the layer a gate follows: its own ops (also in
+    # ``ops``) and the images that exited there
+    "gate_ops", "exits",
 )
 #: Scalar ops of one bilinear fill (three lerps of 3 ops each); a zero fill costs nothing.
 BILINEAR_FILL_OPS = 9
