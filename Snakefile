@@ -1,5 +1,6 @@
 # DyVEDeep reproducibility pipeline:
 #   fetch -> convert -> calibrate -> evaluate -> bench (x86, boards) -> tables -> plots -> report
+#   (beside the knobs, on the benchmarks `compare` lists: decision gates and static pruning)
 # Run `snakemake` (the workflow profile profiles/default sets the cores and the timing lock),
 # `snakemake --profile profiles/pi` to add the Raspberry Pi board, `snakemake -n` to preview.
 # The configuration is config/config.yaml, checked against workflow/schemas/config.schema.yaml.
@@ -22,6 +23,7 @@ include: "workflow/rules/fetch.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/compare.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/remote.smk"
 include: "workflow/rules/tables.smk"

@@ -291,3 +291,121 @@ wildcard_constraints:
     platform=r"[A-Za-z0-9_\-]+",
     threads=r"\d+",
     data=r"[A-Za-z0-9_\-]+",
+    setting=r"[A-Za-z0-9_\-]+",
+    method=r"[A-Za-z0-9_\-]+",
+
+
+# --- comparison families (issue 17): decision gates and static pruning -----------------------
+# The settings of the comparison table, in its row order: (setting, family, label). Families:
+# dense and knobs come from `evaluate`; gates and prune run where `compare` turns them on.
+GATE_SETTINGS = ["gates", "gates_knobs"]
+PRUNE_METHODS = list(dict.fromkeys(config["compare"]["prune"]["methods"]))
+for _family in ("gates", "prune"):
+    for _b in config["compare"][_family]["benchmarks"]:
+        if _b not in config["benchmarks"]:
+            _config_error(f"compare.{_family}.benchmarks lists {_b!r}, which `benchmarks` lacks")
+
+
+def compare_benchmarks(family):
+    """The benchmarks of this suite that the comparison ``family`` (gates, prune) runs on."""
+    listed = config["compare"][family]["benchmarks"]
+    return [b for b in BENCHMARKS if b in listed]
+
+
+def compare_budget(family):
+    """The budget (pt) of a comparison family: its own, else the global one."""
+    budget = config["compare"][family]["budget"]
+    return config["budget"] if budget is None else budget
+
+
+def gates_budget(setting):
+    """`dyvedeep gates --budget` of a gate setting. On top of the knobs it covers both: by
+    default the knobs' budget plus the gates' (each family its own, as for a pruned net and
+    the knobs calibrated on it)."""
+    if setting != "gates_knobs":
+        return compare_budget("gates")
+    combined = config["compare"]["gates"]["budget_with_knobs"]
+    return config["budget"] + compare_budget("gates") if combined is None else combined
+
+
+def eval_images_file(bench):
+    """The per-image results of `evaluate` (the dense reference of the pruned nets' losses)."""
+    return f"results/eval/per-image/{bench}.json"
+
+
+def gate_knobs_file(bench, setting):
+    """The knob file of `dyvedeep gates` (its weights beside it: <stem>.gates.npz)."""
+    return f"results/gates/{bench}/{setting}.yaml"
+
+
+def pruned_model_file(bench, method):
+    return f"results/prune/{bench}/{method}.onnx"
+
+
+def pruned_summary_file(bench, method):
+    """`dyvedeep prune --summary`: the densities chosen and the calibration figures."""
+    return f"results/prune/{bench}/{method}.summary.yaml"
+
+
+def pruned_knobs_file(bench, method):
+    """The knobs calibrated on the pruned net, and the trace of that calibration."""
+    return f"results/prune/{bench}/{method}.knobs.yaml"
+
+
+def pruned_trace_file(bench, method):
+    return f"results/prune/{bench}/{method}.trace.csv"
+
+
+def compare_eval_file(bench, setting):
+    """The `dyvedeep eval --json` of one comparison setting (gates, gates_knobs,
+    pruned_<method>); a pruned net's also has its per-image results (:func:`compare_images_file`)."""
+    return f"results/compare/{bench}/{setting}.json"
+
+
+def compare_images_file(bench, setting):
+    return f"results/compare/{bench}/per-image/{setting}.json"
+
+
+def prune_args(bench):
+    """`dyvedeep prune` options: the family's budget, its passes / min_share or else the
+    benchmark's calibration ones, and the benchmark's margin."""
+    c, p = bench_calibrate(bench), config["compare"]["prune"]
+    args = ["--budget", str(compare_budget("prune"))]
+    for key in ("margin", "passes", "min_share"):
+        value = p.get(key) if p.get(key) is not None else c.get(key)
+        if value is not None:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return " ".join(args)
+
+
+def compare_plan():
+    """Per benchmark that runs and has a comparison family on: the files of its comparison
+    table (dense and knobs: `evaluate`; gates; each pruned net with the knobs on top)."""
+    ok = set(ok_benchmarks())
+    gates, prune = set(compare_benchmarks("gates")), set(compare_benchmarks("prune"))
+    plan = []
+    for bench in BENCHMARKS:
+        if bench not in ok or bench not in gates | prune:
+            continue
+        entry = {"benchmark": bench, "eval": f"results/eval/{bench}.json", "images": None,
+                 "gates": {}, "pruned": {}}
+        if bench in gates:
+            entry["gates"] = {s: compare_eval_file(bench, s) for s in GATE_SETTINGS}
+        if bench in prune:
+            entry["images"] = eval_images_file(bench)
+            entry["pruned"] = {
+                m: {"eval": compare_eval_file(bench, f"pruned_{m}"),
+                    "images": compare_images_file(bench, f"pruned_{m}")}
+                for m in PRUNE_METHODS
+            }
+        plan.append(entry)
+    return plan
+
+
+def compare_files(wildcards):
+    files = []
+    for entry in compare_plan():
+        files += [entry["eval"]] + ([entry["images"]] if entry["images"] else [])
+        files += list(entry["gates"].values())
+        files += [f for p in entry["pruned"].values() for f in p.values()]
+    return files

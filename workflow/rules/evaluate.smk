@@ -1,5 +1,6 @@
 # Evaluate: top-1 of the dense engine and of DyVEDeep with the calibrated knobs on the test
-# split, op counts per layer and knob (`dyvedeep eval`). Ops and accuracy do not depend on
+# split, op counts per layer and knob (`dyvedeep eval`); the per-image results too (the dense
+# reference that the pruned nets of compare.smk are paired with). Ops and accuracy do not depend on
 # the machine, so the host evaluates once; the boards evaluate again in remote.smk.
 # With `eval_shard_size` set, the test split is evaluated in shards of that many images (one
 # job each: `dyvedeep eval --images A:B --per-image`), whose per-image results are merged
@@ -68,7 +69,8 @@ if config["eval_shard_size"]:
                 )["ranges"]
             ],
         output:
-            "results/eval/{bench}.json",
+            json="results/eval/{bench}.json",
+            images=eval_images_file("{bench}"),
         params:
             dyvedeep=DYVEDEEP,
         log:
@@ -79,7 +81,7 @@ if config["eval_shard_size"]:
             CONDA_ENV
         shell:
             "{params.dyvedeep} eval-merge {input.model} {input.shards} --knobs {input.knobs}"
-            " --json {output} > {log} 2>&1"
+            " --json {output.json} --per-image {output.images} > {log} 2>&1"
 
 else:
 
@@ -88,7 +90,8 @@ else:
             model="results/models/{bench}.onnx",
             knobs="results/knobs/{bench}.yaml",
         output:
-            "results/eval/{bench}.json",
+            json="results/eval/{bench}.json",
+            images=eval_images_file("{bench}"),
         params:
             dyvedeep=DYVEDEEP,
             data=lambda wildcards: data_spec(wildcards.bench, "test"),
@@ -103,4 +106,5 @@ else:
             CONDA_ENV
         shell:
             "{params.dyvedeep} eval {input.model} --data {params.data:q} --knobs {input.knobs}"
-            " --json {output} {params.limit} {params.mirror} --threads {threads} > {log} 2>&1"
+            " --json {output.json} --per-image {output.images} {params.limit} {params.mirror}"
+            " --threads {threads} > {log} 2>&1"

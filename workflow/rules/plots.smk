@@ -54,3 +54,26 @@ rule plots:
         CONDA_ENV
     script:
         "../scripts/plots.py"
+
+
+rule compare_plot:
+    input:
+        "results/tables/comparison.csv",
+    output:
+        report(
+            "results/plots/comparison.png",
+            caption="../report/comparison_plot.rst",
+            category="1. Results",
+            subcategory="Comparison",
+            labels={"plot": "op reduction and loss per setting"},
+        ),
+    params:
+        budget=config["budget"],
+    log:
+        "logs/compare_plot.log",
+    resources:
+        cpu_lock=1,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/compare_plot.py"

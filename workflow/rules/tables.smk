@@ -63,3 +63,49 @@ rule tables:
         CONDA_ENV
     script:
         "../scripts/tables.py"
+
+
+# The comparison families beside the knobs (compare.smk): one table per benchmark that has one
+# on, dense / static / dynamic / gated side by side; empty when none is on.
+rule compare_tables:
+    input:
+        compare_files,
+    output:
+        csv=report(
+            "results/tables/comparison.csv",
+            caption="../report/comparison.rst",
+            category="1. Results",
+            subcategory="Comparison",
+            labels={"table": "dense, static, dynamic, gates (CSV)"},
+        ),
+        exits=report(
+            "results/tables/comparison_exits.csv",
+            caption="../report/comparison.rst",
+            category="1. Results",
+            subcategory="Comparison",
+            labels={"table": "exit rate per gate (CSV)"},
+        ),
+        html=report(
+            "results/tables/comparison.html",
+            caption="../report/comparison.rst",
+            category="1. Results",
+            subcategory="Comparison",
+            labels={"table": "dense, static, dynamic, gates"},
+        ),
+        fragment="results/tables/comparison.fragment.html",
+    params:
+        plan=lambda wildcards: compare_plan(),
+        budgets={
+            "knobs": config["budget"],
+            "gates": compare_budget("gates"),
+            "gates_knobs": gates_budget("gates_knobs"),
+            "prune": compare_budget("prune"),
+        },
+    log:
+        "logs/compare_tables.log",
+    resources:
+        cpu_lock=1,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/compare_tables.py"

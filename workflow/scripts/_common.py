@@ -1,6 +1,7 @@
 """Helpers shared by the workflow's scripts (imported through ``snakemake.scriptdir``)."""
 from __future__ import annotations
 
+import html
 import json
 import sys
 from pathlib import Path
@@ -45,3 +46,31 @@ def platform_label(name: str, platforms: dict, emulated: bool | None = None) -> 
     if emulated if emulated is not None else p.get("emulated"):
         label += " (emulated aarch64)"
     return label
+
+
+# --- HTML tables of the report ---------------------------------------------------------------
+# The tables' rules, shared by the pages and the fragments that the report's front page includes.
+TABLE_STYLE = """
+<style>
+ table.dyve { border-collapse: collapse; font-size: 0.85em; }
+ table.dyve th, table.dyve td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
+ table.dyve th { background: #f0f0f0; }
+ table.dyve td:first-child, table.dyve td:nth-child(2) { text-align: left; }
+ table.dyve tr.missing td { color: #999; font-style: italic; }
+ p.note { font-size: 0.85em; color: #555; }
+</style>
+"""
+
+PAGE_STYLE = "<style>body { font-family: system-ui, sans-serif; margin: 1em; }</style>"
+
+
+def page(title: str, body: str) -> str:
+    """A stand-alone HTML page of one table."""
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"{PAGE_STYLE}{TABLE_STYLE}</head><body><h2>{html.escape(title)}</h2>{body}</body></html>\n")
+
+
+def fragment(body: str) -> str:
+    """One table as an HTML fragment (its style rules scoped to the tables) that the report's
+    front page includes as it is."""
+    return f"{TABLE_STYLE.strip()}\n{body}\n"

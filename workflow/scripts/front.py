@@ -1,7 +1,8 @@
 """The front page of the report: the paper-vs-ours table, the summary table (with what is
-missing) and the plots, as one HTML fragment with the images inlined. The report's workflow
-description (workflow/report/workflow.rst) includes it, so the report opens on the results. The
-tables come as fragments written by the tables rule (no HTML is parsed here)."""
+missing), the comparison with decision gates and static pruning, and the plots, as one HTML
+fragment with the images inlined. The report's workflow description (workflow/report/workflow.rst)
+includes it, so the report opens on the results. The tables come as fragments written by the
+tables rules (no HTML is parsed here)."""
 import base64
 import html
 import sys
@@ -34,6 +35,9 @@ parts = [
     image(sm.input.paper_plot, "The paper's ranges (bars) and our benchmarks (points)"),
     "<h3>Summary</h3>",
     '<div style="overflow-x:auto">', included(sm.input.summary), "</div>",
+    "<h3>Dense, static, dynamic and gated, side by side</h3>",
+    '<div style="overflow-x:auto">', included(sm.input.comparison), "</div>",
+    image(sm.input.comparison_plot, "Op reduction and top-1 loss per setting (comparison families)"),
     "<h3>Plots</h3>",
     image(sm.input.op_reduction, "Ops removed per benchmark, by knob"),
     image(sm.input.tradeoff, "Calibration: accuracy loss against ops"),

@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, snakemake.scriptdir)  # noqa: F821
-from _common import platform_label, read_json, start_log  # noqa: E402
+from _common import fragment, page, platform_label, read_json, start_log  # noqa: E402
 from dyvedeep.io_utils import write_text_atomic  # noqa: E402
 
 SUMMARY_COLUMNS = [
@@ -171,19 +171,6 @@ def compare(summary: pd.DataFrame, paper: dict, platforms: dict) -> pd.DataFrame
 
 
 # --- HTML ------------------------------------------------------------------------------------
-# The tables' rules, shared by the pages and the fragments the report's front page includes.
-TABLE_STYLE = """
-<style>
- table.dyve { border-collapse: collapse; font-size: 0.85em; }
- table.dyve th, table.dyve td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
- table.dyve th { background: #f0f0f0; }
- table.dyve td:first-child, table.dyve td:nth-child(2) { text-align: left; }
- table.dyve tr.missing td { color: #999; font-style: italic; }
- p.note { font-size: 0.85em; color: #555; }
-</style>
-"""
-
-
 def fmt_value(col: str, v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
         return "–"
@@ -230,21 +217,6 @@ def summary_display(summary: pd.DataFrame, platforms: dict) -> pd.DataFrame:
     df = summary.copy()
     df["platform"] = [platform_label(p, platforms, bool(e)) for p, e in zip(df["platform"], df["emulated"])]
     return df.drop(columns=["emulated"])
-
-
-PAGE_STYLE = "<style>body { font-family: system-ui, sans-serif; margin: 1em; }</style>"
-
-
-def page(title: str, body: str) -> str:
-    """A stand-alone HTML page of one table."""
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"{PAGE_STYLE}{TABLE_STYLE}</head><body><h2>{html.escape(title)}</h2>{body}</body></html>\n")
-
-
-def fragment(body: str) -> str:
-    """One table as an HTML fragment (its style rules scoped to the tables) that the report's
-    front page includes as it is."""
-    return f"{TABLE_STYLE.strip()}\n{body}\n"
 
 
 def main(sm) -> None:
