@@ -12,6 +12,8 @@ import pytest
 from dyvedeep.fetch import mirror_path  # noqa: F401  (the one URL -> mirror path rule; tests import it from here)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Caffe's cifar10_quick (prototxt, weights, mean image), the smallest real benchmark.
+CIFAR10_QUICK_URL = "https://github.com/Simshang/pycaffe/raw/c59f61709b0c981f63eec8681327994e73e8f411"
 
 
 def find_mirror() -> Path | None:
@@ -31,6 +33,17 @@ def mirror() -> Path:
         pytest.skip("no mirror of real models/data (set DYVEDEEP_MIRROR or put ../shared/mirror beside the project)")
     return found
 
+
+@pytest.fixture(scope="session")
+def cifar10_quick_onnx(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cifar10_quick from the mirror, converted to ONNX once per test session."""
+    from dyvedeep.convert import convert, preset_preprocess
+
+    out = tmp_path_factory.mktemp("cifar10_quick") / "cifar10_quick.onnx"
+    preprocess, labels = preset_preprocess("cifar10-caffe", mirror_path(mirror, f"{CIFAR10_QUICK_URL}/mean.binaryproto"))
+    convert(mirror_path(mirror, f"{CIFAR10_QUICK_URL}/cifar10_quick.prototxt"),
+            mirror_path(mirror, f"{CIFAR10_QUICK_URL}/cifar10_quick_iter_5000.caffemodel"), out, preprocess, labels)
+    return out
 
 
 def skip_unless_linux_root(what: str, why_root: str) -> None:

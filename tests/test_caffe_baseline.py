@@ -11,17 +11,14 @@ import pytest
 from onnx import helper
 from threadpoolctl import threadpool_info
 
-from dyvedeep.convert import convert, preset_preprocess
 from dyvedeep.datasets import load_dataset
 from dyvedeep.engine import CaffeBaseline, Engine, im2col, set_blas_threads
 from dyvedeep.engine.caffe_baseline import skips_im2col
 from dyvedeep.evaluate import RELATIVE_TOLERANCE
 from dyvedeep.plan import build_plan
-from tests.conftest import mirror_path
 from tests.onnx_builders import save_model
 
 RNG = np.random.default_rng(77)
-QUICK = "https://github.com/Simshang/pycaffe/raw/c59f61709b0c981f63eec8681327994e73e8f411"
 
 
 def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -108,12 +105,8 @@ def test_baseline_runs_blas_on_one_thread(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def quick(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("quick") / "cifar10_quick.onnx"
-    preprocess, labels = preset_preprocess("cifar10-caffe", mirror_path(mirror, f"{QUICK}/mean.binaryproto"))
-    convert(mirror_path(mirror, f"{QUICK}/cifar10_quick.prototxt"),
-            mirror_path(mirror, f"{QUICK}/cifar10_quick_iter_5000.caffemodel"), out, preprocess, labels)
-    return out
+def quick(cifar10_quick_onnx: Path) -> Path:
+    return cifar10_quick_onnx
 
 
 @pytest.mark.mirror

@@ -21,7 +21,6 @@ from dyvedeep.knobs import KnobConfig, applicable_knobs
 from dyvedeep.plan import build_plan
 from tests.conftest import mirror_path
 
-QUICK = "https://github.com/Simshang/pycaffe/raw/c59f61709b0c981f63eec8681327994e73e8f411"
 SQ11 = "https://github.com/pixelzee3/copy-paste/raw/3fbd553686edc155777b352fdac77cc0065576ed"
 # Thresholds that fire often (docs/knobs.md): the DyVEDeep results differ from the dense ones.
 FIRING = {"spet": 0.0, "sdss": 0.2, "sfma": 0.05}
@@ -36,12 +35,8 @@ def firing_knobs(plan) -> KnobConfig:
 
 
 @pytest.fixture(scope="module")
-def quick(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("quick") / "cifar10_quick.onnx"
-    preprocess, labels = preset_preprocess("cifar10-caffe", mirror_path(mirror, f"{QUICK}/mean.binaryproto"))
-    convert(mirror_path(mirror, f"{QUICK}/cifar10_quick.prototxt"),
-            mirror_path(mirror, f"{QUICK}/cifar10_quick_iter_5000.caffemodel"), out, preprocess, labels)
-    return out
+def quick(cifar10_quick_onnx: Path) -> Path:
+    return cifar10_quick_onnx
 
 
 @pytest.fixture(scope="module")
