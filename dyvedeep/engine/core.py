@@ -8,6 +8,8 @@ compiled into programs (:class:`CompiledRun`) that run in one parallel region pe
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,6 +89,11 @@ class Engine:
         self.layer_threads = {layer.name: self.threads if layer_work(layer) >= tuning.parallel_min_work else 1
                               for layer in plan.layers}
         self.kernel_threads = 1  # threads of the current layer's own kernels (Python path)
+        # The Python path's layers (knobs, fully connected) each open a parallel region: on a
+        # busy machine each waits for a descheduled thread. As a compiled run does (K.Program),
+        # a whole image's Python path takes one thread or all of them, by their recent times.
+        self.python_path_choice = K.ThreadChoice()
+        self.python_path_one_thread = False
         self.layer_plans: dict[str, ConvPlan | FcPlan] = {}  # conv and fully-connected layers
         for layer in plan.layers:
             if layer.op == Op.CONV:
@@ -116,6 +123,9 @@ class Engine:
         self._steps = [(i, layer, layer.inputs, self.buffers.get(layer.output)) for i, layer in enumerate(plan.layers)]
         self._image = aligned_zeros(plan.input_shape)  # stands for the image in the compiled runs
         self.compiled_runs = self._compile_runs() if compiled else None
+        # whether a whole image has layers with threads of their own on the Python path
+        self.has_python_path = self.compiled_runs is not None and any(
+            isinstance(part, int) and self.layer_threads[self.plan.layers[part].name] > 1 for part in self.compiled_runs)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -183,7 +193,7 @@ class Engine:
             index = self.counter.index[layer.name]
         if out is None and layer.op != Op.ALIAS:
             out = np.empty(layer.out_shape, np.float32)
-        self.kernel_threads = self.layer_threads[layer.name]
+        self.kernel_threads = 1 if self.python_path_one_thread else self.layer_threads[layer.name]
         runner = RUNNERS.get(layer.op)
         if runner is None:
             raise DyveError(f"{self.plan.path}: layer {layer.name}: op {layer.op} is not supported by the engine")
@@ -198,6 +208,9 @@ class Engine:
         on the Python path."""
         values: dict[str, np.ndarray] = {self.plan.input_name: image}
         runs = self.counter.plain_runs
+        choose = self.threads > 1 and self.has_python_path
+        self.python_path_one_thread = choose and self.python_path_choice.one_thread_next()
+        python_path_seconds = 0.0
         for part in self.compiled_runs:
             if isinstance(part, CompiledRun):
                 part.program.run(image)
@@ -206,7 +219,12 @@ class Engine:
                     runs[i] += 1
             else:
                 i, layer, inputs, out = self._steps[part]
+                start = time.perf_counter()
                 values[layer.output] = self.run_layer(layer, [values[t] for t in inputs], out, i)
+                python_path_seconds += time.perf_counter() - start
+        if choose:
+            self.python_path_choice.record(self.python_path_one_thread, python_path_seconds)
+        self.python_path_one_thread = False
         return values
 
     def _compilable(self, layer: Layer, values: dict[str, np.ndarray]) -> bool:
