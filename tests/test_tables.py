@@ -1,7 +1,9 @@
-"""The workflow's tables script (workflow/scripts/tables.py) on result files written here: the
-speed-ups over our dense path, over onnxruntime and over the Caffe-style baseline side by side;
-a bench JSON written before the baseline existed gives blanks, not a crash. (The whole pipeline
-runs in test_pipeline.py; this runs the script alone, in seconds.)"""
+"""The workflow's tables scripts on result files written here. tables.py: the speed-ups over our
+dense path, over onnxruntime and over the Caffe-style baseline side by side; a bench JSON written
+before the baseline existed gives blanks, not a crash. compare_tables.py: the rows of dense,
+static, dynamic and gated settings, their op ratios, the pruned nets' losses paired image by image
+with the dense net's, the gates' exit rates, and per-image results of other images refused. (The
+whole pipeline runs in test_pipeline.py; this runs the scripts alone, in seconds.)"""
 from __future__ import annotations
 
 import csv
@@ -10,8 +12,11 @@ import runpy
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+from dyvedeep.errors import DyveError
+from dyvedeep.evaluate import PER_IMAGE_FORMAT, paired_bootstrap
 from tests.conftest import PROJECT_ROOT
 
 SCRIPTS = PROJECT_ROOT / "workflow" / "scripts"
@@ -72,3 +77,119 @@ def test_speedups_side_by_side_and_old_bench_json_blank(tmp_path):
     vs_dense = next(r for m, r in by_metric.items() if "Xeon" in m and "our dense path" in m)
     assert float(vs_caffe["ours_low"]) == pytest.approx(3.0)  # the 1-thread row's speedup_vs_caffe
     assert float(vs_dense["ours_low"]) == pytest.approx(2.0)
+
+
+# --- the comparison table (workflow/scripts/compare_tables.py) ----------------------------------
+LABELS = list(range(10))
+
+
+def per_image(correct: list[bool], knob_correct: list[bool] | None = None, labels: list[int] = LABELS) -> dict:
+    """Per-image results (`dyvedeep eval --per-image`) whose top-1 is right where ``correct`` says."""
+    def tops(ok):
+        return [[y if good else (y + 1) % 10, 9 - y] for y, good in zip(labels, ok)]
+    dense = tops(correct)
+    dyve = tops(knob_correct if knob_correct is not None else correct)
+    return {"format": PER_IMAGE_FORMAT, "model": "m.onnx", "data": "cifar10:test", "knobs": None,
+            "total": len(labels), "range": [0, len(labels)], "label": labels,
+            "dense": {"argmax": [t[0] for t in dense], "top": dense},
+            "dyvedeep": {"argmax": [t[0] for t in dyve], "top": dyve}, "counts": {}}
+
+
+REF_OK = [True] * 8 + [False] * 2  # the dense net: 80 %
+REF_EVAL = {**EVAL, "data": "cifar10:test", "top1_dense": 80.0, "top1_dyvedeep": 70.0, "top1_loss_pt": 10.0,
+            "loss_ci_low": 0.0, "loss_ci_high": 20.0, "ops_dense": 2.0e7, "ops_dyvedeep": 1.0e7,
+            "ops_reduction": 2.0, "nonzero_ops_dense": None}
+# unstructured: the pruned net loses image 0, with its knobs also image 1; fan-in gains image 8
+PRUNED = {"unstructured": ([False] + [True] * 7 + [False] * 2, [False, False] + [True] * 6 + [False] * 2),
+          "fan-in": ([True] * 9 + [False], [True] * 9 + [False])}
+PRUNED_EVAL = {"unstructured": {"n": 10, "data": "cifar10:test", "top1_dense": 70.0, "top1_dyvedeep": 60.0,
+                                "ops_dense": 2.0e7, "ops_dyvedeep": 1.5e7, "nonzero_ops_dense": 1.6e7},
+               "fan-in": {"n": 10, "data": "cifar10:test", "top1_dense": 90.0, "top1_dyvedeep": 90.0,
+                          "ops_dense": 2.0e7, "ops_dyvedeep": 2.0e7, "nonzero_ops_dense": 1.8e7}}
+GATES_EVAL = {**EVAL, "data": "cifar10:test", "top1_dyvedeep": 70.0, "top1_loss_pt": 10.0, "loss_ci_low": 0.0,
+              "loss_ci_high": 30.0, "ops_dense": 2.0e7, "ops_dyvedeep": 1.6e7, "gate_ops": 1.0e4,
+              "gates": [{"layer": "pool1", "threshold": 0.9, "confidence": "softmax", "exits": 2, "exit_rate": 20.0},
+                        {"layer": "pool2", "threshold": 0.8, "confidence": "softmax", "exits": 1, "exit_rate": 10.0}]}
+GATES_KNOBS_EVAL = {**GATES_EVAL, "ops_dyvedeep": 0.9e7, "gate_ops": 0.0, "gates": []}
+COMPARE_FILES = {"csv": "comparison.csv", "exits": "comparison_exits.csv", "html": "comparison.html",
+                 "fragment": "comparison.fragment.html"}
+
+
+def run_compare(tmp_path: Path, plan: list[dict]) -> Path:
+    out = tmp_path / "tables"
+    out.mkdir(exist_ok=True)
+    sm = SimpleNamespace(scriptdir=str(SCRIPTS), log=[],
+                         params=SimpleNamespace(plan=plan, budgets={"knobs": 0.5, "gates": 0.5, "gates_knobs": 1.0,
+                                                                    "prune": 0.5}),
+                         output=SimpleNamespace(**{k: str(out / v) for k, v in COMPARE_FILES.items()}))
+    runpy.run_path(str(SCRIPTS / "compare_tables.py"), init_globals={"snakemake": sm})
+    return out
+
+
+def compare_plan(tmp_path: Path, pruned_images: dict | None = None) -> list[dict]:
+    def write(name: str, obj: dict) -> str:
+        (tmp_path / name).write_text(json.dumps(obj), encoding="utf-8")
+        return str(tmp_path / name)
+
+    pruned_images = pruned_images or {m: per_image(*PRUNED[m]) for m in PRUNED}
+    return [{"benchmark": "net", "eval": write("eval.json", REF_EVAL), "images": write("ref.json", per_image(REF_OK)),
+             "gates": {"gates": write("gates.json", GATES_EVAL), "gates_knobs": write("gk.json", GATES_KNOBS_EVAL)},
+             "pruned": {m: {"eval": write(f"{m}.json", PRUNED_EVAL[m]), "images": write(f"{m}.images.json", pruned_images[m])}
+                        for m in PRUNED}}]
+
+
+def test_comparison_rows_ratios_and_paired_losses(tmp_path):
+    out = run_compare(tmp_path, compare_plan(tmp_path))
+    columns, rows = read_csv(out / "comparison.csv")
+    assert columns[:4] == ["benchmark", "setting", "label", "n_test"]
+    by = {r["setting"]: r for r in rows}
+    assert [r["setting"] for r in rows] == ["dense", "pruned_unstructured", "pruned_fan-in", "knobs", "gates",
+                                            "gates_knobs", "pruned_unstructured_knobs", "pruned_fan-in_knobs"]
+    assert float(by["dense"]["ops_reduction"]) == 1.0
+    assert float(by["knobs"]["ops_reduction"]) == pytest.approx(2.0)
+    assert float(by["knobs"]["top1_loss_pt"]) == 10.0 and float(by["knobs"]["loss_ci_high"]) == 20.0  # from eval as is
+    # static: the dense net's ops over the pruned net's non-zero ops
+    assert float(by["pruned_unstructured"]["ops"]) == 1.6e7
+    assert float(by["pruned_unstructured"]["ops_reduction"]) == pytest.approx(2.0e7 / 1.6e7)
+    assert by["pruned_unstructured"]["ops_counted"] == "non-zero MACs" and by["pruned_unstructured"]["ops_estimated"] == "False"
+    # pruned + knobs: non-zero ops x the knobs' ratio on the pruned net (1.5e7 / 2e7), marked as an estimate
+    assert float(by["pruned_unstructured_knobs"]["ops"]) == pytest.approx(1.6e7 * 0.75)
+    assert float(by["pruned_unstructured_knobs"]["ops_reduction"]) == pytest.approx(2.0e7 / (1.6e7 * 0.75))
+    assert by["pruned_unstructured_knobs"]["ops_estimated"] == "True"
+    # losses of the pruned nets: paired with the dense net's per-image results, image by image
+    ref = np.array(REF_OK)
+    for setting, ok, loss in (("pruned_unstructured", PRUNED["unstructured"][0], 10.0),
+                              ("pruned_unstructured_knobs", PRUNED["unstructured"][1], 20.0),
+                              ("pruned_fan-in", PRUNED["fan-in"][0], -10.0)):
+        low, high = paired_bootstrap(ref, np.array(ok))
+        r = by[setting]
+        assert float(r["top1_loss_pt"]) == pytest.approx(loss)
+        assert (float(r["loss_ci_low"]), float(r["loss_ci_high"])) == pytest.approx((low, high))
+        assert float(r["loss_ci_low"]) <= loss <= float(r["loss_ci_high"])
+    assert float(by["pruned_unstructured"]["top1"]) == 70.0
+    # gates: the gated eval's own ratio (the gates' ops included) and each gate's exit rate
+    assert float(by["gates"]["ops_reduction"]) == pytest.approx(2.0e7 / 1.6e7)
+    assert by["gates"]["exit_rates"] == "pool1 20.0 %, pool2 10.0 %"
+    assert by["gates_knobs"]["exit_rates"] == "no gate kept"
+    assert by["knobs"]["exit_rates"] == "" and by["dense"]["gate_ops"] == ""
+    _, exits = read_csv(out / "comparison_exits.csv")
+    assert [(e["setting"], e["layer"], float(e["exit_rate"])) for e in exits] == [("gates", "pool1", 20.0),
+                                                                              ("gates", "pool2", 10.0)]
+    fragment = (out / "comparison.fragment.html").read_text(encoding="utf-8")
+    assert "<table" in fragment and "+10.00 [" in fragment and "pool1 20.0 %" in fragment
+    assert "estimate" in fragment
+
+
+def test_comparison_refuses_per_image_results_of_other_images(tmp_path):
+    images = {m: per_image(*PRUNED[m]) for m in PRUNED}
+    images["fan-in"] = per_image(*PRUNED["fan-in"], labels=[9 - y for y in LABELS])
+    with pytest.raises(DyveError, match="fan-in.images.json: not the images of"):
+        run_compare(tmp_path, compare_plan(tmp_path, images))
+    assert not any((tmp_path / "tables").iterdir())  # nothing half-written
+
+
+def test_comparison_without_families_says_so(tmp_path):
+    out = run_compare(tmp_path, [])
+    columns, rows = read_csv(out / "comparison.csv")
+    assert rows == [] and "ops_reduction" in columns
+    assert "No comparison family ran" in (out / "comparison.fragment.html").read_text(encoding="utf-8")

@@ -366,6 +366,12 @@ def compare_images_file(bench, setting):
     return f"results/compare/{bench}/per-image/{setting}.json"
 
 
+def gates_limit_arg(bench):
+    """--limit N of `dyvedeep gates`: compare.gates.limit, else the knobs' (limit_arg)."""
+    n = config["compare"]["gates"]["limit"]
+    return f"--limit {int(n)}" if n else limit_arg("calib", bench)
+
+
 def prune_args(bench):
     """`dyvedeep prune` options: the family's budget, its passes / min_share or else the
     benchmark's calibration ones, and the benchmark's margin."""

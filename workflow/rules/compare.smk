@@ -25,7 +25,7 @@ rule gates:
         on_knobs=lambda wildcards, input: f"--knobs {input.knobs}" if input.knobs else "",
         loss=config["compare"]["gates"]["loss"],
         confidence=config["compare"]["gates"]["confidence"],
-        limit=lambda wildcards: limit_arg("calib", wildcards.bench),
+        limit=lambda wildcards: gates_limit_arg(wildcards.bench),
         mirror=mirror_arg(),
     threads: JOB_THREADS
     log:

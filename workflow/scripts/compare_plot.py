@@ -19,6 +19,14 @@ from _common import start_log  # noqa: E402
 DPI = 110
 sns.set_theme(style="whitegrid", context="notebook")
 TITLE = "Op reduction and top-1 loss: dense, static, dynamic, gates"
+#: A marker per kind of setting, so that settings at the same point stay visible.
+MARKERS = {"dense": "o", "knobs": "D", "gates": "^", "gates_knobs": "v"}
+
+
+def marker(setting: str) -> str:
+    if setting.startswith("pruned_"):
+        return "P" if setting.endswith("_knobs") else "s"
+    return MARKERS.get(setting, "o")
 
 
 def main(sm) -> None:
@@ -43,8 +51,8 @@ def main(sm) -> None:
             estimated = bool(r["ops_estimated"])
             ax.errorbar(r["ops_reduction"], r["top1_loss_pt"],
                         yerr=[[r["top1_loss_pt"] - r["loss_ci_low"]], [r["loss_ci_high"] - r["top1_loss_pt"]]],
-                        fmt="o", ms=8, capsize=3, color=color, mfc="none" if estimated else color,
-                        label=r["label"])
+                        fmt=marker(r["setting"]), ms=9, capsize=3, color=color, alpha=0.85,
+                        mfc="none" if estimated else color, label=r["label"])
         ax.axhline(sm.params.budget, ls="--", color="#888", lw=1, label=f"budget {sm.params.budget} pt")
         ax.axhline(0, color="#444", lw=0.8)
         ax.set_title(bench)
