@@ -38,7 +38,7 @@ SUMMARY_COLUMNS = [
     "speedup", "speedup_vs_onnxruntime", "speedup_vs_caffe",
 ]
 LAYER_COLUMNS = ["benchmark", "layer", "knob", "ops_dense", "ops_dyvedeep"]
-PLOTS = ["op_reduction.png", "layer_ops.png", "tradeoff.png", "latency.png", "paper_vs_ours.png"]
+PLOTS = ["op_reduction.png", "layer_ops.png", "tradeoff.png", "latency.png", "paper_vs_ours.png", "comparison.png"]
 
 QUICK = "https://github.com/Simshang/pycaffe/raw/c59f61709b0c981f63eec8681327994e73e8f411/"
 QUICK_FILES = ["cifar10_quick.prototxt", "cifar10_quick_iter_5000.caffemodel", "mean.binaryproto"]
@@ -61,15 +61,24 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+# The comparison families on cifar10_quick (compare.smk): the gates need every class among their
+# training images (the first half of their calibration images; the CI run's 40 hold 8 classes).
+COMPARE = {"gates": {"benchmarks": ["cifar10_quick"], "limit": 200},
+           "prune": {"benchmarks": ["cifar10_quick"], "methods": ["unstructured", "fan-in"]}}
+COMPARE_SETTINGS = ["dense", "pruned_unstructured", "pruned_fan-in", "knobs", "gates", "gates_knobs",
+                    "pruned_unstructured_knobs", "pruned_fan-in_knobs"]
+
+
 def run_config(mirror: Path, workdir: Path) -> str:
     """What only this run knows, as YAML/JSON text on top of the CI configuration
     (.test/config/config.yaml): the mirror, and the unreachable board's port (nothing listens
-    on it) and key."""
+    on it) and key; and the comparison families, set here so that the test knows its rows."""
     key = workdir / "unreachable_key"
     key.write_text("not a key\n", encoding="utf-8")
     return json.dumps({
         "mirror": str(mirror),
         "platforms": {"board": {"port": closed_port(), "key": str(key)}},
+        "compare": COMPARE,
     }, indent=2)
 
 
@@ -165,16 +174,47 @@ def test_layers_table(pipeline: Path) -> None:
     assert sum(float(r["ops_dyvedeep"]) for r in totals) == pytest.approx(float(summary[0]["ops_dyvedeep"]), rel=1e-6)
 
 
+def test_comparison_table(pipeline: Path) -> None:
+    """Dense, static, dynamic and gated side by side: every setting's row, the knobs' row as in
+    the summary, the gates' exit rates as in their own table, the pruned nets counted by their
+    non-zero ops."""
+    tables = pipeline / "results" / "tables"
+    _, rows = read_csv(tables / "comparison.csv")
+    assert [(r["benchmark"], r["setting"]) for r in rows] == [("cifar10_quick", s) for s in COMPARE_SETTINGS]
+    by = {r["setting"]: r for r in rows}
+    _, summary = read_csv(tables / "summary.csv")
+    assert float(by["knobs"]["ops_reduction"]) == pytest.approx(float(summary[0]["ops_reduction"]))
+    assert float(by["knobs"]["top1_loss_pt"]) == pytest.approx(float(summary[0]["top1_loss_pt"]))
+    for r in rows:
+        assert int(r["n_test"]) == N_TEST
+        assert float(r["loss_ci_low"]) <= float(r["top1_loss_pt"]) <= float(r["loss_ci_high"])
+        assert float(r["ops"]) > 0
+    dense_ops = float(by["dense"]["ops"])
+    for method in COMPARE["prune"]["methods"]:
+        static = by[f"pruned_{method}"]
+        assert static["ops_counted"] == "non-zero MACs" and float(static["ops"]) <= dense_ops
+        assert float(static["ops_reduction"]) == pytest.approx(dense_ops / float(static["ops"]))
+        assert by[f"pruned_{method}_knobs"]["ops_estimated"] == "True"
+    _, exits = read_csv(tables / "comparison_exits.csv")
+    for setting in ("gates", "gates_knobs"):
+        mine = [e for e in exits if e["setting"] == setting]
+        expected = ", ".join(f"{e['layer']} {float(e['exit_rate']):.1f} %" for e in mine) or "no gate kept"
+        assert by[setting]["exit_rates"] == expected
+        assert float(by[setting]["gate_ops"]) >= 0
+    fragment = (tables / "comparison.fragment.html").read_text(encoding="utf-8")
+    assert "<table" in fragment and "static (b) equal fan-in" in fragment
+
+
 def test_html_plots_and_report(pipeline: Path) -> None:
     tables = pipeline / "results" / "tables"
-    for name in ("summary.html", "layers.html", "paper_comparison.html"):
+    for name in ("summary.html", "layers.html", "paper_comparison.html", "comparison.html"):
         assert "<table" in (tables / name).read_text(encoding="utf-8")
     for name in PLOTS:
         data = (pipeline / "results" / "plots" / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, name
     report = (pipeline / "results" / "report.html").read_text(encoding="utf-8", errors="replace")
     assert len(report) > 100_000 and "<html" in report.lower()
-    for name in ("summary.html", "op_reduction.png", "config_used.yaml"):
+    for name in ("summary.html", "op_reduction.png", "comparison.html", "comparison.png", "config_used.yaml"):
         assert name in report, f"{name} not embedded in the report"
 
 
