@@ -3,7 +3,8 @@
 The real `snakemake` runs the real workflow (Snakefile of the project) in a temporary working
 directory on cifar10_quick alone, with small limits, from the offline mirror, on the host and
 on a board that cannot be reached; it checks the tables (the board's row is "missing", the
-host's rows are there), the plots, the report, that a second run does nothing, that a checksum
+host's rows are there), the comparison table of decision gates and static pruning beside the
+knobs, the plots, the report, that a second run does nothing, that a checksum
 mismatch in the mirror stops that benchmark (one line naming the file) while the pipeline still
 finishes, that a run killed mid-calibration resumes, and that the report renders in a headless
 Chromium. Skips, with the reason, without the mirror,
