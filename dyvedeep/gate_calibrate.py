@@ -199,8 +199,7 @@ def gate_decisions(gates: list[Gate], features: list[np.ndarray]) -> tuple[np.nd
     conf, pred = np.zeros((n, len(gates))), np.zeros((n, len(gates)), np.int64)
     for g, gate in enumerate(gates):
         for k in range(n):
-            # Gate.decide pools a (C, H, W) map; a (C, 1, 1) map of the pooled features is the same
-            probs, conf[k, g], _ = gate.decide(features[g][k].reshape(-1, 1, 1))
+            probs, conf[k, g], _ = gate.decide_pooled(features[g][k])
             pred[k, g] = int(probs.argmax())
     return conf, pred
 
@@ -252,7 +251,7 @@ def fit_gates(plan: Plan, images: np.ndarray, labels: np.ndarray, layer_names: l
     labels = np.asarray(labels, np.int64)
     set_blas_threads(threads)
     log(f"{n} calibration images ({n_train} to train, {n - n_train} to select); gates after {', '.join(layer_names)}")
-    traces = trace_images(Engine(plan, backbone, threads), images, indices)
+    traces = trace_images(Engine(plan, backbone, threads, segment_ends=indices), images, indices)
     if backbone.layers:
         dense_pred = Engine(plan, None, threads).run(images).reshape(n, -1).argmax(axis=1)
     else:

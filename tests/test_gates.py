@@ -13,11 +13,13 @@ import yaml
 
 from dyvedeep.datasets import load_dataset
 from dyvedeep.engine import Engine
+from dyvedeep.engine.core import CompiledRun
+from dyvedeep.engine.counting import COUNTER_FIELDS
 from dyvedeep.errors import DyveError
 from dyvedeep.gate_calibrate import default_gate_layers, fit_gates
 from dyvedeep.gates import GatedEngine, gate_costs, load_gates, save_gate_weights, sidecar_path
 from dyvedeep.knobs import GateSetting, GateSettings, KnobConfig, load_knobs
-from dyvedeep.plan import build_plan
+from dyvedeep.plan import Op, build_plan
 from tests.test_cli import run, small_data, small_model  # noqa: F401  (fixtures)
 
 RNG = np.random.default_rng(17)
@@ -75,6 +77,40 @@ def test_gates_that_never_exit_are_bit_exact_and_add_only_their_ops(cifar10_quic
     assert gated.counter.total("ops") == dense.counter.total("ops") + len(x) * per_image
     assert gated.counter.total("exits") == 0
     assert np.array_equal(GatedEngine(plan, config, threads=2).run(x), Engine(plan, threads=2).run(x))
+
+
+@pytest.mark.mirror
+@pytest.mark.parametrize("threads", [1, 2])
+def test_never_exiting_gates_run_the_compiled_path_bit_for_bit(cifar10_quick_onnx, mirror, tmp_path, threads):
+    """The gated engine's segments run as compiled runs split at the gates (Engine.run_range):
+    the outputs and every layer's counts are the plain engine's, compiled or layer by layer."""
+    plan = build_plan(cifar10_quick_onnx)
+    x = load_dataset("cifar10:test", plan.preprocess, mirror=mirror, limit=5).images(0, 5)
+    config = gated_config(tmp_path, plan, {"pool1": (1.5, "softmax"), "pool2": (1.5, "margin"),
+                                           "pool3": (math.inf, "softmax")})
+    gated = GatedEngine(plan, config, threads=threads)
+    ends = [plan.layers.index(plan.layer(name)) for name in ("pool1", "pool2", "pool3")]
+    runs = [part for part in gated.engine.compiled_runs if isinstance(part, CompiledRun)]
+    assert {run.layers[-1] for run in runs} >= set(ends)  # a compiled run ends at each gate
+    assert all(plan.layers[i].op != Op.CONV for i in gated.engine.compiled_runs if isinstance(i, int))
+    compiled, layerwise = Engine(plan, threads=threads), Engine(plan, threads=threads, compiled=False)
+    out = gated.run(x)
+    assert np.array_equal(out, compiled.run(x)) and np.array_equal(out, layerwise.run(x))
+    own = [COUNTER_FIELDS.index(f) for f in ("gate_ops", "exits")]
+    rest = [j for j in range(len(COUNTER_FIELDS)) if j not in own]
+    gate_ops, gate_macs = np.zeros(len(plan.layers), np.int64), np.zeros(len(plan.layers), np.int64)
+    for i, (c, h, w), conf in zip(ends, [(32, 16, 16), (32, 8, 8), (64, 4, 4)], ["softmax", "margin", "softmax"]):
+        costs = gate_costs(c, h, w, 10, conf)
+        gate_ops[i], gate_macs[i] = len(x) * costs["ops"], len(x) * costs["macs"]
+    expected = compiled.counter.table.copy()
+    expected[:, COUNTER_FIELDS.index("ops")] += gate_ops
+    expected[:, COUNTER_FIELDS.index("macs")] += gate_macs
+    assert np.array_equal(gated.counter.table[:, rest], expected[:, rest])
+    assert np.array_equal(gated.counter.table[:, COUNTER_FIELDS.index("gate_ops")], gate_ops)
+    assert gated.counter.total("exits") == 0
+    assert np.array_equal(compiled.counter.table, layerwise.counter.table)
+    with pytest.raises(DyveError, match="run_range"):
+        gated.engine.run_range(x[0], 0, 1)  # a range ending after conv1, where no gate is
 
 
 @pytest.mark.mirror
