@@ -16,7 +16,7 @@ from dyvedeep.engine import Engine
 from dyvedeep.engine.core import CompiledRun
 from dyvedeep.engine.counting import COUNTER_FIELDS
 from dyvedeep.errors import DyveError
-from dyvedeep.gate_calibrate import default_gate_layers, fit_gates
+from dyvedeep.gate_calibrate import ThresholdSearch, Traces, default_gate_layers, fit_gates
 from dyvedeep.gates import GatedEngine, gate_costs, load_gates, save_gate_weights, sidecar_path
 from dyvedeep.knobs import GateSetting, GateSettings, KnobConfig, load_knobs
 from dyvedeep.plan import Op, build_plan
@@ -210,6 +210,36 @@ def test_gates_trained_on_cifar10_quick_do_what_the_search_predicted(cifar10_qui
     result = json.loads((tmp_path / "e.json").read_text())
     assert [g["layer"] for g in result["gates"]] == [g.layer for g in fitted.kept()]
     assert result["gate_ops"] > 0 and all(0 <= g["exit_rate"] <= 100 for g in result["gates"])
+
+
+def test_the_default_risk_is_the_changed_share_plus_two_standard_errors_labels_unused():
+    """--risk changed-ucb: the share of selection images whose top-1 differs from the dense
+    network's plus z binomial standard errors; the labels change nothing."""
+    rng = np.random.default_rng(4)
+    n, classes = 400, 10
+    dense_pred = rng.integers(0, classes, n)
+    conf = rng.random((n, 1))
+    # the gate agrees with the network on its confident images, less often below
+    gate_pred = np.where(rng.random(n) < conf[:, 0], dense_pred, (dense_pred + 1) % classes)[:, None]
+    traces = Traces([np.zeros((n, 4))], np.full((n, 1), 100.0), np.full(n, 1000.0), dense_pred)
+    labels = rng.integers(0, classes, n)
+
+    def search(labels, z=2.0):
+        return ThresholdSearch(conf, gate_pred, traces, [10], dense_pred, labels, "disagree", z, 0.5)
+
+    threshold = float(np.quantile(conf, 0.6))
+    exits = conf[:, 0] >= threshold
+    p = float((exits & (gate_pred[:, 0] != dense_pred)).mean())
+    ops, risk, _ = search(labels).outcome([threshold])
+    assert risk == pytest.approx(100 * (p + 2 * math.sqrt(p * (1 - p) / n)))
+    assert ops == pytest.approx(((1000 + 10) * (~exits).sum() + (100 + 10) * exits.sum()) / n)
+    assert search(labels, z=1.0).outcome([threshold])[1] < risk
+    choice = search(labels).run(budget=2.0)
+    assert choice.risk <= 2.0 and np.isfinite(choice.thresholds[0])
+    assert search(rng.permutation(labels)).run(budget=2.0).thresholds == choice.thresholds
+    # the rule before: calibrate's disagree criterion, half the changed share
+    before = ThresholdSearch(conf, gate_pred, traces, [10], dense_pred, labels, "disagree", 1.0, 0.5, risk="criterion")
+    assert before.outcome([threshold])[1] == pytest.approx(100 * 0.5 * p)
 
 
 def test_default_placement_after_each_resnet_stage_but_the_last(tmp_path):
