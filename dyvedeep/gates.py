@@ -3,10 +3,12 @@ Shafiee, Shafiee, Wong, arXiv 1811.01476; docs/gates.md): after chosen layers, a
 on the globally average-pooled features (one fully connected layer, one output per class) stops
 inference for an image when its confidence reaches the gate's threshold.
 
-- :class:`Gate`: one gate's weights, threshold and confidence measure, and its decision;
+- :class:`Gate`: one gate's weights, threshold and confidence measure, and its decision (one
+  call of the Cython ``GateKernel``);
 - :func:`gate_costs`: the gate's own ops (docs/ops.md, decision gate row);
-- :class:`GatedEngine`: an :class:`~dyvedeep.engine.Engine` run layer segment by segment, a gate
-  deciding after each segment (gates decide first; SPET, SDSS and SFMA act in the layers that run);
+- :class:`GatedEngine`: an :class:`~dyvedeep.engine.Engine` whose compiled runs are split at the
+  gates, run segment by segment (``Engine.run_range``), a gate deciding after each segment (gates
+  decide first; SPET, SDSS and SFMA act in the layers that run); :class:`GateCounter` its counter;
 - the weights' sidecar npz (:func:`save_gate_weights`, :func:`load_gates`), checked against the
   sha256 that the knob file names.
 """
