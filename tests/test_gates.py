@@ -162,6 +162,22 @@ def test_bench_times_a_gated_knob_file(tmp_path, capsys, small_model, small_data
     assert json.loads((tmp_path / "b.json").read_text())["latency_dyvedeep_ms"] > 0
 
 
+@pytest.mark.mirror
+@pytest.mark.parametrize("risk", ["changed-ucb", "criterion"])
+def test_gates_cli_takes_either_risk(cifar10_quick_onnx, mirror, tmp_path, capsys, risk):
+    """``--risk changed-ucb`` (default) and ``criterion`` (the rule before): at a budget of 0 the
+    gates kept change none of the selection images' top-1."""
+    code, out, err = run(capsys, "gates", cifar10_quick_onnx, "--data", "cifar10:calib", "--limit", 300, "--mirror",
+                         mirror, "--risk", risk, "--budget", 0, "-o", tmp_path / "k.yaml")
+    assert code == 0, err
+    assert "risk 0.00 pt" in out
+    plan = build_plan(cifar10_quick_onnx)
+    x = load_dataset("cifar10:calib", plan.preprocess, mirror=mirror, limit=300).images(150, 300)  # the selection half
+    config = load_knobs(tmp_path / "k.yaml", plan)
+    gated = GatedEngine(plan, config) if config.gates is not None else Engine(plan)
+    assert np.array_equal(gated.run(x).argmax(axis=1), Engine(plan).run(x).argmax(axis=1))
+
+
 def test_knob_file_round_trip_and_refusals(tmp_path, small_model):  # noqa: F811
     plan = build_plan(small_model)
     config = gated_config(tmp_path, plan, {"conv1": (0.75, "margin"), "conv2": (math.inf, "softmax")})
