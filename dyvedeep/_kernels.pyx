@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Cython kernels of the engine: convolution (im2col inside the engine's own GEMM, see
 kernels/), pooling, LRN, softmax, fully connected (BLAS sgemv), and the knobs' kernels (SFMA's
-channel statistics, the knob conv kernel with SPET inside, SDSS's cells, union and fill).
+channel statistics, the knob conv kernel with SPET inside, SDSS's cells, union and fill), and a
+decision gate's decision (GateKernel, docs/gates.md).
 
 Layout: one image at a time, channels first (C, H, W), float32, C-contiguous. Every inner loop
 runs without the GIL; ``threads`` spreads the outer loop over OpenMP threads. The convolutions'

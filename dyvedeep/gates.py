@@ -67,7 +67,8 @@ def gate_costs(channels: int, height: int, width: int, classes: int, confidence:
 @dataclass
 class Gate:
     """A decision gate after layer ``layer`` (the plan's ``index``-th): logits = weight @ GAP + bias;
-    its decision runs in one kernel call (K.GateKernel) on buffers allocated once."""
+    its decision runs in one kernel call (K.GateKernel, which copies the weights when the gate is
+    made) on buffers allocated once."""
 
     layer: str
     index: int
