@@ -546,6 +546,41 @@ def test_all_three_knobs_match_the_reference(tmp_path, cin, cout, h, threads, se
     assert c.get("conv", "ops") < plan.layer("conv").dense_ops
 
 
+class RecordedChoice:
+    """A K.ThreadChoice that also keeps which way each run of ``engine`` took, and the threads
+    its last layer's kernels were given."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.choice, self.ways = engine, K.ThreadChoice(), []
+
+    def one_thread_next(self) -> bool:
+        return self.choice.one_thread_next()
+
+    def record(self, one_thread: bool, seconds: float) -> None:
+        self.ways.append((one_thread, self.engine.kernel_threads))
+        self.choice.record(one_thread, seconds)
+
+
+def test_knob_path_on_two_threads_takes_one_or_both_with_the_same_floats(tmp_path):
+    """On a busy machine each knob layer's parallel region waits for a descheduled thread, so a
+    whole image's Python path takes one thread or both by their recent times: either way gives
+    the one-thread engine's floats and counts."""
+    rng = np.random.default_rng(11)
+    w = rng.normal(0, .25, (11, 7, 3, 3)).astype(np.float32)
+    path = conv_model(tmp_path / "c.onnx", w, rng.normal(0, .1, 11).astype(np.float32), (7, 19, 19), pads=[1, 1, 1, 1])
+    plan = build_plan(path)
+    config = knobs(conv={"sfma": 0.05, "sdss": 0.4, "spet": 0.3})
+    tuning = EngineTuning(parallel_min_work=0)
+    one, two = Engine(plan, config, threads=1, tuning=tuning), Engine(plan, config, threads=2, tuning=tuning)
+    assert two.has_python_path and not one.has_python_path
+    two.python_path_choice = RecordedChoice(two)
+    for _ in range(12):
+        x = rng.normal(0, 1, (1, 7, 19, 19)).astype(np.float32)
+        assert np.array_equal(one.run(x), two.run(x))
+    assert set(two.python_path_choice.ways) == {(True, 1), (False, 2)}
+    assert one.counter.get("conv", "ops") == two.counter.get("conv", "ops") > 0
+
+
 def test_nothing_fires_is_bit_exact_on_a_deep_net(tmp_path):
     w = RNG.normal(0, .3, (8, 3, 3, 3)).astype(np.float32)
     path = conv_model(tmp_path / "c.onnx", w, np.zeros(8), (3, 12, 12), pads=[1, 1, 1, 1], group=1)

@@ -9,11 +9,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from dyvedeep.convert import convert
+from dyvedeep.convert import convert, preset_preprocess
 from dyvedeep.datasets import load_dataset
 from dyvedeep.evaluate import evaluate, verify
 from dyvedeep.plan import build_plan
-from dyvedeep.preprocess import Preprocess
 from tests.conftest import mirror_path
 
 SOURCE = ("https://github.com/LiJianfei06/caffe-project-VggNet-ResNet-DenseNet/raw/"
@@ -32,8 +31,9 @@ def converted(mirror: Path, tmp: Path, name: str, channel_order: str) -> Path:
     CIFAR-10's) and the channel order open."""
     prototxt, caffemodel, _ = CAFFE_RESNETS[name]
     out = tmp / f"{name}_{channel_order}.onnx"
-    convert(mirror_path(mirror, SOURCE + prototxt), mirror_path(mirror, SOURCE + caffemodel), out,
-            Preprocess(channel_order=channel_order, crop=[32, 32]))
+    preprocess, _ = preset_preprocess("cifar10-caffe-data")
+    preprocess.channel_order = channel_order
+    convert(mirror_path(mirror, SOURCE + prototxt), mirror_path(mirror, SOURCE + caffemodel), out, preprocess)
     return out
 
 

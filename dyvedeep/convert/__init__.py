@@ -38,9 +38,12 @@ CONVERTERS: dict[str, Callable[[Path, Path], ConvertedModel]] = {
     "openvino": convert_openvino,
 }
 
-# Preset name -> (preprocessing, label set). cifar10-caffe also needs the mean image (--mean).
+# Preset name -> (preprocessing, label set). cifar10-caffe also needs the mean image (--mean);
+# cifar10-caffe-data adds to a test net's own Data layer (scale, mean values) what its
+# transform_param leaves open: the channel order (RGB, from accuracy) and the 32 x 32 size.
 PRESETS: dict[str, tuple[Preprocess, str]] = {
     "cifar10-caffe": (Preprocess(channel_order="RGB"), "cifar10"),
+    "cifar10-caffe-data": (Preprocess(channel_order="RGB", crop=[32, 32]), "cifar10"),
     "imagenet-caffe": (
         Preprocess(channel_order="BGR", resize=[256, 256], crop=[227, 227], mean_values=[104.0, 117.0, 123.0]),
         "imagenet",

@@ -8,6 +8,8 @@ compiled into programs (:class:`CompiledRun`) that run in one parallel region pe
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -95,6 +97,11 @@ class Engine:
         self.layer_threads = {layer.name: self.threads if layer_work(layer) >= tuning.parallel_min_work else 1
                               for layer in plan.layers}
         self.kernel_threads = 1  # threads of the current layer's own kernels (Python path)
+        # The Python path's layers (knobs, fully connected) each open a parallel region: on a
+        # busy machine each waits for a descheduled thread. As a compiled run does (K.Program),
+        # a whole image's Python path takes one thread or all of them, by their recent times.
+        self.python_path_choice = K.ThreadChoice()
+        self.python_path_one_thread = False
         self.layer_plans: dict[str, ConvPlan | FcPlan] = {}  # conv and fully-connected layers
         for layer in plan.layers:
             if layer.op == Op.CONV:
@@ -124,6 +131,9 @@ class Engine:
         self._steps = [(i, layer, layer.inputs, self.buffers.get(layer.output)) for i, layer in enumerate(plan.layers)]
         self._image = aligned_zeros(plan.input_shape)  # stands for the image in the compiled runs
         self.compiled_runs = self._compile_runs() if compiled else None
+        # whether a whole image has layers with threads of their own on the Python path
+        self.has_python_path = self.compiled_runs is not None and any(
+            isinstance(part, int) and self.layer_threads[self.plan.layers[part].name] > 1 for part in self.compiled_runs)
         # the first part (of compiled_runs) of each segment, by the segment's first layer
         self._part_at: dict[int, int] = {}
         if self.compiled_runs is not None:
@@ -134,6 +144,7 @@ class Engine:
         self._part_at[len(plan.layers)] = len(self.compiled_runs or ())
         self._ranges: dict[tuple[int, int], list] = {}  # (start, stop) -> its steps (run_range)
         self._range_values: dict[str, np.ndarray] = {}
+        self._judge_python_path, self._image_one_thread, self._python_path_seconds = False, False, 0.0
 
     # -- public API ------------------------------------------------------------------------
 
@@ -201,7 +212,7 @@ class Engine:
             index = self.counter.index[layer.name]
         if out is None and layer.op != Op.ALIAS:
             out = np.empty(layer.out_shape, np.float32)
-        self.kernel_threads = self.layer_threads[layer.name]
+        self.kernel_threads = 1 if self.python_path_one_thread else self.layer_threads[layer.name]
         runner = RUNNERS.get(layer.op)
         if runner is None:
             raise DyveError(f"{self.plan.path}: layer {layer.name}: op {layer.op} is not supported by the engine")
@@ -231,6 +242,14 @@ class Engine:
                 raise DyveError(f"{self.plan.path}: run_range({start}, ...) continues an image that no range started")
             image = values[self.plan.input_name]
         runs = self.counter.plain_runs
+        if start == 0:
+            # the Python path takes one thread or all for a whole image (python_path_choice),
+            # judged by the image's time on it; an image that stops early (a gate) is not judged
+            self._judge_python_path = self.threads > 1 and self.has_python_path
+            self._image_one_thread = self._judge_python_path and self.python_path_choice.one_thread_next()
+            self._python_path_seconds = 0.0
+        self.python_path_one_thread = self._image_one_thread
+        python_path_seconds = 0.0
         for program, views, layers, step in steps:
             if views is not None:
                 if program is not None:
@@ -240,7 +259,13 @@ class Engine:
                     runs[i] += 1
             else:
                 i, layer, inputs, out = step
+                t0 = time.perf_counter()
                 values[layer.output] = self.run_layer(layer, [values[t] for t in inputs], out, i)
+                python_path_seconds += time.perf_counter() - t0
+        self.python_path_one_thread = False
+        self._python_path_seconds += python_path_seconds
+        if stop == len(self.plan.layers) and self._judge_python_path:
+            self.python_path_choice.record(self._image_one_thread, self._python_path_seconds)
         return values
 
     def _range_steps(self, start: int, stop: int) -> list:
