@@ -303,6 +303,8 @@ def cmd_gates(args: argparse.Namespace) -> int:
     plan = load_plan(args.model)
     if parse_spec(args.data)[2] == "test":
         raise DyveError(f"{args.data}: calibration never uses the test split; use the calib split")
+    if args.risk != "criterion" and (args.criterion is not None or args.changed_weight is not None):
+        raise DyveError(f"--criterion and --changed-weight act with --risk criterion, not --risk {args.risk}")
     if not 0 < args.train_fraction < 1:
         raise DyveError(f"--train-fraction: a fraction in (0, 1), got {args.train_fraction}")
     backbone = load_knobs(args.knobs, plan) if args.knobs else KnobConfig(model=plan.path.name)
@@ -313,8 +315,9 @@ def cmd_gates(args: argparse.Namespace) -> int:
     if args.knobs:
         log(f"the other knobs from {args.knobs}")
     fitted = fit_gates(plan, dataset.images(0, len(dataset)), np.asarray(dataset.labels), layer_names, backbone,
-                       args.budget - args.margin, args.loss, args.confidence, args.train_fraction, args.criterion,
-                       args.z, args.changed_weight, args.threads, source=args.data, risk=args.risk)
+                       args.budget - args.margin, args.loss, args.confidence, args.train_fraction,
+                       args.criterion or "disagree", args.z, 0.5 if args.changed_weight is None else args.changed_weight,
+                       args.threads, source=args.data, risk=args.risk)
     fitted.config(backbone, args.output).save(args.output)
     choice = fitted.choice
     print(f"{len(fitted.kept())} of {len(fitted.gates)} gate(s) kept; selection images: ops "
@@ -344,11 +347,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="changed-ucb: the share of images whose top-1 differs from the dense network's plus --z "
                         "standard errors (labels unused); criterion: dyvedeep calibrate's --criterion (the rule "
                         "before 2026-12-04) (default changed-ucb)")
-    p.add_argument("--criterion", choices=CRITERIA, default="disagree",
+    p.add_argument("--criterion", choices=CRITERIA, default=None,
                    help="with --risk criterion: as dyvedeep calibrate's (default disagree)")
     p.add_argument("--z", type=float, default=None,
                    help="standard errors: default 2 with --risk changed-ucb, 1 (as dyvedeep calibrate's) with criterion")
-    p.add_argument("--changed-weight", type=float, default=0.5,
+    p.add_argument("--changed-weight", type=float, default=None,
                    help="with --risk criterion: as dyvedeep calibrate's (default 0.5)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="KNOBS.yaml")

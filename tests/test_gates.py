@@ -176,6 +176,11 @@ def test_gates_cli_takes_either_risk(cifar10_quick_onnx, mirror, tmp_path, capsy
     config = load_knobs(tmp_path / "k.yaml", plan)
     gated = GatedEngine(plan, config) if config.gates is not None else Engine(plan)
     assert np.array_equal(gated.run(x).argmax(axis=1), Engine(plan).run(x).argmax(axis=1))
+    if risk == "changed-ucb":  # calibrate's criterion options act only with --risk criterion: not ignored silently
+        code, _, err = run(capsys, "gates", cifar10_quick_onnx, "--data", "cifar10:calib", "--limit", 300, "--mirror",
+                           mirror, "--changed-weight", 1, "-o", tmp_path / "k2.yaml")
+        assert code == 2 and "--risk criterion" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "k2.yaml").exists()
 
 
 def test_knob_file_round_trip_and_refusals(tmp_path, small_model):  # noqa: F811
