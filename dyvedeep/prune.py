@@ -36,6 +36,7 @@ from onnx import numpy_helper
 
 from .calibrate import CRITERIA, Calibrator, Trial
 from .cli_support import add_data_arguments, load_plan, open_dataset
+from .convert.onnx_graph import set_metadata
 from .datasets import parse_spec
 from .errors import DyveError
 from .evaluate import paired_bootstrap
@@ -46,7 +47,7 @@ from .plan import OP_RULES, Layer, Op, Plan, load_onnx
 
 METHODS = ("unstructured", "fan-in")
 #: Candidate densities (share of a layer's weights kept), most aggressive first.
-DENSITIES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DENSITIES = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.1, ..., 0.95
 
 
 def kept_count(size: int, density: float) -> int:
@@ -108,6 +109,7 @@ class Pruner:
         self.density = {name: 1.0 for name in self.original}
         self.accepted: list[dict[str, float]] = []  # the densities after each accepted change
         self.backed_off = 0
+        self.current: Trial | None = None  # the run of the densities accepted so far
 
     # -- the network under a setting ------------------------------------------------------
 
@@ -241,8 +243,6 @@ def log(message: str) -> None:
 def write_pruned_model(source: Path, plan: Plan, out: Path) -> None:
     """Write ``source`` with each conv / fully-connected weight zeroed where ``plan``'s (pruned)
     weight is 0, the rest bit for bit, and the non-zero counts in its metadata; atomically."""
-    from .convert.onnx_graph import set_metadata
-
     model = load_onnx(source)
     inits = {t.name: t for t in model.graph.initializer}
     nodes = {node.name or node.output[0]: node for node in model.graph.node}

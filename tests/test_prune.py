@@ -63,7 +63,7 @@ def test_candidate_densities_skip_those_keeping_nothing(tmp_path):
     path = conv_model(tmp_path / "c.onnx", np.ones((4, 1, 1, 3), np.float32), np.zeros(4, np.float32), (1, 3, 3))
     layer = build_plan(path).layer("conv")
     assert candidate_densities(layer, "fan-in", 1.0) == [d for d in DENSITIES if d >= 1 / 6]  # 3 inputs
-    assert candidate_densities(layer, "unstructured", 0.5) == [d for d in DENSITIES if 1 / 24 <= d < 0.5]
+    assert candidate_densities(layer, "unstructured", 0.5) == [d for d in DENSITIES if 1 / 48 <= d < 0.5]
 
 
 def _conv_fc_model(tmp_path):
