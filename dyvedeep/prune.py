@@ -104,9 +104,10 @@ class Pruner:
                               changed_weight=changed_weight)
         self.budget, self.margin, self.min_share = budget, margin, min_share
         self.original = {layer.name: layer.weight for layer in plan.compute_layers()}
+        self.density = {name: 1.0 for name in self.original}
+        self.apply(self.density)  # counted from the weights, as every setting after (not from metadata)
         self.dense_nonzero_macs = {layer.name: layer.nonzero_macs for layer in plan.compute_layers()}
         self.dense_nonzero_ops = plan.nonzero_ops
-        self.density = {name: 1.0 for name in self.original}
         self.accepted: list[dict[str, float]] = []  # the densities after each accepted change
         self.backed_off = 0
         self.current: Trial | None = None  # the run of the densities accepted so far
@@ -135,8 +136,9 @@ class Pruner:
         """The greedy search, then the held-out check; returns the chosen density per layer (the
         plan is left pruned at it)."""
         start = time.monotonic()
-        self.apply(self.density)
+        self.apply(dict.fromkeys(self.original, 1.0))  # the reference is the unpruned network
         dense = self.cal.run_dense()
+        self.apply(self.density)
         held = f", {len(self.cal.hold_images)} held out" if len(self.cal.hold_images) else ""
         log(f"dense top-1 on {len(self.cal.images)} calibration images{held}: {dense.top1:.2f} %; "
             f"{self.method}, budget {self.budget} pt, margin {self.margin} pt, criterion {self.cal.criterion}")
