@@ -103,6 +103,16 @@ def test_non_zero_macs_of_the_written_model_are_hand_worked(tmp_path):
     assert np.array_equal(Engine(pruned).run(x), Engine(plan).run(x))
 
 
+def test_weights_shared_by_two_layers_are_refused_and_nothing_written(tmp_path):
+    nodes = [helper.make_node("Conv", ["data", "W", "b"], ["c1"], name="conv1"),
+             helper.make_node("Conv", ["c1", "W", "b"], ["c2"], name="conv2")]
+    source = save_model(tmp_path / "shared.onnx", nodes, {"W": np.ones((2, 2, 1, 1)), "b": np.zeros(2)}, (2, 3, 3), "c2")
+    out = tmp_path / "pruned.onnx"
+    with pytest.raises(DyveError, match="not an initializer of its own"):
+        write_pruned_model(source, build_plan(source), out)
+    assert not out.exists()
+
+
 def test_search_on_two_workers_chooses_what_one_does(small_model):  # noqa: F811
     x = np.random.default_rng(3).normal(0, 1, (40, 3, 12, 12)).astype(np.float32)
     y = Engine(build_plan(small_model)).run(x).argmax(axis=1)
