@@ -105,6 +105,7 @@ class Pruner:
         self.budget, self.margin, self.min_share = budget, margin, min_share
         self.original = {layer.name: layer.weight for layer in plan.compute_layers()}
         self.density = {name: 1.0 for name in self.original}
+        self.applied: dict[str, float] = {}  # the density each layer's weights are pruned at now
         self.apply(self.density)  # counted from the weights, as every setting after (not from metadata)
         self.dense_nonzero_macs = {layer.name: layer.nonzero_macs for layer in plan.compute_layers()}
         self.dense_nonzero_ops = plan.nonzero_ops
@@ -116,12 +117,16 @@ class Pruner:
 
     def apply(self, density: dict[str, float]) -> None:
         """Set every layer's weights to its original ones pruned at ``density`` (1: the original
-        array itself) and recount its non-zero MACs (the plan's own count)."""
+        array itself) and recount its non-zero MACs (the plan's own count). Layers already at
+        their density are left as they are."""
         for layer in self.plan.compute_layers():
             d = density[layer.name]
+            if self.applied.get(layer.name) == d:
+                continue
             original = self.original[layer.name]
             layer.weight = original if d >= 1 else np.ascontiguousarray(prune_weight(original, d, self.method))
             layer.nonzero_macs = OP_RULES[layer.op].count(layer, {})[2]
+            self.applied[layer.name] = d
 
     def layers_by_share(self) -> list[tuple[str, float]]:
         """(layer, share of the dense non-zero ops) of the layers worth pruning, largest first."""
