@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Cython kernels of the engine: convolution (im2col inside the engine's own GEMM, see
 kernels/), pooling, LRN, softmax, fully connected (BLAS sgemv), and the knobs' kernels (SFMA's
-channel statistics, the knob conv kernel with SPET inside, SDSS's cells, union and fill).
+channel statistics, the knob conv kernel with SPET inside, SDSS's cells, union and fill), and a
+decision gate's decision (GateKernel, docs/gates.md).
 
 Layout: one image at a time, channels first (C, H, W), float32, C-contiguous. Every inner loop
 runs without the GIL; ``threads`` spreads the outer loop over OpenMP threads. The convolutions'
@@ -9,7 +10,7 @@ GEMM is the register-tiled kernel of kernels/dv_gemm.h (tiles sized per instruct
 time: AVX-512, AVX2, NEON); the fully connected layers use the BLAS that SciPy ships (scipy.linalg.cython_blas), called in row-major form.
 """
 from cython.parallel cimport prange
-from libc.math cimport expf, powf, sqrt, fabs
+from libc.math cimport exp, expf, powf, sqrt, fabs
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -1041,3 +1042,109 @@ def sdss_fill(float[:, :, ::1] out, const int[::1] gy, const int[::1] gx, const 
                 bottom = out[o, y1, x0] + fx * (out[o, y1, x1] - out[o, y1, x0])
                 out[o, y, x] = top + fy * (bottom - top)
     return n
+
+
+cdef void _mean_rows_f64(const float* x, Py_ssize_t C, Py_ssize_t P, double* out) noexcept nogil:
+    """out[c] = the mean of row c of x (C x P, C-contiguous), summed in float64 (exact for most
+    maps: a float32 has 24 bits, a float64 53), eight sums side by side (one chain of dependent
+    adds would take 4 cycles per element)."""
+    cdef Py_ssize_t c, p, j
+    cdef double s
+    cdef double acc[8]
+    cdef const float* row
+    for c in range(C):
+        row = x + c * P
+        for j in range(8):
+            acc[j] = 0.0
+        p = 0
+        while p + 8 <= P:
+            for j in range(8):
+                acc[j] = acc[j] + row[p + j]
+            p = p + 8
+        s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+        while p < P:
+            s = s + row[p]
+            p = p + 1
+        out[c] = s / P
+
+
+def gate_pool(const float[:, ::1] x, double[::1] out):
+    """A decision gate's global average pooling of a (C, HW) map into ``out`` (C,), float64: the
+    features GateKernel.decide computes (the gates' calibration records them)."""
+    if out.shape[0] != x.shape[0] or x.shape[1] == 0:
+        raise ValueError("gate_pool: shape mismatch")
+    if x.shape[0] == 0:
+        return
+    with nogil:
+        _mean_rows_f64(&x[0, 0], x.shape[0], x.shape[1], &out[0])
+
+
+cdef class GateKernel:
+    """A decision gate's decision (dyvedeep.gates.Gate): global average pooling of a (C, HW) map
+    in float64, logits = weight @ pooled + bias, softmax, and the confidence (the largest
+    probability, or with ``margin`` the difference of the two largest), on buffers allocated
+    once: one call per image instead of a dozen numpy calls (each ~1 us on these sizes)."""
+    cdef double[:, ::1] weight
+    cdef double[::1] bias
+    cdef readonly cnp.ndarray pooled, probs  # the last decision's features and probabilities
+    cdef double[::1] pooled_v, probs_v
+    cdef bint margin
+
+    def __cinit__(self, const double[:, ::1] weight, const double[::1] bias, bint margin):
+        if bias.shape[0] != weight.shape[0] or weight.shape[0] < 2:
+            raise ValueError("GateKernel: weight (K, C) and bias (K,) with K >= 2 classes")
+        self.weight = np.array(weight, dtype=np.float64, order="C")
+        self.bias = np.array(bias, dtype=np.float64)
+        self.pooled = np.zeros(weight.shape[1], np.float64)
+        self.probs = np.zeros(weight.shape[0], np.float64)
+        self.pooled_v = self.pooled
+        self.probs_v = self.probs
+        self.margin = margin
+
+    def decide(self, cnp.ndarray fmap):
+        """The confidence on a C-contiguous float32 map of C channels (any shape, channels
+        first); ``pooled`` and ``probs`` hold its features and probabilities. An array, not a
+        memoryview: taking a memoryview costs about as much as the decision on a small map."""
+        cdef Py_ssize_t C = self.pooled_v.shape[0], size
+        if (cnp.PyArray_TYPE(fmap) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(fmap)
+                or cnp.PyArray_NDIM(fmap) < 1 or cnp.PyArray_DIMS(fmap)[0] != C):
+            raise ValueError(f"GateKernel.decide: a C-contiguous float32 map of {C} channels")
+        size = cnp.PyArray_SIZE(fmap)
+        if size == 0:
+            raise ValueError("GateKernel.decide: an empty map")
+        with nogil:
+            _mean_rows_f64(<const float*>cnp.PyArray_DATA(fmap), C, size // C, &self.pooled_v[0])
+        return self._confidence()
+
+    def decide_pooled(self, const double[::1] pooled):
+        """The confidence on features already pooled (C,), as :meth:`decide` on their map."""
+        if pooled.shape[0] != self.pooled_v.shape[0]:
+            raise ValueError("GateKernel.decide_pooled: the features' count is not the gate's channels")
+        self.pooled_v[:] = pooled
+        return self._confidence()
+
+    cdef double _confidence(self) noexcept:
+        cdef Py_ssize_t K = self.weight.shape[0], C = self.weight.shape[1], k, c
+        cdef double s, top = -1e308, second = -1e308, total = 0.0
+        for k in range(K):
+            s = 0.0
+            for c in range(C):
+                s = s + self.weight[k, c] * self.pooled_v[c]
+            s = s + self.bias[k]
+            self.probs_v[k] = s
+            if s > top:
+                top = s
+        for k in range(K):
+            s = exp(self.probs_v[k] - top)
+            self.probs_v[k] = s
+            total = total + s
+        top = -1.0
+        for k in range(K):
+            s = self.probs_v[k] / total
+            self.probs_v[k] = s
+            if s > top:
+                second = top
+                top = s
+            elif s > second:
+                second = s
+        return top - second if self.margin else top

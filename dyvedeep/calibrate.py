@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -258,6 +258,7 @@ class Calibrator:
         self.step = 0
         self.index_of = {layer.name: i for i, layer in enumerate(plan.layers)}
         self.pool = None
+        self.pool_cache: list[dict[str, np.ndarray]] | None = None  # the cache the workers were forked with
 
     # -- running -------------------------------------------------------------------------
 
@@ -278,7 +279,8 @@ class Calibrator:
         bounds = np.linspace(lo, hi, self.threads + 1).astype(int)
         jobs = [(config, index, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         _WORKER_STATE.update(plan=self.plan, cache=cache)
-        if self.pool is not None and len(jobs) > 1:
+        # the workers hold the state of their fork: only a pool forked with this very cache may run it
+        if self.pool is not None and self.pool_cache is cache and len(jobs) > 1:
             parts = self.pool.map(_run_chunk, jobs)
         else:
             parts = [_run_chunk(job) for job in jobs]
@@ -330,7 +332,12 @@ class Calibrator:
             engine.run_image(img, stop=index)
         return engine.counter.total("ops") / max(len(sample), 1)
 
-    def open_pool(self) -> None:
+    def open_pool(self, cache: list[dict[str, np.ndarray]]) -> None:
+        """With ``threads`` > 1, fork the worker processes that run trials on ``cache``: they see
+        the plan (its weights included) and ``cache`` as they are now, and only trials on this
+        same ``cache`` are sent to them (any other runs in this process)."""
+        _WORKER_STATE.update(plan=self.plan, cache=cache)
+        self.pool_cache = cache
         if self.threads > 1 and "fork" in multiprocessing.get_all_start_methods():
             self.pool = multiprocessing.get_context("fork").Pool(self.threads)
 
@@ -342,18 +349,25 @@ class Calibrator:
                 self.pool.close()
             self.pool.join()
             self.pool = None
+        self.pool_cache = None
 
-    def whole_run(self, images: np.ndarray, labels: np.ndarray, config: KnobConfig) -> Trial:
-        """Every layer of ``config`` on ``images`` (no cache): for the held-out check."""
-        cache = [{self.plan.input_name: img} for img in images]
-        self.open_pool()
+    def trial_forked(self, index: int, cache: list[dict[str, np.ndarray]], config: KnobConfig, prefix_ops: float,
+                     labels: np.ndarray | None = None, allowance: float | None = None) -> Trial:
+        """:meth:`trial` in worker processes forked for it alone, so that they see the plan as it
+        is now: for a caller that changes the network's weights between trials (``dyvedeep
+        prune``), and for runs on images other than the cached calibration ones."""
+        self.open_pool(cache)
         try:
-            return self.trial(0, cache, config, 0.0, labels)
-        except BaseException:
+            return self.trial(index, cache, config, prefix_ops, labels, allowance)
+        except BaseException:  # Ctrl-C or an error: no worker may outlive the command
             self.close_pool(terminate=True)
             raise
         finally:
             self.close_pool()
+
+    def whole_run(self, images: np.ndarray, labels: np.ndarray, config: KnobConfig) -> Trial:
+        """Every layer of ``config`` on ``images`` (no cache): for the held-out check."""
+        return self.trial_forked(0, [{self.plan.input_name: img} for img in images], config, 0.0, labels)
 
     # -- search --------------------------------------------------------------------------
 
@@ -365,9 +379,9 @@ class Calibrator:
                 and layer.dense_ops / total >= self.min_share]
         return sorted(rows, key=lambda r: -r[1])
 
-    def run(self, passes: int = 2) -> KnobConfig:
-        """The greedy search, then the held-out check; returns the chosen knob configuration."""
-        start = time.monotonic()
+    def run_dense(self) -> Trial:
+        """Run the network without knobs on the calibration images (not the held-out ones): the
+        reference every trial's risk is measured against (``dense``, also ``current``)."""
         set_blas_threads(self.threads)
         dense_engine = Engine(self.plan, None, self.threads)
         outputs = np.stack([dense_engine.run_image(img)[self.plan.output_name] for img in self.images])
@@ -377,6 +391,12 @@ class Calibrator:
         self.dense_ops = self.plan.dense_ops
         self.dense = Trial(self.dense_top1, float(self.dense_ops), self.dense_correct, outputs.argmax(axis=1))
         self.current = self.dense
+        return self.dense
+
+    def run(self, passes: int = 2) -> KnobConfig:
+        """The greedy search, then the held-out check; returns the chosen knob configuration."""
+        start = time.monotonic()
+        self.run_dense()
         crit = self.criterion + (f" (z {self.z:g})" if self.criterion == "ucb" else "")
         held = f", {len(self.hold_images)} held out" if len(self.hold_images) else ""
         self.log(f"dense top-1 on {len(self.images)} calibration images{held}: {self.dense_top1:.2f} %; "
@@ -402,33 +422,46 @@ class Calibrator:
     def check_holdout(self, limit: float) -> None:
         """Back off until the setting stays within ``limit`` on the held-out images: the latest
         accepted changes are undone first (binary search over the accepted history)."""
-        dense = self.whole_run(self.hold_images, self.hold_labels, KnobConfig())
-        self.hold_dense = dense
         configs = self.history[1:] + [self.config]  # history[0] is the dense setting
+        dense = self.whole_run(self.hold_images, self.hold_labels, KnobConfig())
+        best = self.holdout_back_off(len(configs), lambda i: self.whole_run(self.hold_images, self.hold_labels,
+                                                                            configs[i]), dense, limit)
+        if best == len(configs) - 1:
+            return
+        self.config = configs[best].copy() if best >= 0 else KnobConfig(model=self.plan.path.name)
+        self.backed_off = len(configs) - 1 - best
+        self.current = None  # the calibration numbers of the kept setting are no longer tracked
+
+    def holdout_back_off(self, settings: int, run_setting: Callable[[int], Trial], dense: Trial,
+                         limit: float) -> int:
+        """The last of ``settings`` accepted settings, in the order accepted (each one change more
+        than the one before, so the risk grows along them), that stays within ``limit`` on the
+        held-out images, -1 when none does. ``run_setting(i)`` runs setting ``i`` on the held-out
+        images, ``dense`` is the dense run on them. The last setting is checked first, then a
+        binary search undoes the latest changes."""
+        self.hold_dense = dense
         verdicts: dict[int, bool] = {}
 
         def passes(i: int) -> bool:
             if i not in verdicts:
-                trial = self.whole_run(self.hold_images, self.hold_labels, configs[i])
+                trial = run_setting(i)
                 risk, lost, gained, _ = self.risk(trial, dense)
                 verdicts[i] = risk <= limit + 1e-9
-                self.log(f"held-out check of setting {i + 1}/{len(configs)}: top-1 {trial.top1:.2f} % "
+                self.log(f"held-out check of setting {i + 1}/{settings}: top-1 {trial.top1:.2f} % "
                          f"(dense {dense.top1:.2f} %, {lost} lost, {gained} gained, {self.criterion} {risk:.2f} pt) "
                          f"-> {'kept' if verdicts[i] else 'backed off'}")
             return verdicts[i]
 
-        if not configs or passes(len(configs) - 1):
-            return
-        lo, hi, best = 0, len(configs) - 2, -1  # largest i that passes (risk grows along the history)
+        if settings == 0 or passes(settings - 1):
+            return settings - 1
+        lo, hi, best = 0, settings - 2, -1  # largest i that passes
         while lo <= hi:
             mid = (lo + hi) // 2
             if passes(mid):
                 best, lo = mid, mid + 1
             else:
                 hi = mid - 1
-        self.config = configs[best].copy() if best >= 0 else KnobConfig(model=self.plan.path.name)
-        self.backed_off = len(configs) - 1 - best
-        self.current = None  # the calibration numbers of the kept setting are no longer tracked
+        return best
 
     def calibrate_layer(self, name: str, allowance: float, pass_no: int) -> None:
         """Try each applicable knob of one layer; keep the most aggressive acceptable threshold."""
@@ -436,8 +469,7 @@ class Calibrator:
         layer = self.plan.layers[index]
         cache = self.cache_inputs(index, self.config)
         prefix = self.prefix_ops(index, self.config)
-        _WORKER_STATE.update(plan=self.plan, cache=cache)
-        self.open_pool()
+        self.open_pool(cache)
         try:
             self._calibrate_knobs(name, layer, index, cache, prefix, allowance, pass_no)
         except BaseException:  # Ctrl-C or an error: no worker may outlive the command

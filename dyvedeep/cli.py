@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "dyvedeep.bench",
     "dyvedeep.calibrate",
     "dyvedeep.gate_calibrate",
+    "dyvedeep.prune",
     "dyvedeep.headroom",
     "dyvedeep.remote",
 )

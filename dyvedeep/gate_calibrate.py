@@ -11,9 +11,12 @@ with the backbone frozen, and choose their thresholds under the accuracy budget.
   standardised features, the standardisation folded into the gate's weights;
 - thresholds: on the other calibration images, greedily (each step the threshold change that
   saves the most ops per point of risk), accepted while the risk of the final top-1 against the
-  dense network stays within the budget, with the criterion of ``dyvedeep calibrate``
-  (:func:`dyvedeep.calibrate.risk_pt`, label-free ``disagree`` by default). A gate that never
-  exits is left out of the knob file.
+  dense network stays within the budget. The risk (``--risk``): ``changed-ucb`` (default,
+  labels unused) the share of images whose top-1 differs from the dense network's plus ``--z``
+  (2) binomial standard errors; ``criterion`` the criterion of ``dyvedeep calibrate``
+  (:func:`dyvedeep.calibrate.risk_pt`; ``disagree`` with weight 0.5 by default, the rule before
+  2026-12-04, which exceeds the budget on the test split: docs/notes/2026-12-04-gates.md). A
+  gate that never exits is left out of the knob file.
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ from .knobs import GATE_CONFIDENCES, GateSetting, GateSettings, KnobConfig, load
 from .plan import Op, Plan
 
 LOSSES = ("log", "hinge")
+#: The threshold search's risk (``--risk``; module docstring).
+RISKS = ("changed-ucb", "criterion")
+#: ``--z`` by risk: standard errors of the changed share (changed-ucb), as dyvedeep calibrate's (criterion).
+DEFAULT_Z = {"changed-ucb": 2.0, "criterion": 1.0}
 #: Quantiles of a gate's confidence (on every selection image) tried as its thresholds.
 THRESHOLD_QUANTILES = tuple(np.linspace(0.0, 0.99, 34))
 
@@ -136,12 +143,26 @@ class ThresholdSearch:
     """Greedy threshold search on precomputed gate decisions (no network run per candidate)."""
 
     def __init__(self, conf: np.ndarray, gate_pred: np.ndarray, traces: Traces, gate_ops: list[int],
-                 dense_pred: np.ndarray, labels: np.ndarray, criterion: str, z: float, changed_weight: float) -> None:
+                 dense_pred: np.ndarray, labels: np.ndarray, criterion: str, z: float, changed_weight: float,
+                 risk: str = "changed-ucb") -> None:
+        if risk not in RISKS:
+            raise DyveError(f"--risk: one of {', '.join(RISKS)}, got {risk!r}")
         self.conf, self.gate_pred, self.traces = conf, gate_pred, traces
         self.gate_ops = np.asarray(gate_ops, np.float64)
         self.dense_pred, self.labels = dense_pred, labels
         self.dense_correct = dense_pred == labels
-        self.criterion, self.z, self.changed_weight = criterion, z, changed_weight
+        self.criterion, self.z, self.changed_weight, self.risk = criterion, z, changed_weight, risk
+        self.risk_name = "changed + %g SE" % z if risk == "changed-ucb" else criterion
+
+    def risk_of(self, pred: np.ndarray, correct: np.ndarray) -> float:
+        """The risk (pt) of the final top-1 ``pred``: with ``changed-ucb``, calibrate's ``lost``
+        statistic against the dense network's top-1 in place of the labels (the share of images
+        changed plus z binomial standard errors); else calibrate's criterion."""
+        if self.risk == "changed-ucb":
+            return risk_pt("lost", self.z, np.ones_like(self.dense_correct), self.dense_pred, pred == self.dense_pred,
+                           pred)[0]
+        return risk_pt(self.criterion, self.z, self.dense_correct, self.dense_pred, correct, pred,
+                       self.changed_weight)[0]
 
     def outcome(self, thresholds: list[float]) -> tuple[float, float, float]:
         """(mean ops per image, risk pt, top-1 %) with ``thresholds``."""
@@ -156,9 +177,7 @@ class ThresholdSearch:
                        self.traces.ops_total + (paid[-1] if gates else 0.0))
         pred = np.where(first < gates, self.gate_pred[rows, clipped], self.traces.pred)
         correct = pred == self.labels
-        risk = risk_pt(self.criterion, self.z, self.dense_correct, self.dense_pred, correct, pred,
-                       self.changed_weight)[0]
-        return float(ops.mean()), risk, float(correct.mean() * 100)
+        return float(ops.mean()), self.risk_of(pred, correct), float(correct.mean() * 100)
 
     def candidates(self, g: int, thresholds: list[float]) -> list[float]:
         """Thresholds of gate ``g`` below its current one: quantiles of its confidence."""
@@ -189,7 +208,7 @@ class ThresholdSearch:
             thresholds[g] = t
             step += 1
             log(f"step {step}: gate {g + 1} threshold {t:.4g}: ops {self.traces.ops_total.mean() / ops:.3f}x fewer, "
-                f"{self.criterion} {risk:.2f} pt, top-1 {top1:.2f} %")
+                f"{self.risk_name} {risk:.2f} pt, top-1 {top1:.2f} %")
         return GateChoice(thresholds, ops, risk, top1)
 
 
@@ -199,8 +218,7 @@ def gate_decisions(gates: list[Gate], features: list[np.ndarray]) -> tuple[np.nd
     conf, pred = np.zeros((n, len(gates))), np.zeros((n, len(gates)), np.int64)
     for g, gate in enumerate(gates):
         for k in range(n):
-            # Gate.decide pools a (C, H, W) map; a (C, 1, 1) map of the pooled features is the same
-            probs, conf[k, g], _ = gate.decide(features[g][k].reshape(-1, 1, 1))
+            probs, conf[k, g], _ = gate.decide_pooled(features[g][k])
             pred[k, g] = int(probs.argmax())
     return conf, pred
 
@@ -232,8 +250,8 @@ class FittedGates:
 
 def fit_gates(plan: Plan, images: np.ndarray, labels: np.ndarray, layer_names: list[str], backbone: KnobConfig,
               budget: float, loss: str = "log", confidence: str = "softmax", train_fraction: float = 0.5,
-              criterion: str = "disagree", z: float = 1.0, changed_weight: float = 0.5, threads: int = 1,
-              source: str = "calibration data") -> FittedGates:
+              criterion: str = "disagree", z: float | None = None, changed_weight: float = 0.5, threads: int = 1,
+              source: str = "calibration data", risk: str = "changed-ucb") -> FittedGates:
     """Train a gate after each of ``layer_names`` on the first ``train_fraction`` of the images and
     choose the thresholds on the rest (see the module docstring)."""
     n = len(images)
@@ -252,7 +270,7 @@ def fit_gates(plan: Plan, images: np.ndarray, labels: np.ndarray, layer_names: l
     labels = np.asarray(labels, np.int64)
     set_blas_threads(threads)
     log(f"{n} calibration images ({n_train} to train, {n - n_train} to select); gates after {', '.join(layer_names)}")
-    traces = trace_images(Engine(plan, backbone, threads), images, indices)
+    traces = trace_images(Engine(plan, backbone, threads, segment_ends=indices), images, indices)
     if backbone.layers:
         dense_pred = Engine(plan, None, threads).run(images).reshape(n, -1).argmax(axis=1)
     else:
@@ -273,7 +291,7 @@ def fit_gates(plan: Plan, images: np.ndarray, labels: np.ndarray, layer_names: l
             f"agrees with the network on {agree:.1f} %")
     sel_traces = Traces([f[sel] for f in traces.features], traces.ops_at[sel], traces.ops_total[sel], traces.pred[sel])
     search = ThresholdSearch(conf, gate_pred, sel_traces, [g.costs(plan)["ops"] for g in gates], dense_pred[sel],
-                             labels[sel], criterion, z, changed_weight)
+                             labels[sel], criterion, DEFAULT_Z.get(risk, 1.0) if z is None else z, changed_weight, risk)
     choice = search.run(budget)
     for gate, t in zip(gates, choice.thresholds):
         gate.threshold = t
@@ -285,6 +303,8 @@ def cmd_gates(args: argparse.Namespace) -> int:
     plan = load_plan(args.model)
     if parse_spec(args.data)[2] == "test":
         raise DyveError(f"{args.data}: calibration never uses the test split; use the calib split")
+    if args.risk != "criterion" and (args.criterion is not None or args.changed_weight is not None):
+        raise DyveError(f"--criterion and --changed-weight act with --risk criterion, not --risk {args.risk}")
     if not 0 < args.train_fraction < 1:
         raise DyveError(f"--train-fraction: a fraction in (0, 1), got {args.train_fraction}")
     backbone = load_knobs(args.knobs, plan) if args.knobs else KnobConfig(model=plan.path.name)
@@ -295,12 +315,13 @@ def cmd_gates(args: argparse.Namespace) -> int:
     if args.knobs:
         log(f"the other knobs from {args.knobs}")
     fitted = fit_gates(plan, dataset.images(0, len(dataset)), np.asarray(dataset.labels), layer_names, backbone,
-                       args.budget - args.margin, args.loss, args.confidence, args.train_fraction, args.criterion,
-                       args.z, args.changed_weight, args.threads, source=args.data)
+                       args.budget - args.margin, args.loss, args.confidence, args.train_fraction,
+                       args.criterion or "disagree", args.z, 0.5 if args.changed_weight is None else args.changed_weight,
+                       args.threads, source=args.data, risk=args.risk)
     fitted.config(backbone, args.output).save(args.output)
     choice = fitted.choice
     print(f"{len(fitted.kept())} of {len(fitted.gates)} gate(s) kept; selection images: ops "
-          f"{fitted.ops_without_gates / choice.ops:.3f}x fewer than without gates, {args.criterion} {choice.risk:.2f} pt, "
+          f"{fitted.ops_without_gates / choice.ops:.3f}x fewer than without gates, risk {choice.risk:.2f} pt, "
           f"top-1 {choice.top1:.2f} %; knobs written to {args.output} ({time.monotonic() - start_time:.0f} s)")
     return 0
 
@@ -322,9 +343,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="softmax: the largest probability; margin: the top two's difference (default softmax)")
     p.add_argument("--train-fraction", type=float, default=0.5,
                    help="the first part of the calibration images that trains the gates (default 0.5)")
-    p.add_argument("--criterion", choices=CRITERIA, default="disagree", help="as dyvedeep calibrate's (default disagree)")
-    p.add_argument("--z", type=float, default=1.0, help="as dyvedeep calibrate's")
-    p.add_argument("--changed-weight", type=float, default=0.5, help="as dyvedeep calibrate's (default 0.5)")
+    p.add_argument("--risk", choices=RISKS, default="changed-ucb",
+                   help="changed-ucb: the share of images whose top-1 differs from the dense network's plus --z "
+                        "standard errors (labels unused); criterion: dyvedeep calibrate's --criterion (the rule "
+                        "before 2026-12-04) (default changed-ucb)")
+    p.add_argument("--criterion", choices=CRITERIA, default=None,
+                   help="with --risk criterion: as dyvedeep calibrate's (default disagree)")
+    p.add_argument("--z", type=float, default=None,
+                   help="standard errors: default 2 with --risk changed-ucb, 1 (as dyvedeep calibrate's) with criterion")
+    p.add_argument("--changed-weight", type=float, default=None,
+                   help="with --risk criterion: as dyvedeep calibrate's (default 0.5)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="KNOBS.yaml")
     p.set_defaults(func=cmd_gates)

@@ -3,10 +3,12 @@ Shafiee, Shafiee, Wong, arXiv 1811.01476; docs/gates.md): after chosen layers, a
 on the globally average-pooled features (one fully connected layer, one output per class) stops
 inference for an image when its confidence reaches the gate's threshold.
 
-- :class:`Gate`: one gate's weights, threshold and confidence measure, and its decision;
+- :class:`Gate`: one gate's weights, threshold and confidence measure, and its decision (one
+  call of the Cython ``GateKernel``);
 - :func:`gate_costs`: the gate's own ops (docs/ops.md, decision gate row);
-- :class:`GatedEngine`: an :class:`~dyvedeep.engine.Engine` run layer segment by segment, a gate
-  deciding after each segment (gates decide first; SPET, SDSS and SFMA act in the layers that run);
+- :class:`GatedEngine`: an :class:`~dyvedeep.engine.Engine` whose compiled runs are split at the
+  gates, run segment by segment (``Engine.run_range``), a gate deciding after each segment (gates
+  decide first; SPET, SDSS and SFMA act in the layers that run); :class:`GateCounter` its counter;
 - the weights' sidecar npz (:func:`save_gate_weights`, :func:`load_gates`), checked against the
   sha256 that the knob file names.
 """
@@ -15,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from . import _kernels as K
 from .engine import DEFAULT_TUNING, Engine, EngineTuning, set_blas_threads
-from .engine.counting import neuron_costs
+from .engine.counting import OpCounter, neuron_costs
 from .errors import DyveError
 from .io_utils import atomic_path
 from .knobs import KnobConfig
@@ -41,19 +44,11 @@ def sidecar_path(knob_file: str | Path) -> Path:
 
 
 def pooled_features(feature_map: np.ndarray) -> np.ndarray:
-    """Global average pooling of a (C, H, W) map: C features (float64)."""
-    return feature_map.reshape(feature_map.shape[0], -1).mean(axis=1, dtype=np.float64)
-
-
-def softmax_confidence(logits: np.ndarray, confidence: str) -> tuple[np.ndarray, float]:
-    """The softmax probabilities of ``logits`` and the confidence: the largest probability
-    (``softmax``) or the difference of the two largest (``margin``)."""
-    z = np.exp(logits - logits.max())
-    probs = z / z.sum()
-    if confidence == "softmax":
-        return probs, float(probs.max())
-    top2 = np.partition(probs, probs.size - 2)[-2:]
-    return probs, float(top2[1] - top2[0])
+    """Global average pooling of a (C, H, W) map: C features (float64), as a gate computes them."""
+    x = np.ascontiguousarray(feature_map, dtype=np.float32).reshape(feature_map.shape[0], -1)
+    out = np.empty(x.shape[0], np.float64)
+    K.gate_pool(x, out)
+    return out
 
 
 def gate_costs(channels: int, height: int, width: int, classes: int, confidence: str) -> dict[str, int]:
@@ -71,7 +66,9 @@ def gate_costs(channels: int, height: int, width: int, classes: int, confidence:
 
 @dataclass
 class Gate:
-    """A decision gate after layer ``layer`` (the plan's ``index``-th): logits = weight @ GAP + bias."""
+    """A decision gate after layer ``layer`` (the plan's ``index``-th): logits = weight @ GAP + bias;
+    its decision runs in one kernel call (K.GateKernel, which copies the weights when the gate is
+    made) on buffers allocated once."""
 
     layer: str
     index: int
@@ -79,11 +76,21 @@ class Gate:
     bias: np.ndarray  # (classes,), float64
     threshold: float
     confidence: str = "softmax"
+    kernel: K.GateKernel = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.kernel = K.GateKernel(np.ascontiguousarray(self.weight, np.float64),
+                                   np.ascontiguousarray(self.bias, np.float64), self.confidence == "margin")
 
     def decide(self, feature_map: np.ndarray) -> tuple[np.ndarray, float, bool]:
         """The gate's class probabilities on one (C, H, W) map, its confidence, and whether it exits."""
-        probs, conf = softmax_confidence(self.weight @ pooled_features(feature_map) + self.bias, self.confidence)
-        return probs, conf, conf >= self.threshold
+        conf = self.kernel.decide(np.ascontiguousarray(feature_map, dtype=np.float32))
+        return self.kernel.probs.copy(), conf, conf >= self.threshold
+
+    def decide_pooled(self, features: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """As :meth:`decide`, on the map's pooled features (:func:`pooled_features`)."""
+        conf = self.kernel.decide_pooled(np.ascontiguousarray(features, np.float64))
+        return self.kernel.probs.copy(), conf, conf >= self.threshold
 
     def costs(self, plan: Plan) -> dict[str, int]:
         """The gate's own ops per image it decides on (:func:`gate_costs`)."""
@@ -164,16 +171,48 @@ def load_gates(config: KnobConfig, plan: Plan) -> list[Gate]:
 
 def run_segments(engine: Engine, image: np.ndarray, stops: list[int]) -> Iterator[tuple[int | None, dict]]:
     """Run ``engine`` on one image in segments, each ending after one of ``stops`` (increasing
-    layer indices), then to the output; yields (stop or None at the end, the tensors made so
-    far as views of the engine's buffers, valid until the next segment runs). A consumer that
-    stops early skips every later layer."""
+    layer indices), then to the output; yields (stop or None at the end, the tensors made so far
+    as views of the engine's buffers, valid until the next segment runs). A consumer that stops
+    early skips every later layer. An engine built with these stops as its ``segment_ends`` runs
+    the segments through its compiled runs (Engine.run_range), any other layer by layer."""
+    compiled = engine.compiled_runs is not None and set(stops) <= engine.segment_ends
+    image = np.ascontiguousarray(image, dtype=np.float32)
     values: dict[str, np.ndarray] | None = None
     start = 0
     for stop in stops:
-        values = engine.forward(image if start == 0 else None, start, values, stop + 1, banded=True)
+        if compiled:
+            values = engine.run_range(image, start, stop + 1)
+        else:
+            values = engine.forward(image if start == 0 else None, start, values, stop + 1, banded=True)
         start = stop + 1
         yield stop, values
-    yield None, engine.forward(image if start == 0 else None, start, values, None, banded=True)
+    if compiled:
+        yield None, engine.run_range(image, start, None)
+    else:
+        yield None, engine.forward(image if start == 0 else None, start, values, None, banded=True)
+
+
+class GateCounter(OpCounter):
+    """The OpCounter of a GatedEngine: per gate, the images that reached it and those that exited
+    there are two ints on the hot path (``reached``, ``exited``), added to the gate's row
+    (its costs times the images reached, and ``exits``) whenever the table is read, as OpCounter
+    folds in the layers' knob-free runs: an add per gate and image costs several microseconds."""
+
+    def __init__(self, base: OpCounter, gates: list[Gate], costs: list[dict[str, int]]) -> None:
+        super().__init__(base.layer_names, base.dense_rows)
+        self.gate_rows = [g.index for g in gates]
+        self.gate_costs = costs
+        self.reached = [0] * len(gates)
+        self.exited = [0] * len(gates)
+
+    @property
+    def table(self) -> np.ndarray:
+        for g, row in enumerate(self.gate_rows):
+            reached, exited = self.reached[g], self.exited[g]
+            if reached:
+                self.reached[g] = self.exited[g] = 0
+                self.add(row, {**{k: v * reached for k, v in self.gate_costs[g].items()}, "exits": exited})
+        return super().table
 
 
 class GatedEngine:
@@ -181,7 +220,11 @@ class GatedEngine:
     in order up to each gate, which decides first; on an exit the image's output is the gate's
     class probabilities and no later layer runs. The other knobs of the knob file act in the
     layers that run. Ops: the layers run plus the gates evaluated (their row in the counter is
-    the layer they follow, fields ``gate_ops`` and ``exits``)."""
+    the layer they follow, fields ``gate_ops`` and ``exits``).
+
+    The engine's compiled runs are split at the gates (``segment_ends``): each segment runs as
+    compiled runs (Engine.run_range), each gate decides in one kernel call, and the gates' ops
+    are tallied as two ints per gate (GateCounter)."""
 
     def __init__(self, plan: Plan, knobs: KnobConfig, threads: int = 1, tuning: EngineTuning = DEFAULT_TUNING) -> None:
         self.plan = plan
@@ -189,10 +232,14 @@ class GatedEngine:
         self.gates = load_gates(knobs, plan)
         inner = knobs.copy()
         inner.gates = None
-        self.engine = Engine(plan, inner, threads, tuning=tuning)
-        self.counter = self.engine.counter
-        self.threads = self.engine.threads
+        self.engine = Engine(plan, inner, threads, tuning=tuning, segment_ends=[g.index for g in self.gates])
         self.gate_costs = [g.costs(plan) for g in self.gates]
+        self.counter = self.engine.counter = GateCounter(self.engine.counter, self.gates, self.gate_costs)
+        self.threads = self.engine.threads
+        # per gate: the first layer of its segment, one past its layer, and its map's name
+        starts = [0] + [g.index + 1 for g in self.gates[:-1]]
+        self._segments = [(start, g.index + 1, plan.layers[g.index].output, g) for start, g in zip(starts, self.gates)]
+        self._rest = self.gates[-1].index + 1 if self.gates else 0
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Outputs (N, ...) of a batch of preprocessed inputs (N, C, H, W)."""
@@ -203,22 +250,25 @@ class GatedEngine:
         outputs = np.empty((batch.shape[0],) + tuple(self.plan.output_shape), np.float32)
         set_blas_threads(self.threads)
         for n in range(batch.shape[0]):
-            outputs[n] = self.run_image(batch[n])[0]
+            outputs[n] = self._run_one(batch[n])[0]
         return outputs
 
     def run_image(self, image: np.ndarray) -> tuple[np.ndarray, int | None]:
         """One image's output and the position of the gate it exited at (None: it ran to the end)."""
-        segments = run_segments(self.engine, image, [g.index for g in self.gates])
-        for g, (stop, values) in enumerate(segments):
-            if stop is None:
-                return values[self.plan.output_name], None
-            gate = self.gates[g]
-            probs, _, exits = gate.decide(values[self.plan.layers[stop].output])
-            self.counter.add(gate.index, {**self.gate_costs[g], "exits": int(exits)})
-            if exits:
-                segments.close()
-                return probs.reshape(self.plan.output_shape), g
-        raise AssertionError("run_segments ends with the output")
+        output, g = self._run_one(np.ascontiguousarray(image, dtype=np.float32))
+        return np.array(output, copy=True), g
+
+    def _run_one(self, image: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """One image (C-contiguous float32): its output (a view, valid until the next image) and
+        the gate it exited at."""
+        run_range, reached = self.engine.run_range, self.counter.reached
+        for g, (start, stop, name, gate) in enumerate(self._segments):
+            values = run_range(image, start, stop)
+            reached[g] += 1
+            if gate.kernel.decide(values[name]) >= gate.threshold:
+                self.counter.exited[g] += 1
+                return gate.kernel.probs.reshape(self.plan.output_shape), g
+        return run_range(image, self._rest, None)[self.plan.output_name], None
 
 
 def engine_for(plan: Plan, knobs: KnobConfig | None, threads: int = 1) -> Engine | GatedEngine:

@@ -13,11 +13,13 @@ import yaml
 
 from dyvedeep.datasets import load_dataset
 from dyvedeep.engine import Engine
+from dyvedeep.engine.core import CompiledRun
+from dyvedeep.engine.counting import COUNTER_FIELDS
 from dyvedeep.errors import DyveError
-from dyvedeep.gate_calibrate import default_gate_layers, fit_gates
+from dyvedeep.gate_calibrate import ThresholdSearch, Traces, default_gate_layers, fit_gates
 from dyvedeep.gates import GatedEngine, gate_costs, load_gates, save_gate_weights, sidecar_path
 from dyvedeep.knobs import GateSetting, GateSettings, KnobConfig, load_knobs
-from dyvedeep.plan import build_plan
+from dyvedeep.plan import Op, build_plan
 from tests.test_cli import run, small_data, small_model  # noqa: F401  (fixtures)
 
 RNG = np.random.default_rng(17)
@@ -78,6 +80,40 @@ def test_gates_that_never_exit_are_bit_exact_and_add_only_their_ops(cifar10_quic
 
 
 @pytest.mark.mirror
+@pytest.mark.parametrize("threads", [1, 2])
+def test_never_exiting_gates_run_the_compiled_path_bit_for_bit(cifar10_quick_onnx, mirror, tmp_path, threads):
+    """The gated engine's segments run as compiled runs split at the gates (Engine.run_range):
+    the outputs and every layer's counts are the plain engine's, compiled or layer by layer."""
+    plan = build_plan(cifar10_quick_onnx)
+    x = load_dataset("cifar10:test", plan.preprocess, mirror=mirror, limit=5).images(0, 5)
+    config = gated_config(tmp_path, plan, {"pool1": (1.5, "softmax"), "pool2": (1.5, "margin"),
+                                           "pool3": (math.inf, "softmax")})
+    gated = GatedEngine(plan, config, threads=threads)
+    ends = [plan.layers.index(plan.layer(name)) for name in ("pool1", "pool2", "pool3")]
+    runs = [part for part in gated.engine.compiled_runs if isinstance(part, CompiledRun)]
+    assert {run.layers[-1] for run in runs} >= set(ends)  # a compiled run ends at each gate
+    assert all(plan.layers[i].op != Op.CONV for i in gated.engine.compiled_runs if isinstance(i, int))
+    compiled, layerwise = Engine(plan, threads=threads), Engine(plan, threads=threads, compiled=False)
+    out = gated.run(x)
+    assert np.array_equal(out, compiled.run(x)) and np.array_equal(out, layerwise.run(x))
+    own = [COUNTER_FIELDS.index(f) for f in ("gate_ops", "exits")]
+    rest = [j for j in range(len(COUNTER_FIELDS)) if j not in own]
+    gate_ops, gate_macs = np.zeros(len(plan.layers), np.int64), np.zeros(len(plan.layers), np.int64)
+    for i, (c, h, w), conf in zip(ends, [(32, 16, 16), (32, 8, 8), (64, 4, 4)], ["softmax", "margin", "softmax"]):
+        costs = gate_costs(c, h, w, 10, conf)
+        gate_ops[i], gate_macs[i] = len(x) * costs["ops"], len(x) * costs["macs"]
+    expected = compiled.counter.table.copy()
+    expected[:, COUNTER_FIELDS.index("ops")] += gate_ops
+    expected[:, COUNTER_FIELDS.index("macs")] += gate_macs
+    assert np.array_equal(gated.counter.table[:, rest], expected[:, rest])
+    assert np.array_equal(gated.counter.table[:, COUNTER_FIELDS.index("gate_ops")], gate_ops)
+    assert gated.counter.total("exits") == 0
+    assert np.array_equal(compiled.counter.table, layerwise.counter.table)
+    with pytest.raises(DyveError, match="run_range"):
+        gated.engine.run_range(x[0], 0, 1)  # a range ending after conv1, where no gate is
+
+
+@pytest.mark.mirror
 def test_gates_compose_with_spet(cifar10_quick_onnx, mirror, tmp_path):
     """Gates decide first; SPET acts in the layers that run, as without gates."""
     plan = build_plan(cifar10_quick_onnx)
@@ -124,6 +160,27 @@ def test_bench_times_a_gated_knob_file(tmp_path, capsys, small_model, small_data
                        "--json", tmp_path / "b.json")
     assert code == 0, err
     assert json.loads((tmp_path / "b.json").read_text())["latency_dyvedeep_ms"] > 0
+
+
+@pytest.mark.mirror
+@pytest.mark.parametrize("risk", ["changed-ucb", "criterion"])
+def test_gates_cli_takes_either_risk(cifar10_quick_onnx, mirror, tmp_path, capsys, risk):
+    """``--risk changed-ucb`` (default) and ``criterion`` (the rule before): at a budget of 0 the
+    gates kept change none of the selection images' top-1."""
+    code, out, err = run(capsys, "gates", cifar10_quick_onnx, "--data", "cifar10:calib", "--limit", 300, "--mirror",
+                         mirror, "--risk", risk, "--budget", 0, "-o", tmp_path / "k.yaml")
+    assert code == 0, err
+    assert "risk 0.00 pt" in out
+    plan = build_plan(cifar10_quick_onnx)
+    x = load_dataset("cifar10:calib", plan.preprocess, mirror=mirror, limit=300).images(150, 300)  # the selection half
+    config = load_knobs(tmp_path / "k.yaml", plan)
+    gated = GatedEngine(plan, config) if config.gates is not None else Engine(plan)
+    assert np.array_equal(gated.run(x).argmax(axis=1), Engine(plan).run(x).argmax(axis=1))
+    if risk == "changed-ucb":  # calibrate's criterion options act only with --risk criterion: not ignored silently
+        code, _, err = run(capsys, "gates", cifar10_quick_onnx, "--data", "cifar10:calib", "--limit", 300, "--mirror",
+                           mirror, "--changed-weight", 1, "-o", tmp_path / "k2.yaml")
+        assert code == 2 and "--risk criterion" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "k2.yaml").exists()
 
 
 def test_knob_file_round_trip_and_refusals(tmp_path, small_model):  # noqa: F811
@@ -174,6 +231,36 @@ def test_gates_trained_on_cifar10_quick_do_what_the_search_predicted(cifar10_qui
     result = json.loads((tmp_path / "e.json").read_text())
     assert [g["layer"] for g in result["gates"]] == [g.layer for g in fitted.kept()]
     assert result["gate_ops"] > 0 and all(0 <= g["exit_rate"] <= 100 for g in result["gates"])
+
+
+def test_the_default_risk_is_the_changed_share_plus_two_standard_errors_labels_unused():
+    """--risk changed-ucb: the share of selection images whose top-1 differs from the dense
+    network's plus z binomial standard errors; the labels change nothing."""
+    rng = np.random.default_rng(4)
+    n, classes = 400, 10
+    dense_pred = rng.integers(0, classes, n)
+    conf = rng.random((n, 1))
+    # the gate agrees with the network on its confident images, less often below
+    gate_pred = np.where(rng.random(n) < conf[:, 0], dense_pred, (dense_pred + 1) % classes)[:, None]
+    traces = Traces([np.zeros((n, 4))], np.full((n, 1), 100.0), np.full(n, 1000.0), dense_pred)
+    labels = rng.integers(0, classes, n)
+
+    def search(labels, z=2.0):
+        return ThresholdSearch(conf, gate_pred, traces, [10], dense_pred, labels, "disagree", z, 0.5)
+
+    threshold = float(np.quantile(conf, 0.6))
+    exits = conf[:, 0] >= threshold
+    p = float((exits & (gate_pred[:, 0] != dense_pred)).mean())
+    ops, risk, _ = search(labels).outcome([threshold])
+    assert risk == pytest.approx(100 * (p + 2 * math.sqrt(p * (1 - p) / n)))
+    assert ops == pytest.approx(((1000 + 10) * (~exits).sum() + (100 + 10) * exits.sum()) / n)
+    assert search(labels, z=1.0).outcome([threshold])[1] < risk
+    choice = search(labels).run(budget=2.0)
+    assert choice.risk <= 2.0 and np.isfinite(choice.thresholds[0])
+    assert search(rng.permutation(labels)).run(budget=2.0).thresholds == choice.thresholds
+    # the rule before: calibrate's disagree criterion, half the changed share
+    before = ThresholdSearch(conf, gate_pred, traces, [10], dense_pred, labels, "disagree", 1.0, 0.5, risk="criterion")
+    assert before.outcome([threshold])[1] == pytest.approx(100 * 0.5 * p)
 
 
 def test_default_placement_after_each_resnet_stage_but_the_last(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -72,10 +72,14 @@ class Engine:
     With ``compiled`` (the default), the runs of consecutive layers that take the knob-free path
     (convolutions without knobs, poolings, in-place concatenations, views) are compiled into
     programs (CompiledRun): :meth:`run` then runs each in one parallel region per image, the same
-    kernels with the same shares, hence the same floats. ``tuning`` sets the speed choices."""
+    kernels with the same shares, hence the same floats. ``tuning`` sets the speed choices.
+
+    ``segment_ends`` (layer indices) split the compiled runs after those layers, whose outputs
+    are then made whole: :meth:`run_range` runs one segment at a time through the compiled runs
+    (for a caller that looks at a segment's output before it goes on, e.g. a decision gate)."""
 
     def __init__(self, plan: Plan, knobs: KnobConfig | None = None, threads: int = 1, compiled: bool = True,
-                 tuning: EngineTuning = DEFAULT_TUNING) -> None:
+                 tuning: EngineTuning = DEFAULT_TUNING, segment_ends: Sequence[int] = ()) -> None:
         if threads < 1:
             raise DyveError(f"threads must be >= 1, got {threads}")
         if knobs is not None and knobs.gates is not None:
@@ -83,6 +87,10 @@ class Engine:
                             "run it with dyvedeep.gates.GatedEngine")
         self.plan = plan
         self.knobs = knobs if knobs is not None else KnobConfig()
+        self.segment_ends = frozenset(int(i) for i in segment_ends)
+        if any(not 0 <= i < len(plan.layers) for i in self.segment_ends):
+            raise DyveError(f"{plan.path}: segment ends {sorted(self.segment_ends)} must be layer indices "
+                            f"0..{len(plan.layers) - 1}")
         self.threads = int(threads)
         self.tuning = tuning
         self.counter = OpCounter.for_plan(plan)
@@ -126,6 +134,17 @@ class Engine:
         # whether a whole image has layers with threads of their own on the Python path
         self.has_python_path = self.compiled_runs is not None and any(
             isinstance(part, int) and self.layer_threads[self.plan.layers[part].name] > 1 for part in self.compiled_runs)
+        # the first part (of compiled_runs) of each segment, by the segment's first layer
+        self._part_at: dict[int, int] = {}
+        if self.compiled_runs is not None:
+            for p, part in enumerate(self.compiled_runs):
+                first = part.layers[0] if isinstance(part, CompiledRun) else part
+                if first == 0 or first - 1 in self.segment_ends:
+                    self._part_at[first] = p
+        self._part_at[len(plan.layers)] = len(self.compiled_runs or ())
+        self._ranges: dict[tuple[int, int], list] = {}  # (start, stop) -> its steps (run_range)
+        self._range_values: dict[str, np.ndarray] = {}
+        self._judge_python_path, self._image_one_thread, self._python_path_seconds = False, False, 0.0
 
     # -- public API ------------------------------------------------------------------------
 
@@ -161,7 +180,7 @@ class Engine:
         a whole image then runs through the compiled runs."""
         if (banded and self.compiled_runs is not None and image is not None and start == 0 and stop is None
                 and not tensors):
-            return self._forward_compiled(np.ascontiguousarray(image, dtype=np.float32))
+            return self.run_range(np.ascontiguousarray(image, dtype=np.float32))
         values: dict[str, np.ndarray] = dict(tensors) if tensors else {}
         for name in values.keys() & self.in_place:
             # a Concat reads these from its own buffer, where their producer would have written them
@@ -177,7 +196,7 @@ class Engine:
         for i, layer, inputs, out in steps:
             if i == skip:
                 continue
-            if banded and i in self.conv_pool_bands and i + 1 <= last:
+            if banded and i in self.conv_pool_bands and i + 1 <= last and i not in self.segment_ends:
                 pool = self.plan.layers[i + 1]
                 values[pool.output] = self._run_conv_pool_bands(self.conv_pool_bands[i], values[inputs[0]])
                 skip = i + 1
@@ -201,31 +220,69 @@ class Engine:
             self.counter.plain_runs[index] += 1
         return runner(self, layer, inputs, out, index)
 
-    # -- compiled runs ---------------------------------------------------------------------
-
-    def _forward_compiled(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """forward(image, banded=True) through the compiled runs and, between them, the layers
-        on the Python path."""
-        values: dict[str, np.ndarray] = {self.plan.input_name: image}
+    def run_range(self, image: np.ndarray | None, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Run layers ``start``..``stop`` (exclusive; None: to the end) of one image through the
+        compiled runs and, between them, the layers on the Python path: the floats and ops of
+        ``forward(image, banded=True)``. ``start`` and ``stop`` are 0, the end, or one past a
+        segment end (``segment_ends``); a range that does not start at 0 continues the image of
+        the last call (``image`` is then unused). Returns the tensors made so far for this image
+        as views of the engine's buffers (valid until the next call; a dead tensor's buffer may
+        already hold a later one)."""
+        stop = len(self.plan.layers) if stop is None else stop
+        steps = self._ranges.get((start, stop))
+        if steps is None:
+            steps = self._range_steps(start, stop)
+        if start == 0:
+            if image is None or image.dtype != np.float32 or not image.flags.c_contiguous:
+                raise DyveError(f"{self.plan.path}: run_range from layer 0 needs the image, C-contiguous float32")
+            values = self._range_values = {self.plan.input_name: image}
+        else:
+            values = self._range_values
+            if not values:
+                raise DyveError(f"{self.plan.path}: run_range({start}, ...) continues an image that no range started")
+            image = values[self.plan.input_name]
         runs = self.counter.plain_runs
-        choose = self.threads > 1 and self.has_python_path
-        self.python_path_one_thread = choose and self.python_path_choice.one_thread_next()
+        if start == 0:
+            # the Python path takes one thread or all for a whole image (python_path_choice),
+            # judged by the image's time on it; an image that stops early (a gate) is not judged
+            self._judge_python_path = self.threads > 1 and self.has_python_path
+            self._image_one_thread = self._judge_python_path and self.python_path_choice.one_thread_next()
+            self._python_path_seconds = 0.0
+        self.python_path_one_thread = self._image_one_thread
         python_path_seconds = 0.0
-        for part in self.compiled_runs:
-            if isinstance(part, CompiledRun):
-                part.program.run(image)
-                values.update(part.views)
-                for i in part.layers:
+        for program, views, layers, step in steps:
+            if views is not None:
+                if program is not None:
+                    program.run(image)
+                values.update(views)
+                for i in layers:
                     runs[i] += 1
             else:
-                i, layer, inputs, out = self._steps[part]
-                start = time.perf_counter()
+                i, layer, inputs, out = step
+                t0 = time.perf_counter()
                 values[layer.output] = self.run_layer(layer, [values[t] for t in inputs], out, i)
-                python_path_seconds += time.perf_counter() - start
-        if choose:
-            self.python_path_choice.record(self.python_path_one_thread, python_path_seconds)
+                python_path_seconds += time.perf_counter() - t0
         self.python_path_one_thread = False
+        self._python_path_seconds += python_path_seconds
+        if stop == len(self.plan.layers) and self._judge_python_path:
+            self.python_path_choice.record(self._image_one_thread, self._python_path_seconds)
         return values
+
+    def _range_steps(self, start: int, stop: int) -> list:
+        """run_range's steps from layer ``start`` to ``stop``: per part, (its program, or None when
+        it has no kernels; its views; its layers; None) for a CompiledRun, (None, None, None, the
+        layer's step) for a layer on the Python path."""
+        if self.compiled_runs is None or start not in self._part_at or stop not in self._part_at or start > stop:
+            raise DyveError(f"{self.plan.path}: run_range({start}, {stop}): needs compiled runs and a range "
+                            f"between 0, {len(self.plan.layers)} and one past the segment ends "
+                            f"{sorted(self.segment_ends)}")
+        steps = [(part.program if len(part.program) else None, part.views, part.layers, None)
+                 if isinstance(part, CompiledRun) else (None, None, None, self._steps[part])
+                 for part in self.compiled_runs[self._part_at[start]:self._part_at[stop]]]
+        self._ranges[(start, stop)] = steps
+        return steps
+
+    # -- compiled runs ---------------------------------------------------------------------
 
     def _compilable(self, layer: Layer, values: dict[str, np.ndarray]) -> bool:
         """Whether a layer joins a compiled run: a conv without knobs, a pooling, a Concat whose
@@ -258,7 +315,7 @@ class Engine:
             if current is None:
                 current = CompiledRun(K.Program(self._image), [], {})
                 parts.append(current)
-            if i in self.conv_pool_bands and i + 1 <= last:
+            if i in self.conv_pool_bands and i + 1 <= last and i not in self.segment_ends:
                 pool = self.plan.layers[i + 1]
                 produced = {pool.output: self._conv_pool_band_steps(self.conv_pool_bands[i], values[inputs[0]],
                                                                      current.program)}
@@ -269,6 +326,8 @@ class Engine:
                 current.layers.append(i)
             values.update(produced)
             current.views.update(produced)
+            if current.layers[-1] in self.segment_ends:
+                current = None
         return parts
 
     def _layer_steps(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray | None,
