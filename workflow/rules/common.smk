@@ -366,6 +366,16 @@ def compare_images_file(bench, setting):
     return f"results/compare/{bench}/per-image/{setting}.json"
 
 
+def gates_risk_arg(setting):
+    """--risk of `dyvedeep gates`. On top of the knobs, by default the knobs' own criterion
+    (`--risk criterion`): their budget counts in it as in their calibration, which the default
+    budget_with_knobs (the knobs' budget plus the gates') relies on; the command's default risk
+    (changed share + 2 SE) puts the pipeline's knobs alone at ~1.5 pt on cifar10_quick."""
+    g = config["compare"]["gates"]
+    risk = g["risk_with_knobs"] if setting == "gates_knobs" else g["risk"]
+    return f"--risk {risk}" if risk else ""
+
+
 def gates_limit_arg(bench):
     """--limit N of `dyvedeep gates`: compare.gates.limit, else the knobs' (limit_arg)."""
     n = config["compare"]["gates"]["limit"]

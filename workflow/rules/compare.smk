@@ -23,6 +23,7 @@ rule gates:
         data=lambda wildcards: data_spec(wildcards.bench, "calib"),
         budget=lambda wildcards: gates_budget(wildcards.setting),
         on_knobs=lambda wildcards, input: f"--knobs {input.knobs}" if input.knobs else "",
+        risk=lambda wildcards: gates_risk_arg(wildcards.setting),
         loss=config["compare"]["gates"]["loss"],
         confidence=config["compare"]["gates"]["confidence"],
         limit=lambda wildcards: gates_limit_arg(wildcards.bench),
@@ -36,7 +37,7 @@ rule gates:
         CONDA_ENV
     shell:
         "{params.dyvedeep} gates {input.model} --data {params.data:q} --budget {params.budget}"
-        " {params.on_knobs} --loss {params.loss} --confidence {params.confidence}"
+        " {params.on_knobs} {params.risk} --loss {params.loss} --confidence {params.confidence}"
         " -o {output.knobs} {params.limit} {params.mirror} --threads {threads} > {log} 2>&1"
 
 
