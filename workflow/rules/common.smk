@@ -296,8 +296,8 @@ wildcard_constraints:
 
 
 # --- comparison families (issue 17): decision gates and static pruning -----------------------
-# The settings of the comparison table, in its row order: (setting, family, label). Families:
-# dense and knobs come from `evaluate`; gates and prune run where `compare` turns them on.
+# The comparison table's dense and knobs rows come from `evaluate`; gates and prune run where
+# `compare` turns them on. Gate settings: alone, and on top of the calibrated knobs.
 GATE_SETTINGS = ["gates", "gates_knobs"]
 PRUNE_METHODS = list(dict.fromkeys(config["compare"]["prune"]["methods"]))
 for _family in ("gates", "prune"):
