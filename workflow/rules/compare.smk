@@ -6,13 +6,13 @@
 
 
 # Gates: alone (gates), or on top of the calibrated knobs (gates_knobs; its budget covers knobs
-# and gates together: gates_budget). The gates' weights go beside the knob file (<stem>.gates.npz; none when
-# no gate is kept); the knob file names them with their checksum.
+# and gates together: gates_budget, gates_risk_arg). The gates' weights go beside the knob file
+# (<stem>.gates.npz; none when no gate is kept); the knob file names them with their checksum.
 rule gates:
     input:
         model="results/models/{bench}.onnx",
         knobs=lambda wildcards: (
-            ["results/knobs/{bench}.yaml"] if wildcards.setting == "gates_knobs" else []
+            [f"results/knobs/{wildcards.bench}.yaml"] if wildcards.setting == "gates_knobs" else []
         ),
     output:
         knobs=gate_knobs_file("{bench}", "{setting}"),
