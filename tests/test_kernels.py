@@ -158,8 +158,8 @@ def pool_reference(x, kh, kw, sh, sw, pt, pl, ho, wo, op):
     return out
 
 
-def test_maxpool_matches_numpy_on_random_shapes():
-    """Max pooling on random shapes: windows of 1-4 columns, strides 1-3, ceil-mode outputs (the
+def test_max_and_average_pooling_match_numpy_on_random_shapes():
+    """Max and average pooling on random shapes: windows of 1-4 columns, strides 1-3, ceil-mode outputs (the
     last windows past the input's right and bottom edges), odd widths, left and top padding,
     rows of several vectors; into planes that lie apart (a band of a larger output)."""
     rng = np.random.default_rng(19)
@@ -180,6 +180,9 @@ def test_maxpool_matches_numpy_on_random_shapes():
         expected = pool_reference(x, kh, kw, sh, sw, pt, pl, ho, wo, "max").astype(np.float32)
         assert np.array_equal(whole[:, 1:1 + ho], expected), (kh, kw, sh, sw, pt, pl, H, W)
         assert np.isnan(whole[:, 0]).all() and np.isnan(whole[:, -1]).all()
+        means = np.empty((3, ho, wo), np.float32)
+        K.avgpool(x, means, kh, kw, sh, sw, pt, pl, kh - 1, kw - 1, False)
+        close(means, pool_reference(x, kh, kw, sh, sw, pt, pl, ho, wo, "mean"))
 
 
 @pytest.mark.parametrize("H,W,k,s,p", [(13, 13, 3, 2, 0), (32, 32, 3, 2, 1), (7, 40, 2, 2, 0), (9, 9, 3, 1, 1)])

@@ -135,13 +135,13 @@ static inline dv_vn dv_vnmax(dv_vn a, dv_vn b)
 
 static inline dv_vn dv_vnload(const float *p) { dv_vn v; memcpy(&v, p, sizeof v); return v; }
 
-/* Columns c..c+DV_VW-1 of an input row of W floats, -inf in the lanes outside 0..W-1 (no read
- * outside the row). */
-static inline dv_vn dv_vnload_clip(const float *row, int c, int W)
+/* Columns c..c+DV_VW-1 of an input row of W floats, `fill` in the lanes outside 0..W-1 (no
+ * read outside the row). */
+static inline dv_vn dv_vnload_clip(const float *row, int c, int W, float fill)
 {
     if (c >= 0 && c + DV_VW <= W) return dv_vnload(row + c);
     int lo = c < 0 ? -c : 0, hi = W - c < DV_VW ? W - c : DV_VW;
-    const float ninf = -__builtin_inff();
+    const float ninf = fill;
 #if defined(__AVX512F__)
     if (hi <= lo) return (dv_vn)_mm512_set1_ps(ninf);
     /* masked-off lanes are neither read nor faulted on */
@@ -172,17 +172,26 @@ static inline void dv_vnstore_part(float *p, dv_vn v, int n)
 #endif
 }
 
-/* The max over `rows` consecutive input rows (from r, W floats apart) of columns
- * c..c+DV_VW-1, -inf outside the row; rows in order. */
-static inline dv_vn dv_rows_maxn(const float *r, int W, int rows, int c)
+/* The max (sum: 0 + the rows in order) over `rows` consecutive input rows (from r, W floats
+ * apart) of columns c..c+DV_VW-1, with -inf (sum: 0) outside the row; rows in order. */
+static inline dv_vn dv_rows_reduce(const float *r, int W, int rows, int c, int sum)
 {
+    if (sum) {
+        dv_vn v = {0};
+        if (c >= 0 && c + DV_VW <= W)
+            for (int i = 0; i < rows; ++i) v += dv_vnload(r + (long)i * W + c);
+        else
+            for (int i = 0; i < rows; ++i) v += dv_vnload_clip(r + (long)i * W, c, W, 0.0f);
+        return v;
+    }
     if (c >= 0 && c + DV_VW <= W) {
         dv_vn v = dv_vnload(r + c);
         for (int i = 1; i < rows; ++i) v = dv_vnmax(v, dv_vnload(r + (long)i * W + c));
         return v;
     }
-    dv_vn v = dv_vnload_clip(r, c, W);
-    for (int i = 1; i < rows; ++i) v = dv_vnmax(v, dv_vnload_clip(r + (long)i * W, c, W));
+    const float ninf = -__builtin_inff();
+    dv_vn v = dv_vnload_clip(r, c, W, ninf);
+    for (int i = 1; i < rows; ++i) v = dv_vnmax(v, dv_vnload_clip(r + (long)i * W, c, W, ninf));
     return v;
 }
 
@@ -219,48 +228,77 @@ static inline dv_vn dv_pickn(dv_vn a, dv_vn b, int first, int step)
 #define DV_FROM2(a, b) dv_pickn(a, b, 2, 1)
 #endif
 
-/* Max pooling of one H x W plane into ho x wo (-inf padding: windows clipped to the input).
- * Windows of 1 to 3 columns at stride 1 or 2 (SqueezeNet's and the CIFAR nets' 3 x 3 / 2, the
- * ceil-mode edges included) run in registers: per DV_VW outputs of a row, the window rows' max
- * of the input columns they start in (and of the next DV_VW * stride columns, where the next
- * outputs start), then the window's columns picked by lane permutes: no scratch and no
- * strided load; columns outside the input are -inf lanes of a masked load. Other windows and
- * strides go through the scratch `acc` (dv_maxpool_plane_rows). The comparisons are those of
- * dv_maxpool_plane_rows, in its order (rows, then columns): the same floats. */
-static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
-                             int sh, int sw, int pt, int pl, float *acc)
+/* Output row oy's window of an average pooling: its input rows y0..y1-1 (clipped to the
+ * input); returns the rows its divisor counts (the window clipped to the padded input with
+ * count_include_pad, else y1 - y0). */
+static inline int dv_avg_window_rows(int oy, int sh, int pt, int kh, int H, int pb, int count_include_pad,
+                                     int *y0, int *y1)
 {
-    if (sw > 2 || kw > 3) {
-        dv_maxpool_plane_rows(in, H, W, out, ho, wo, kh, kw, sh, sw, pt, pl, acc);
-        return;
-    }
+    int hs = oy * sh - pt, he = hs + kh;
+    if (he > H + pb) he = H + pb;
+    *y0 = hs > 0 ? hs : 0;
+    *y1 = he < H ? he : H;
+    return count_include_pad ? he - hs : *y1 - *y0;
+}
+
+/* Max or average pooling of one H x W plane into ho x wo in registers, for windows of 1 to 3
+ * columns at stride 1 or 2 (SqueezeNet's and the CIFAR nets' 3 x 3 / 2, the ceil-mode edges
+ * included): per DV_VW outputs of a row, the window rows' max (sum) of the input columns they
+ * start in (and of the next DV_VW * stride columns, where the next outputs start), then the
+ * window's columns picked by lane permutes: no scratch and no strided load; columns outside
+ * the input are -inf (0) lanes of a masked load. The operations are those of the scratch path
+ * (dv_maxpool_plane_rows, dv_avgpool_plane's rows), in its order (rows, then columns): the
+ * same floats. Average: rows divided as dv_avg_window_rows says, by cols[ox] columns. */
+static inline void dv_pool_plane_regs(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
+                                      int sh, int sw, int pt, int pl, int avg, int pb, int count_include_pad,
+                                      const float *cols)
+{
+#define DV_POOL_OP(a, b) (avg ? (a) + (b) : dv_vnmax(a, b))
     for (int oy = 0; oy < ho; ++oy) {
-        int y0 = oy * sh - pt, y1 = y0 + kh;
-        if (y0 < 0) y0 = 0;
-        if (y1 > H) y1 = H;
+        int y0, y1, rows = 0;
+        if (avg) {
+            rows = dv_avg_window_rows(oy, sh, pt, kh, H, pb, count_include_pad, &y0, &y1);
+        } else {
+            y0 = oy * sh - pt, y1 = y0 + kh;
+            if (y0 < 0) y0 = 0;
+            if (y1 > H) y1 = H;
+        }
         const float *r = in + (long)y0 * W;
-        int rows = y1 - y0;
         float *o = out + (long)oy * wo;
         int c = -pl;
-        dv_vn m0 = dv_rows_maxn(r, W, rows, c);
+        dv_vn m0 = dv_rows_reduce(r, W, y1 - y0, c, avg);
         for (int ox = 0; ox < wo; ox += DV_VW, c += DV_VW * sw) {
-            dv_vn m1 = dv_rows_maxn(r, W, rows, c + DV_VW), v;
+            dv_vn m1 = dv_rows_reduce(r, W, y1 - y0, c + DV_VW, avg), v;
             if (sw == 2) {
                 dv_vn even = DV_EVENS(m0, m1);
                 v = even;
-                if (kw > 1) v = dv_vnmax(v, DV_ODDS(m0, m1));
-                m0 = dv_rows_maxn(r, W, rows, c + 2 * DV_VW);  /* where the next outputs start */
-                if (kw > 2) v = dv_vnmax(v, DV_FROM1(even, m0));
+                if (kw > 1) v = DV_POOL_OP(v, DV_ODDS(m0, m1));
+                m0 = dv_rows_reduce(r, W, y1 - y0, c + 2 * DV_VW, avg);  /* where the next outputs start */
+                if (kw > 2) v = DV_POOL_OP(v, DV_FROM1(even, m0));
             } else {
                 v = m0;
-                if (kw > 1) v = dv_vnmax(v, DV_FROM1(m0, m1));
-                if (kw > 2) v = dv_vnmax(v, DV_FROM2(m0, m1));
+                if (kw > 1) v = DV_POOL_OP(v, DV_FROM1(m0, m1));
+                if (kw > 2) v = DV_POOL_OP(v, DV_FROM2(m0, m1));
                 m0 = m1;
+            }
+            if (avg) {
+                dv_vn count = dv_vnload_clip(cols, ox, wo, 0.0f);
+                v = dv_divn_where_positive(v, (float)rows * count);
             }
             if (wo - ox >= DV_VW) memcpy(o + ox, &v, sizeof v);
             else dv_vnstore_part(o + ox, v, wo - ox);
         }
     }
+#undef DV_POOL_OP
+}
+
+/* Max pooling of one H x W plane into ho x wo (-inf padding: windows clipped to the input): in
+ * registers (dv_pool_plane_regs) or, for other windows and strides, through the scratch `acc`. */
+static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
+                             int sh, int sw, int pt, int pl, float *acc)
+{
+    if (sw > 2 || kw > 3) dv_maxpool_plane_rows(in, H, W, out, ho, wo, kh, kw, sh, sw, pt, pl, acc);
+    else dv_pool_plane_regs(in, H, W, out, ho, wo, kh, kw, sh, sw, pt, pl, 0, 0, 0, NULL);
 }
 
 /* o[ox] = sum of acc[ox * sw + kx] over kx < kw (kx in order), divided by rows * cols[ox]
@@ -288,24 +326,12 @@ static inline void dv_window_mean(float *o, const float *acc, int wo, int sw, in
     }
 }
 
-/* Output row oy's window of an average pooling: its input rows y0..y1-1 (clipped to the
- * input); returns the rows its divisor counts (the window clipped to the padded input with
- * count_include_pad, else y1 - y0). */
-static inline int dv_avg_window_rows(int oy, int sh, int pt, int kh, int H, int pb, int count_include_pad,
-                                     int *y0, int *y1)
-{
-    int hs = oy * sh - pt, he = hs + kh;
-    if (he > H + pb) he = H + pb;
-    *y0 = hs > 0 ? hs : 0;
-    *y1 = he < H ? he : H;
-    return count_include_pad ? he - hs : *y1 - *y0;
-}
-
 /* Average pooling of one plane, onnxruntime's divisor rule (see _kernels.avgpool): the window
  * sum over the taps inside the input (acc is zero elsewhere), divided by the window clipped
  * to the padded input (count_include_pad) or by the taps inside the input. `acc` holds ho rows
- * of dv_pool_row_stride floats (the two steps of dv_maxpool_plane_rows), then wo floats for the
- * column counts. */
+ * of dv_pool_row_stride floats (the two steps of dv_maxpool_plane_rows; windows of up to 3
+ * columns at stride 1 or 2 run in registers instead, dv_pool_plane_regs), then wo floats for
+ * the column counts. */
 static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
                              int sh, int sw, int pt, int pl, int pb, int pr, int count_include_pad, float *acc)
 {
@@ -316,6 +342,10 @@ static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, 
         if (we > W + pr) we = W + pr;
         int x0 = ws > 0 ? ws : 0, x1 = we < W ? we : W;
         cols[ox] = (float)(count_include_pad ? we - ws : x1 - x0);
+    }
+    if (sw <= 2 && kw <= 3) {
+        dv_pool_plane_regs(in, H, W, out, ho, wo, kh, kw, sh, sw, pt, pl, 1, pb, count_include_pad, cols);
+        return;
     }
     for (int oy = 0; oy < ho; ++oy) {
         float *row = acc + (long)oy * stride;
