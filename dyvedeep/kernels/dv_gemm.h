@@ -67,7 +67,8 @@ static inline long long dv_tile_store(const dv_v16 *acc, int nv, const int *orow
 
 /* Write one vector of a direct tile's output row `row`: base + x, ReLU if asked, at the output
  * offset of vector q (the lanes its mask selects). */
-static inline void dv_dvec_store(float *row, const int *q, dv_v16 base, dv_v16 x, int relu)
+static inline __attribute__((always_inline)) void dv_dvec_store(float *row, const int *q, dv_v16 base, dv_v16 x,
+                                                             int relu)
 {
     unsigned mask = (unsigned)q[3];
     x = base + x;
