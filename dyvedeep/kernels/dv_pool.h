@@ -241,6 +241,39 @@ static inline int dv_avg_window_rows(int oy, int sh, int pt, int kh, int H, int 
     return count_include_pad ? he - hs : *y1 - *y0;
 }
 
+/* One output row of dv_pool_plane_regs from its `rows` input rows at r (divisor_rows: the
+ * average's row count). */
+static inline __attribute__((always_inline)) void dv_pool_row_regs(const float *r, int W, int rows, float *o,
+                                                                   int wo, int kw, int sw, int pl, int avg,
+                                                                   int divisor_rows, const float *cols)
+{
+#define DV_POOL_OP(a, b) (avg ? (a) + (b) : dv_vnmax(a, b))
+    int c = -pl;
+    dv_vn m0 = dv_rows_reduce(r, W, rows, c, avg);
+    for (int ox = 0; ox < wo; ox += DV_VW, c += DV_VW * sw) {
+        dv_vn m1 = dv_rows_reduce(r, W, rows, c + DV_VW, avg), v;
+        if (sw == 2) {
+            dv_vn even = DV_EVENS(m0, m1);
+            v = even;
+            if (kw > 1) v = DV_POOL_OP(v, DV_ODDS(m0, m1));
+            m0 = dv_rows_reduce(r, W, rows, c + 2 * DV_VW, avg);  /* where the next outputs start */
+            if (kw > 2) v = DV_POOL_OP(v, DV_FROM1(even, m0));
+        } else {
+            v = m0;
+            if (kw > 1) v = DV_POOL_OP(v, DV_FROM1(m0, m1));
+            if (kw > 2) v = DV_POOL_OP(v, DV_FROM2(m0, m1));
+            m0 = m1;
+        }
+        if (avg) {
+            dv_vn count = dv_vnload_clip(cols, ox, wo, 0.0f);
+            v = dv_divn_where_positive(v, (float)divisor_rows * count);
+        }
+        if (wo - ox >= DV_VW) memcpy(o + ox, &v, sizeof v);
+        else dv_vnstore_part(o + ox, v, wo - ox);
+    }
+#undef DV_POOL_OP
+}
+
 /* Max or average pooling of one H x W plane into ho x wo in registers, for windows of 1 to 3
  * columns at stride 1 or 2 (SqueezeNet's and the CIFAR nets' 3 x 3 / 2, the ceil-mode edges
  * included): per DV_VW outputs of a row, the window rows' max (sum) of the input columns they
@@ -248,16 +281,18 @@ static inline int dv_avg_window_rows(int oy, int sh, int pt, int kh, int H, int 
  * window's columns picked by lane permutes: no scratch and no strided load; columns outside
  * the input are -inf (0) lanes of a masked load. The operations are those of the scratch path
  * (dv_maxpool_plane_rows, dv_avgpool_plane's rows), in its order (rows, then columns): the
- * same floats. Average: rows divided as dv_avg_window_rows says, by cols[ox] columns. */
-static inline void dv_pool_plane_regs(const float *in, int H, int W, float *out, int ho, int wo, int kh, int kw,
-                                      int sh, int sw, int pt, int pl, int avg, int pb, int count_include_pad,
-                                      const float *cols)
+ * same floats. Average: rows divided as dv_avg_window_rows says, by cols[ox] columns. Inlined
+ * with constant windows and strides by its callers (as run-time values, the row loops and the
+ * tap choices took 1.5x the time). */
+static inline __attribute__((always_inline)) void dv_pool_plane_regs(const float *in, int H, int W, float *out,
+                                                                     int ho, int wo, int kh, int kw, int sh,
+                                                                     int sw, int pt, int pl, int avg, int pb,
+                                                                     int count_include_pad, const float *cols)
 {
-#define DV_POOL_OP(a, b) (avg ? (a) + (b) : dv_vnmax(a, b))
     for (int oy = 0; oy < ho; ++oy) {
-        int y0, y1, rows = 0;
+        int y0, y1, divisor_rows = 0;
         if (avg) {
-            rows = dv_avg_window_rows(oy, sh, pt, kh, H, pb, count_include_pad, &y0, &y1);
+            divisor_rows = dv_avg_window_rows(oy, sh, pt, kh, H, pb, count_include_pad, &y0, &y1);
         } else {
             y0 = oy * sh - pt, y1 = y0 + kh;
             if (y0 < 0) y0 = 0;
@@ -265,31 +300,11 @@ static inline void dv_pool_plane_regs(const float *in, int H, int W, float *out,
         }
         const float *r = in + (long)y0 * W;
         float *o = out + (long)oy * wo;
-        int c = -pl;
-        dv_vn m0 = dv_rows_reduce(r, W, y1 - y0, c, avg);
-        for (int ox = 0; ox < wo; ox += DV_VW, c += DV_VW * sw) {
-            dv_vn m1 = dv_rows_reduce(r, W, y1 - y0, c + DV_VW, avg), v;
-            if (sw == 2) {
-                dv_vn even = DV_EVENS(m0, m1);
-                v = even;
-                if (kw > 1) v = DV_POOL_OP(v, DV_ODDS(m0, m1));
-                m0 = dv_rows_reduce(r, W, y1 - y0, c + 2 * DV_VW, avg);  /* where the next outputs start */
-                if (kw > 2) v = DV_POOL_OP(v, DV_FROM1(even, m0));
-            } else {
-                v = m0;
-                if (kw > 1) v = DV_POOL_OP(v, DV_FROM1(m0, m1));
-                if (kw > 2) v = DV_POOL_OP(v, DV_FROM2(m0, m1));
-                m0 = m1;
-            }
-            if (avg) {
-                dv_vn count = dv_vnload_clip(cols, ox, wo, 0.0f);
-                v = dv_divn_where_positive(v, (float)rows * count);
-            }
-            if (wo - ox >= DV_VW) memcpy(o + ox, &v, sizeof v);
-            else dv_vnstore_part(o + ox, v, wo - ox);
-        }
+        if (y1 - y0 == kh)  /* the whole window: a constant row count */
+            dv_pool_row_regs(r, W, kh, o, wo, kw, sw, pl, avg, divisor_rows, cols);
+        else
+            dv_pool_row_regs(r, W, y1 - y0, o, wo, kw, sw, pl, avg, divisor_rows, cols);
     }
-#undef DV_POOL_OP
 }
 
 /* Max pooling of one H x W plane into ho x wo (-inf padding: windows clipped to the input): in
@@ -298,6 +313,9 @@ static void dv_maxpool_plane(const float *in, int H, int W, float *out, int ho, 
                              int sh, int sw, int pt, int pl, float *acc)
 {
     if (sw > 2 || kw > 3) dv_maxpool_plane_rows(in, H, W, out, ho, wo, kh, kw, sh, sw, pt, pl, acc);
+    else if (kh == 3 && kw == 3 && sw == 2) dv_pool_plane_regs(in, H, W, out, ho, wo, 3, 3, sh, 2, pt, pl, 0, 0, 0, NULL);
+    else if (kh == 2 && kw == 2 && sw == 2) dv_pool_plane_regs(in, H, W, out, ho, wo, 2, 2, sh, 2, pt, pl, 0, 0, 0, NULL);
+    else if (kh == 3 && kw == 3 && sw == 1) dv_pool_plane_regs(in, H, W, out, ho, wo, 3, 3, sh, 1, pt, pl, 0, 0, 0, NULL);
     else dv_pool_plane_regs(in, H, W, out, ho, wo, kh, kw, sh, sw, pt, pl, 0, 0, 0, NULL);
 }
 
@@ -342,6 +360,10 @@ static void dv_avgpool_plane(const float *in, int H, int W, float *out, int ho, 
         if (we > W + pr) we = W + pr;
         int x0 = ws > 0 ? ws : 0, x1 = we < W ? we : W;
         cols[ox] = (float)(count_include_pad ? we - ws : x1 - x0);
+    }
+    if (kh == 3 && kw == 3 && sw == 2) {
+        dv_pool_plane_regs(in, H, W, out, ho, wo, 3, 3, sh, 2, pt, pl, 1, pb, count_include_pad, cols);
+        return;
     }
     if (sw <= 2 && kw <= 3) {
         dv_pool_plane_regs(in, H, W, out, ho, wo, kh, kw, sh, sw, pt, pl, 1, pb, count_include_pad, cols);
