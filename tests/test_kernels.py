@@ -158,6 +158,33 @@ def pool_reference(x, kh, kw, sh, sw, pt, pl, ho, wo, op):
     return out
 
 
+def test_max_and_average_pooling_match_numpy_on_random_shapes():
+    """Max and average pooling on random shapes: windows of 1-4 columns, strides 1-3, ceil-mode outputs (the
+    last windows past the input's right and bottom edges), odd widths, left and top padding,
+    rows of several vectors; into planes that lie apart (a band of a larger output)."""
+    rng = np.random.default_rng(19)
+    for _ in range(60):
+        kh, kw = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        sh, sw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        pt, pl = int(rng.integers(0, kh)), int(rng.integers(0, kw))
+        H, W = int(rng.integers(kh, 40)), int(rng.integers(kw, 120))
+        ceil = bool(rng.integers(0, 2))
+        ho = -(-(H + pt - kh) // sh) + 1 if ceil else (H + pt - kh) // sh + 1
+        wo = -(-(W + pl - kw) // sw) + 1 if ceil else (W + pl - kw) // sw + 1
+        # ONNX's ceil rule: the last window starts inside the input or its left/top padding
+        ho -= (ho - 1) * sh >= H + pt
+        wo -= (wo - 1) * sw >= W + pl
+        x = rng.standard_normal((3, H, W)).astype(np.float32)
+        whole = np.full((3, ho + 2, wo), np.nan, np.float32)
+        K.maxpool(x, whole[:, 1:1 + ho], kh, kw, sh, sw, pt, pl)
+        expected = pool_reference(x, kh, kw, sh, sw, pt, pl, ho, wo, "max").astype(np.float32)
+        assert np.array_equal(whole[:, 1:1 + ho], expected), (kh, kw, sh, sw, pt, pl, H, W)
+        assert np.isnan(whole[:, 0]).all() and np.isnan(whole[:, -1]).all()
+        means = np.empty((3, ho, wo), np.float32)
+        K.avgpool(x, means, kh, kw, sh, sw, pt, pl, kh - 1, kw - 1, False)
+        close(means, pool_reference(x, kh, kw, sh, sw, pt, pl, ho, wo, "mean"))
+
+
 @pytest.mark.parametrize("H,W,k,s,p", [(13, 13, 3, 2, 0), (32, 32, 3, 2, 1), (7, 40, 2, 2, 0), (9, 9, 3, 1, 1)])
 def test_pooling_matches_numpy(H, W, k, s, p):
     x = RNG.standard_normal((5, H, W)).astype(np.float32)

@@ -65,6 +65,20 @@ static inline long long dv_tile_store(const dv_v16 *acc, int nv, const int *orow
  * positions of the output, stored compressed. */
 #define DV_VEC 4
 
+/* Write one vector of a direct tile's output row `row`: base + x, ReLU if asked, at the output
+ * offset of vector q (the lanes its mask selects). */
+static inline __attribute__((always_inline)) void dv_dvec_store(float *row, const int *q, dv_v16 base, dv_v16 x,
+                                                             int relu)
+{
+    unsigned mask = (unsigned)q[3];
+    x = base + x;
+    if (relu) x = dv_relu16(x);
+    float *dst = row + q[1];
+    if (mask == 0xFFFFu) dv_store16(dst, x);
+    else if (mask == (1u << q[2]) - 1u) dv_store16_part(dst, x, q[2]);
+    else dv_store16_compress(dst, x, mask);
+}
+
 #if DV_VW == 16
 #include "dv_tiles_avx512.h"
 #else
@@ -79,16 +93,7 @@ static inline void dv_dtile_store(const dv_v16 *acc, int nvec, const int *orow, 
     for (int r = 0; r < rows; ++r) {
         int o = orow[r];
         dv_v16 base = DV_SPLAT(bias[o]);
-        for (int v = 0; v < nvec; ++v) {
-            const int *q = vec + DV_VEC * v;
-            unsigned mask = (unsigned)q[3];
-            dv_v16 x = base + acc[r * nvec + v];
-            if (relu) x = dv_relu16(x);
-            float *dst = out + (long)o * ldo + q[1];
-            if (mask == 0xFFFFu) dv_store16(dst, x);
-            else if (mask == (1u << q[2]) - 1u) dv_store16_part(dst, x, q[2]);
-            else dv_store16_compress(dst, x, mask);
-        }
+        for (int v = 0; v < nvec; ++v) dv_dvec_store(out + (long)o * ldo, vec + DV_VEC * v, base, acc[r * nvec + v], relu);
     }
 }
 
@@ -154,6 +159,12 @@ static void dv_tile_rows(const float *W, long ldw, int O, int K, const dv_tile_s
             }
             if (!first) memcpy(acc, saved, sizeof(dv_v16) * 8 * (size_t)nv);
             if (last && b->next_n > 0) dv_prefetch_out(out + (long)g * ldo, ldo, rows, b->next_j, b->next_n);
+#ifdef DV_DTILE_STORES
+            if (b->cols == NULL && first && last && nv == DV_DTILE && dv_dtile_stores(wr, kc, b->src, b->tap, b->vec,
+                                                                                      orow, rows, out, ldo, bias, relu,
+                                                                                      g == 0 ? b->pf : 0))
+                continue;
+#endif
             if (b->cols == NULL) dv_dtile(wr, kc, b->src, b->tap + k0, b->vec, nv, acc, !first, g == 0 ? b->pf : 0);
             else if (nv == 2) dv_tile_8x32(wr, kc, b->cols + (long)k0 * b->ldc, b->ldc, b->jn, acc, !first);
             else dv_tile_8x16(wr, kc, b->cols + (long)k0 * b->ldc, b->ldc, b->jn, acc, !first);
