@@ -178,6 +178,19 @@ def spet_margins(layer: Layer, x: np.ndarray, fraction: float) -> np.ndarray:
         partial = np.concatenate(parts).reshape(-1)
     return -partial[partial < 0]
 
+def greedy_allowances(layers: list[tuple[str, float]], limit: float, pass_no: int) -> list[tuple[str, float]]:
+    """The greedy search's schedule: each of ``layers`` ((name, share of the ops), largest
+    first) with the loss allowed once it is done; in the first pass the ``limit`` (the budget
+    less the margin) grows with the share of the ops searched so far, in later passes it is all
+    there. Knob calibration and pruning both follow it."""
+    total_share = sum(s for _, s in layers) or 1.0
+    schedule, done_share = [], 0.0
+    for name, share in layers:
+        done_share += share
+        schedule.append((name, limit * (done_share / total_share if pass_no == 1 else 1.0)))
+    return schedule
+
+
 @dataclass
 class Trial:
     """The outcome of one configuration on the calibration images."""
@@ -401,14 +414,9 @@ class Calibrator:
         held = f", {len(self.hold_images)} held out" if len(self.hold_images) else ""
         self.log(f"dense top-1 on {len(self.images)} calibration images{held}: {self.dense_top1:.2f} %; "
                  f"budget {self.budget} pt, margin {self.margin} pt, criterion {crit}")
-        layers = self.layers_by_share()
-        total_share = sum(s for _, s in layers) or 1.0
-        limit = self.budget - self.margin
+        layers, limit = self.layers_by_share(), self.budget - self.margin
         for pass_no in range(1, passes + 1):
-            done_share = 0.0
-            for name, share in layers:
-                done_share += share
-                allowance = limit * (done_share / total_share if pass_no == 1 else 1.0)
+            for name, allowance in greedy_allowances(layers, limit, pass_no):
                 self.calibrate_layer(name, allowance, pass_no)
             self.log(f"pass {pass_no} done: calib top-1 {self.current.top1:.2f} % "
                      f"(loss {self.dense_top1 - self.current.top1:.2f} pt, {self.criterion} "

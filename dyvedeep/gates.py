@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import _kernels as K
-from .engine import DEFAULT_TUNING, Engine, EngineTuning, set_blas_threads
+from .engine import DEFAULT_TUNING, Engine, EngineTuning, batch_and_outputs, set_blas_threads
 from .engine.counting import OpCounter, neuron_costs
 from .errors import DyveError
 from .io_utils import atomic_path
@@ -243,11 +243,7 @@ class GatedEngine:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Outputs (N, ...) of a batch of preprocessed inputs (N, C, H, W)."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(self.plan.input_shape):
-            raise DyveError(f"{self.plan.path}: input shape {tuple(batch.shape)} does not match the model's "
-                            f"(N, {', '.join(map(str, self.plan.input_shape))})")
-        outputs = np.empty((batch.shape[0],) + tuple(self.plan.output_shape), np.float32)
+        batch, outputs = batch_and_outputs(self.plan, batch)
         set_blas_threads(self.threads)
         for n in range(batch.shape[0]):
             outputs[n] = self._run_one(batch[n])[0]

@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 from onnx import numpy_helper
 
-from .calibrate import CRITERIA, Calibrator, Trial
+from .calibrate import CRITERIA, Calibrator, Trial, greedy_allowances
 from .cli_support import add_data_arguments, load_plan, open_dataset
 from .convert.onnx_graph import set_metadata
 from .datasets import parse_spec
@@ -148,14 +148,9 @@ class Pruner:
         log(f"dense top-1 on {len(self.cal.images)} calibration images{held}: {dense.top1:.2f} %; "
             f"{self.method}, budget {self.budget} pt, margin {self.margin} pt, criterion {self.cal.criterion}")
         self.current = dense
-        layers = self.layers_by_share()
-        total_share = sum(s for _, s in layers) or 1.0
-        limit = self.budget - self.margin
+        layers, limit = self.layers_by_share(), self.budget - self.margin
         for pass_no in range(1, passes + 1):
-            done_share = 0.0
-            for name, share in layers:
-                done_share += share
-                allowance = limit * (done_share / total_share if pass_no == 1 else 1.0)
+            for name, allowance in greedy_allowances(layers, limit, pass_no):
                 self.search_layer(name, allowance, pass_no)
             log(f"pass {pass_no} done: calib top-1 {self.current.top1:.2f} % (loss "
                 f"{dense.top1 - self.current.top1:.2f} pt), non-zero ops "

@@ -10,7 +10,7 @@ thread).
 from .bands import ConvPoolBands, PoolBand
 from .caffe_baseline import CaffeBaseline, im2col
 from .conv_plan import ConvGeometry, ConvKnobPlan, ConvPlan, ConvRoute, choose_route, direct_lane_use
-from .core import RUNNERS, CompiledRun, Engine, layer_work, set_blas_threads
+from .core import RUNNERS, CompiledRun, Engine, batch_and_outputs, layer_work, set_blas_threads
 from .counting import BILINEAR_FILL_OPS, COUNTER_FIELDS, SFMA_TEST_OPS, OpCounter
 from .memory import ALIGN, Scratch, aligned_copy, aligned_zeros, packed_cols, plan_buffers, tensor_readers
 from .sdss import SdssGrid, cell_corner_max, sdss_grid
@@ -22,7 +22,7 @@ __all__ = [
     "ALIGN", "BILINEAR_FILL_OPS", "COUNTER_FIELDS", "DEFAULT_TUNING", "RUNNERS", "SFMA_TEST_OPS",
     "CaffeBaseline", "CompiledRun", "ConvGeometry", "ConvKnobPlan", "ConvPlan", "ConvPoolBands", "ConvRoute", "Engine",
     "EngineTuning", "FcPlan", "OpCounter", "PoolBand", "Scratch", "SdssGrid",
-    "aligned_copy", "aligned_zeros", "cell_corner_max", "choose_route", "direct_lane_use", "fc_input_order",
+    "aligned_copy", "aligned_zeros", "batch_and_outputs", "cell_corner_max", "choose_route", "direct_lane_use", "fc_input_order",
     "im2col", "layer_work", "packed_cols", "plan_buffers", "sdss_grid", "set_blas_threads", "sfma_spread",
     "spet_channel_order", "spet_lead", "tensor_readers",
 ]

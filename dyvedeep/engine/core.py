@@ -61,6 +61,16 @@ def layer_work(layer: Layer) -> int:
     return max(layer.dense_macs, 8 * max(elements))
 
 
+def batch_and_outputs(plan: Plan, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of preprocessed inputs (N, C, H, W) checked against the plan's input shape, as
+    C-contiguous float32, and the (N, ...) array its outputs go to."""
+    batch = np.ascontiguousarray(batch, dtype=np.float32)
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(plan.input_shape):
+        raise DyveError(f"{plan.path}: input shape {tuple(batch.shape)} does not match the model's "
+                        f"(N, {', '.join(map(str, plan.input_shape))})")
+    return batch, np.empty((batch.shape[0],) + tuple(plan.output_shape), np.float32)
+
+
 class Engine:
     """Runs a plan on batches of images; ``knobs=None`` (or an empty config) is the dense network.
 
@@ -150,11 +160,7 @@ class Engine:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Outputs (N, ...) of a batch of preprocessed inputs (N, C, H, W)."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(self.plan.input_shape):
-            raise DyveError(f"{self.plan.path}: input shape {tuple(batch.shape)} does not match the model's "
-                            f"(N, {', '.join(map(str, self.plan.input_shape))})")
-        outputs = np.empty((batch.shape[0],) + tuple(self.plan.output_shape), np.float32)
+        batch, outputs = batch_and_outputs(self.plan, batch)
         set_blas_threads(self.threads)
         for n in range(batch.shape[0]):
             outputs[n] = self.forward(batch[n], banded=True)[self.plan.output_name]
