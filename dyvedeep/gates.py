@@ -27,7 +27,7 @@ from . import _kernels as K
 from .engine import DEFAULT_TUNING, Engine, EngineTuning, batch_and_outputs, set_blas_threads
 from .engine.counting import OpCounter, neuron_costs
 from .errors import DyveError
-from .io_utils import atomic_path
+from .io_utils import atomic_path, read_bytes_limited
 from .knobs import KnobConfig
 from .plan import Plan
 
@@ -131,13 +131,7 @@ def load_gates(config: KnobConfig, plan: Plan) -> list[Gate]:
     if settings is None:
         return []
     path = settings.weights_path()
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(SIDECAR_MAX_BYTES + 1)
-    except OSError as err:
-        raise DyveError(f"{path}: cannot read the gates' weights named by {settings.knob_file} ({err.strerror})") from None
-    if len(raw) > SIDECAR_MAX_BYTES:
-        raise DyveError(f"{path}: larger than {SIDECAR_MAX_BYTES} bytes; not the gates' weights")
+    raw = read_bytes_limited(path, SIDECAR_MAX_BYTES, f"the gates' weights named by {settings.knob_file}")
     digest = hashlib.sha256(raw).hexdigest()
     if digest != settings.sha256:
         raise DyveError(f"{path}: sha256 {digest[:16]}... is not the {settings.sha256[:16]}... that "

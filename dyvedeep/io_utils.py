@@ -87,10 +87,10 @@ def write_json_atomic(target: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_text_limited(path: str | os.PathLike[str], max_bytes: int, what: str) -> str:
-    """The UTF-8 text of a small input file (a knob file, a board description), refused in one
-    line naming the file when it cannot be read, is larger than ``max_bytes`` or is not UTF-8.
-    Only ``max_bytes + 1`` bytes are read, so a huge file costs nothing."""
+def read_bytes_limited(path: str | os.PathLike[str], max_bytes: int, what: str) -> bytes:
+    """The bytes of a small input file, refused in one line naming the file when it cannot be
+    read or is larger than ``max_bytes``. Only ``max_bytes + 1`` bytes are read, so a huge file
+    costs nothing."""
     try:
         with open(path, "rb") as f:
             raw = f.read(max_bytes + 1)
@@ -98,6 +98,14 @@ def read_text_limited(path: str | os.PathLike[str], max_bytes: int, what: str) -
         raise DyveError(f"{path}: cannot read {what} ({err.strerror})") from None
     if len(raw) > max_bytes:
         raise DyveError(f"{path}: larger than {max_bytes} bytes; not {what}")
+    return raw
+
+
+def read_text_limited(path: str | os.PathLike[str], max_bytes: int, what: str) -> str:
+    """The UTF-8 text of a small input file (a knob file, a board description), refused in one
+    line naming the file when it cannot be read, is larger than ``max_bytes`` or is not UTF-8
+    (read_bytes_limited)."""
+    raw = read_bytes_limited(path, max_bytes, what)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
