@@ -76,6 +76,34 @@ SPET_TESTS = ("margin",)
 SPET_BOUND_SCALES = (0.25, 0.35, 0.5, 0.7, 1.0)
 
 
+#: How layers form the greedy search's steps (``--group``): each layer alone (the specification's
+#: search), or (beyond it) the layers of one shape sharing one quantile level of their own statistics.
+GROUPINGS = ("layer", "shape")
+
+
+def level_thresholds(knob: str, values: np.ndarray) -> list[float | None]:
+    """One threshold per quantile level of CANDIDATE_QUANTILES (most aggressive first), None where
+    the level leaves the knob off (SFMA / SDSS: a quantile of 0); the levels of a shape group."""
+    if values.size == 0:
+        return [None] * len(CANDIDATE_QUANTILES[knob])
+    out: list[float | None] = []
+    for q in np.quantile(values.astype(np.float64), CANDIDATE_QUANTILES[knob]):
+        if knob == "spet":
+            out.append(float(max(q, 0.0)))
+        else:
+            t = float(np.nextafter(np.float32(q), np.float32(np.inf)))
+            out.append(t if t > 0 else None)
+    return out
+
+
+def shape_key(layer: Layer) -> tuple:
+    """What the layers of one ``--group shape`` group share: op, shapes, weight shape, attributes,
+    folded ReLU and the knobs that apply."""
+    weight = None if layer.weight is None else tuple(layer.weight.shape)
+    return (layer.op, tuple(map(tuple, layer.in_shapes)), tuple(layer.out_shape), weight,
+            repr(sorted(layer.attrs.items())), layer.relu, layer.input_nonneg, applicable_knobs(layer))
+
+
 def candidate_thresholds(knob: str, values: np.ndarray) -> list[float]:
     """Distinct thresholds, most aggressive first, from quantiles of the knob's statistic."""
     if values.size == 0:
@@ -178,7 +206,7 @@ def spet_margins(layer: Layer, x: np.ndarray, fraction: float) -> np.ndarray:
         partial = np.concatenate(parts).reshape(-1)
     return -partial[partial < 0]
 
-def greedy_allowances(layers: list[tuple[str, float]], limit: float, pass_no: int) -> list[tuple[str, float]]:
+def greedy_allowances(layers: list[tuple[Any, float]], limit: float, pass_no: int) -> list[tuple[Any, float]]:
     """The greedy search's schedule: each of ``layers`` ((name, share of the ops), largest
     first) with the loss allowed once it is done; in the first pass the ``limit`` (the budget
     less the margin) grows with the share of the ops searched so far, in later passes it is all
@@ -244,9 +272,12 @@ class Calibrator:
                  min_share: float, threads: int, knobs_allowed: tuple[str, ...] = KNOB_NAMES,
                  criterion: str = "disagree", z: float = 1.0, holdout: float = 0.0, seed: int = 0,
                  spet_fractions: tuple[float, ...] = SPET_FRACTIONS, early_reject: bool = True,
-                 changed_weight: float = 0.5, spet_tests: tuple[str, ...] = SPET_TESTS) -> None:
+                 changed_weight: float = 0.5, spet_tests: tuple[str, ...] = SPET_TESTS,
+                 group: str = "layer") -> None:
         if criterion not in CRITERIA:
             raise DyveError(f"--criterion: unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
+        if group not in GROUPINGS:
+            raise DyveError(f"--group: one of {', '.join(GROUPINGS)}, got {group!r}")
         if not 0 <= holdout < 1:
             raise DyveError(f"--holdout: a fraction in [0, 1), got {holdout}")
         self.plan = plan
@@ -265,6 +296,8 @@ class Calibrator:
         self.changed_weight = changed_weight
         self.threads = threads
         self.knobs_allowed = knobs_allowed
+        self.group = group
+        self.group_levels: dict[tuple[tuple[str, ...], str, str], int] = {}  # accepted level per group and knob
         self.config = KnobConfig(model=plan.path.name)
         self.trace: list[dict[str, Any]] = []
         self.history: list[KnobConfig] = []  # the configuration before each accepted change
@@ -392,6 +425,19 @@ class Calibrator:
                 and layer.dense_ops / total >= self.min_share]
         return sorted(rows, key=lambda r: -r[1])
 
+    def layer_groups(self) -> list[tuple[tuple[str, ...], float]]:
+        """The greedy search's steps, largest op share first: (layers, their op share); one layer
+        each, or with ``group`` ``shape`` the layers that share a :func:`shape_key`, in plan order."""
+        rows = self.layers_by_share()
+        if self.group == "layer":
+            return [((name, ), share) for name, share in rows]
+        groups: dict[tuple, list[tuple[str, float]]] = {}
+        for name, share in rows:
+            groups.setdefault(shape_key(self.plan.layers[self.index_of[name]]), []).append((name, share))
+        steps = [(tuple(sorted((n for n, _ in members), key=self.index_of.__getitem__)), sum(s for _, s in members))
+                 for members in groups.values()]
+        return sorted(steps, key=lambda r: -r[1])
+
     def run_dense(self) -> Trial:
         """Run the network without knobs on the calibration images (not the held-out ones): the
         reference every trial's risk is measured against (``dense``, also ``current``)."""
@@ -414,10 +460,13 @@ class Calibrator:
         held = f", {len(self.hold_images)} held out" if len(self.hold_images) else ""
         self.log(f"dense top-1 on {len(self.images)} calibration images{held}: {self.dense_top1:.2f} %; "
                  f"budget {self.budget} pt, margin {self.margin} pt, criterion {crit}")
-        layers, limit = self.layers_by_share(), self.budget - self.margin
+        steps, limit = self.layer_groups(), self.budget - self.margin
         for pass_no in range(1, passes + 1):
-            for name, allowance in greedy_allowances(layers, limit, pass_no):
-                self.calibrate_layer(name, allowance, pass_no)
+            for names, allowance in greedy_allowances(steps, limit, pass_no):
+                if len(names) == 1:
+                    self.calibrate_layer(names[0], allowance, pass_no)
+                else:
+                    self.calibrate_group(names, allowance, pass_no)
             self.log(f"pass {pass_no} done: calib top-1 {self.current.top1:.2f} % "
                      f"(loss {self.dense_top1 - self.current.top1:.2f} pt, {self.criterion} "
                      f"{self.risk(self.current)[0]:.2f} pt), ops {self.dense_ops / self.current.ops:.2f}x "
@@ -505,6 +554,84 @@ class Calibrator:
                     self.config.set(name, knob, best[0], **options)
                     self.current = best[1]
                     current = self.config.get(name, knob)
+
+    def calibrate_group(self, names: tuple[str, ...], allowance: float, pass_no: int) -> None:
+        """One greedy step over a shape group: per knob, the most aggressive quantile level of
+        each layer's own statistic (the same level for all) that is accepted; a later pass only
+        tries levels more aggressive than the one kept."""
+        index = self.index_of[names[0]]
+        cache = self.cache_inputs(index, self.config)
+        prefix = self.prefix_ops(index, self.config)
+        self.open_pool(cache)
+        try:
+            for knob in SEARCH_ORDER:
+                if knob not in self.knobs_allowed or knob not in applicable_knobs(self.plan.layers[index]):
+                    continue
+                for options in self.options_grid(knob):
+                    self._search_group(names, knob, options, index, cache, prefix, allowance, pass_no)
+        except BaseException:  # Ctrl-C or an error: no worker may outlive the command
+            self.close_pool(terminate=True)
+            raise
+        finally:
+            self.close_pool()
+
+    def group_level_thresholds(self, names: tuple[str, ...], knob: str, options: dict[str, Any], index: int,
+                               cache: list[dict[str, np.ndarray]]) -> dict[str, list[float | None]]:
+        """Per layer of a group, its thresholds at each quantile level, from its own inputs on a
+        sample of the cached images (run from the group's first layer, the knob off there)."""
+        out = {}
+        for name in names:
+            layer = self.plan.layers[self.index_of[name]]
+            if knob == "spet" and options.get("test") == "bound":
+                out[name] = list(SPET_BOUND_SCALES)
+                continue
+            probe = self.config.copy()
+            probe.disable(name, knob)
+            if knob == "spet":
+                probe.set(name, "spet", math.inf, **options)
+            engine = Engine(self.plan, probe, 1)
+            at = self.index_of[name]
+            values = []
+            for tensors in cache[:STAT_IMAGES]:
+                inputs = tensors if at == index else engine.run_image(None, start=index, tensors=tensors, stop=at)
+                values.append(knob_statistics(engine, layer, inputs[layer.inputs[0]], knob))
+            out[name] = level_thresholds(knob, np.concatenate(values) if values else np.zeros(0))
+        return out
+
+    def _search_group(self, names: tuple[str, ...], knob: str, options: dict[str, Any], index: int, cache,
+                      prefix: float, allowance: float, pass_no: int) -> None:
+        """Binary search over the quantile levels of one knob and option setting in a group."""
+        thresholds = self.group_level_thresholds(names, knob, options, index, cache)
+        key = (names, knob, repr(sorted(options.items())))
+        levels = len(next(iter(thresholds.values())))
+        lo, hi = 0, min(levels, self.group_levels.get(key, levels)) - 1
+        best: tuple[int, KnobConfig, Trial] | None = None
+        label = f"{names[0]}..{names[-1]} ({len(names)} layers)"
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            config = self.config.copy()
+            for name in names:
+                t = thresholds[name][mid]
+                if t is not None:
+                    config.set(name, knob, t, **options)
+            trial = self.trial(index, cache, config, prefix, allowance=allowance if self.early_reject else None)
+            risk = self.risk(trial)
+            if config.get(names[0], knob) is not None:
+                self.check_consistent(names[0], knob, thresholds[names[0]][mid] or 0.0, trial, risk[3])
+            ok = not trial.partial and risk[0] <= allowance + 1e-9 and trial.ops < self.current.ops
+            level = (SPET_BOUND_SCALES if knob == "spet" and options.get("test") == "bound"
+                     else CANDIDATE_QUANTILES[knob])[mid]
+            first = thresholds[names[0]][mid]
+            self.record(pass_no, label, knob, math.nan if first is None else first, {**options, "level": level},
+                        trial, ok, risk)
+            if ok:
+                best, hi = (mid, config, trial), mid - 1
+            else:
+                lo = mid + 1
+        if best is not None:
+            self.history.append(self.config.copy())
+            self.group_levels[key] = best[0]
+            self.config, self.current = best[1], best[2]
 
     def options_grid(self, knob: str) -> list[dict[str, Any]]:
         """The option settings searched for ``knob``: SPET's fractions, per test (the margin rule
@@ -608,7 +735,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     plan = load_plan(args.model)
     if parse_spec(args.data)[2] == "test":
         raise DyveError(f"{args.data}: calibration never uses the test split; use the calib split")
-    dataset = open_dataset(plan, args.data, args.limit, args.mirror)
+    dataset = open_dataset(plan, args.data, args.limit, args.mirror, args.mix)
     if len(dataset) == 0:
         raise DyveError(f"{args.data}: no calibration images")
     images = dataset.images(0, len(dataset))
@@ -627,7 +754,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise DyveError(f"--spet-tests: comma-separated margin, bound; got {args.spet_tests!r}")
     cal = Calibrator(plan, images, np.asarray(dataset.labels), args.budget, args.margin, args.min_share,
                      args.threads, knobs, criterion=args.criterion, z=args.z, holdout=args.holdout,
-                     spet_fractions=spet_fractions, changed_weight=args.changed_weight, spet_tests=spet_tests)
+                     spet_fractions=spet_fractions, changed_weight=args.changed_weight, spet_tests=spet_tests,
+                     group=args.group)
     config = cal.run(passes=args.passes)
     config.save(args.output)
     if args.trace:
@@ -644,7 +772,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``calibrate``."""
     p = subparsers.add_parser("calibrate", help="choose knob thresholds under an accuracy budget")
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
-    add_data_arguments(p)
+    add_data_arguments(p, calibration=True)
     p.add_argument("--budget", type=float, default=0.5, help="top-1 loss budget, percentage points (default 0.5)")
     p.add_argument("--margin", type=float, default=0.0,
                    help="kept in reserve from the budget (default 0 pt: the criterion keeps its own reserve)")
@@ -657,6 +785,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--z", type=float, default=1.0, help="standard errors added by lost and ucb (default 1)")
     p.add_argument("--changed-weight", type=float, default=0.5,
                    help="criterion disagree: points of loss counted per point of images changed (default 0.5)")
+    p.add_argument("--group", choices=GROUPINGS, default="layer",
+                   help="steps of the greedy search: each layer alone (default), or shape (beyond the "
+                        "specification): the layers of one shape together, each at the same quantile level "
+                        "of its own statistic (deep nets of repeated blocks: fewer trials, fewer choices "
+                        "fitted to the calibration images)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of the calibration images held out to check the chosen setting (default 0)")
     p.add_argument("--spet-fractions", default=",".join(map(str, SPET_FRACTIONS)),

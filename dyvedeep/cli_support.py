@@ -109,24 +109,30 @@ def platform_info() -> dict[str, Any]:
     }
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The options every command that reads a dataset takes."""
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True, calibration: bool = False) -> None:
+    """The options every command that reads a dataset takes; ``calibration``: also ``--mix``,
+    for the commands that choose a setting on calibration images."""
     parser.add_argument("--data", required=required, metavar="SPEC",
                         help="dataset and split, e.g. cifar10:test, imagenet-sample:calib, npz:FILE")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N images")
     parser.add_argument("--mirror", type=Path, default=None, metavar="DIR",
                         help="offline mirror directory (default: $DYVEDEEP_MIRROR or ../shared/mirror)")
+    if calibration:
+        parser.add_argument("--mix", type=float, default=0.0, metavar="W",
+                            help="blend each calibration image with another one, W the other's weight "
+                                 "(default 0: off; beyond the specification, for nets that know their "
+                                 "calibration images by heart: docs/knobs.md)")
 
 
-def open_dataset(plan: Plan, spec: str, limit: int | None, mirror: Path | None):
+def open_dataset(plan: Plan, spec: str, limit: int | None, mirror: Path | None, mix: float = 0.0):
     """The dataset ``spec`` with the model's preprocessing; checks the label sets agree, that
     there are images (every command computes a statistic over them) and that every label is one
-    of the model's outputs."""
-    from .datasets import load_dataset
+    of the model's outputs. ``mix`` > 0: each image blended with another (:func:`blended`)."""
+    from .datasets import blended, load_dataset
 
     if plan.preprocess is None and not spec.startswith("npz:"):
         raise DyveError(f"{plan.path}: no input preprocessing in the model's metadata; convert it with dyvedeep convert")
-    dataset = load_dataset(spec, plan.preprocess, mirror=mirror, limit=limit)
+    dataset = blended(load_dataset(spec, plan.preprocess, mirror=mirror, limit=limit), mix)
     if len(dataset) == 0:
         raise DyveError(f"{spec}: no images to run on" + (f" (--limit {limit})" if limit is not None else ""))
     label_set = getattr(dataset, "label_set", None)

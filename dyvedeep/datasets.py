@@ -501,6 +501,40 @@ def _imagenet_val(directory: str, split: str, preprocess: Preprocess, cache_dir:
                    decode=decode, cache_file=cache)
 
 
+# --- blended calibration images --------------------------------------------------------------
+
+MAX_MIX = 0.5  # at half and beyond the partner image dominates and the label would be its
+
+
+def blended(dataset: Dataset, weight: float, seed: int = 0) -> Dataset:
+    """``dataset`` with each image i blended with a partner image p(i) of the same dataset:
+    ``(1 - weight) * x_i + weight * x_p(i)``, with image i's label (mixup's blend, without its
+    label mixing). The partners follow one seeded cycle through the images, so no image is its
+    own partner and the same dataset and seed give the same images.
+
+    Beyond the specification: a net that knows its calibration images by heart (training images)
+    keeps its top-1 on them under perturbations that change it on unseen images; blended images
+    sit off the training images, where the net is about as sure as on unseen ones
+    (docs/knobs.md, "Calibration images a net knows by heart"). Preprocessing is affine, so
+    blending preprocessed images equals preprocessing blended pixels."""
+    if not 0 <= weight < MAX_MIX:
+        raise DyveError(f"--mix: the partner image's weight must be in [0, {MAX_MIX}), got {weight}")
+    n = len(dataset)
+    if weight == 0 or n < 2:
+        return dataset
+    cycle = np.random.default_rng(seed).permutation(n)
+    partner = np.empty(n, dtype=np.int64)
+    partner[cycle] = np.roll(cycle, -1)
+
+    def decode(i: int) -> np.ndarray:
+        j = int(partner[i])
+        return ((1 - weight) * dataset.images(i, i + 1)[0] + weight * dataset.images(j, j + 1)[0]).astype(np.float32)
+
+    ids = [f"{image_id}+{weight:g}*{dataset.ids[int(partner[i])]}" for i, image_id in enumerate(dataset.ids)]
+    return Dataset(dataset.name, dataset.split, dataset.labels, ids, label_set=dataset.label_set,
+                   preprocess=dataset.preprocess, decode=decode)
+
+
 # --- preprocessed arrays (npz) ---------------------------------------------------------------
 
 def export_npz(dataset: Dataset, path: str | os.PathLike[str], *, batch_size: int = 64) -> Path:

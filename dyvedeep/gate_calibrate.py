@@ -310,7 +310,7 @@ def cmd_gates(args: argparse.Namespace) -> int:
     backbone = load_knobs(args.knobs, plan) if args.knobs else KnobConfig(model=plan.path.name)
     if backbone.gates is not None:
         raise DyveError(f"{args.knobs}: already has decision gates; give a knob file without them")
-    dataset = open_dataset(plan, args.data, args.limit, args.mirror)
+    dataset = open_dataset(plan, args.data, args.limit, args.mirror, args.mix)
     layer_names = [l for l in args.after.split(",") if l] if args.after else default_gate_layers(plan)
     if args.knobs:
         log(f"the other knobs from {args.knobs}")
@@ -330,7 +330,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``gates``."""
     p = subparsers.add_parser("gates", help="decision gates: place, train and calibrate them under a budget")
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
-    add_data_arguments(p)
+    add_data_arguments(p, calibration=True)
     p.add_argument("--budget", type=float, default=0.5, help="top-1 loss budget, percentage points (default 0.5)")
     p.add_argument("--margin", type=float, default=0.0, help="kept in reserve from the budget (default 0 pt)")
     p.add_argument("--knobs", type=Path, default=None, metavar="EXISTING.yaml",

@@ -289,7 +289,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     summary_path = args.summary or args.output.with_suffix(".yaml")
     if summary_path.resolve() == args.output.resolve() or args.output.resolve() == args.model.resolve():
         raise DyveError(f"{args.output}: the pruned model must not overwrite the input model or its summary")
-    dataset = open_dataset(plan, args.data, args.limit, args.mirror)
+    dataset = open_dataset(plan, args.data, args.limit, args.mirror, args.mix)
     images = dataset.images(0, len(dataset))
     pruner = Pruner(plan, images, np.asarray(dataset.labels), args.method, args.budget, args.margin,
                     args.min_share, args.threads, criterion=args.criterion, z=args.z, holdout=args.holdout,
@@ -313,7 +313,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("prune", help="static magnitude pruning under the same budget (comparison, "
                                             "not DyVEDeep)")
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
-    add_data_arguments(p)
+    add_data_arguments(p, calibration=True)
     p.add_argument("--method", choices=METHODS, required=True,
                    help="unstructured (per layer) or fan-in (the same number of inputs kept per output neuron)")
     p.add_argument("--budget", type=float, default=0.5, help="top-1 loss budget, percentage points (default 0.5)")

@@ -6,12 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from dyvedeep.calibrate import SPET_BOUND_SCALES, Calibrator, knob_statistics, risk_pt
+from dyvedeep.calibrate import SPET_BOUND_SCALES, STAT_IMAGES, Calibrator, knob_statistics, level_thresholds, risk_pt
 from dyvedeep.engine import Engine, sdss_grid
 from dyvedeep.errors import DyveError
 from dyvedeep.knobs import DEFAULT_OPTIONS, KnobConfig
 from dyvedeep.plan import build_plan
-from tests.onnx_builders import conv_model
+from onnx import helper
+
+from tests.onnx_builders import conv_model, save_model
 from tests.test_cli import run, small_data, small_model  # noqa: F401  (fixtures)
 from tests.test_knobs import reference_knobs
 
@@ -191,3 +193,44 @@ def test_spet_bound_is_searched_only_when_asked(small_model):  # noqa: F811
             assert setting.threshold in SPET_BOUND_SCALES
             assert "test=bound" in " ".join(row["options"] for row in tried if row["layer"] == lname
                                             and row["accepted"])
+
+
+@pytest.fixture()
+def repeated_model(tmp_path):
+    """conv1 (3 -> 8) then conv2 and conv3 of one shape (8 -> 8, ReLU), global average, fc, softmax."""
+    nodes = [helper.make_node("Conv", ["data", "W1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "W2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "W3", "b3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+             helper.make_node("GlobalAveragePool", ["r3"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat", axis=1),
+             helper.make_node("Gemm", ["f", "W4", "b4"], ["fc"], name="fc", transB=1),
+             helper.make_node("Softmax", ["fc"], ["prob"], name="prob", axis=1)]
+    rng = np.random.default_rng(5)
+    inits = {"W1": rng.normal(0, .4, (8, 3, 3, 3)), "b1": rng.normal(0, .1, 8),
+             "W2": rng.normal(0, .2, (8, 8, 3, 3)), "b2": rng.normal(0, .1, 8),
+             "W3": rng.normal(0, .2, (8, 8, 3, 3)), "b3": rng.normal(0, .1, 8),
+             "W4": rng.normal(0, .5, (3, 8)), "b4": np.zeros(3)}
+    return save_model(tmp_path / "repeated.onnx", nodes, inits, (3, 12, 12), "prob")
+
+
+def test_shape_groups_share_one_quantile_level_of_their_own_statistics(repeated_model):
+    cal = _calibrator(repeated_model, n=80, group="shape", knobs_allowed=("sdss",))
+    assert [names for names, _ in cal.layer_groups()] == [("conv2", "conv3"), ("conv1",)]
+    assert [names for names, _ in _calibrator(repeated_model, n=80).layer_groups()] == [
+        ("conv2",), ("conv3",), ("conv1",)]
+    cal.budget = 100.0  # every level is within the budget: the most aggressive one is kept
+    cal.run(passes=1)
+    # each layer's threshold is level 0 of its own statistic, on its own inputs
+    dense = Engine(cal.plan)
+    for name in ("conv2", "conv3"):
+        layer = next(l for l in cal.plan.layers if l.name == name)
+        values = [knob_statistics(dense, layer, dense.run_image(img, stop=cal.index_of[name])[layer.inputs[0]], "sdss")
+                  for img in cal.images[:STAT_IMAGES]]
+        assert cal.config.get(name, "sdss").threshold == level_thresholds("sdss", np.concatenate(values))[0]
+    assert cal.config.get("conv2", "sdss").threshold != cal.config.get("conv3", "sdss").threshold
+    assert any(row["layer"] == "conv2..conv3 (2 layers)" and "level=0.9" in row["options"] for row in cal.trace)
+    with pytest.raises(DyveError, match="--group"):
+        _calibrator(repeated_model, group="block")

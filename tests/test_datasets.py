@@ -1,6 +1,6 @@
 """Tests of dyvedeep.datasets: spec parsing, CIFAR-10 and the ImageNet sample from the real mirror
 (labels, splits, pixels, preprocessing), user ImageNet directories, corrupt images, the CIFAR
-python tarball (synthetic copy) and the npz round trip."""
+python tarball (synthetic copy), the npz round trip and blended calibration images."""
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.conftest import mirror_path
 from dyvedeep import catalog
-from dyvedeep.datasets import export_npz, load_dataset, parse_spec, spec_source
+from dyvedeep.datasets import Dataset, blended, export_npz, load_dataset, parse_spec, spec_source
 from dyvedeep.errors import DyveError
 from dyvedeep.preprocess import Preprocess
 
@@ -288,3 +288,29 @@ def test_imagenet_sample_table_is_package_data_and_complete() -> None:
     entries = catalog.imagenet_sample()
     assert len(entries) == 1000 and len(set(catalog.imagenet_wnids())) == 1000
     assert all(c.startswith("sha256:") and len(c) == 7 + 64 for _, c in entries)
+
+
+# --- blended calibration images ----------------------------------------------------------------
+
+def test_blended_images_mix_each_image_with_another() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 3, 4, 4)).astype(np.float32)
+    base = Dataset("toy", "calib", np.arange(7) % 3, [f"toy:{i}" for i in range(7)], label_set="cifar10",
+                   preprocess=None, array=x)
+    mixed = blended(base, 0.25, seed=1)
+    out = mixed.images()
+    assert out.shape == x.shape and out.dtype == np.float32
+    assert mixed.labels.tolist() == base.labels.tolist()
+    # each image is 3/4 of itself and 1/4 of exactly one other image, every image a partner once
+    partners = []
+    for i in range(7):
+        rest = (out[i] - 0.75 * x[i]) / 0.25
+        found = [j for j in range(7) if np.allclose(rest, x[j], atol=1e-5)]
+        assert len(found) == 1 and found[0] != i
+        partners.append(found[0])
+    assert sorted(partners) == list(range(7))
+    np.testing.assert_array_equal(blended(base, 0.25, seed=1).images(), out)  # deterministic
+    assert not np.array_equal(blended(base, 0.25, seed=2).images(), out)
+    assert blended(base, 0.0) is base
+    with pytest.raises(DyveError, match="--mix"):
+        blended(base, 0.5)

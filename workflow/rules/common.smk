@@ -205,7 +205,7 @@ def bench_calibrate(bench):
 def calibrate_args(bench):
     c = bench_calibrate(bench)
     args = ["--knobs", ",".join(dict.fromkeys(c["knobs"]))]
-    for key in ("margin", "passes", "min_share"):
+    for key in ("margin", "passes", "min_share", "mix", "changed_weight", "group"):
         if c.get(key) is not None:
             args += [f"--{key.replace('_', '-')}", str(c[key])]
     return " ".join(args)
@@ -366,14 +366,18 @@ def compare_images_file(bench, setting):
     return f"results/compare/{bench}/per-image/{setting}.json"
 
 
-def gates_risk_arg(setting):
+def gates_risk_arg(bench, setting):
     """--risk of `dyvedeep gates`. On top of the knobs, by default the knobs' own criterion
-    (`--risk criterion`): their budget counts in it as in their calibration, which the default
-    budget_with_knobs (the knobs' budget plus the gates') relies on; the command's default risk
-    (changed share + 2 SE) puts the pipeline's knobs alone at ~1.5 pt on cifar10_quick."""
+    (`--risk criterion`, with the benchmark's changed weight): their budget counts in it as in
+    their calibration, which the default budget_with_knobs (the knobs' budget plus the gates')
+    relies on; the command's default risk (changed share + 2 SE) puts the pipeline's knobs alone
+    at ~1.5 pt on cifar10_quick."""
     g = config["compare"]["gates"]
     risk = g["risk_with_knobs"] if setting == "gates_knobs" else g["risk"]
-    return f"--risk {risk}" if risk else ""
+    if not risk:
+        return ""
+    weight = bench_calibrate(bench).get("changed_weight")
+    return f"--risk {risk}" + (f" --changed-weight {weight}" if risk == "criterion" and weight is not None else "")
 
 
 def gates_limit_arg(bench):
@@ -384,13 +388,16 @@ def gates_limit_arg(bench):
 
 def prune_args(bench):
     """`dyvedeep prune` options: the family's budget, its passes / min_share or else the
-    benchmark's calibration ones, and the benchmark's margin."""
+    benchmark's calibration ones, and the benchmark's margin, mix and changed weight."""
     c, p = bench_calibrate(bench), config["compare"]["prune"]
     args = ["--budget", str(compare_budget("prune"))]
     for key in ("margin", "passes", "min_share"):
         value = p.get(key) if p.get(key) is not None else c.get(key)
         if value is not None:
             args += [f"--{key.replace('_', '-')}", str(value)]
+    for key in ("mix", "changed_weight"):
+        if c.get(key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(c[key])]
     return " ".join(args)
 
 

@@ -23,7 +23,7 @@ rule gates:
         data=lambda wildcards: data_spec(wildcards.bench, "calib"),
         budget=lambda wildcards: gates_budget(wildcards.setting),
         on_knobs=lambda wildcards, input: f"--knobs {input.knobs}" if input.knobs else "",
-        risk=lambda wildcards: gates_risk_arg(wildcards.setting),
+        risk=lambda wildcards: gates_risk_arg(wildcards.bench, wildcards.setting),
         loss=config["compare"]["gates"]["loss"],
         confidence=config["compare"]["gates"]["confidence"],
         limit=lambda wildcards: gates_limit_arg(wildcards.bench),
