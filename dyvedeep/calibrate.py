@@ -104,6 +104,21 @@ def shape_key(layer: Layer) -> tuple:
             repr(sorted(layer.attrs.items())), layer.relu, layer.input_nonneg, applicable_knobs(layer))
 
 
+def shape_groups(plan: Plan, rows: list[tuple[str, float]], group: str) -> list[tuple[tuple[str, ...], float]]:
+    """The greedy search's steps from ``rows`` ((layer, op share)), largest op share first:
+    (layers, their op share); one layer each (``group`` ``layer``), or the layers that share a
+    :func:`shape_key`, in plan order (``shape``). Calibration and pruning both use it."""
+    if group == "layer":
+        return [((name, ), share) for name, share in rows]
+    index_of = {layer.name: i for i, layer in enumerate(plan.layers)}
+    groups: dict[tuple, list[tuple[str, float]]] = {}
+    for name, share in rows:
+        groups.setdefault(shape_key(plan.layers[index_of[name]]), []).append((name, share))
+    steps = [(tuple(sorted((n for n, _ in members), key=index_of.__getitem__)), sum(s for _, s in members))
+             for members in groups.values()]
+    return sorted(steps, key=lambda r: -r[1])
+
+
 def candidate_thresholds(knob: str, values: np.ndarray) -> list[float]:
     """Distinct thresholds, most aggressive first, from quantiles of the knob's statistic."""
     if values.size == 0:
@@ -426,17 +441,8 @@ class Calibrator:
         return sorted(rows, key=lambda r: -r[1])
 
     def layer_groups(self) -> list[tuple[tuple[str, ...], float]]:
-        """The greedy search's steps, largest op share first: (layers, their op share); one layer
-        each, or with ``group`` ``shape`` the layers that share a :func:`shape_key`, in plan order."""
-        rows = self.layers_by_share()
-        if self.group == "layer":
-            return [((name, ), share) for name, share in rows]
-        groups: dict[tuple, list[tuple[str, float]]] = {}
-        for name, share in rows:
-            groups.setdefault(shape_key(self.plan.layers[self.index_of[name]]), []).append((name, share))
-        steps = [(tuple(sorted((n for n, _ in members), key=self.index_of.__getitem__)), sum(s for _, s in members))
-                 for members in groups.values()]
-        return sorted(steps, key=lambda r: -r[1])
+        """The greedy search's steps (:func:`shape_groups` of the layers worth calibrating)."""
+        return shape_groups(self.plan, self.layers_by_share(), self.group)
 
     def run_dense(self) -> Trial:
         """Run the network without knobs on the calibration images (not the held-out ones): the

@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 from onnx import numpy_helper
 
-from .calibrate import CRITERIA, Calibrator, Trial, greedy_allowances
+from .calibrate import CRITERIA, GROUPINGS, Calibrator, Trial, greedy_allowances, shape_groups
 from .cli_support import add_data_arguments, load_plan, open_dataset
 from .convert.onnx_graph import set_metadata
 from .datasets import parse_spec
@@ -95,13 +95,14 @@ class Pruner:
     def __init__(self, plan: Plan, images: np.ndarray, labels: np.ndarray, method: str, budget: float,
                  margin: float = 0.0, min_share: float = 0.01, threads: int = 1, criterion: str = "disagree",
                  z: float = 1.0, holdout: float = 0.0, changed_weight: float = 0.5,
-                 early_reject: bool = True) -> None:
+                 early_reject: bool = True, group: str = "layer") -> None:
         if method not in METHODS:
             raise DyveError(f"--method: unknown method {method!r} (known: {', '.join(METHODS)})")
         self.plan, self.method = plan, method
         self.cal = Calibrator(plan, images, labels, budget, margin, min_share, threads, knobs_allowed=(),
                               criterion=criterion, z=z, holdout=holdout, early_reject=early_reject,
-                              changed_weight=changed_weight)
+                              changed_weight=changed_weight, group=group)
+        self.group = group
         self.budget, self.margin, self.min_share = budget, margin, min_share
         self.original = {layer.name: layer.weight for layer in plan.compute_layers()}
         self.density = {name: 1.0 for name in self.original}
@@ -148,10 +149,10 @@ class Pruner:
         log(f"dense top-1 on {len(self.cal.images)} calibration images{held}: {dense.top1:.2f} %; "
             f"{self.method}, budget {self.budget} pt, margin {self.margin} pt, criterion {self.cal.criterion}")
         self.current = dense
-        layers, limit = self.layers_by_share(), self.budget - self.margin
+        steps, limit = shape_groups(self.plan, self.layers_by_share(), self.group), self.budget - self.margin
         for pass_no in range(1, passes + 1):
-            for name, allowance in greedy_allowances(layers, limit, pass_no):
-                self.search_layer(name, allowance, pass_no)
+            for names, allowance in greedy_allowances(steps, limit, pass_no):
+                self.search_layer(names, allowance, pass_no)
             log(f"pass {pass_no} done: calib top-1 {self.current.top1:.2f} % (loss "
                 f"{dense.top1 - self.current.top1:.2f} pt), non-zero ops "
                 f"{self.dense_nonzero_ops / self.plan.nonzero_ops:.3f}x fewer, {time.monotonic() - start:.0f} s")
@@ -159,14 +160,16 @@ class Pruner:
             self.check_holdout(limit)
         return dict(self.density)
 
-    def search_layer(self, name: str, allowance: float, pass_no: int) -> None:
-        """Binary search for the smallest density of layer ``name`` whose risk stays within
-        ``allowance`` and which lowers the non-zero ops (the risk grows as the density falls)."""
-        index = self.cal.index_of[name]
-        layer = self.plan.layers[index]
-        candidates = candidate_densities(layer, self.method, self.density[name])
+    def search_layer(self, names: tuple[str, ...], allowance: float, pass_no: int) -> None:
+        """Binary search for the smallest density of the layers ``names`` (one layer, or a shape
+        group at one density) whose risk stays within ``allowance`` and which lowers the non-zero
+        ops (the risk grows as the density falls)."""
+        index = self.cal.index_of[names[0]]
+        candidates = sorted(set.intersection(*(set(candidate_densities(
+            self.plan.layers[self.cal.index_of[n]], self.method, self.density[n])) for n in names)))
         if not candidates:
             return
+        label = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]} ({len(names)} layers)"
         cache = self.cal.cache_inputs(index, KnobConfig())  # under the densities accepted so far
         current_ops = self.plan.nonzero_ops
         lo, hi, best = 0, len(candidates) - 1, None
@@ -174,14 +177,14 @@ class Pruner:
             while lo <= hi:
                 mid = (lo + hi) // 2
                 d = candidates[mid]
-                self.apply({**self.density, name: d})
+                self.apply({**self.density, **dict.fromkeys(names, d)})
                 ops = self.plan.nonzero_ops
                 trial = self.cal.trial_forked(index, cache, KnobConfig(), 0.0,
                                               allowance=allowance if self.cal.early_reject else None)
                 risk, lost, gained, _ = self.cal.risk(trial)
                 ok = not trial.partial and risk <= allowance + 1e-9 and ops < current_ops
                 early = f" (stopped after {len(trial.correct)} images)" if trial.partial else ""
-                log(f"pass {pass_no} {name} density {d:g}: top-1 {trial.top1:.2f} %{early} ({lost} lost, "
+                log(f"pass {pass_no} {label} density {d:g}: top-1 {trial.top1:.2f} %{early} ({lost} lost, "
                     f"{gained} gained, {self.cal.criterion} {risk:.2f} pt of {allowance:.2f}), non-zero ops "
                     f"{self.dense_nonzero_ops / ops:.3f}x fewer -> {'candidate' if ok else 'rejected'}")
                 if ok:
@@ -190,7 +193,7 @@ class Pruner:
                     lo = mid + 1
         finally:
             if best is not None:
-                self.density[name] = best[0]
+                self.density.update(dict.fromkeys(names, best[0]))
                 self.accepted.append(dict(self.density))
                 self.current = best[1]
             self.apply(self.density)
@@ -293,7 +296,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     images = dataset.images(0, len(dataset))
     pruner = Pruner(plan, images, np.asarray(dataset.labels), args.method, args.budget, args.margin,
                     args.min_share, args.threads, criterion=args.criterion, z=args.z, holdout=args.holdout,
-                    changed_weight=args.changed_weight)
+                    changed_weight=args.changed_weight, group=args.group)
     pruner.run(passes=args.passes)
     summary = pruner.summary(args.model, args.data)
     write_pruned_model(args.model, plan, args.output)
@@ -325,6 +328,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--z", type=float, default=1.0, help="standard errors added by lost and ucb (default 1)")
     p.add_argument("--changed-weight", type=float, default=0.5,
                    help="criterion disagree: points of loss counted per point of images changed (default 0.5)")
+    p.add_argument("--group", choices=GROUPINGS, default="layer",
+                   help="steps of the greedy search: each layer alone (default), or shape: the layers of "
+                        "one shape at one density (as calibrate --group)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of the calibration images held out to check the chosen densities (default 0)")
     p.add_argument("--threads", type=int, default=1)

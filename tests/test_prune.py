@@ -1,7 +1,8 @@
 """``dyvedeep prune``: hand-worked masks of both methods (ties, density 1, a density keeping
 nothing), hand-worked non-zero MAC counts of the written model, the greedy search within the
 budget on cifar10_quick (mirror), the same densities on one and two worker processes, bad input
-in one line; and calibrate's held-out check on two workers (a stale-cache bug, December 2026)."""
+in one line, shape groups at one density; and calibrate's held-out check on two workers (a
+stale-cache bug, December 2026)."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ from dyvedeep.errors import DyveError
 from dyvedeep.knobs import KnobConfig
 from dyvedeep.metadata_keys import NONZERO_KEY
 from dyvedeep.plan import build_plan
-from dyvedeep.prune import DENSITIES, Pruner, candidate_densities, prune_mask, prune_weight, write_pruned_model
+from dyvedeep.prune import DENSITIES, Pruner, candidate_densities, kept_count, prune_mask, prune_weight, write_pruned_model
 from tests.onnx_builders import conv_model, save_model
+from tests.test_calibrate import repeated_model  # noqa: F401  (fixture)
 from tests.test_cli import run, small_data, small_model  # noqa: F401  (fixtures)
 
 W = np.array([[3.0, -1.0, 2.0],
@@ -197,3 +199,13 @@ def test_cli_writes_the_model_and_a_yaml_summary(tmp_path, capsys, small_model, 
     # the knobs calibrate on top of the pruned model
     code, _, err = run(capsys, "calibrate", out, "--data", f"npz:{small_data['calib']}", "-o", tmp_path / "k.yaml")
     assert code == 0, err
+
+
+def test_shape_group_is_pruned_at_one_density(repeated_model):  # noqa: F811
+    plan = build_plan(repeated_model)
+    x = np.random.default_rng(4).normal(0, 1, (40, 3, 12, 12)).astype(np.float32)
+    y = Engine(plan).run(x).argmax(axis=1)
+    density = Pruner(plan, x, y, "unstructured", budget=5.0, min_share=0.0, group="shape").run(passes=1)
+    assert density["conv2"] == density["conv3"] < 1  # conv2 and conv3 share a shape
+    conv3 = next(layer for layer in plan.layers if layer.name == "conv3")
+    assert np.count_nonzero(conv3.weight) == kept_count(conv3.weight.size, density["conv3"])

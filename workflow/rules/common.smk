@@ -388,14 +388,14 @@ def gates_limit_arg(bench):
 
 def prune_args(bench):
     """`dyvedeep prune` options: the family's budget, its passes / min_share or else the
-    benchmark's calibration ones, and the benchmark's margin, mix and changed weight."""
+    benchmark's calibration ones, and the benchmark's margin, mix, changed weight and group."""
     c, p = bench_calibrate(bench), config["compare"]["prune"]
     args = ["--budget", str(compare_budget("prune"))]
     for key in ("margin", "passes", "min_share"):
         value = p.get(key) if p.get(key) is not None else c.get(key)
         if value is not None:
             args += [f"--{key.replace('_', '-')}", str(value)]
-    for key in ("mix", "changed_weight"):
+    for key in ("mix", "changed_weight", "group"):
         if c.get(key) is not None:
             args += [f"--{key.replace('_', '-')}", str(c[key])]
     return " ".join(args)
