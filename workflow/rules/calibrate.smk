@@ -19,7 +19,7 @@ rule calibrate:
     log:
         "logs/calibrate/{bench}.log",
     resources:
-        cpu_lock=1,
+        cpu_lock=CPU_LOCK_JOB_THREADS,
     conda:
         CONDA_ENV
     shell:

@@ -52,7 +52,8 @@ MIRROR = ""
 if config["mirror"] and Path(config["mirror"]).expanduser().is_dir():
     MIRROR = str(Path(config["mirror"]).expanduser().resolve())
 
-# Every job holds one unit of `cpu_lock`; a timing job holds all of them and so runs alone.
+# Every job holds one unit of `cpu_lock`; a timing job holds all of them and so runs alone, as
+# does a job on every core of this machine (CPU_LOCK_JOB_THREADS).
 # The total is declared in the workflow profile (profiles/default/config.yaml).
 _lock = workflow.global_resources.get("cpu_lock")
 CPU_LOCK_ALL = int(getattr(_lock, "value", _lock) or 1)
@@ -194,6 +195,10 @@ def mirror_arg():
 
 # Threads of the jobs that can use several (calibration, evaluation): every core there is.
 JOB_THREADS = max(1, min(workflow.cores, os.cpu_count() or 1))
+# Such a job uses every core of this machine, so it holds the whole cpu_lock: two of them at
+# once would only share the cores (six calibrations at once took several times the sum of their
+# times alone, docs/notes/2026-12-04-calibration-mix.md). On a cluster each job has its own cores.
+CPU_LOCK_JOB_THREADS = CPU_LOCK_ALL if workflow.local_exec else 1
 
 
 def bench_calibrate(bench):

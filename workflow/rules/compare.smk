@@ -32,7 +32,7 @@ rule gates:
     log:
         "logs/gates/{bench}/{setting}.log",
     resources:
-        cpu_lock=1,
+        cpu_lock=CPU_LOCK_JOB_THREADS,
     conda:
         CONDA_ENV
     shell:
@@ -58,7 +58,7 @@ rule evaluate_gates:
     log:
         "logs/evaluate/{bench}/{setting}.log",
     resources:
-        cpu_lock=1,
+        cpu_lock=CPU_LOCK_JOB_THREADS,
     conda:
         CONDA_ENV
     shell:
@@ -85,7 +85,7 @@ rule prune:
     log:
         "logs/prune/{bench}/{method}.log",
     resources:
-        cpu_lock=1,
+        cpu_lock=CPU_LOCK_JOB_THREADS,
     conda:
         CONDA_ENV
     shell:
@@ -113,7 +113,7 @@ rule calibrate_pruned:
     log:
         "logs/calibrate/{bench}/pruned_{method}.log",
     resources:
-        cpu_lock=1,
+        cpu_lock=CPU_LOCK_JOB_THREADS,
     conda:
         CONDA_ENV
     shell:
@@ -140,7 +140,7 @@ rule evaluate_pruned:
     log:
         "logs/evaluate/{bench}/pruned_{method}.log",
     resources:
-        cpu_lock=1,
+        cpu_lock=CPU_LOCK_JOB_THREADS,
     conda:
         CONDA_ENV
     shell:

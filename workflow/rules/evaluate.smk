@@ -49,7 +49,7 @@ if config["eval_shard_size"]:
         log:
             "logs/evaluate/{bench}/{start}-{stop}.log",
         resources:
-            cpu_lock=1,
+            cpu_lock=CPU_LOCK_JOB_THREADS,
         conda:
             CONDA_ENV
         shell:
@@ -101,7 +101,7 @@ else:
         log:
             "logs/evaluate/{bench}.log",
         resources:
-            cpu_lock=1,
+            cpu_lock=CPU_LOCK_JOB_THREADS,
         conda:
             CONDA_ENV
         shell:
