@@ -385,10 +385,11 @@ def gates_risk_arg(bench, setting):
     return f"--risk {risk}" + (f" --changed-weight {weight}" if risk == "criterion" and weight is not None else "")
 
 
-def gates_limit_arg(bench):
-    """--limit N of `dyvedeep gates`: compare.gates.limit, else the knobs' (limit_arg)."""
+def gates_limit_arg():
+    """--limit N of `dyvedeep gates`: compare.gates.limit, else the global limit_calib (not the
+    benchmark's own calibrate limit: a gate is cheap to train and needs the images)."""
     n = config["compare"]["gates"]["limit"]
-    return f"--limit {int(n)}" if n else limit_arg("calib", bench)
+    return f"--limit {int(n)}" if n else limit_arg("calib")
 
 
 def prune_args(bench):

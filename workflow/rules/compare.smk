@@ -26,7 +26,7 @@ rule gates:
         risk=lambda wildcards: gates_risk_arg(wildcards.bench, wildcards.setting),
         loss=config["compare"]["gates"]["loss"],
         confidence=config["compare"]["gates"]["confidence"],
-        limit=lambda wildcards: gates_limit_arg(wildcards.bench),
+        limit=gates_limit_arg(),
         mirror=mirror_arg(),
     threads: JOB_THREADS
     log:
