@@ -18,11 +18,15 @@ The search (a reconstruction of the papers' procedure, see docs/knobs.md):
   latest accepted changes are undone until the setting also passes on them;
 - activations are cached: the tensors live at a layer's input are computed once per layer (under
   the settings accepted so far) and a candidate then runs only from that layer to the output;
-  a clearly bad candidate stops after a quarter of the images (early rejection).
+  a clearly bad candidate stops after a quarter of the images (early rejection);
+- beyond the specification, ``group`` ``shape`` makes the layers of one shape one greedy step,
+  each at the same quantile level of its own statistic (fewer trials and fewer choices fitted to
+  the calibration images on deep nets of repeated blocks; docs/knobs.md).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import math
@@ -31,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -89,9 +93,9 @@ def level_thresholds(knob: str, values: np.ndarray) -> list[float | None]:
     out: list[float | None] = []
     for q in np.quantile(values.astype(np.float64), CANDIDATE_QUANTILES[knob]):
         if knob == "spet":
-            out.append(float(max(q, 0.0)))
+            out.append(float(max(q, 0.0)))  # terminate when partial < -t: smaller t is more aggressive
         else:
-            t = float(np.nextafter(np.float32(q), np.float32(np.inf)))
+            t = float(np.nextafter(np.float32(q), np.float32(np.inf)))  # fire when stat < t: include q
             out.append(t if t > 0 else None)
     return out
 
@@ -121,18 +125,9 @@ def shape_groups(plan: Plan, rows: list[tuple[str, float]], group: str) -> list[
 
 def candidate_thresholds(knob: str, values: np.ndarray) -> list[float]:
     """Distinct thresholds, most aggressive first, from quantiles of the knob's statistic."""
-    if values.size == 0:
-        return []
-    qs = np.quantile(values.astype(np.float64), CANDIDATE_QUANTILES[knob])
     out: list[float] = []
-    for q in qs:
-        if knob == "spet":
-            t = float(max(q, 0.0))  # terminate when partial < -t: smaller t is more aggressive
-        else:
-            t = float(np.nextafter(np.float32(q), np.float32(np.inf)))  # fire when stat < t: include q
-            if t <= 0:
-                continue
-        if not out or not math.isclose(t, out[-1], rel_tol=1e-6, abs_tol=1e-12):
+    for t in level_thresholds(knob, values):
+        if t is not None and (not out or not math.isclose(t, out[-1], rel_tol=1e-6, abs_tol=1e-12)):
             out.append(t)
     return out
 
@@ -402,6 +397,19 @@ class Calibrator:
         if self.threads > 1 and "fork" in multiprocessing.get_all_start_methods():
             self.pool = multiprocessing.get_context("fork").Pool(self.threads)
 
+    @contextlib.contextmanager
+    def workers(self, cache: list[dict[str, np.ndarray]]) -> Iterator[None]:
+        """Worker processes forked for trials on ``cache`` for the time of the block; none
+        outlives it, whether it ends, fails or is interrupted (Ctrl-C)."""
+        self.open_pool(cache)
+        try:
+            yield
+        except BaseException:
+            self.close_pool(terminate=True)
+            raise
+        finally:
+            self.close_pool()
+
     def close_pool(self, terminate: bool = False) -> None:
         if self.pool is not None:
             if terminate:
@@ -417,14 +425,8 @@ class Calibrator:
         """:meth:`trial` in worker processes forked for it alone, so that they see the plan as it
         is now: for a caller that changes the network's weights between trials (``dyvedeep
         prune``), and for runs on images other than the cached calibration ones."""
-        self.open_pool(cache)
-        try:
+        with self.workers(cache):
             return self.trial(index, cache, config, prefix_ops, labels, allowance)
-        except BaseException:  # Ctrl-C or an error: no worker may outlive the command
-            self.close_pool(terminate=True)
-            raise
-        finally:
-            self.close_pool()
 
     def whole_run(self, images: np.ndarray, labels: np.ndarray, config: KnobConfig) -> Trial:
         """Every layer of ``config`` on ``images`` (no cache): for the held-out check."""
@@ -532,14 +534,8 @@ class Calibrator:
         layer = self.plan.layers[index]
         cache = self.cache_inputs(index, self.config)
         prefix = self.prefix_ops(index, self.config)
-        self.open_pool(cache)
-        try:
+        with self.workers(cache):
             self._calibrate_knobs(name, layer, index, cache, prefix, allowance, pass_no)
-        except BaseException:  # Ctrl-C or an error: no worker may outlive the command
-            self.close_pool(terminate=True)
-            raise
-        finally:
-            self.close_pool()
 
     def _calibrate_knobs(self, name: str, layer, index: int, cache, prefix: float, allowance: float,
                          pass_no: int) -> None:
@@ -568,18 +564,12 @@ class Calibrator:
         index = self.index_of[names[0]]
         cache = self.cache_inputs(index, self.config)
         prefix = self.prefix_ops(index, self.config)
-        self.open_pool(cache)
-        try:
+        with self.workers(cache):
             for knob in SEARCH_ORDER:
                 if knob not in self.knobs_allowed or knob not in applicable_knobs(self.plan.layers[index]):
                     continue
                 for options in self.options_grid(knob):
                     self._search_group(names, knob, options, index, cache, prefix, allowance, pass_no)
-        except BaseException:  # Ctrl-C or an error: no worker may outlive the command
-            self.close_pool(terminate=True)
-            raise
-        finally:
-            self.close_pool()
 
     def group_level_thresholds(self, names: tuple[str, ...], knob: str, options: dict[str, Any], index: int,
                                cache: list[dict[str, np.ndarray]]) -> dict[str, list[float | None]]:
