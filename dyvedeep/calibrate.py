@@ -85,6 +85,19 @@ SPET_BOUND_SCALES = (0.25, 0.35, 0.5, 0.7, 1.0)
 GROUPINGS = ("layer", "shape")
 
 
+def spet_bound(knob: str, options: dict[str, Any]) -> bool:
+    """Whether ``knob`` with ``options`` is SPET's ``test: bound``, whose candidates are fixed
+    scales rather than quantiles of a statistic."""
+    return knob == "spet" and options.get("test") == "bound"
+
+
+def group_levels(knob: str, options: dict[str, Any]) -> tuple[float, ...]:
+    """The levels a shape group's search runs through for ``knob`` with ``options``, most
+    aggressive first: SPET ``test: bound``'s scales (the same for every layer), else the
+    quantiles of CANDIDATE_QUANTILES (each layer's own threshold at them)."""
+    return SPET_BOUND_SCALES if spet_bound(knob, options) else CANDIDATE_QUANTILES[knob]
+
+
 def level_thresholds(knob: str, values: np.ndarray) -> list[float | None]:
     """One threshold per quantile level of CANDIDATE_QUANTILES (most aggressive first), None where
     the level leaves the knob off (SFMA / SDSS: a quantile of 0); the levels of a shape group."""
@@ -307,7 +320,7 @@ class Calibrator:
         self.threads = threads
         self.knobs_allowed = knobs_allowed
         self.group = group
-        self.group_levels: dict[tuple[tuple[str, ...], str, str], int] = {}  # accepted level per group and knob
+        self.kept_levels: dict[tuple[tuple[str, ...], str, str], int] = {}  # accepted level per group and knob
         self.config = KnobConfig(model=plan.path.name)
         self.trace: list[dict[str, Any]] = []
         self.history: list[KnobConfig] = []  # the configuration before each accepted change
@@ -578,7 +591,7 @@ class Calibrator:
         out = {}
         for name in names:
             layer = self.plan.layers[self.index_of[name]]
-            if knob == "spet" and options.get("test") == "bound":
+            if spet_bound(knob, options):
                 out[name] = list(SPET_BOUND_SCALES)
                 continue
             probe = self.config.copy()
@@ -599,8 +612,8 @@ class Calibrator:
         """Binary search over the quantile levels of one knob and option setting in a group."""
         thresholds = self.group_level_thresholds(names, knob, options, index, cache)
         key = (names, knob, repr(sorted(options.items())))
-        levels = len(next(iter(thresholds.values())))
-        lo, hi = 0, min(levels, self.group_levels.get(key, levels)) - 1
+        levels = group_levels(knob, options)
+        lo, hi = 0, min(len(levels), self.kept_levels.get(key, len(levels))) - 1
         best: tuple[int, KnobConfig, Trial] | None = None
         label = f"{names[0]}..{names[-1]} ({len(names)} layers)"
         while lo <= hi:
@@ -615,18 +628,16 @@ class Calibrator:
             if config.get(names[0], knob) is not None:
                 self.check_consistent(names[0], knob, thresholds[names[0]][mid] or 0.0, trial, risk[3])
             ok = not trial.partial and risk[0] <= allowance + 1e-9 and trial.ops < self.current.ops
-            level = (SPET_BOUND_SCALES if knob == "spet" and options.get("test") == "bound"
-                     else CANDIDATE_QUANTILES[knob])[mid]
             first = thresholds[names[0]][mid]
-            self.record(pass_no, label, knob, math.nan if first is None else first, {**options, "level": level},
-                        trial, ok, risk)
+            self.record(pass_no, label, knob, math.nan if first is None else first,
+                        {**options, "level": levels[mid]}, trial, ok, risk)
             if ok:
                 best, hi = (mid, config, trial), mid - 1
             else:
                 lo = mid + 1
         if best is not None:
             self.history.append(self.config.copy())
-            self.group_levels[key] = best[0]
+            self.kept_levels[key] = best[0]
             self.config, self.current = best[1], best[2]
 
     def options_grid(self, knob: str) -> list[dict[str, Any]]:
@@ -645,7 +656,7 @@ class Calibrator:
                    options: dict[str, Any]) -> list[float]:
         """Candidate thresholds from the knob's statistic on a sample of cached inputs (SPET's
         bound: its fixed scales)."""
-        if knob == "spet" and options.get("test") == "bound":
+        if spet_bound(knob, options):
             return list(SPET_BOUND_SCALES)
         probe = self.config.copy()
         probe.disable(layer.name, knob)

@@ -526,13 +526,12 @@ def blended(dataset: Dataset, weight: float, seed: int = 0) -> Dataset:
     partner = np.empty(n, dtype=np.int64)
     partner[cycle] = np.roll(cycle, -1)
 
-    def decode(i: int) -> np.ndarray:
-        j = int(partner[i])
-        return ((1 - weight) * dataset.images(i, i + 1)[0] + weight * dataset.images(j, j + 1)[0]).astype(np.float32)
-
+    # every image is decoded once (each is also another's partner), then blended in memory
+    x = dataset.images()
+    mixed = ((1 - weight) * x + weight * x[partner]).astype(np.float32)
     ids = [f"{image_id}+{weight:g}*{dataset.ids[int(partner[i])]}" for i, image_id in enumerate(dataset.ids)]
     return Dataset(dataset.name, dataset.split, dataset.labels, ids, label_set=dataset.label_set,
-                   preprocess=dataset.preprocess, decode=decode)
+                   preprocess=dataset.preprocess, array=mixed)
 
 
 # --- preprocessed arrays (npz) ---------------------------------------------------------------

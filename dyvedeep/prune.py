@@ -102,7 +102,6 @@ class Pruner:
         self.cal = Calibrator(plan, images, labels, budget, margin, min_share, threads, knobs_allowed=(),
                               criterion=criterion, z=z, holdout=holdout, early_reject=early_reject,
                               changed_weight=changed_weight, group=group)
-        self.group = group
         self.budget, self.margin, self.min_share = budget, margin, min_share
         self.original = {layer.name: layer.weight for layer in plan.compute_layers()}
         self.density = {name: 1.0 for name in self.original}
@@ -149,7 +148,7 @@ class Pruner:
         log(f"dense top-1 on {len(self.cal.images)} calibration images{held}: {dense.top1:.2f} %; "
             f"{self.method}, budget {self.budget} pt, margin {self.margin} pt, criterion {self.cal.criterion}")
         self.current = dense
-        steps, limit = shape_groups(self.plan, self.layers_by_share(), self.group), self.budget - self.margin
+        steps, limit = shape_groups(self.plan, self.layers_by_share(), self.cal.group), self.budget - self.margin
         for pass_no in range(1, passes + 1):
             for names, allowance in greedy_allowances(steps, limit, pass_no):
                 self.search_layer(names, allowance, pass_no)

@@ -5,14 +5,13 @@ import math
 
 import numpy as np
 import pytest
+from onnx import helper
 
 from dyvedeep.calibrate import SPET_BOUND_SCALES, STAT_IMAGES, Calibrator, knob_statistics, level_thresholds, risk_pt
 from dyvedeep.engine import Engine, sdss_grid
 from dyvedeep.errors import DyveError
 from dyvedeep.knobs import DEFAULT_OPTIONS, KnobConfig
 from dyvedeep.plan import build_plan
-from onnx import helper
-
 from tests.onnx_builders import conv_model, save_model
 from tests.test_cli import run, small_data, small_model  # noqa: F401  (fixtures)
 from tests.test_knobs import reference_knobs
