@@ -136,6 +136,11 @@ def shape_groups(plan: Plan, rows: list[tuple[str, float]], group: str) -> list[
     return sorted(steps, key=lambda r: -r[1])
 
 
+def search_key(names: tuple[str, ...], knob: str, options: dict[str, Any]) -> tuple[tuple[str, ...], str, str]:
+    """The key of one search: its layers (one, or a shape group), knob and options."""
+    return names, knob, repr(sorted(options.items()))
+
+
 def candidate_thresholds(knob: str, values: np.ndarray) -> list[float]:
     """Distinct thresholds, most aggressive first, from quantiles of the knob's statistic."""
     out: list[float] = []
@@ -251,6 +256,7 @@ class Trial:
     correct: np.ndarray
     pred: np.ndarray | None = None  # top-1 class per image
     partial: bool = False  # stopped early on the first images (rejected)
+    risk_floor: float | None = None  # a partial trial: the lower confidence bound of its risk (pt)
     saved_in_layer: float = 0.0  # ops per image the knobs saved in the layer under calibration
 
 
@@ -321,6 +327,9 @@ class Calibrator:
         self.knobs_allowed = knobs_allowed
         self.group = group
         self.kept_levels: dict[tuple[tuple[str, ...], str, str], int] = {}  # accepted level per group and knob
+        # per layer (or group), knob and options: the least aggressive threshold (group: level
+        # index) whose risk exceeded the whole limit; later passes skip it and all beyond it
+        self.hopeless: dict[tuple[tuple[str, ...], str, str], float | int] = {}
         self.config = KnobConfig(model=plan.path.name)
         self.trace: list[dict[str, Any]] = []
         self.history: list[KnobConfig] = []  # the configuration before each accepted change
@@ -379,7 +388,7 @@ class Calibrator:
                                 self.dense.pred[:first], correct, pred)[0]
             if lower > allowance:
                 return Trial(float(correct.mean() * 100), prefix_ops + ops / first, correct, pred, partial=True,
-                             saved_in_layer=saved / first)
+                             risk_floor=lower, saved_in_layer=saved / first)
             rest, rest_ops, rest_saved = self._outputs(index, cache, config, first, n)
             outputs, ops, saved = np.concatenate([outputs, rest]), ops + rest_ops, saved + rest_saved
         correct = topk_correct(outputs, labels, 1)
@@ -561,6 +570,9 @@ class Calibrator:
                 if current is not None and current.options == options:
                     # a later pass only tries more aggressive settings of the same options
                     candidates = [t for t in candidates if self._more_aggressive(knob, t, current.threshold)]
+                hopeless = self.hopeless.get(search_key((name,), knob, options))
+                if hopeless is not None:
+                    candidates = [t for t in candidates if self._more_aggressive(knob, hopeless, t)]
                 if not candidates:
                     continue
                 best = self.search(name, knob, candidates, options, cache, index, prefix, allowance, pass_no)
@@ -611,9 +623,9 @@ class Calibrator:
                       prefix: float, allowance: float, pass_no: int) -> None:
         """Binary search over the quantile levels of one knob and option setting in a group."""
         thresholds = self.group_level_thresholds(names, knob, options, index, cache)
-        key = (names, knob, repr(sorted(options.items())))
+        key = search_key(names, knob, options)
         levels = group_levels(knob, options)
-        lo, hi = 0, min(len(levels), self.kept_levels.get(key, len(levels))) - 1
+        lo, hi = self.hopeless.get(key, -1) + 1, min(len(levels), self.kept_levels.get(key, len(levels))) - 1
         best: tuple[int, KnobConfig, Trial] | None = None
         label = f"{names[0]}..{names[-1]} ({len(names)} layers)"
         while lo <= hi:
@@ -628,6 +640,8 @@ class Calibrator:
             if config.get(names[0], knob) is not None:
                 self.check_consistent(names[0], knob, thresholds[names[0]][mid] or 0.0, trial, risk[3])
             ok = not trial.partial and risk[0] <= allowance + 1e-9 and trial.ops < self.current.ops
+            if self.beyond_limit(trial, risk[0]):
+                self.hopeless[key] = max(self.hopeless.get(key, -1), mid)
             first = thresholds[names[0]][mid]
             self.record(pass_no, label, knob, math.nan if first is None else first,
                         {**options, "level": levels[mid]}, trial, ok, risk)
@@ -683,6 +697,10 @@ class Calibrator:
             self.check_consistent(name, knob, t, trial, risk[3])
             ok = not trial.partial and risk[0] <= allowance + 1e-9 and trial.ops < self.current.ops
             tried[mid] = ok
+            if self.beyond_limit(trial, risk[0]):
+                key = search_key((name,), knob, options)
+                if key not in self.hopeless or self._more_aggressive(knob, self.hopeless[key], t):
+                    self.hopeless[key] = t
             self.record(pass_no, name, knob, t, options, trial, ok, risk)
             if ok:
                 best = (t, trial)
@@ -690,6 +708,13 @@ class Calibrator:
             else:
                 lo = mid + 1
         return best
+
+    def beyond_limit(self, trial: Trial, risk: float) -> bool:
+        """Whether a rejected trial's risk (a partial trial's lower bound) exceeds the whole
+        limit, ``budget - margin``: knobs accepted later only add to a setting, which rarely
+        lowers its risk, so later passes do not try it or anything more aggressive again."""
+        value = trial.risk_floor if trial.partial else risk
+        return value is not None and value > self.budget - self.margin + 1e-9
 
     def check_consistent(self, name: str, knob: str, t: float, trial: Trial, changed: int) -> None:
         """Stop with an error when a candidate changes the top-1 of most images while its knob

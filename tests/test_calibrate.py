@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from dyvedeep.calibrate import SPET_BOUND_SCALES, STAT_IMAGES, Calibrator, knob_statistics, level_thresholds, risk_pt
+from dyvedeep.calibrate import (SPET_BOUND_SCALES, STAT_IMAGES, Calibrator, group_levels, knob_statistics,
+                                 level_thresholds, risk_pt, search_key)
 from dyvedeep.engine import Engine, sdss_grid
 from dyvedeep.errors import DyveError
 from dyvedeep.knobs import DEFAULT_OPTIONS, KnobConfig
@@ -233,3 +234,39 @@ def test_shape_groups_share_one_quantile_level_of_their_own_statistics(repeated_
     assert any(row["layer"] == "conv2..conv3 (2 layers)" and "level=0.9" in row["options"] for row in cal.trace)
     with pytest.raises(DyveError, match="--group"):
         _calibrator(repeated_model, group="block")
+
+
+def _beyond_limit_rows(trace, limit):
+    """Per (layer, knob, options without the level) of pass 1: the thresholds (or levels) whose
+    risk exceeded the whole limit."""
+    out: dict[tuple, list[str]] = {}
+    for row in trace:
+        if row["pass"] == 1 and not row["accepted"] and row["risk_pt"] > limit:
+            options = " ".join(o for o in row["options"].split() if not o.startswith("level="))
+            level = [o for o in row["options"].split() if o.startswith("level=")]
+            out.setdefault((row["layer"], row["knob"], options), []).append(level[0] if level else row["threshold"])
+    return out
+
+
+def test_a_later_pass_skips_what_exceeded_the_whole_limit(small_model, repeated_model):  # noqa: F811
+    """Pass 2 does not try again a threshold whose risk exceeded budget - margin in pass 1, nor
+    any more aggressive one (per layer: SPET lower margins, SDSS / SFMA higher thresholds)."""
+    cal = _calibrator(small_model, n=80)
+    cal.run(passes=2)
+    hopeless = _beyond_limit_rows(cal.trace, cal.budget - cal.margin)
+    assert hopeless  # the test means something: pass 1 rejected some candidates beyond the limit
+    for row in cal.trace:
+        key = (row["layer"], row["knob"], row["options"])
+        if row["pass"] == 2 and key in hopeless:
+            t = row["threshold"]
+            for h in hopeless[key]:
+                assert (t > h) if row["knob"] == "spet" else (t < h), (row, h)
+    # shape groups: a level beyond the limit in an earlier pass bounds the levels tried
+    cal = _calibrator(repeated_model, n=80, group="shape", knobs_allowed=("sdss",))
+    cal.budget = 100.0  # every level would be accepted
+    cal.hopeless[search_key(("conv2", "conv3"), "sdss", {})] = 2
+    cal.run(passes=1)
+    levels = group_levels("sdss", {})
+    tried = [float(row["options"].split("level=")[1]) for row in cal.trace if row["layer"].startswith("conv2..")]
+    assert tried and all(levels.index(level) > 2 for level in tried)
+    assert cal.config.get("conv2", "sdss") is not None  # level 3, the most aggressive one left, is kept
