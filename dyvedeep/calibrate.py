@@ -378,14 +378,7 @@ class Calibrator:
         outputs, ops, saved = self._outputs(index, cache, config, 0, first)
         if first < n:
             correct, pred = topk_correct(outputs, labels[:first], 1), outputs.argmax(axis=1)
-            # a lower confidence bound of the share lost (criterion lost) or of the loss (the others:
-            # the loss is a lower bound of the share changed)
-            if self.criterion == "disagree":
-                share = float((pred != self.dense.pred[:first]).mean())
-                lower = 100 * self.changed_weight * (share - EARLY_Z * math.sqrt(share * (1 - share) / first))
-            else:
-                lower = risk_pt("lost" if self.criterion == "lost" else "ucb", -EARLY_Z, self.dense.correct[:first],
-                                self.dense.pred[:first], correct, pred)[0]
+            lower = self.risk_floor(correct, pred)
             if lower > allowance:
                 return Trial(float(correct.mean() * 100), prefix_ops + ops / first, correct, pred, partial=True,
                              risk_floor=lower, saved_in_layer=saved / first)
@@ -394,6 +387,17 @@ class Calibrator:
         correct = topk_correct(outputs, labels, 1)
         return Trial(float(correct.mean() * 100), prefix_ops + ops / max(n, 1), correct, outputs.argmax(axis=1),
                      saved_in_layer=saved / max(n, 1))
+
+    def risk_floor(self, correct: np.ndarray, pred: np.ndarray) -> float:
+        """A lower confidence bound (EARLY_Z standard errors under) of the risk of a trial on the
+        first ``len(correct)`` calibration images: of the share changed (criterion disagree), of
+        the share lost (lost), else of the loss (the loss is a lower bound of the share changed)."""
+        n = len(correct)
+        if self.criterion == "disagree":
+            share = float((pred != self.dense.pred[:n]).mean())
+            return 100 * self.changed_weight * (share - EARLY_Z * math.sqrt(share * (1 - share) / n))
+        return risk_pt("lost" if self.criterion == "lost" else "ucb", -EARLY_Z, self.dense.correct[:n],
+                       self.dense.pred[:n], correct, pred)[0]
 
     def risk(self, trial: Trial, dense: Trial | None = None) -> tuple[float, int, int, int]:
         """The acceptance statistic of ``trial`` (pt) and its lost / gained / changed counts."""
@@ -640,7 +644,7 @@ class Calibrator:
             if config.get(names[0], knob) is not None:
                 self.check_consistent(names[0], knob, thresholds[names[0]][mid] or 0.0, trial, risk[3])
             ok = not trial.partial and risk[0] <= allowance + 1e-9 and trial.ops < self.current.ops
-            if self.beyond_limit(trial, risk[0]):
+            if self.beyond_limit(trial):
                 self.hopeless[key] = max(self.hopeless.get(key, -1), mid)
             first = thresholds[names[0]][mid]
             self.record(pass_no, label, knob, math.nan if first is None else first,
@@ -697,7 +701,7 @@ class Calibrator:
             self.check_consistent(name, knob, t, trial, risk[3])
             ok = not trial.partial and risk[0] <= allowance + 1e-9 and trial.ops < self.current.ops
             tried[mid] = ok
-            if self.beyond_limit(trial, risk[0]):
+            if self.beyond_limit(trial):
                 key = search_key((name,), knob, options)
                 if key not in self.hopeless or self._more_aggressive(knob, self.hopeless[key], t):
                     self.hopeless[key] = t
@@ -709,12 +713,12 @@ class Calibrator:
                 lo = mid + 1
         return best
 
-    def beyond_limit(self, trial: Trial, risk: float) -> bool:
-        """Whether a rejected trial's risk (a partial trial's lower bound) exceeds the whole
-        limit, ``budget - margin``: knobs accepted later only add to a setting, which rarely
-        lowers its risk, so later passes do not try it or anything more aggressive again."""
-        value = trial.risk_floor if trial.partial else risk
-        return value is not None and value > self.budget - self.margin + 1e-9
+    def beyond_limit(self, trial: Trial) -> bool:
+        """Whether a trial's risk exceeds the whole limit, ``budget - margin``, even at its lower
+        confidence bound (:meth:`risk_floor`): knobs accepted later only add to a setting, which
+        rarely lowers its risk, so later passes do not try it or anything more aggressive again."""
+        floor = trial.risk_floor if trial.partial else self.risk_floor(trial.correct, trial.pred)
+        return floor > self.budget - self.margin + 1e-9
 
     def check_consistent(self, name: str, knob: str, t: float, trial: Trial, changed: int) -> None:
         """Stop with an error when a candidate changes the top-1 of most images while its knob

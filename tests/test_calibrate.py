@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from dyvedeep.calibrate import (SPET_BOUND_SCALES, STAT_IMAGES, Calibrator, group_levels, knob_statistics,
+from dyvedeep.calibrate import (EARLY_Z, SPET_BOUND_SCALES, STAT_IMAGES, Calibrator, group_levels, knob_statistics,
                                  level_thresholds, risk_pt, search_key)
 from dyvedeep.engine import Engine, sdss_grid
 from dyvedeep.errors import DyveError
@@ -236,12 +236,14 @@ def test_shape_groups_share_one_quantile_level_of_their_own_statistics(repeated_
         _calibrator(repeated_model, group="block")
 
 
-def _beyond_limit_rows(trace, limit):
+def _beyond_limit_rows(cal):
     """Per (layer, knob, options without the level) of pass 1: the thresholds (or levels) whose
-    risk exceeded the whole limit."""
+    risk exceeded the whole limit even 2 standard errors under (criterion disagree)."""
     out: dict[tuple, list[str]] = {}
-    for row in trace:
-        if row["pass"] == 1 and not row["accepted"] and row["risk_pt"] > limit:
+    for row in cal.trace:
+        share = row["disagree"] / row["images"]
+        floor = 100 * cal.changed_weight * (share - EARLY_Z * math.sqrt(share * (1 - share) / row["images"]))
+        if row["pass"] == 1 and not row["accepted"] and floor > cal.budget - cal.margin:
             options = " ".join(o for o in row["options"].split() if not o.startswith("level="))
             level = [o for o in row["options"].split() if o.startswith("level=")]
             out.setdefault((row["layer"], row["knob"], options), []).append(level[0] if level else row["threshold"])
@@ -249,11 +251,11 @@ def _beyond_limit_rows(trace, limit):
 
 
 def test_a_later_pass_skips_what_exceeded_the_whole_limit(small_model, repeated_model):  # noqa: F811
-    """Pass 2 does not try again a threshold whose risk exceeded budget - margin in pass 1, nor
-    any more aggressive one (per layer: SPET lower margins, SDSS / SFMA higher thresholds)."""
+    """Pass 2 does not try again a threshold whose risk exceeded budget - margin in pass 1 even
+    at its lower confidence bound, nor any more aggressive one (per layer: SPET lower margins, SDSS / SFMA higher thresholds)."""
     cal = _calibrator(small_model, n=80)
     cal.run(passes=2)
-    hopeless = _beyond_limit_rows(cal.trace, cal.budget - cal.margin)
+    hopeless = _beyond_limit_rows(cal)
     assert hopeless  # the test means something: pass 1 rejected some candidates beyond the limit
     for row in cal.trace:
         key = (row["layer"], row["knob"], row["options"])
