@@ -1,7 +1,8 @@
 """Executed MACs (docs/ops.md, "Executed MACs"): the multiply-adds the kernels ran, beside those
 the op model counts, on hand-worked cases: the knob conv kernel's tiles (SPET: nothing, all,
 one entry going on; SDSS: masked entries inside computed tiles; SFMA), the knob-free reruns of
-a layer where no knob fired, fully connected, and a conv run band by band with its max-pooling."""
+a layer where no knob fired, fully connected, a conv run band by band with its max-pooling, and
+the figures `dyvedeep eval --json` gives."""
 from __future__ import annotations
 
 import math
@@ -11,8 +12,10 @@ import pytest
 from onnx import helper
 
 from dyvedeep import _kernels as K
+from dyvedeep.datasets import Dataset
 from dyvedeep.engine import Engine, EngineTuning
 from dyvedeep.engine.memory import aligned_zeros
+from dyvedeep.evaluate import eval_images, summarize
 from dyvedeep.knobs import KnobConfig
 from dyvedeep.plan import build_plan
 from tests.onnx_builders import conv_model, fc_model, save_model
@@ -234,3 +237,23 @@ def test_conv_run_band_by_band_executes_the_shared_rows_twice(tmp_path):
     layerwise = Engine(plan, tuning=tuning)
     layerwise.forward(x[0])
     assert layerwise.counter.get("a", "executed_macs") == 39 * per_row
+
+
+# ----------------------------------------------------------------------------- eval --json
+
+
+def test_eval_gives_counted_and_executed_macs_per_layer_and_network(tmp_path):
+    plan, x = spet_layer(tmp_path, +1.0)
+    data = Dataset("t", "test", np.zeros(3, np.int64), ["a", "b", "c"], label_set="", preprocess=None,
+                   array=np.repeat(x, 3, axis=0))
+    config = knobs(conv={"spet": 0.0})
+    result = summarize(plan, config, eval_images(plan, data, config))
+    assert (result["macs_dense"], result["executed_macs_dense"]) == (1440, 1440)
+    assert (result["macs_dyvedeep"], result["executed_macs_dyvedeep"]) == (722, 784)
+    row = next(r for r in result["layers"] if r["layer"] == "conv" and r["knob"] == "all")
+    assert (row["macs_dense"], row["macs_dyvedeep"], row["executed_macs_dyvedeep"]) == (1440, 722, 784)
+    assert row["executed_macs_dense"] == 1440 and row["fallback_macs_dyvedeep"] == 0
+    never = knobs(conv={"spet": math.inf})
+    result = summarize(plan, never, eval_images(plan, data, never))
+    row = next(r for r in result["layers"] if r["layer"] == "conv" and r["knob"] == "all")
+    assert (row["macs_dyvedeep"], row["executed_macs_dyvedeep"], row["fallback_macs_dyvedeep"]) == (1440, 2880, 1440)
