@@ -622,19 +622,23 @@ def phase_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl
 def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] positions, int wo, int sh, int sw,
               int row_width, const float[:, ::1] W, int lead, bint spet, const float[::1] margins, bint relu,
               const float[::1] bias, const float[:, ::1] cst, const uint8[:, ::1] mask, float[:, ::1] out,
-              float[:, ::1] panels, int threads=1):
+              float[:, ::1] panels, int threads=1, cnp.int64_t[::1] executed=None):
     """The knobs' conv kernel for one group (see dv_knob_tiles): the outputs of ``out`` (O x
     positions of the map) at ``positions`` (increasing), over the K = W's columns rows of the
     unfolded input (row k at ``src[tap_off[k] + ...]``), SPET first when ``spet`` (partial
     over rows < ``lead``; output o stops when it is < -``margins[o]``), only where ``mask`` (O x len(positions); None: all) is set, starting
     from bias (+ ``cst``, O x positions of the map, when not None). ``panels``: one row of at
-    least K * 32 floats per thread. Returns (outputs stopped by SPET, outputs computed)."""
+    least K * 32 floats per thread. Returns (outputs stopped by SPET, outputs computed); the
+    multiply-adds the tiles ran (docs/ops.md, executed MACs) are added to ``executed[0]`` when
+    given."""
     cdef int O = W.shape[0], K = W.shape[1], n = positions.shape[0], npos = out.shape[1]
     cdef int ntiles = (n + 31) // 32
     cdef int nchunks = threads if threads < ntiles else ntiles
     cdef int c, nruns, i
     cdef const unsigned char* m = NULL
     cdef const float* pc = NULL
+    if executed is not None and executed.shape[0] != 1:
+        raise ValueError("knob_conv: executed holds one count")
     if n == 0 or O == 0:
         return 0, 0
     if (tap_off.shape[0] != K or out.shape[0] != O or bias.shape[0] != O or margins.shape[0] != O
@@ -653,10 +657,10 @@ def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] posi
             raise ValueError("knob_conv: constant shape mismatch")
         pc = &cst[0, 0]
     # scratch in one allocation: runs (5n), each tile's first run (ntiles + 1), row lists
-    # (O per chunk), and two counters per chunk
+    # (O per chunk), and three counters per chunk
     cdef int nch = max(nchunks, 1)
     cdef int* scratch = <int*>malloc((5 * n + ntiles + 1 + nch * O) * sizeof(int))
-    cdef long long* stats = <long long*>calloc(2 * nch, sizeof(long long))
+    cdef long long* stats = <long long*>calloc(3 * nch, sizeof(long long))
     cdef int* runs
     cdef int* runs_first
     cdef int* lists
@@ -681,13 +685,16 @@ def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] posi
     for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
         dv_knob_tiles(&src[0], pt, runs, runs_first, wo, sh, sw, row_width, pw, ldw, O, K, lead, &positions[0], n,
                       m, &bias[0], pc, &out[0, 0], npos, spet, &margins[0], relu, &panels[c, 0], lists + c * O,
-                      c * ntiles // nchunks, (c + 1) * ntiles // nchunks, stats + 2 * c)
-    cdef long long stopped = 0, active = 0
+                      c * ntiles // nchunks, (c + 1) * ntiles // nchunks, stats + 3 * c)
+    cdef long long stopped = 0, active = 0, macs = 0
     for c in range(nch):
-        stopped += stats[2 * c]
-        active += stats[2 * c + 1]
+        stopped += stats[3 * c]
+        active += stats[3 * c + 1]
+        macs += stats[3 * c + 2]
     free(scratch)
     free(stats)
+    if executed is not None:
+        executed[0] += macs
     return stopped, active
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from .cli_support import (Progress, add_data_arguments, load_plan, onnxruntime_outputs, onnxruntime_session,
                           open_dataset, platform_info)
 from .engine import COUNTER_FIELDS, Engine, OpCounter
+from .engine.counting import fallback_costs
 from .errors import DyveError
 from .gates import GatedEngine, engine_for, exit_rates
 from .io_utils import write_json_atomic
@@ -57,17 +58,28 @@ def paired_bootstrap(dense_ok: np.ndarray, knob_ok: np.ndarray, rounds: int = 20
     return float(np.percentile(losses, 2.5)), float(np.percentile(losses, 97.5))
 
 
-def layer_breakdown(plan: Plan, knobs: KnobConfig | None, counter: OpCounter, n: int) -> list[dict[str, Any]]:
+def layer_breakdown(plan: Plan, knobs: KnobConfig | None, counter: OpCounter, n: int,
+                    dense: OpCounter | None = None) -> list[dict[str, Any]]:
     """Per layer: dense and DyVEDeep ops per image (knob 'all'), and per enabled knob the ops
     the layer would cost with only that knob's savings and overhead (``counter``: totals over
-    ``n`` images)."""
+    ``n`` images). The 'all' rows also give the MACs per image: dense, counted and executed
+    (docs/ops.md, executed MACs) with the knobs, the part of those the layer's knob-free reruns
+    executed (``fallback_macs_dyvedeep``), and executed by the dense engine (``dense``'s)."""
     rows = []
     c = counter
     for layer in plan.layers:
         if layer.dense_ops == 0:
             continue
         ops = c.get(layer.name, "ops") / n
-        rows.append({"layer": layer.name, "knob": "all", "ops_dense": layer.dense_ops, "ops_dyvedeep": ops})
+        row = {"layer": layer.name, "knob": "all", "ops_dense": layer.dense_ops, "ops_dyvedeep": ops,
+               "macs_dense": layer.dense_macs if layer.is_compute else 0,
+               "macs_dyvedeep": c.get(layer.name, "macs") / n,
+               "executed_macs_dyvedeep": c.get(layer.name, "executed_macs") / n,
+               "fallback_macs_dyvedeep": (c.get(layer.name, "fallbacks") / n
+                                          * fallback_costs(layer.dense_macs)["executed_macs"])}
+        if dense is not None:
+            row["executed_macs_dense"] = dense.get(layer.name, "executed_macs") / n
+        rows.append(row)
         for knob in KNOB_NAMES:
             if knobs is None or knobs.get(layer.name, knob) is None:
                 continue
@@ -340,11 +352,15 @@ def summarize(plan: Plan, knobs: KnobConfig | None, images: dict[str, Any]) -> d
         "ops_dyvedeep": ops_dyve,
         "macs_dense": dense.total("macs") / nn,
         "macs_dyvedeep": dyve.total("macs") / nn,
+        # what the kernels ran (docs/ops.md, executed MACs): knob-free reruns and work inside
+        # computed tiles included
+        "executed_macs_dense": dense.total("executed_macs") / nn,
+        "executed_macs_dyvedeep": dyve.total("executed_macs") / nn,
         "ops_reduction": ops_dense / ops_dyve if ops_dyve else 1.0,
         "nonzero_ops_dense": nonzero,
         "knob_ops": {k: {"saved": dyve.total(f"saved_{k}") / nn,
                          "overhead": dyve.total(f"overhead_{k}") / nn} for k in KNOB_NAMES},
-        "layers": layer_breakdown(plan, knobs if knobs is not None and knobs.layers else None, dyve, nn),
+        "layers": layer_breakdown(plan, knobs if knobs is not None and knobs.layers else None, dyve, nn, dense),
         # decision gates (docs/gates.md): their own ops per image, and per gate its exit rate
         "gate_ops": dyve.total("gate_ops") / nn,
         "gates": exit_rates(knobs, dyve.layer_names, [dyve.get(l, "exits") for l in dyve.layer_names], n)
@@ -364,6 +380,8 @@ def print_summary(result: dict[str, Any]) -> None:
           f"(loss {result['top1_loss_pt']:+.2f} pt, 95 % CI [{result['loss_ci_low']:+.2f}, {result['loss_ci_high']:+.2f}])")
     print(f"top-5: {result['top5_dense']:.2f} % dense, {result['top5_dyvedeep']:.2f} % DyVEDeep")
     print(f"MACs per image: {result['macs_dense']:.4g} dense, {result['macs_dyvedeep']:.4g} DyVEDeep")
+    print(f"MACs executed per image: {result['executed_macs_dense']:.4g} dense, "
+          f"{result['executed_macs_dyvedeep']:.4g} DyVEDeep")
     print(f"scalar ops per image: {result['ops_dense']:.4g} dense, {result['ops_dyvedeep']:.4g} DyVEDeep "
           f"({result['ops_reduction']:.2f}x fewer)")
     if result["nonzero_ops_dense"] is not None:

@@ -56,12 +56,13 @@ def gate_costs(channels: int, height: int, width: int, classes: int, confidence:
     accounting: global average pooling H*W per channel (adds + divide); the fully connected
     layer 2 per MAC + 1 per output (bias); softmax (K - 1) compares + 4 K; the confidence
     (K - 1) compares for the largest probability, for ``margin`` (K - 2) more for the second and
-    1 subtract; 1 compare with the threshold."""
+    1 subtract; 1 compare with the threshold. Its kernel runs exactly the fully-connected MACs
+    (``executed_macs``)."""
     fc = neuron_costs(classes, channels, relu=False)
     softmax = (classes - 1) + 4 * classes
     conf = (classes - 1) + ((classes - 2) + 1 if confidence == "margin" else 0)
     ops = channels * height * width + fc["ops"] + softmax + conf + 1
-    return {"macs": fc["macs"], "ops": ops, "gate_ops": ops}
+    return {"macs": fc["macs"], "executed_macs": fc["macs"], "ops": ops, "gate_ops": ops}
 
 
 @dataclass
@@ -193,7 +194,7 @@ class GateCounter(OpCounter):
     folds in the layers' knob-free runs: an add per gate and image costs several microseconds."""
 
     def __init__(self, base: OpCounter, gates: list[Gate], costs: list[dict[str, int]]) -> None:
-        super().__init__(base.layer_names, base.dense_rows)
+        super().__init__(base.layer_names, base.dense_rows, base.band_rows)
         self.gate_rows = [g.index for g in gates]
         self.gate_costs = costs
         self.reached = [0] * len(gates)

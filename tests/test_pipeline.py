@@ -4,11 +4,11 @@ The real `snakemake` runs the real workflow (Snakefile of the project) in a temp
 directory on cifar10_quick alone, with small limits, from the offline mirror, on the host and
 on a board that cannot be reached; it checks the tables (the board's row is "missing", the
 host's rows are there), the comparison table of decision gates and static pruning beside the
-knobs, the plots, the report, that a second run does nothing, that a checksum
-mismatch in the mirror stops that benchmark (one line naming the file) while the pipeline still
-finishes, that a run killed mid-calibration resumes, and that the report renders in a headless
-Chromium. Skips, with the reason, without the mirror,
-without Snakemake, or (the browser test) without Chromium.
+knobs, the executed and counted MACs, the plots, the report, that a second run does nothing,
+that a checksum mismatch in the mirror stops that benchmark (one line naming the file) while
+the pipeline still finishes, that a run killed mid-calibration resumes, and that the report
+renders in a headless Chromium. Skips, with the reason, without the mirror, without Snakemake,
+or (the browser test) without Chromium.
 """
 from __future__ import annotations
 
@@ -174,6 +174,21 @@ def test_layers_table(pipeline: Path) -> None:
     totals = [r for r in rows if r["knob"] == "all"]  # one row per layer; per knob the others
     assert sum(float(r["ops_dense"]) for r in totals) == pytest.approx(float(summary[0]["ops_dense"]), rel=1e-6)
     assert sum(float(r["ops_dyvedeep"]) for r in totals) == pytest.approx(float(summary[0]["ops_dyvedeep"]), rel=1e-6)
+
+
+def test_executed_macs_table(pipeline: Path) -> None:
+    """Counted and executed MACs: the network's as `dyvedeep eval` gave them, the conv layers'
+    beside them, the kernels never running fewer than the op model counts."""
+    _, rows = read_csv(pipeline / "results" / "tables" / "executed_macs.csv")
+    evaluation = json.loads((pipeline / "results" / "eval" / "cifar10_quick.json").read_text())
+    network = rows[0]
+    assert (network["benchmark"], network["scope"]) == ("cifar10_quick", "network")
+    assert float(network["macs_counted"]) == pytest.approx(evaluation["macs_dyvedeep"])
+    assert float(network["macs_executed"]) == pytest.approx(evaluation["executed_macs_dyvedeep"])
+    assert {"conv1", "conv2", "conv3"} <= {r["layer"] for r in rows[1:]}
+    for r in rows:
+        assert float(r["macs_executed"]) >= float(r["macs_counted"]) and float(r["macs_dense"]) > 0
+    assert "executed_macs.html" in (pipeline / "results" / "report.html").read_text(encoding="utf-8", errors="replace")
 
 
 def test_comparison_table(pipeline: Path) -> None:

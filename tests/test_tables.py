@@ -2,8 +2,9 @@
 dense path, over onnxruntime and over the Caffe-style baseline side by side; a bench JSON written
 before the baseline existed gives blanks, not a crash. compare_tables.py: the rows of dense,
 static, dynamic and gated settings, their op ratios, the pruned nets' losses paired image by image
-with the dense net's, the gates' exit rates, and per-image results of other images refused. (The
-whole pipeline runs in test_pipeline.py; this runs the scripts alone, in seconds.)"""
+with the dense net's, the gates' exit rates, and per-image results of other images refused.
+executed_tables.py: counted and executed MACs per network and layer, an older evaluation blank.
+(The whole pipeline runs in test_pipeline.py; this runs the scripts alone, in seconds.)"""
 from __future__ import annotations
 
 import csv
@@ -193,3 +194,54 @@ def test_comparison_without_families_says_so(tmp_path):
     columns, rows = read_csv(out / "comparison.csv")
     assert rows == [] and "ops_reduction" in columns
     assert "No comparison family ran" in (out / "comparison.fragment.html").read_text(encoding="utf-8")
+
+
+# --- executed and counted MACs (workflow/scripts/executed_tables.py) ------------------------------
+EXEC_EVAL = {**EVAL, "macs_dense": 3000.0, "macs_dyvedeep": 1500.0, "executed_macs_dense": 3000.0,
+             "executed_macs_dyvedeep": 2500.0,
+             "layers": [{"layer": "conv1", "knob": "all", "ops_dense": 4100, "ops_dyvedeep": 4100, "macs_dense": 2000,
+                         "macs_dyvedeep": 1000, "executed_macs_dyvedeep": 1600, "fallback_macs_dyvedeep": 400.0,
+                         "executed_macs_dense": 2000},
+                        {"layer": "conv1", "knob": "spet", "ops_dense": 4100, "ops_dyvedeep": 2000},
+                        {"layer": "conv1", "knob": "sdss", "ops_dense": 4100, "ops_dyvedeep": 3000},
+                        {"layer": "pool1", "knob": "all", "ops_dense": 100, "ops_dyvedeep": 100, "macs_dense": 0,
+                         "macs_dyvedeep": 0, "executed_macs_dyvedeep": 0, "fallback_macs_dyvedeep": 0.0,
+                         "executed_macs_dense": 0},
+                        {"layer": "fc", "knob": "all", "ops_dense": 2010, "ops_dyvedeep": 2010, "macs_dense": 1000,
+                         "macs_dyvedeep": 500, "executed_macs_dyvedeep": 900, "fallback_macs_dyvedeep": 0.0,
+                         "executed_macs_dense": 1000}]}
+EXEC_FILES = {"csv": "executed_macs.csv", "html": "executed_macs.html", "fragment": "executed_macs.fragment.html"}
+
+
+def run_executed(tmp_path: Path, evaluations: dict[str, dict]) -> Path:
+    out = tmp_path / "tables"
+    out.mkdir(exist_ok=True)
+    paths = []
+    for bench, obj in evaluations.items():
+        paths.append(tmp_path / f"{bench}.json")
+        paths[-1].write_text(json.dumps(obj), encoding="utf-8")
+    sm = SimpleNamespace(scriptdir=str(SCRIPTS), log=[], params=SimpleNamespace(benchmarks=list(evaluations)),
+                         input=SimpleNamespace(evals=[str(p) for p in paths]),
+                         output=SimpleNamespace(**{k: str(out / v) for k, v in EXEC_FILES.items()}))
+    runpy.run_path(str(SCRIPTS / "executed_tables.py"), init_globals={"snakemake": sm})
+    return out
+
+
+def test_executed_macs_per_network_and_layer_and_an_old_eval_blank(tmp_path):
+    out = run_executed(tmp_path, {"net": EXEC_EVAL, "old": EVAL})
+    _, rows = read_csv(out / "executed_macs.csv")
+    assert [(r["benchmark"], r["scope"], r["layer"], r["knobs"]) for r in rows] == [
+        ("net", "network", "", ""), ("net", "layer", "conv1", "spet+sdss"), ("net", "layer", "fc", ""),
+        ("old", "network", "", "")]
+    net, conv1, fc, old = rows
+    assert float(net["executed_per_counted"]) == pytest.approx(2500 / 1500)
+    assert float(net["executed_per_dense"]) == pytest.approx(2500 / 3000)
+    assert float(net["macs_fallback"]) == 400.0 and float(net["macs_executed_dense"]) == 3000.0
+    assert (float(conv1["macs_counted"]), float(conv1["macs_executed"])) == (1000.0, 1600.0)
+    assert float(conv1["executed_per_counted"]) == pytest.approx(1.6) and float(conv1["macs_fallback"]) == 400.0
+    assert float(fc["executed_per_dense"]) == pytest.approx(0.9)
+    assert old["macs_executed"] == "" and old["executed_per_counted"] == ""  # written before the count
+    page = (out / "executed_macs.html").read_text(encoding="utf-8")
+    assert "Layers with knobs" in page and "Layers without knobs" in page and "1.600x" in page
+    fragment = (out / "executed_macs.fragment.html").read_text(encoding="utf-8")
+    assert "<table" in fragment and "spet+sdss" in fragment and "Layers without knobs" not in fragment

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,7 +23,7 @@ from ..plan import Layer, Op, Plan
 from . import plain
 from .bands import ConvPoolBands, plan_conv_pool_bands
 from .conv_plan import ConvPlan, plan_conv
-from .counting import OpCounter
+from .counting import OpCounter, conv_band_macs, fallback_costs
 from .knob_path import conv_group_with_knobs
 from .memory import Scratch, aligned_zeros, plan_buffers, tensor_readers
 from .spet import FcPlan, fc_spet, plan_fc
@@ -38,6 +38,7 @@ class CompiledRun:
     program: K.Program
     layers: list[int]  # the layer indices it runs
     views: dict[str, np.ndarray]  # the tensors it produces, as views of the engine's buffers
+    banded: list[int] = field(default_factory=list)  # its conv layers run band by band
 
 
 _BLAS = {"controller": None, "threads": None}
@@ -130,6 +131,9 @@ class Engine:
                 bands = plan_conv_pool_bands(plan, i, self.layer_plans[layer.name], readers, tuning)
                 if bands is not None:
                     self.conv_pool_bands[i] = bands
+                    geom = self.layer_plans[layer.name].geom
+                    self.counter.set_banded(i, conv_band_macs([b.rows for b in bands.bands], geom.wo, geom.cout,
+                                                              geom.cin * geom.kk))
         geoms = [cp.geom for cp in convs]
         self.scratch = Scratch(
             cols=cols,
@@ -247,7 +251,7 @@ class Engine:
             if not values:
                 raise DyveError(f"{self.plan.path}: run_range({start}, ...) continues an image that no range started")
             image = values[self.plan.input_name]
-        runs = self.counter.plain_runs
+        runs, band_runs = self.counter.plain_runs, self.counter.band_runs
         if start == 0:
             # the Python path takes one thread or all for a whole image (python_path_choice),
             # judged by the image's time on it; an image that stops early (a gate) is not judged
@@ -256,13 +260,15 @@ class Engine:
             self._python_path_seconds = 0.0
         self.python_path_one_thread = self._image_one_thread
         python_path_seconds = 0.0
-        for program, views, layers, step in steps:
+        for program, views, layers, banded, step in steps:
             if views is not None:
                 if program is not None:
                     program.run(image)
                 values.update(views)
                 for i in layers:
                     runs[i] += 1
+                for i in banded:
+                    band_runs[i] += 1
             else:
                 i, layer, inputs, out = step
                 t0 = time.perf_counter()
@@ -276,14 +282,14 @@ class Engine:
 
     def _range_steps(self, start: int, stop: int) -> list:
         """run_range's steps from layer ``start`` to ``stop``: per part, (its program, or None when
-        it has no kernels; its views; its layers; None) for a CompiledRun, (None, None, None, the
-        layer's step) for a layer on the Python path."""
+        it has no kernels; its views; its layers; its banded convs; None) for a CompiledRun, (None,
+        None, None, None, the layer's step) for a layer on the Python path."""
         if self.compiled_runs is None or start not in self._part_at or stop not in self._part_at or start > stop:
             raise DyveError(f"{self.plan.path}: run_range({start}, {stop}): needs compiled runs and a range "
                             f"between 0, {len(self.plan.layers)} and one past the segment ends "
                             f"{sorted(self.segment_ends)}")
-        steps = [(part.program if len(part.program) else None, part.views, part.layers, None)
-                 if isinstance(part, CompiledRun) else (None, None, None, self._steps[part])
+        steps = [(part.program if len(part.program) else None, part.views, part.layers, part.banded, None)
+                 if isinstance(part, CompiledRun) else (None, None, None, None, self._steps[part])
                  for part in self.compiled_runs[self._part_at[start]:self._part_at[stop]]]
         self._ranges[(start, stop)] = steps
         return steps
@@ -326,6 +332,7 @@ class Engine:
                 produced = {pool.output: self._conv_pool_band_steps(self.conv_pool_bands[i], values[inputs[0]],
                                                                      current.program)}
                 current.layers += [i, i + 1]
+                current.banded.append(i)
                 skip = i + 1
             else:
                 produced = {layer.output: self._layer_steps(layer, [values[t] for t in inputs], out, current.program)}
@@ -363,6 +370,7 @@ class Engine:
         out = self._conv_pool_band_steps(bands, x)
         self.counter.plain_runs[bands.conv] += 1
         self.counter.plain_runs[bands.conv + 1] += 1
+        self.counter.band_runs[bands.conv] += 1
         return out
 
     def _conv_pool_band_steps(self, bands: ConvPoolBands, x: np.ndarray,
@@ -393,7 +401,7 @@ class Engine:
         if not fired:
             # nothing was skipped: give the knob-free result exactly (ops were counted above)
             plain.conv_plain(cp, self.scratch, inputs[0], out2, self.kernel_threads)
-            self.counter.add(index, {"fallbacks": 1})
+            self.counter.add(index, fallback_costs(layer.dense_macs))
         return out
 
     def _fc(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:

@@ -2,7 +2,9 @@
 knob decision, each the formula of its row in docs/ops.md ("What the knobs add and save").
 
 The dense counts of every layer are the plan's (``Layer.dense_macs``, ``Layer.dense_ops``); a
-layer run on its knob-free path is counted as one more run of its dense row.
+layer run on its knob-free path is counted as one more run of its dense row. Beside the MACs the
+op model counts (``macs``), ``executed_macs`` counts those the kernels ran (docs/ops.md,
+"Executed MACs"): the knob conv kernel counts its own, the other paths' are below.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from ..plan import Plan
 
 #: Counter columns: one row per layer.
 COUNTER_FIELDS = (
-    "images", "macs", "ops",
+    "images", "macs", "executed_macs", "ops",
     "overhead_sfma", "overhead_sdss", "overhead_spet",
     "saved_sfma", "saved_sdss", "saved_spet",
     "dropped_maps", "filled", "terminated", "fallbacks",
@@ -30,7 +32,8 @@ class OpCounter:
     """Exact per-layer totals over the images run: MACs, scalar ops, and per knob the overhead
     ops it added and the ops it saved. One instance is shared by every kernel path."""
 
-    def __init__(self, layer_names: list[str], dense_rows: np.ndarray | None = None) -> None:
+    def __init__(self, layer_names: list[str], dense_rows: np.ndarray | None = None,
+                 band_rows: np.ndarray | None = None) -> None:
         self.layer_names = list(layer_names)
         self.index = {name: i for i, name in enumerate(layer_names)}
         self._table = np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64)
@@ -40,15 +43,28 @@ class OpCounter:
         self.dense_rows = (dense_rows if dense_rows is not None
                            else np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64))
         self.plain_runs = [0] * len(layer_names)
+        # A conv run band by band with its max-pooling (engine/bands.py) is a knob-free run that
+        # also runs the rows its bands share again: one more int per layer, folded in as
+        # multiples of its band row (the MACs run past the dense ones).
+        self.band_rows = (band_rows if band_rows is not None
+                          else np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64))
+        self.band_runs = [0] * len(layer_names)
 
     @classmethod
     def for_plan(cls, plan: Plan) -> "OpCounter":
         """A zeroed counter of ``plan`` whose dense rows are the plan's dense counts."""
         dense_rows = np.zeros((len(plan.layers), len(COUNTER_FIELDS)), np.int64)
         for i, layer in enumerate(plan.layers):
-            dense_rows[i, [COUNTER_FIELDS.index(f) for f in ("images", "macs", "ops")]] = \
-                (1, layer.dense_macs if layer.is_compute else 0, layer.dense_ops)
+            macs = layer.dense_macs if layer.is_compute else 0
+            dense_rows[i, [COUNTER_FIELDS.index(f) for f in ("images", "macs", "executed_macs", "ops")]] = \
+                (1, macs, macs, layer.dense_ops)  # the knob-free kernels run exactly the layer's MACs
         return cls([layer.name for layer in plan.layers], dense_rows)
+
+    def set_banded(self, index: int, executed_macs: int) -> None:
+        """Layer ``index`` may also run band by band, running ``executed_macs`` MACs then
+        (:func:`conv_band_macs`); those runs are counted in ``plain_runs`` and ``band_runs``."""
+        col = self.col["executed_macs"]
+        self.band_rows[index, col] = executed_macs - self.dense_rows[index, col]
 
     @property
     def table(self) -> np.ndarray:
@@ -56,6 +72,9 @@ class OpCounter:
         if any(self.plain_runs):
             self._table += np.asarray(self.plain_runs, dtype=np.int64)[:, None] * self.dense_rows
             self.plain_runs = [0] * len(self.layer_names)
+        if any(self.band_runs):
+            self._table += np.asarray(self.band_runs, dtype=np.int64)[:, None] * self.band_rows
+            self.band_runs = [0] * len(self.layer_names)
         return self._table
 
     def add(self, index: int, counts: dict[str, int]) -> None:
@@ -127,11 +146,28 @@ def spet_bound_shared_ops(elements: int, outputs: int, nonneg: bool) -> int:
 
 def fc_spet_costs(outputs: int, inputs: int, lead: int, terminated: int) -> dict[str, int]:
     """A fully-connected layer (ReLU folded) under SPET, one image: the SPET row of docs/ops.md,
-    its overhead included in ``ops`` (bias add and compare per neuron, ReLU per finished neuron)."""
+    its overhead included in ``ops`` (bias add and compare per neuron, ReLU per finished neuron).
+    Its kernels run exactly these MACs: the lead for every output, the rest for each output
+    that goes on (one dot product each)."""
     macs = outputs * lead + (outputs - terminated) * (inputs - lead)
-    return {"images": 1, "macs": macs, "ops": 2 * macs + outputs + outputs + (outputs - terminated),
+    return {"images": 1, "macs": macs, "executed_macs": macs,
+            "ops": 2 * macs + outputs + outputs + (outputs - terminated),
             "overhead_spet": outputs, "saved_spet": 2 * terminated * (inputs - lead) + terminated,
             "terminated": terminated}
+
+
+def fallback_costs(dense_macs: int) -> dict[str, int]:
+    """A layer whose knobs skipped nothing for an image is run again on its knob-free path (the
+    knob-free floats, bit for bit): its ops stay the knob path's, its kernels run the layer's
+    ``dense_macs`` once more."""
+    return {"fallbacks": 1, "executed_macs": dense_macs}
+
+
+def conv_band_macs(band_rows: list[int], wo: int, cout: int, kdim: int) -> int:
+    """MACs a conv run band by band with its max-pooling runs (engine/bands.py): every output
+    row of every band (``band_rows``; the rows neighbouring bands share are run in each) of
+    ``wo`` positions and ``cout`` channels, ``kdim`` MACs each."""
+    return sum(band_rows) * wo * cout * kdim
 
 
 def sdss_decision_ops(maps: int, grid_points: int, cells: int) -> int:

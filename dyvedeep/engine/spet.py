@@ -18,8 +18,8 @@ import numpy as np
 from .. import _kernels as K
 from ..knobs import KnobConfig, KnobSetting
 from ..plan import Layer
-from .counting import (fc_spet_costs, neuron_costs, spet_bound_channel_ops, spet_bound_shared_ops, spet_neuron_costs,
-                       tally)
+from .counting import (fallback_costs, fc_spet_costs, neuron_costs, spet_bound_channel_ops, spet_bound_shared_ops,
+                       spet_neuron_costs, tally)
 
 if TYPE_CHECKING:
     from .conv_plan import ConvPlan
@@ -136,14 +136,16 @@ def conv_neurons(cp: "ConvPlan", src: np.ndarray, tap_off: np.ndarray, wmat: np.
                  count: dict[str, int]) -> None:
     """The outputs at ``positions`` (where ``mask``, if given) of one group, SPET inside when on
     (``margins``: each output's, from :func:`spet_test_margins`), written to ``out_g`` (ReLU'd
-    when the layer has one); counts their MACs and ops."""
+    when the layer has one); counts their MACs and ops, and the MACs the kernel ran."""
     g, relu = cp.geom, cp.layer.relu
     spet = cp.knobs.spet
+    executed = np.zeros(1, np.int64)
     terminated, n_active = K.knob_conv(
         src=src, tap_off=tap_off, positions=positions, wo=g.wo, sh=g.sh, sw=g.sw,
         row_width=cp.route.src_row_width, W=wmat, lead=lead, spet=spet is not None,
         margins=margins if margins is not None else np.zeros(g.cout, np.float32), relu=relu, bias=bias,
-        cst=constant, mask=mask, out=out_g, panels=panels, threads=threads)
+        cst=constant, mask=mask, out=out_g, panels=panels, threads=threads, executed=executed)
+    count["executed_macs"] += int(executed[0])
     kdim = wmat.shape[1]
     if spet is None:
         tally(count, neuron_costs(n_active, kdim, relu))
@@ -197,5 +199,5 @@ def fc_spet(fp: FcPlan, x: np.ndarray, out: np.ndarray, threads: int) -> dict[st
     counts["fallbacks"] = 0
     if terminated == 0:
         K.gemv_bias(W=w, x=x, bias=layer.bias, out=out, relu=layer.relu)
-        counts["fallbacks"] = 1
+        tally(counts, fallback_costs(layer.dense_macs))
     return counts

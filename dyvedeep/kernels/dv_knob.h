@@ -44,7 +44,11 @@ static inline void dv_knob_store(float *out, int npos, const int *orow, int rows
  * product over rows < lead is compared first: p < -margins[o] stops it (output 0), else it is
  * p + the dot product over rows lead..K-1, accumulated as if nothing had stopped (a stop never
  * changes another output's floats). ReLU if asked. Results go to out[o * npos + pos[i]].
- * stats[0] += outputs stopped, stats[1] += outputs active. `list` holds O ints. */
+ * stats[0] += outputs stopped, stats[1] += outputs active, stats[2] += the multiply-adds run
+ * (docs/ops.md, executed MACs): rows x jn x the rows of K a tile runs, over the tile's real
+ * positions (jn) and the channels it computes (rows), inactive and stopped entries included;
+ * not the repeated weight rows of a block of fewer than 8 nor the lanes past jn. `list` holds
+ * O ints. */
 static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs, const int *runs_first,
                           int wo, int sh, int sw, int row_width,
                           const float *W, long ldw, int O, int K, int lead, const int *pos, int n,
@@ -106,7 +110,7 @@ static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs
                 }
             }
             int any_cont = 0;
-            long long stopped = 0, active = 0;
+            long long stopped = 0, active = 0, entries = (long long)rows * jn;
             if (spet) {
                 if (lead > 0) {
                     if (nv == 2) dv_tile_8x32(wr, lead, panel, 32, jn, acc, 0);
@@ -131,10 +135,12 @@ static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs
                 }
                 stats[0] += stopped;
                 stats[1] += active;
+                stats[2] += entries * lead;
                 if (!any_cont) {
                     dv_knob_store(out, npos, list + g, rows, pos + j0, jn, part, act, stop, NULL, 0, relu);
                     continue;
                 }
+                stats[2] += entries * (K - lead);
                 for (int r = 0; r < 8; ++r) wr[r] += lead;
                 if (nv == 2) dv_tile_8x32(wr, K - lead, panel + (long)lead * 32, 32, jn, acc, 0);
                 else dv_tile_8x16(wr, K - lead, panel + (long)lead * 32, 32, jn, acc, 0);
@@ -142,6 +148,7 @@ static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs
                 for (int r = 0; r < rows; ++r)
                     for (int j = 0; j < 32; ++j) { active += act[r][j]; stop[r][j] = 0; }
                 stats[1] += active;
+                stats[2] += entries * K;
                 if (nv == 2) dv_tile_8x32(wr, K, panel, 32, jn, acc, 0);
                 else dv_tile_8x16(wr, K, panel, 32, jn, acc, 0);
             }

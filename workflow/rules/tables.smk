@@ -1,6 +1,7 @@
 # Tables: one summary row per benchmark, platform and thread setting (missing benchmarks and
 # unreachable boards give rows without numbers, listed with their reason in missing.csv), the
-# per-layer ops, and our results beside the paper's.
+# per-layer ops, and our results beside the paper's; the comparison families; the executed and
+# counted MACs.
 
 
 rule tables:
@@ -109,3 +110,36 @@ rule compare_tables:
         CONDA_ENV
     script:
         "../scripts/compare_tables.py"
+
+
+# Executed and counted MACs (issue 15): per benchmark, the network and each conv / fc layer, the
+# MACs the op model counts with the calibrated knobs beside those the kernels ran.
+rule executed_tables:
+    input:
+        evals=lambda wildcards: [f"results/eval/{b}.json" for b in ok_benchmarks()],
+    output:
+        csv=report(
+            "results/tables/executed_macs.csv",
+            caption="../report/executed_macs.rst",
+            category="1. Results",
+            subcategory="Executed MACs",
+            labels={"table": "executed and counted MACs (CSV)"},
+        ),
+        html=report(
+            "results/tables/executed_macs.html",
+            caption="../report/executed_macs.rst",
+            category="1. Results",
+            subcategory="Executed MACs",
+            labels={"table": "executed and counted MACs"},
+        ),
+        fragment="results/tables/executed_macs.fragment.html",
+    params:
+        benchmarks=lambda wildcards: ok_benchmarks(),
+    log:
+        "logs/executed_tables.log",
+    resources:
+        cpu_lock=1,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/executed_tables.py"

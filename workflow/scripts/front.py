@@ -1,7 +1,8 @@
 """The front page of the report: the paper-vs-ours table, the summary table (with what is
-missing), the comparison with decision gates and static pruning, and the plots, as one HTML
-fragment with the images inlined. The report's workflow description (workflow/report/workflow.rst)
-includes it, so the report opens on the results. The tables come as fragments written by the
+missing), the comparison with decision gates and static pruning, the executed and counted MACs
+of the networks and of the layers with knobs, and the plots, as one HTML fragment with the
+images inlined. The report's workflow description (workflow/report/workflow.rst) includes it,
+so the report opens on the results. The tables come as fragments written by the
 tables rules (no HTML is parsed here)."""
 import base64
 import html
@@ -38,6 +39,8 @@ parts = [
     "<h3>Dense, static, dynamic and gated, side by side</h3>",
     '<div style="overflow-x:auto">', included(sm.input.comparison), "</div>",
     image(sm.input.comparison_plot, "Op reduction and top-1 loss per setting (comparison families)"),
+    "<h3>Executed and counted MACs</h3>",
+    '<div style="overflow-x:auto">', included(sm.input.executed), "</div>",
     "<h3>Plots</h3>",
     image(sm.input.op_reduction, "Ops removed per benchmark, by knob"),
     image(sm.input.tradeoff, "Calibration: accuracy loss against ops"),
