@@ -118,6 +118,11 @@ dv_tile_any(const float *const *wr, int K, const float *const *src, const int *n
         else dv_tile_full(wr, K, src, ldc, NULL, acc, ld, resume, pf, NV);
         return;
     }
+    if (K <= 0) {  /* an empty sum (SPET's rest when the lead is every input): zeros */
+        if (!resume)
+            for (int r = 0; r < 8; ++r) memset(acc + (long)r * ld, 0, sizeof(float) * 16 * (size_t)NV);
+        return;
+    }
     float block[DV_PART_ROWS * 32] __attribute__((aligned(64)));
     const float *bsrc[2] = {block, block + 16};
     for (int k0 = 0; k0 < K; k0 += DV_PART_ROWS) {
