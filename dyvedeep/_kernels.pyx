@@ -55,6 +55,7 @@ cdef extern from "_program.h" nogil:
         DV_STEP_MAXPOOL
         DV_STEP_AVGPOOL
         DV_STEP_MEAN
+        DV_STEP_ADD
     ctypedef struct dv_product:
         const float* W
         long ldw
@@ -92,6 +93,10 @@ cdef extern from "_program.h" nogil:
         long ldo
     ctypedef struct dv_mean_args:
         int C, N
+    ctypedef struct dv_add_args:
+        const float* b
+        long n
+        int relu
     ctypedef union dv_step_args:
         dv_pad_args pad
         dv_phase_args phase
@@ -101,6 +106,7 @@ cdef extern from "_program.h" nogil:
         dv_gemm_args gemm
         dv_pool_args pool
         dv_mean_args mean
+        dv_add_args add
     ctypedef struct dv_step:
         int kind, threads
         const float* x
@@ -707,6 +713,27 @@ def relu_inplace(float[::1] x):
         for i in range(n):
             if x[i] < 0.0:
                 x[i] = 0.0
+
+
+def add_relu(const float[::1] x, const float[::1] b, float[::1] out, bint relu=False, int threads=1,
+             Program program=None):
+    """out = x + b (b None: x), then max(., 0) where ``relu`` (dv_add_relu: a residual Add, or a
+    ReLU alone); the same bits as numpy's add and relu_inplace. Threads split blocks of 64 floats."""
+    cdef long n = x.shape[0]
+    if out.shape[0] != n or (b is not None and b.shape[0] != n):
+        raise ValueError("add_relu: shape mismatch")
+    if n == 0:
+        return
+    cdef dv_step s
+    memset(&s, 0, sizeof(dv_step))
+    s.kind = DV_STEP_ADD
+    s.threads = threads
+    s.x = &x[0]
+    s.u.add.b = &b[0] if b is not None else NULL
+    s.u.add.n = n
+    s.u.add.relu = relu
+    s.out = &out[0]
+    _emit(program, &s, 1, (x, b, out) if program is not None else None)
 
 
 def softmax_columns(const float[:, ::1] x, float[:, ::1] out):

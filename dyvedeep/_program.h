@@ -14,6 +14,7 @@
 #include <omp.h>
 #include "kernels/dv_conv.h"
 #include "kernels/dv_pool.h"
+#include "kernels/dv_eltwise.h"
 
 enum {
     DV_STEP_PAD,      /* dv_pad_planes, channels shared out */
@@ -24,7 +25,8 @@ enum {
     DV_STEP_GEMM,     /* dv_gemm_tiles on packed panels: tiles or 8-row blocks shared out */
     DV_STEP_MAXPOOL,  /* dv_maxpool_plane, planes shared out, one row scratch per thread */
     DV_STEP_AVGPOOL,  /* dv_avgpool_plane, likewise */
-    DV_STEP_MEAN      /* dv_mean of each row (global average pooling), rows shared out */
+    DV_STEP_MEAN,     /* dv_mean of each row (global average pooling), rows shared out */
+    DV_STEP_ADD       /* dv_add_relu (a residual Add, or a ReLU alone), blocks of 64 floats shared out */
 };
 
 /* The product part of a convolution or GEMM step: out (O rows, ldo floats apart) = W (O x K,
@@ -60,6 +62,8 @@ typedef struct { dv_product p; int N; long ldc, lds; } dv_gemm_args;
 typedef struct { int C, H, W, ho, wo, kh, kw, sh, sw, pt, pl, pb, pr, count_include_pad; long ldo; } dv_pool_args;
 /* The means of C rows of N floats. */
 typedef struct { int C, N; } dv_mean_args;
+/* n floats: out = x + b (b == NULL: x), ReLU'd if relu. */
+typedef struct { const float *b; long n; int relu; } dv_add_args;
 
 /* One step: its kind, its input, output and per-thread scratch, and the arguments of its kind. */
 typedef struct {
@@ -80,6 +84,7 @@ typedef struct {
         dv_gemm_args gemm;
         dv_pool_args pool;      /* DV_STEP_MAXPOOL and DV_STEP_AVGPOOL */
         dv_mean_args mean;
+        dv_add_args add;
     } u;
 } dv_step;
 
@@ -211,6 +216,13 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         dv_share(a->C, t, T, &b, &e);
         for (int c = b; c < e; ++c)
             s->out[c] = dv_mean(x + (long)c * a->N, a->N);
+        break;
+    }
+    case DV_STEP_ADD: {
+        const dv_add_args *a = &s->u.add;
+        dv_share((int)((a->n + 63) / 64), t, T, &b, &e);
+        long end = 64L * e < a->n ? 64L * e : a->n;
+        dv_add_relu(x, a->b, s->out, 64L * b, end, a->relu);
         break;
     }
     }

@@ -504,3 +504,58 @@ def test_every_op_has_one_rule_and_one_runner():
     assert set(OP_RULES) == set(Op) == set(RUNNERS)
     assert all(rule.op in RUNNERS and name in rule.onnx_types for name, rule in ONNX_RULES.items())
     assert Op.CONV == "conv" and f"{Op.CONV}" == "conv"  # ops read and print as their names
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_residual_adds_and_relus_join_the_compiled_runs(tmp_path, threads):
+    """A ReLU and an Add of two tensors of its shape (a residual block's) run inside the compiled
+    runs; an Add that reads the image, or adds a constant, stays on the Python path. Either way
+    the same floats and counts as the kernels called one by one from Python."""
+    def block(x, name):
+        return [helper.make_node("Conv", [x, f"{name}_W", f"{name}_b"], [f"{name}_c"], name=f"{name}_conv",
+                                 pads=[1, 1, 1, 1]),
+                helper.make_node("Add", [x, f"{name}_c"], [f"{name}_a"], name=f"{name}_add"),
+                helper.make_node("Relu", [f"{name}_a"], [f"{name}_r"], name=f"{name}_relu")]
+    nodes = [*block("data", "b1"), *block("b1_r", "b2"),
+             helper.make_node("Add", ["b2_r", "shift"], ["s"], name="shift"),
+             helper.make_node("Relu", ["s"], ["out"], name="relu_out")]
+    inits = {"shift": np.array(-0.5)}
+    for name in ("b1", "b2"):
+        inits[f"{name}_W"], inits[f"{name}_b"] = RNG.normal(0, .3, (4, 4, 3, 3)), RNG.normal(0, .1, 4)
+    path = save_model(tmp_path / "res.onnx", nodes, inits, (4, 9, 9), "out")
+    plan = build_plan(path)
+    x = RNG.normal(0, 1, (3, *plan.input_shape)).astype(np.float32)
+    compiled = Engine(plan, threads=threads)
+    python = Engine(plan, threads=threads, compiled=False)
+    index = {layer.name: i for i, layer in enumerate(plan.layers)}
+    python_path = [part for part in compiled.compiled_runs if isinstance(part, int)]
+    in_runs = [i for part in compiled.compiled_runs if not isinstance(part, int) for i in part.layers]
+    assert python_path == [index["b1_add"], index["shift"]]  # reads the image; adds a constant
+    assert {index["b1_relu"], index["b2_add"], index["b2_relu"], index["relu_out"]} <= set(in_runs)
+    out = compiled.run(x)
+    assert np.array_equal(out, python.run(x))
+    assert np.array_equal(compiled.counter.table, python.counter.table)
+    ref = ort_run(path, x).reshape(out.shape)
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_add_relu_kernel_gives_numpy_bits():
+    """K.add_relu: the sum as numpy adds (float32), the ReLU as relu_inplace (-0.0 and NaN kept),
+    in blocks shared out by threads, also for lengths that are not a multiple of a block."""
+    for n in (1, 63, 64, 1000):
+        a = RNG.normal(0, 1, n).astype(np.float32)
+        b = RNG.normal(0, 1, n).astype(np.float32)
+        a[:: 7] = -0.0
+        a[3 % n] = np.nan
+        for threads in (1, 2, 3):
+            out = np.empty_like(a)
+            K.add_relu(x=a, b=b, out=out, relu=False, threads=threads)
+            assert np.array_equal(out, a + b, equal_nan=True)
+            K.add_relu(x=a, b=b, out=out, relu=True, threads=threads)
+            want = a + b
+            K.relu_inplace(x=want)
+            assert np.array_equal(out.view(np.int32), want.view(np.int32))
+            K.add_relu(x=a, b=None, out=out, relu=True, threads=threads)
+            want = a.copy()
+            K.relu_inplace(x=want)
+            assert np.array_equal(out.view(np.int32), want.view(np.int32))

@@ -298,13 +298,17 @@ class Engine:
 
     def _compilable(self, layer: Layer, values: dict[str, np.ndarray]) -> bool:
         """Whether a layer joins a compiled run: a conv without knobs, a pooling, a Concat whose
-        inputs are all written in place, or a view (not of the image, which changes per call)."""
+        inputs are all written in place, a ReLU or an Add of two tensors of its shape (a residual
+        block's), or a view (none of them reading the image, which changes per call)."""
         if layer.op == Op.CONV:
             return self.layer_plans[layer.name].knobs is None
         if layer.op == Op.ALIAS:
             return not np.shares_memory(values[layer.inputs[0]], self._image)
         if layer.op == Op.CONCAT:
             return all(t in self.in_place for t in layer.inputs)
+        if layer.op in (Op.RELU, Op.ELTWISE):
+            return plain.is_residual_add_or_relu(layer) and not any(
+                np.shares_memory(values[t], self._image) for t in layer.inputs)
         return layer.op in (Op.MAXPOOL, Op.AVGPOOL, Op.GAP)
 
     def _compile_runs(self) -> list[CompiledRun | int]:
@@ -355,6 +359,9 @@ class Engine:
         if layer.op == Op.ALIAS:
             return inputs[0].reshape(layer.out_shape)
         if layer.op == Op.CONCAT:  # every input was written in place
+            return out
+        if layer.op in (Op.RELU, Op.ELTWISE):
+            plain.add_or_relu(layer, inputs, out, threads, program)
             return out
         plain.pool(layer, inputs[0], out, threads, program)
         return out

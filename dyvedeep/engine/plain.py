@@ -116,6 +116,27 @@ def eltwise(layer: Layer, inputs: list[np.ndarray]) -> np.ndarray:
     return np.asarray(r, dtype=np.float32).reshape(layer.out_shape)
 
 
+def is_residual_add_or_relu(layer: Layer) -> bool:
+    """A ReLU, or an Add of two tensors of the output's shape (no constants, no broadcasting): the
+    elementwise layers a compiled run takes (dv_add_relu)."""
+    if layer.op == Op.RELU:
+        return True
+    shape = tuple(layer.out_shape)
+    return (layer.op == Op.ELTWISE and layer.attrs["kind"] == "add" and len(layer.inputs) == 2
+            and all(s is None for s in layer.attrs["scalars"]) and not any(
+                a is not None for a in layer.attrs.get("arrays") or ())
+            and all(tuple(t) == shape for t in layer.in_shapes))
+
+
+def add_or_relu(layer: Layer, inputs: list[np.ndarray], out: np.ndarray, threads: int,
+                program: K.Program | None = None) -> None:
+    """A layer that :func:`is_residual_add_or_relu` takes, by dv_add_relu into ``out``: the same
+    bits as :func:`eltwise` and the ReLU of the Python path."""
+    flat = [x.reshape(-1) for x in inputs]
+    K.add_relu(x=flat[0], b=flat[1] if layer.op == Op.ELTWISE else None, out=out.reshape(-1),
+               relu=layer.op == Op.RELU, threads=threads, program=program)
+
+
 def batchnorm(layer: Layer, x: np.ndarray, out: np.ndarray) -> None:
     """A BatchNormalization not folded into a conv: x * scale + shift per channel (the plan's
     weight and bias), then the folded ReLU."""
