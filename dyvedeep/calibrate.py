@@ -171,10 +171,11 @@ def _run_chunk(job: tuple[KnobConfig, int, int, int]) -> tuple[np.ndarray, int, 
     config, index, lo, hi = job
     plan, cache = _WORKER_STATE["plan"], _WORKER_STATE["cache"]
     set_blas_threads(1)  # one BLAS thread per worker process
-    engine = Engine(plan, config, 1)
+    # compiled runs from layer ``index`` on: the floats and counts of run_image(None, index, ...)
+    engine = Engine(plan, config, 1, segment_ends=(index - 1,) if index > 0 else ())
     outputs = np.empty((hi - lo,) + tuple(plan.output_shape), np.float32)
     for n in range(lo, hi):
-        outputs[n - lo] = engine.run_image(None, start=index, tensors=cache[n])[plan.output_name]
+        outputs[n - lo] = engine.run_from(index, cache[n])[plan.output_name]
     saved = sum(engine.counter.get(plan.layers[index].name, f"saved_{knob}") for knob in KNOB_NAMES)
     return outputs, engine.counter.total("ops"), saved
 

@@ -133,6 +133,14 @@ def test_resumed_run_equals_the_full_run(real_models, mirror, name):
         resuming.run_image(other)  # its buffers hold another image's tensors, as in calibration
         resumed = resuming.run_image(None, start=index, tensors={t: cache[t] for t in live_tensors(plan, index)})
         assert np.array_equal(resumed[plan.output_name], full), plan.layers[index].name
+        # the same through the compiled runs (calibration's trials), with the same op counts
+        segmented = Engine(plan, config, segment_ends=(index - 1,) if index else ())
+        segmented.run_image(other)
+        tensors = {t: cache[t] for t in live_tensors(plan, index)}
+        before = segmented.counter.total("ops"), resuming.counter.total("ops")
+        assert np.array_equal(segmented.run_from(index, tensors)[plan.output_name], full), plan.layers[index].name
+        assert np.array_equal(resuming.run_image(None, start=index, tensors=tensors)[plan.output_name], full)
+        assert segmented.counter.total("ops") - before[0] == resuming.counter.total("ops") - before[1]
         fired += sum(engine.counter.total(k) for k in ("dropped_maps", "filled", "terminated"))
     assert fired > 0  # the knobs really skipped work
 

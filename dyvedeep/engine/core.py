@@ -157,6 +157,7 @@ class Engine:
                     self._part_at[first] = p
         self._part_at[len(plan.layers)] = len(self.compiled_runs or ())
         self._ranges: dict[tuple[int, int], list] = {}  # (start, stop) -> its steps (run_range)
+        self._producers: dict[str, Layer] | None = None  # tensor -> the layer that makes it (run_from)
         self._range_values: dict[str, np.ndarray] = {}
         self._judge_python_path, self._image_one_thread, self._python_path_seconds = False, False, 0.0
 
@@ -279,6 +280,35 @@ class Engine:
         if stop == len(self.plan.layers) and self._judge_python_path:
             self.python_path_choice.record(self._image_one_thread, self._python_path_seconds)
         return values
+
+    def run_from(self, start: int, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run layers ``start``.. of one image from ``tensors``, the tensors live at layer
+        ``start``'s input (cached activations, as ``run_image(None, start, tensors)`` takes them),
+        through the compiled runs: that call's floats and op counts. ``start`` is 0 or one past a
+        segment end (``segment_ends``). Returns the tensors made, as :meth:`run_range` does."""
+        image = tensors.get(self.plan.input_name)
+        if start == 0:
+            return self.run_range(np.ascontiguousarray(image, dtype=np.float32))
+        values = {self.plan.input_name: self._image if image is None else np.ascontiguousarray(image, np.float32)}
+        for name, value in tensors.items():
+            if name != self.plan.input_name:
+                storage = self._storage(name)
+                np.copyto(storage, np.asarray(value, np.float32).reshape(storage.shape))
+                values[name] = storage.reshape(np.shape(value))
+        self._range_values = values
+        return self.run_range(None, start)
+
+    def _storage(self, name: str) -> np.ndarray:
+        """The buffer a tensor lives in: its own, or for a view (Flatten, Reshape) its source's."""
+        if self._producers is None:
+            self._producers = {layer.output: layer for layer in self.plan.layers}
+        t = name
+        while t not in self.buffers:
+            layer = self._producers.get(t)
+            if layer is None or layer.op != Op.ALIAS:
+                raise DyveError(f"{self.plan.path}: tensor {name!r} has no buffer to resume from")
+            t = layer.inputs[0]
+        return self.buffers[t]
 
     def _range_steps(self, start: int, stop: int) -> list:
         """run_range's steps from layer ``start`` to ``stop``: per part, (its program, or None when
