@@ -343,12 +343,15 @@ class Calibrator:
 
     def cache_inputs(self, index: int, config: KnobConfig) -> list[dict[str, np.ndarray]]:
         """Per image, the tensors live at layer ``index``'s input under ``config``."""
-        engine = Engine(self.plan, config, self.threads)
         live = live_tensors(self.plan, index)
+        if index == 0:
+            return [{self.plan.input_name: img} for img in self.images]
+        # the compiled runs up to the segment end before ``index``: the floats of run_image(img, stop=index)
+        engine = Engine(self.plan, config, self.threads, segment_ends=(index - 1,))
         cache = []
         for img in self.images:
-            values = engine.run_image(img, stop=index)
-            cache.append({t: values[t] for t in live})
+            values = engine.run_range(np.ascontiguousarray(img, dtype=np.float32), 0, index)
+            cache.append({t: np.array(values[t], copy=True) for t in live})
         return cache
 
     def _outputs(self, index: int, cache: list[dict[str, np.ndarray]], config: KnobConfig, lo: int,
