@@ -595,14 +595,24 @@ class Calibrator:
         each layer's own statistic (the same level for all) that is accepted; a later pass only
         tries levels more aggressive than the one kept."""
         index = self.index_of[names[0]]
+        searches = [(knob, options) for knob in SEARCH_ORDER
+                    if knob in self.knobs_allowed and knob in applicable_knobs(self.plan.layers[index])
+                    for options in self.options_grid(knob) if self.group_level_range(names, knob, options)]
+        if not searches:  # every level was kept or is beyond the limit: no cache to build
+            return
         cache = self.cache_inputs(index, self.config)
         prefix = self.prefix_ops(index, self.config)
         with self.workers(cache):
-            for knob in SEARCH_ORDER:
-                if knob not in self.knobs_allowed or knob not in applicable_knobs(self.plan.layers[index]):
-                    continue
-                for options in self.options_grid(knob):
-                    self._search_group(names, knob, options, index, cache, prefix, allowance, pass_no)
+            for knob, options in searches:
+                self._search_group(names, knob, options, index, cache, prefix, allowance, pass_no)
+
+    def group_level_range(self, names: tuple[str, ...], knob: str, options: dict[str, Any]) -> range:
+        """The indices of the levels a group's search may still try for ``knob`` with ``options``:
+        none as aggressive as one beyond the limit in an earlier pass, only more aggressive ones
+        than the level kept."""
+        key = search_key(names, knob, options)
+        levels = group_levels(knob, options)
+        return range(self.hopeless.get(key, -1) + 1, min(len(levels), self.kept_levels.get(key, len(levels))))
 
     def group_level_thresholds(self, names: tuple[str, ...], knob: str, options: dict[str, Any], index: int,
                                cache: list[dict[str, np.ndarray]]) -> dict[str, list[float | None]]:
@@ -633,7 +643,8 @@ class Calibrator:
         thresholds = self.group_level_thresholds(names, knob, options, index, cache)
         key = search_key(names, knob, options)
         levels = group_levels(knob, options)
-        lo, hi = self.hopeless.get(key, -1) + 1, min(len(levels), self.kept_levels.get(key, len(levels))) - 1
+        tried = self.group_level_range(names, knob, options)
+        lo, hi = tried.start, tried.stop - 1
         best: tuple[int, KnobConfig, Trial] | None = None
         label = f"{names[0]}..{names[-1]} ({len(names)} layers)"
         while lo <= hi:
