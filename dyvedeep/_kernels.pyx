@@ -38,7 +38,7 @@ cdef extern from "kernels/dv_knob.h" nogil:
                        int wo, int sh, int sw, int row_width, const float* W, long ldw, int O, int K, int lead, const int* pos, int n,
                        const unsigned char* mask, const float* bias, const float* cst, float* out, int npos,
                        int spet, const float* margins, int relu, float* panel, int* list, int tile_begin,
-                       int tile_end, long long* stats)
+                       int tile_end, long long* stats, long long* row_counts)
 
 cdef extern from "kernels/dv_pool.h" nogil:
     int dv_pool_row_stride(int W, int wo, int kw, int sw, int pl)
@@ -628,7 +628,8 @@ def phase_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl
 def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] positions, int wo, int sh, int sw,
               int row_width, const float[:, ::1] W, int lead, bint spet, const float[::1] margins, bint relu,
               const float[::1] bias, const float[:, ::1] cst, const uint8[:, ::1] mask, float[:, ::1] out,
-              float[:, ::1] panels, int threads=1, cnp.int64_t[::1] executed=None):
+              float[:, ::1] panels, int threads=1, cnp.int64_t[::1] executed=None,
+              cnp.int64_t[:, ::1] row_counts=None):
     """The knobs' conv kernel for one group (see dv_knob_tiles): the outputs of ``out`` (O x
     positions of the map) at ``positions`` (increasing), over the K = W's columns rows of the
     unfolded input (row k at ``src[tap_off[k] + ...]``), SPET first when ``spet`` (partial
@@ -636,7 +637,8 @@ def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] posi
     from bias (+ ``cst``, O x positions of the map, when not None). ``panels``: one row of at
     least K * 32 floats per thread. Returns (outputs stopped by SPET, outputs computed); the
     multiply-adds the tiles ran (docs/ops.md, executed MACs) are added to ``executed[0]`` when
-    given."""
+    given; per output o, its active entries to ``row_counts[o, 0]`` and those that went on past
+    SPET's test to ``row_counts[o, 1]`` when given (O x 2)."""
     cdef int O = W.shape[0], K = W.shape[1], n = positions.shape[0], npos = out.shape[1]
     cdef int ntiles = (n + 31) // 32
     cdef int nchunks = threads if threads < ntiles else ntiles
@@ -645,6 +647,8 @@ def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] posi
     cdef const float* pc = NULL
     if executed is not None and executed.shape[0] != 1:
         raise ValueError("knob_conv: executed holds one count")
+    if row_counts is not None and (row_counts.shape[0] != W.shape[0] or row_counts.shape[1] != 2):
+        raise ValueError("knob_conv: row_counts must be O x 2")
     if n == 0 or O == 0:
         return 0, 0
     if (tap_off.shape[0] != K or out.shape[0] != O or bias.shape[0] != O or margins.shape[0] != O
@@ -667,13 +671,16 @@ def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] posi
     cdef int nch = max(nchunks, 1)
     cdef int* scratch = <int*>malloc((5 * n + ntiles + 1 + nch * O) * sizeof(int))
     cdef long long* stats = <long long*>calloc(3 * nch, sizeof(long long))
+    # per chunk, two counts per output row (row_counts)
+    cdef long long* rows = <long long*>calloc(2 * O * nch, sizeof(long long)) if row_counts is not None else NULL
     cdef int* runs
     cdef int* runs_first
     cdef int* lists
     cdef int r, t
-    if scratch == NULL or stats == NULL:
+    if scratch == NULL or stats == NULL or (row_counts is not None and rows == NULL):
         free(scratch)
         free(stats)
+        free(rows)
         raise MemoryError()
     runs = scratch
     runs_first = scratch + 5 * n
@@ -691,12 +698,19 @@ def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] posi
     for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
         dv_knob_tiles(&src[0], pt, runs, runs_first, wo, sh, sw, row_width, pw, ldw, O, K, lead, &positions[0], n,
                       m, &bias[0], pc, &out[0, 0], npos, spet, &margins[0], relu, &panels[c, 0], lists + c * O,
-                      c * ntiles // nchunks, (c + 1) * ntiles // nchunks, stats + 3 * c)
+                      c * ntiles // nchunks, (c + 1) * ntiles // nchunks, stats + 3 * c,
+                      rows + 2 * O * c if rows != NULL else NULL)
     cdef long long stopped = 0, active = 0, macs = 0
     for c in range(nch):
         stopped += stats[3 * c]
         active += stats[3 * c + 1]
         macs += stats[3 * c + 2]
+    if rows != NULL:
+        for c in range(nch):
+            for i in range(O):
+                row_counts[i, 0] += rows[2 * O * c + 2 * i]
+                row_counts[i, 1] += rows[2 * O * c + 2 * i + 1]
+    free(rows)
     free(scratch)
     free(stats)
     if executed is not None:

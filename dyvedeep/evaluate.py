@@ -358,6 +358,9 @@ def summarize(plan: Plan, knobs: KnobConfig | None, images: dict[str, Any]) -> d
         "executed_macs_dyvedeep": dyve.total("executed_macs") / nn,
         "ops_reduction": ops_dense / ops_dyve if ops_dyve else 1.0,
         "nonzero_ops_dense": nonzero,
+        # with the knobs, the ops on non-zero weights (a pruned net's): each 0 weight's MAC left out
+        "nonzero_ops_dyvedeep": (ops_dyve - 2 * (dyve.total("macs") - dyve.total("nonzero_macs")) / nn
+                                 if nonzero is not None else None),
         "knob_ops": {k: {"saved": dyve.total(f"saved_{k}") / nn,
                          "overhead": dyve.total(f"overhead_{k}") / nn} for k in KNOB_NAMES},
         "layers": layer_breakdown(plan, knobs if knobs is not None and knobs.layers else None, dyve, nn, dense),
@@ -385,7 +388,8 @@ def print_summary(result: dict[str, Any]) -> None:
     print(f"scalar ops per image: {result['ops_dense']:.4g} dense, {result['ops_dyvedeep']:.4g} DyVEDeep "
           f"({result['ops_reduction']:.2f}x fewer)")
     if result["nonzero_ops_dense"] is not None:
-        print(f"scalar ops per image on non-zero weights (dense): {result['nonzero_ops_dense']:.4g}")
+        print(f"scalar ops per image on non-zero weights: {result['nonzero_ops_dense']:.4g} dense, "
+              f"{result['nonzero_ops_dyvedeep']:.4g} DyVEDeep")
     for gate in result.get("gates", []):
         print(f"gate after {gate['layer']} ({gate['confidence']} >= {gate['threshold']:.4g}): "
               f"{gate['exit_rate']:.1f} % of the images exit")

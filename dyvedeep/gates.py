@@ -62,7 +62,7 @@ def gate_costs(channels: int, height: int, width: int, classes: int, confidence:
     softmax = (classes - 1) + 4 * classes
     conf = (classes - 1) + ((classes - 2) + 1 if confidence == "margin" else 0)
     ops = channels * height * width + fc["ops"] + softmax + conf + 1
-    return {"macs": fc["macs"], "executed_macs": fc["macs"], "ops": ops, "gate_ops": ops}
+    return {"macs": fc["macs"], "executed_macs": fc["macs"], "nonzero_macs": fc["macs"], "ops": ops, "gate_ops": ops}
 
 
 @dataclass

@@ -106,6 +106,7 @@ def test_never_exiting_gates_run_the_compiled_path_bit_for_bit(cifar10_quick_onn
     expected[:, COUNTER_FIELDS.index("ops")] += gate_ops
     expected[:, COUNTER_FIELDS.index("macs")] += gate_macs
     expected[:, COUNTER_FIELDS.index("executed_macs")] += gate_macs  # a gate's kernel runs its MACs exactly
+    expected[:, COUNTER_FIELDS.index("nonzero_macs")] += gate_macs  # and has no zero weights
     assert np.array_equal(gated.counter.table[:, rest], expected[:, rest])
     assert np.array_equal(gated.counter.table[:, COUNTER_FIELDS.index("gate_ops")], gate_ops)
     assert gated.counter.total("exits") == 0

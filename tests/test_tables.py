@@ -106,7 +106,8 @@ PRUNED = {"unstructured": ([False] + [True] * 7 + [False] * 2, [False, False] + 
 PRUNED_EVAL = {"unstructured": {"n": 10, "data": "cifar10:test", "top1_dense": 70.0, "top1_dyvedeep": 60.0,
                                 "ops_dense": 2.0e7, "ops_dyvedeep": 1.5e7, "nonzero_ops_dense": 1.6e7},
                "fan-in": {"n": 10, "data": "cifar10:test", "top1_dense": 90.0, "top1_dyvedeep": 90.0,
-                          "ops_dense": 2.0e7, "ops_dyvedeep": 2.0e7, "nonzero_ops_dense": 1.8e7}}
+                          "ops_dense": 2.0e7, "ops_dyvedeep": 2.0e7, "nonzero_ops_dense": 1.8e7,
+                          "nonzero_ops_dyvedeep": 1.7e7}}
 GATES_EVAL = {**EVAL, "data": "cifar10:test", "top1_dyvedeep": 70.0, "top1_loss_pt": 10.0, "loss_ci_low": 0.0,
               "loss_ci_high": 30.0, "ops_dense": 2.0e7, "ops_dyvedeep": 1.6e7, "gate_ops": 1.0e4,
               "gates": [{"layer": "pool1", "threshold": 0.9, "confidence": "softmax", "exits": 2, "exit_rate": 20.0},
@@ -153,10 +154,15 @@ def test_comparison_rows_ratios_and_paired_losses(tmp_path):
     assert float(by["pruned_unstructured"]["ops"]) == 1.6e7
     assert float(by["pruned_unstructured"]["ops_reduction"]) == pytest.approx(2.0e7 / 1.6e7)
     assert by["pruned_unstructured"]["ops_counted"] == "non-zero MACs" and by["pruned_unstructured"]["ops_estimated"] == "False"
-    # pruned + knobs: non-zero ops x the knobs' ratio on the pruned net (1.5e7 / 2e7), marked as an estimate
+    # pruned + knobs, an evaluation without the engine's non-zero count with the knobs: non-zero ops x
+    # the knobs' ratio on the pruned net (1.5e7 / 2e7), marked as an estimate
     assert float(by["pruned_unstructured_knobs"]["ops"]) == pytest.approx(1.6e7 * 0.75)
     assert float(by["pruned_unstructured_knobs"]["ops_reduction"]) == pytest.approx(2.0e7 / (1.6e7 * 0.75))
     assert by["pruned_unstructured_knobs"]["ops_estimated"] == "True"
+    # an evaluation with the engine's non-zero count with the knobs: that count, not an estimate
+    assert float(by["pruned_fan-in_knobs"]["ops"]) == 1.7e7
+    assert by["pruned_fan-in_knobs"]["ops_counted"] == "non-zero MACs"
+    assert by["pruned_fan-in_knobs"]["ops_estimated"] == "False"
     # losses of the pruned nets: paired with the dense net's per-image results, image by image
     ref = np.array(REF_OK)
     for setting, ok, loss in (("pruned_unstructured", PRUNED["unstructured"][0], 10.0),

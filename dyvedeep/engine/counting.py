@@ -14,7 +14,7 @@ from ..plan import Plan
 
 #: Counter columns: one row per layer.
 COUNTER_FIELDS = (
-    "images", "macs", "executed_macs", "ops",
+    "images", "macs", "executed_macs", "nonzero_macs", "ops",
     "overhead_sfma", "overhead_sdss", "overhead_spet",
     "saved_sfma", "saved_sdss", "saved_spet",
     "dropped_maps", "filled", "terminated", "fallbacks",
@@ -56,8 +56,9 @@ class OpCounter:
         dense_rows = np.zeros((len(plan.layers), len(COUNTER_FIELDS)), np.int64)
         for i, layer in enumerate(plan.layers):
             macs = layer.dense_macs if layer.is_compute else 0
-            dense_rows[i, [COUNTER_FIELDS.index(f) for f in ("images", "macs", "executed_macs", "ops")]] = \
-                (1, macs, macs, layer.dense_ops)  # the knob-free kernels run exactly the layer's MACs
+            nonzero = layer.nonzero_macs if layer.is_compute else 0
+            dense_rows[i, [COUNTER_FIELDS.index(f) for f in ("images", "macs", "executed_macs", "nonzero_macs", "ops")]] = \
+                (1, macs, macs, nonzero, layer.dense_ops)  # the knob-free kernels run exactly the layer's MACs
         return cls([layer.name for layer in plan.layers], dense_rows)
 
     def set_banded(self, index: int, executed_macs: int) -> None:
@@ -148,9 +149,10 @@ def fc_spet_costs(outputs: int, inputs: int, lead: int, terminated: int) -> dict
     """A fully-connected layer (ReLU folded) under SPET, one image: the SPET row of docs/ops.md,
     its overhead included in ``ops`` (bias add and compare per neuron, ReLU per finished neuron).
     Its kernels run exactly these MACs: the lead for every output, the rest for each output
-    that goes on (one dot product each)."""
+    that goes on (one dot product each); ``nonzero_macs`` as many, unless fc_spet finds zero
+    weights (a pruned layer) and counts those on non-zero ones."""
     macs = outputs * lead + (outputs - terminated) * (inputs - lead)
-    return {"images": 1, "macs": macs, "executed_macs": macs,
+    return {"images": 1, "macs": macs, "executed_macs": macs, "nonzero_macs": macs,
             "ops": 2 * macs + outputs + outputs + (outputs - terminated),
             "overhead_spet": outputs, "saved_spet": 2 * terminated * (inputs - lead) + terminated,
             "terminated": terminated}

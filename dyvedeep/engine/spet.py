@@ -130,6 +130,14 @@ def spet_test_margins(setting: KnobSetting, bound: SpetBound | None, outputs: in
     return margins.astype(np.float32)
 
 
+def nonzero_neuron_macs(wmat: np.ndarray, lead: int, rows: np.ndarray) -> int:
+    """The MACs on non-zero weights of neurons computed over the columns of ``wmat`` (output x
+    inputs), per output o ``rows[o, 0]`` over the first ``lead`` columns and ``rows[o, 1]`` of
+    them over the rest too (SPET's lead and rest; without SPET, lead = all columns)."""
+    nonzero = wmat != 0
+    return int(rows[:, 0] @ nonzero[:, :lead].sum(axis=1) + rows[:, 1] @ nonzero[:, lead:].sum(axis=1))
+
+
 def conv_neurons(cp: "ConvPlan", src: np.ndarray, tap_off: np.ndarray, wmat: np.ndarray, lead: int,
                  margins: np.ndarray | None, bias: np.ndarray, constant: np.ndarray | None, positions: np.ndarray,
                  mask: np.ndarray | None, out_g: np.ndarray, panels: np.ndarray, threads: int,
@@ -140,17 +148,19 @@ def conv_neurons(cp: "ConvPlan", src: np.ndarray, tap_off: np.ndarray, wmat: np.
     g, relu = cp.geom, cp.layer.relu
     spet = cp.knobs.spet
     executed = np.zeros(1, np.int64)
+    pruned = cp.layer.nonzero_macs < cp.layer.dense_macs  # some weights are 0: count the non-zero MACs
+    rows = np.zeros((g.cout, 2), np.int64) if pruned else None
     terminated, n_active = K.knob_conv(
         src=src, tap_off=tap_off, positions=positions, wo=g.wo, sh=g.sh, sw=g.sw,
         row_width=cp.route.src_row_width, W=wmat, lead=lead, spet=spet is not None,
         margins=margins if margins is not None else np.zeros(g.cout, np.float32), relu=relu, bias=bias,
-        cst=constant, mask=mask, out=out_g, panels=panels, threads=threads, executed=executed)
+        cst=constant, mask=mask, out=out_g, panels=panels, threads=threads, executed=executed, row_counts=rows)
     count["executed_macs"] += int(executed[0])
     kdim = wmat.shape[1]
-    if spet is None:
-        tally(count, neuron_costs(n_active, kdim, relu))
-    else:
-        tally(count, spet_neuron_costs(n_active, terminated, kdim, lead, relu))
+    costs = (neuron_costs(n_active, kdim, relu) if spet is None
+             else spet_neuron_costs(n_active, terminated, kdim, lead, relu))
+    costs["nonzero_macs"] = nonzero_neuron_macs(wmat, lead, rows) if pruned else costs["macs"]
+    tally(count, costs)
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,9 @@ def fc_spet(fp: FcPlan, x: np.ndarray, out: np.ndarray, threads: int) -> dict[st
     K.gemv_rows(W=fp.weight_perm, x=xp, out=out, k0=lead, k1=kin, mask=cont[0], threads=threads)
     K.finish_act(out=out[None, :], active=np.ones((1, o), U8), cont=cont, relu=True)
     counts = fc_spet_costs(o, kin, lead, terminated)
+    if layer.nonzero_macs < layer.dense_macs:  # pruned: the MACs on non-zero weights
+        counts["nonzero_macs"] = nonzero_neuron_macs(fp.weight_perm, lead, np.stack([np.ones(o, np.int64),
+                                                                                      cont[0].astype(np.int64)], 1))
     tally(counts, {"ops": overhead["overhead_spet"], "overhead_spet": overhead["overhead_spet"]})
     counts["fallbacks"] = 0
     if terminated == 0:

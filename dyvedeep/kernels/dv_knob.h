@@ -48,13 +48,15 @@ static inline void dv_knob_store(float *out, int npos, const int *orow, int rows
  * (docs/ops.md, executed MACs): rows x jn x the rows of K a tile runs, over the tile's real
  * positions (jn) and the channels it computes (rows), inactive and stopped entries included;
  * not the repeated weight rows of a block of fewer than 8 nor the lanes past jn. `list` holds
- * O ints. */
+ * O ints. Unless NULL, row_counts[2 o] += output o's active entries and row_counts[2 o + 1] +=
+ * those that went on past SPET's test (all active ones without SPET): with the non-zero weights
+ * of each row's lead and rest they give the non-zero MACs of a pruned layer. */
 static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs, const int *runs_first,
                           int wo, int sh, int sw, int row_width,
                           const float *W, long ldw, int O, int K, int lead, const int *pos, int n,
                           const unsigned char *mask, const float *bias, const float *cst, float *out, int npos,
                           int spet, const float *margins, int relu, float *panel, int *list, int tile_begin,
-                          int tile_end, long long *stats)
+                          int tile_end, long long *stats, long long *row_counts)
 {
     dv_v16 acc[16];
     const float *wr[8];
@@ -121,6 +123,7 @@ static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs
                     if (lead > 0) memcpy(sum, &acc[r * nv], sizeof(float) * 16 * (size_t)nv);
                     else memset(sum, 0, sizeof sum);
                     if (nv == 1) memset(sum + 16, 0, sizeof(float) * 16);
+                    long long row_active = 0, row_cont = 0;
                     for (int j = 0; j < 32; ++j) {
                         float p = part[r][j] + sum[j];
                         int a = act[r][j];
@@ -128,9 +131,15 @@ static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs
                         part[r][j] = p;
                         stop[r][j] = (unsigned char)st;
                         act[r][j] = (unsigned char)(a & !st);
-                        stopped += st;
-                        active += a;
-                        any_cont |= a & !st;
+                        row_active += a;
+                        row_cont += a & !st;
+                    }
+                    stopped += row_active - row_cont;
+                    active += row_active;
+                    any_cont |= row_cont > 0;
+                    if (row_counts != NULL) {
+                        row_counts[2 * list[g + r]] += row_active;
+                        row_counts[2 * list[g + r] + 1] += row_cont;
                     }
                 }
                 stats[0] += stopped;
@@ -145,8 +154,15 @@ static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs
                 if (nv == 2) dv_tile_8x32(wr, K - lead, panel + (long)lead * 32, 32, jn, acc, 0);
                 else dv_tile_8x16(wr, K - lead, panel + (long)lead * 32, 32, jn, acc, 0);
             } else {
-                for (int r = 0; r < rows; ++r)
-                    for (int j = 0; j < 32; ++j) { active += act[r][j]; stop[r][j] = 0; }
+                for (int r = 0; r < rows; ++r) {
+                    long long row_active = 0;
+                    for (int j = 0; j < 32; ++j) { row_active += act[r][j]; stop[r][j] = 0; }
+                    active += row_active;
+                    if (row_counts != NULL) {
+                        row_counts[2 * list[g + r]] += row_active;
+                        row_counts[2 * list[g + r] + 1] += row_active;
+                    }
+                }
                 stats[1] += active;
                 stats[2] += entries * K;
                 if (nv == 2) dv_tile_8x32(wr, K, panel, 32, jn, acc, 0);

@@ -11,10 +11,11 @@ the gates' own ops and each gate's exit rate.
 Ops: dense, knobs and gates are the engine's counts (`dyvedeep eval`: ``ops_dense``,
 ``ops_dyvedeep``; the gates' own ops included); a pruned net's are its non-zero ops
 (``nonzero_ops_dense``, as for the Deep Compression nets, docs/pruning.md), against the dense
-net's (its own non-zero count where its metadata has one). The engine runs a pruned net's zeros
-densely, so a pruned net with the knobs has no measured non-zero count: its row is an estimate,
-the pruned net's non-zero ops times the knobs' ratio on that net (ops_dyvedeep / ops_dense),
-and says so. A pruned net's losses pair its per-image results with those of the dense net.
+net's (its own non-zero count where its metadata has one). A pruned net with the knobs: the
+engine's count of its ops on non-zero weights (``nonzero_ops_dyvedeep``); an evaluation written
+before that count existed gives an estimate, the pruned net's non-zero ops times the knobs' ratio
+on that net (ops_dyvedeep / ops_dense), and says so. A pruned net's losses pair its per-image
+results with those of the dense net.
 
 Outputs: comparison.csv (COLUMNS), comparison_exits.csv (EXIT_COLUMNS: one row per gate),
 comparison.html and comparison.fragment.html (the report's front page includes the fragment).
@@ -105,10 +106,13 @@ def benchmark_rows(entry: dict) -> tuple[list[dict], list[dict]]:
         static_ok, knobs_ok = top1_correct(images, "dense"), top1_correct(images, "dyvedeep")
         rows.append(row(bench, f"pruned_{method}", f"static {method_label(method)}", n, ev["top1_dense"],
                         *paired_loss(ref_ok, static_ok), nonzero, dense_nonzero, NONZERO_COUNT))
-        knob_ratio = float(ev["ops_dyvedeep"]) / float(ev["ops_dense"])
+        if ev.get("nonzero_ops_dyvedeep") is not None:
+            knobs_nonzero, counted = float(ev["nonzero_ops_dyvedeep"]), NONZERO_COUNT
+        else:
+            knobs_nonzero, counted = nonzero * float(ev["ops_dyvedeep"]) / float(ev["ops_dense"]), ESTIMATE
         pruned[method] = row(bench, f"pruned_{method}_knobs", f"{method_label(method)} pruned + knobs", n,
-                             ev["top1_dyvedeep"], *paired_loss(ref_ok, knobs_ok), nonzero * knob_ratio,
-                             dense_nonzero, ESTIMATE)
+                             ev["top1_dyvedeep"], *paired_loss(ref_ok, knobs_ok), knobs_nonzero,
+                             dense_nonzero, counted)
     rows.append(row(bench, "knobs", "dynamic: the three knobs", n, ref["top1_dyvedeep"], ref["top1_loss_pt"],
                     ref["loss_ci_low"], ref["loss_ci_high"], ref["ops_dyvedeep"], dense_ops, ENGINE_COUNT))
     for setting, path in entry.get("gates", {}).items():
@@ -188,8 +192,8 @@ def html_body(table: pd.DataFrame, budgets: dict) -> str:
         "Losses against "
         "the dense net on the test split, with the 95 % paired-bootstrap interval. Ops per image: the "
         f"engine's count ({ENGINE_COUNT}, overheads and the gates' own ops included), for a pruned net its "
-        f"non-zero ops ({NONZERO_COUNT}); a pruned net with the knobs is an {html.escape(ESTIMATE)} (the "
-        "engine counts its zeros). Exit rate: % of the test images that leave at the gate.</p>")
+        f"non-zero ops ({NONZERO_COUNT}), with the knobs too (for an evaluation older than that count, an "
+        f"{html.escape(ESTIMATE)}). Exit rate: % of the test images that leave at the gate.</p>")
     return "".join(parts)
 
 
