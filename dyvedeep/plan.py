@@ -88,6 +88,12 @@ class Layer:
         """Whether this layer has weights (conv or fully connected)."""
         return self.op in ("conv", "fc")
 
+    @property
+    def has_zero_weights(self) -> bool:
+        """Whether some of its weights are 0 (a pruned layer): its MACs on non-zero weights fall
+        short of its MACs."""
+        return self.nonzero_macs < self.dense_macs
+
 
 @dataclass
 class Plan:

@@ -130,12 +130,17 @@ def spet_test_margins(setting: KnobSetting, bound: SpetBound | None, outputs: in
     return margins.astype(np.float32)
 
 
-def nonzero_neuron_macs(wmat: np.ndarray, lead: int, rows: np.ndarray) -> int:
-    """The MACs on non-zero weights of neurons computed over the columns of ``wmat`` (output x
-    inputs), per output o ``rows[o, 0]`` over the first ``lead`` columns and ``rows[o, 1]`` of
-    them over the rest too (SPET's lead and rest; without SPET, lead = all columns)."""
+def row_nonzeros(wmat: np.ndarray, lead: int) -> np.ndarray:
+    """Per row of ``wmat`` (output x inputs), its non-zero weights among the first ``lead``
+    columns and among the rest (outputs x 2: SPET's lead and rest; without SPET, lead = all)."""
     nonzero = wmat != 0
-    return int(rows[:, 0] @ nonzero[:, :lead].sum(axis=1) + rows[:, 1] @ nonzero[:, lead:].sum(axis=1))
+    return np.stack([nonzero[:, :lead].sum(axis=1), nonzero[:, lead:].sum(axis=1)], axis=1)
+
+
+def nonzero_neuron_macs(nonzeros: np.ndarray, rows: np.ndarray) -> int:
+    """The MACs on non-zero weights of neurons computed, per output o ``rows[o, 0]`` over the lead
+    and ``rows[o, 1]`` of them over the rest too, given :func:`row_nonzeros` (``nonzeros``)."""
+    return int((rows * nonzeros).sum())
 
 
 def conv_neurons(cp: "ConvPlan", src: np.ndarray, tap_off: np.ndarray, wmat: np.ndarray, lead: int,
@@ -148,7 +153,7 @@ def conv_neurons(cp: "ConvPlan", src: np.ndarray, tap_off: np.ndarray, wmat: np.
     g, relu = cp.geom, cp.layer.relu
     spet = cp.knobs.spet
     executed = np.zeros(1, np.int64)
-    pruned = cp.layer.nonzero_macs < cp.layer.dense_macs  # some weights are 0: count the non-zero MACs
+    pruned = cp.layer.has_zero_weights  # then count the MACs on non-zero weights
     rows = np.zeros((g.cout, 2), np.int64) if pruned else None
     terminated, n_active = K.knob_conv(
         src=src, tap_off=tap_off, positions=positions, wo=g.wo, sh=g.sh, sw=g.sw,
@@ -159,20 +164,23 @@ def conv_neurons(cp: "ConvPlan", src: np.ndarray, tap_off: np.ndarray, wmat: np.
     kdim = wmat.shape[1]
     costs = (neuron_costs(n_active, kdim, relu) if spet is None
              else spet_neuron_costs(n_active, terminated, kdim, lead, relu))
-    costs["nonzero_macs"] = nonzero_neuron_macs(wmat, lead, rows) if pruned else costs["macs"]
+    # the columns vary with SFMA's drops: counted per call, O x K against the layer's O x K x positions
+    costs["nonzero_macs"] = nonzero_neuron_macs(row_nonzeros(wmat, lead), rows) if pruned else costs["macs"]
     tally(count, costs)
 
 
 @dataclass(frozen=True)
 class FcPlan:
-    """A fully-connected layer's SPET plan: its input order, weight columns in that order and,
-    for ``test: bound``, the bound's static data."""
+    """A fully-connected layer's SPET plan: its input order, weight columns in that order, for
+    ``test: bound`` the bound's static data and, when some weights are 0 (a pruned layer), each
+    output's non-zero weights in SPET's lead and rest (:func:`row_nonzeros`)."""
 
     layer: Layer
     spet: KnobSetting | None
     order: np.ndarray | None = None
     weight_perm: np.ndarray | None = None
     bound: SpetBound | None = None
+    nonzeros: np.ndarray | None = None
 
 
 def plan_fc(layer: Layer, knobs: KnobConfig) -> FcPlan:
@@ -184,7 +192,10 @@ def plan_fc(layer: Layer, knobs: KnobConfig) -> FcPlan:
     weight_perm = np.ascontiguousarray(layer.weight[:, order])
     bound = (spet_bound(weight_perm, layer.bias, 0, spet.threshold)
              if spet.option("spet", "test") == "bound" else None)
-    return FcPlan(layer, spet, order, weight_perm, bound)
+    # a per-image count would cost as much as the layer's own MACs: once here
+    nonzeros = (row_nonzeros(weight_perm, spet_lead(spet.option("spet", "fraction"), weight_perm.shape[1]))
+                if layer.has_zero_weights else None)
+    return FcPlan(layer, spet, order, weight_perm, bound, nonzeros)
 
 
 def fc_spet(fp: FcPlan, x: np.ndarray, out: np.ndarray, threads: int) -> dict[str, int]:
@@ -205,9 +216,9 @@ def fc_spet(fp: FcPlan, x: np.ndarray, out: np.ndarray, threads: int) -> dict[st
     K.gemv_rows(W=fp.weight_perm, x=xp, out=out, k0=lead, k1=kin, mask=cont[0], threads=threads)
     K.finish_act(out=out[None, :], active=np.ones((1, o), U8), cont=cont, relu=True)
     counts = fc_spet_costs(o, kin, lead, terminated)
-    if layer.nonzero_macs < layer.dense_macs:  # pruned: the MACs on non-zero weights
-        counts["nonzero_macs"] = nonzero_neuron_macs(fp.weight_perm, lead, np.stack([np.ones(o, np.int64),
-                                                                                      cont[0].astype(np.int64)], 1))
+    if fp.nonzeros is not None:  # pruned: the MACs on non-zero weights
+        counts["nonzero_macs"] = nonzero_neuron_macs(fp.nonzeros, np.stack([np.ones(o, np.int64),
+                                                                            cont[0].astype(np.int64)], 1))
     tally(counts, {"ops": overhead["overhead_spet"], "overhead_spet": overhead["overhead_spet"]})
     counts["fallbacks"] = 0
     if terminated == 0:
