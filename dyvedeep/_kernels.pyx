@@ -44,6 +44,39 @@ cdef extern from "kernels/dv_pool.h" nogil:
     int dv_pool_row_stride(int W, int wo, int kw, int sw, int pl)
     int __builtin_popcount(unsigned int x)
 
+cdef extern from "kernels/dv_sfma.h" nogil:
+    void dv_map_sums(const float* x, long n, int need_abs, double* sum, double* sumsq, double* sumabs)
+    void dv_sfma_spreads(const double* sum, const double* sumsq, const double* sumabs, int C, double hw,
+                         int nonneg, int relative, double* spread, double* means)
+    void dv_sfma_constant_row(const float* w, const int* dropped, const float* means, int nd, int kk,
+                              const float* class_taps, int ncls, const long* tap_class, long P, float* out,
+                              int add, int relu, float* weighted, float* per_class)
+    ctypedef struct dv_sfma_state:
+        int C, O, kk
+        long hw, positions
+        int nonneg, relative
+        double threshold
+        const float* W
+        const long* tap_off
+        const float* bias
+        int relu
+        const long long* channel_nnz
+        const float* class_taps
+        const long* tap_class
+        int ncls
+        double* sum
+        double* sumsq
+        double* sumabs
+        float* w_kept
+        long* tap_kept
+        int* dropped
+        float* dropped_means
+        int nkept, ndrop, add_constant
+        float* scratch
+        long scratch_stride
+        long long* images_by_drops
+        long long kept_nnz
+
 cdef extern from "_program.h" nogil:
     enum:
         DV_STEP_PAD
@@ -56,6 +89,9 @@ cdef extern from "_program.h" nogil:
         DV_STEP_AVGPOOL
         DV_STEP_MEAN
         DV_STEP_ADD
+        DV_STEP_SFMA_STATS
+        DV_STEP_SFMA_SELECT
+        DV_STEP_SFMA_CONSTANT
     ctypedef struct dv_product:
         const float* W
         long ldw
@@ -109,6 +145,7 @@ cdef extern from "_program.h" nogil:
         dv_add_args add
     ctypedef struct dv_step:
         int kind, threads
+        dv_sfma_state* sfma
         const float* x
         long x_offset
         int x_from_image
@@ -318,6 +355,18 @@ cdef int _emit(Program program, dv_step* steps, int n, tuple keep) except -1:
     return 0
 
 
+cdef dv_sfma_state* _sfma_state(SfmaLayer sfma, Program program, int O, int K, str caller) except? NULL:
+    """The SFMA state a conv step runs under (NULL: none); it needs a program (its select steps
+    run before it there) and the layer's own weights' shape."""
+    if sfma is None:
+        return NULL
+    if program is None:
+        raise ValueError(f"{caller}: an SFMA layer's conv step runs in a program only")
+    if sfma.st.O != O or sfma.st.C * sfma.st.kk != K:
+        raise ValueError(f"{caller}: the SFMA layer's shape differs from the conv's")
+    return &sfma.st
+
+
 cdef inline dv_product _product(const float* W, long ldw, int O, int K, const float* bias, bint relu,
                               long ldo) noexcept nogil:
     """The product part of a convolution or GEMM step: out (O rows, ldo apart) = W (O x K, rows
@@ -502,13 +551,14 @@ cdef const float* _group_source(const float[:, :, ::1] x, int channel0, int pt, 
 def conv_panel(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                float[::1] pad_buffer, const long[::1] tap_off, int sw, const int[:, ::1] runs,
                const int[::1] panel_first, const float[:, ::1] W, const float[::1] bias, bint relu,
-               float[:, ::1] out, float[:, ::1] panels, int threads=1, Program program=None):
+               float[:, ::1] out, float[:, ::1] panels, int threads=1, Program program=None, SfmaLayer sfma=None):
     """Dense convolution of one group (input channels channel0.., W: O x K with K = that many
     channels x taps) on the panel route: im2col one panel at a time inside the GEMM
     (dv_conv_panel_tiles). With ``pad`` the group's channels are first copied with their zero
     padding into ``pad_buffer`` (Hp x Wp planes) and ``tap_off`` indexes it; else it indexes ``x`` itself. ``panels`` is scratch,
     one row of K * 32 floats per thread. Threads share out the tiles, or the 8-row blocks of
-    weights when the tiles are too few (dv_split_rows)."""
+    weights when the tiles are too few (dv_split_rows). With ``sfma`` (appended to a program
+    after its select steps) the step runs the kept maps of the image (dv_sfma_product)."""
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
     cdef int ntiles = panel_first.shape[0] - 1
     if K == 0 or O == 0 or N == 0:
@@ -535,8 +585,9 @@ def conv_panel(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
     s[i].u.panel.panel_first = &panel_first[0]
     s[i].scratch = &panels[0, 0]
     s[i].scratch_stride = panels.shape[1]
+    s[i].sfma = _sfma_state(sfma, program, O, K, "conv_panel")
     _emit(program, s, i + 1,
-          (x, pad_buffer, tap_off, runs, panel_first, W, bias, out, panels) if program is not None else None)
+          (x, pad_buffer, tap_off, runs, panel_first, W, bias, out, panels, sfma) if program is not None else None)
 
 
 def direct_vectors(int ho, int wo, int sh, int row_width, bint across):
@@ -553,13 +604,14 @@ def direct_vectors(int ho, int wo, int sh, int row_width, bint across):
 def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                 float[::1] pad_buffer, const long[::1] tap_off, const int[:, ::1] vectors,
                 const float[:, ::1] W, const float[::1] bias, bint relu, float[:, ::1] out, int threads=1,
-                long src_offset=0, Program program=None):
+                long src_offset=0, Program program=None, SfmaLayer sfma=None):
     """Dense convolution of one group with stride 1 along rows, without unfolding
     (dv_conv_direct): each tile loads its rows of the unfolded input in place from the source
     (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``),
     from ``src_offset`` floats on (a band of output rows). ``vectors`` from
     :func:`direct_vectors`; threads share out the tiles, or the 8-row blocks of weights when
-    the tiles are too few (dv_split_rows)."""
+    the tiles are too few (dv_split_rows). With ``sfma`` (appended to a program after its select
+    steps) the step runs the kept maps of the image (dv_sfma_product)."""
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
     cdef int nvec = vectors.shape[0]
     cdef long reach
@@ -586,7 +638,8 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     s[i].u.direct.tap_off = &tap_off[0]
     s[i].u.direct.vec = &vectors[0, 0]
     s[i].u.direct.nvec = nvec
-    _emit(program, s, i + 1, (x, pad_buffer, tap_off, vectors, W, bias, out) if program is not None else None)
+    s[i].sfma = _sfma_state(sfma, program, O, K, "conv_direct")
+    _emit(program, s, i + 1, (x, pad_buffer, tap_off, vectors, W, bias, out, sfma) if program is not None else None)
 
 
 def pad_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, int Hp, int Wp,
@@ -871,48 +924,38 @@ def lrn_across(const float[:, :, ::1] x, float[:, :, ::1] out, int size, float a
 
 def channel_stats(const float[:, :, ::1] x, double[::1] sums, double[::1] sumsq, double[::1] sumabs,
                   bint need_abs, int threads=1):
-    """Per channel: sum, sum of squares and (if asked) sum of absolute values, in double."""
+    """Per channel: sum, sum of squares and (if asked) sum of absolute values, in double
+    (dv_map_sums)."""
     cdef Py_ssize_t C = x.shape[0], c
-    cdef int H = x.shape[1], W = x.shape[2], y, xx
-    cdef double s, q, a, v
+    cdef long hw = x.shape[1] * x.shape[2]
+    if sums.shape[0] < C or sumsq.shape[0] < C or sumabs.shape[0] < C:
+        raise ValueError("channel_stats: shape mismatch")
+    if hw == 0:
+        for c in range(C):
+            sums[c] = sumsq[c] = sumabs[c] = 0.0
+        return
     for c in prange(C, nogil=True, num_threads=threads, schedule="static"):
-        s = 0.0
-        q = 0.0
-        a = 0.0
-        for y in range(H):
-            for xx in range(W):
-                v = x[c, y, xx]
-                s = s + v
-                q = q + v * v
-                if need_abs:
-                    a = a + fabs(v)
-        sums[c] = s
-        sumsq[c] = q
-        sumabs[c] = a
+        dv_map_sums(&x[c, 0, 0], hw, need_abs, &sums[c], &sumsq[c], &sumabs[c])
 
 
 def channel_spread(const float[:, :, ::1] x, bint nonneg, bint relative, double[::1] spread, double[::1] means,
                    int threads=1):
     """SFMA's statistic in one call: per channel the mean and the standard deviation (over
     H x W, in double), divided by the maps' mean |x| when ``relative`` (``nonneg``: x >= 0, so
-    |x| = x) (0 when that mean is 0)."""
-    cdef Py_ssize_t C = x.shape[0], c
-    cdef double hw = x.shape[1] * x.shape[2], total = 0.0, var, scale
+    |x| = x) (0 when that mean is 0): dv_sfma_spreads of the sums."""
+    cdef int C = x.shape[0]
+    if spread.shape[0] < C or means.shape[0] < C:
+        raise ValueError("channel_spread: shape mismatch")
+    if C == 0:
+        return
     sums = np.empty(C)
     sumsq = np.empty(C)
     sumabs = np.empty(C)
     channel_stats(x, sums, sumsq, sumabs, not nonneg, threads)
     cdef double[::1] s1 = sums, s2 = sumsq, sa = sumabs
     with nogil:
-        for c in range(C):
-            means[c] = s1[c] / hw
-            var = s2[c] / hw - means[c] * means[c]
-            spread[c] = sqrt(var if var > 0.0 else 0.0)
-            total = total + (s1[c] if nonneg else sa[c])
-        if relative:
-            scale = total / (C * hw)
-            for c in range(C):
-                spread[c] = spread[c] / scale if scale > 0.0 else 0.0
+        dv_sfma_spreads(&s1[0], &s2[0], &sa[0], C, <double>x.shape[1] * x.shape[2], nonneg, relative, &spread[0],
+                        &means[0])
 
 
 def gather_channels(const float[:, ::1] W, const int[::1] channels, int kk, const long[::1] tap_off,
@@ -940,29 +983,108 @@ def gather_channels(const float[:, ::1] W, const int[::1] channels, int kk, cons
 def sfma_constant(const float[:, ::1] W, const int[::1] dropped, const float[::1] means, int kk,
                   const float[:, ::1] class_taps, const long[::1] tap_class, float[:, ::1] out):
     """SFMA's constant map: out[o, p] = sum over the dropped channels c of means[c] times the sum
-    of W[o, c, t] over the taps t valid at position p (class_taps[tap_class[p], t] = 1)."""
+    of W[o, c, t] over the taps t valid at position p (class_taps[tap_class[p], t] = 1):
+    dv_sfma_constant_row per output channel."""
     cdef Py_ssize_t O = W.shape[0], nd = dropped.shape[0], ncls = class_taps.shape[0]
-    cdef Py_ssize_t P = tap_class.shape[0], o, i, t, q, p
-    cdef float acc
-    if out.shape[0] != O or out.shape[1] != P or class_taps.shape[1] != kk or means.shape[0] != nd:
+    cdef Py_ssize_t P = tap_class.shape[0], o, i
+    if (out.shape[0] != O or out.shape[1] != P or class_taps.shape[1] != kk or means.shape[0] != nd
+            or (O and W.shape[1] % kk) or ncls == 0):
         raise ValueError("sfma_constant: shape mismatch")
-    weighted = np.zeros(kk, np.float32)
-    per_class = np.empty(ncls, np.float32)
-    cdef float[::1] wt = weighted, pc = per_class
+    for i in range(nd):
+        if dropped[i] < 0 or dropped[i] * kk >= W.shape[1]:
+            raise ValueError("sfma_constant: channel out of range")
+    for i in range(P):
+        if tap_class[i] < 0 or tap_class[i] >= ncls:
+            raise ValueError("sfma_constant: border class out of range")
+    if O == 0 or P == 0:
+        return
+    scratch = np.zeros(kk + ncls, np.float32)
+    cdef float[::1] sc = scratch
+    cdef const int* d = &dropped[0] if nd else NULL
+    cdef const float* m = &means[0] if nd else NULL
     with nogil:
         for o in range(O):
-            for t in range(kk):
-                acc = 0.0
-                for i in range(nd):
-                    acc = acc + W[o, dropped[i] * kk + t] * means[i]
-                wt[t] = acc
-            for q in range(ncls):
-                acc = 0.0
-                for t in range(kk):
-                    acc = acc + wt[t] * class_taps[q, t]
-                pc[q] = acc
-            for p in range(P):
-                out[o, p] = pc[tap_class[p]]
+            dv_sfma_constant_row(&W[o, 0], d, m, <int>nd, kk, &class_taps[0, 0], <int>ncls, &tap_class[0], P,
+                                 &out[o, 0], 0, 0, &sc[0], &sc[kk])
+
+
+cdef class SfmaLayer:
+    """A conv layer with SFMA alone (one group) in a compiled run: the state its steps share
+    (dv_sfma_state, kernels/dv_sfma.h) and the arrays it points into. Its steps: :meth:`select_steps`
+    (each input map's statistic, then the maps dropped and the kept maps' weight rows), the conv
+    route's own steps given ``sfma=`` (they run the kept maps), :meth:`constant_step`. The
+    totals over the images run are read, and reset, by :meth:`take_counts`."""
+    cdef dv_sfma_state st
+    cdef list keep
+    cdef object by_drops
+
+    def __cinit__(self, const float[:, ::1] W, const long[::1] tap_off, const float[::1] bias, bint relu, int kk,
+                  long hw, bint nonneg, bint relative, double threshold, const float[:, ::1] class_taps,
+                  const long[::1] tap_class, const long long[::1] channel_nnz=None, int threads=1):
+        cdef int O = W.shape[0], C = W.shape[1] // kk if kk > 0 else 0
+        cdef Py_ssize_t i
+        if (kk <= 0 or C <= 0 or O <= 0 or W.shape[1] != C * kk or tap_off.shape[0] != C * kk or bias.shape[0] != O
+                or class_taps.shape[1] != kk or class_taps.shape[0] == 0 or tap_class.shape[0] == 0 or hw <= 0
+                or (channel_nnz is not None and channel_nnz.shape[0] != C) or threads < 1):
+            raise ValueError("SfmaLayer: shape mismatch")
+        for i in range(tap_class.shape[0]):
+            if tap_class[i] < 0 or tap_class[i] >= class_taps.shape[0]:
+                raise ValueError("SfmaLayer: border class out of range")
+        sums = np.zeros((3, C))
+        w_kept = np.zeros((O, C * kk), np.float32)
+        tap_kept = np.zeros(C * kk, np.int64)
+        dropped = np.zeros(C, np.int32)
+        means = np.zeros(C, np.float32)
+        scratch = np.zeros((threads, kk + class_taps.shape[0]), np.float32)
+        self.by_drops = np.zeros(C + 1, np.int64)
+        cdef double[:, ::1] sm = sums
+        cdef float[:, ::1] wk = w_kept, sc = scratch
+        cdef long[::1] tk = tap_kept
+        cdef int[::1] dr = dropped
+        cdef float[::1] mn = means
+        cdef long long[::1] bd = self.by_drops
+        memset(&self.st, 0, sizeof(dv_sfma_state))
+        self.st.C, self.st.O, self.st.kk = C, O, kk
+        self.st.hw, self.st.positions = hw, tap_class.shape[0]
+        self.st.nonneg, self.st.relative, self.st.threshold = nonneg, relative, threshold
+        self.st.W, self.st.tap_off, self.st.bias, self.st.relu = &W[0, 0], &tap_off[0], &bias[0], relu
+        self.st.channel_nnz = &channel_nnz[0] if channel_nnz is not None else NULL
+        self.st.class_taps, self.st.tap_class, self.st.ncls = &class_taps[0, 0], &tap_class[0], class_taps.shape[0]
+        self.st.sum, self.st.sumsq, self.st.sumabs = &sm[0, 0], &sm[1, 0], &sm[2, 0]
+        self.st.w_kept, self.st.tap_kept, self.st.dropped, self.st.dropped_means = &wk[0, 0], &tk[0], &dr[0], &mn[0]
+        self.st.scratch, self.st.scratch_stride = &sc[0, 0], sc.shape[1]
+        self.st.images_by_drops = &bd[0]
+        self.keep = [W, tap_off, bias, channel_nnz, class_taps, tap_class, sums, w_kept, tap_kept, dropped, means,
+                     scratch, self.by_drops]
+
+    def select_steps(self, const float[:, :, ::1] x, int threads, Program program):
+        """Append the statistic of the input maps ``x`` (C x H x W) and the choice of maps."""
+        if x.shape[0] != self.st.C or <long>x.shape[1] * x.shape[2] != self.st.hw:
+            raise ValueError("SfmaLayer.select_steps: input shape mismatch")
+        cdef dv_step s[2]
+        memset(s, 0, 2 * sizeof(dv_step))
+        s[0].kind, s[0].threads, s[0].sfma, s[0].x = DV_STEP_SFMA_STATS, threads, &self.st, &x[0, 0, 0]
+        s[1].kind, s[1].threads, s[1].sfma = DV_STEP_SFMA_SELECT, threads, &self.st
+        program.append(s, 2, (self, x))
+
+    def constant_step(self, float[:, ::1] out, int threads, Program program):
+        """Append the dropped maps' constant added to ``out`` (O x positions), then the ReLU."""
+        if out.shape[0] != self.st.O or out.shape[1] != self.st.positions:
+            raise ValueError("SfmaLayer.constant_step: output shape mismatch")
+        if threads > (<object>self.keep[11]).shape[0]:
+            raise ValueError("SfmaLayer.constant_step: more threads than scratch rows")
+        cdef dv_step s
+        memset(&s, 0, sizeof(dv_step))
+        s.kind, s.threads, s.sfma, s.out = DV_STEP_SFMA_CONSTANT, threads, &self.st, &out[0, 0]
+        program.append(&s, 1, (self, out))
+
+    def take_counts(self):
+        """The totals since the last call: images by the number of maps dropped (C + 1 ints) and
+        the non-zero weights of the kept maps' columns, summed; then zeroes them."""
+        counts, nnz = self.by_drops.copy(), self.st.kept_nnz
+        self.by_drops[:] = 0
+        self.st.kept_nnz = 0
+        return counts, int(nnz)
 
 
 # --------------------------------------------------------------------------- SPET (fully connected)

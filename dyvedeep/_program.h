@@ -2,7 +2,8 @@
  *
  * A step is one dense-path kernel over a layer (or a group, or a band of rows of one) with the
  * number of threads that share it out: padding, phase planes, the direct and panel convolution
- * routes, unfolding and GEMM, max and average pooling, channel means. dv_run_steps runs a list
+ * routes, unfolding and GEMM, max and average pooling, channel means, residual Adds; and SFMA
+ * alone in a conv layer (its statistic, its choice of maps, its constant). dv_run_steps runs a list
  * of them inside one parallel region, each thread doing its share of a step and then waiting
  * at a barrier for the others before the next step. The wrappers of _kernels.pyx either run
  * their steps at once or append them to a Program, which holds a whole run of dense layers
@@ -15,6 +16,7 @@
 #include "kernels/dv_conv.h"
 #include "kernels/dv_pool.h"
 #include "kernels/dv_eltwise.h"
+#include "kernels/dv_sfma.h"
 
 enum {
     DV_STEP_PAD,      /* dv_pad_planes, channels shared out */
@@ -26,7 +28,10 @@ enum {
     DV_STEP_MAXPOOL,  /* dv_maxpool_plane, planes shared out, one row scratch per thread */
     DV_STEP_AVGPOOL,  /* dv_avgpool_plane, likewise */
     DV_STEP_MEAN,     /* dv_mean of each row (global average pooling), rows shared out */
-    DV_STEP_ADD       /* dv_add_relu (a residual Add, or a ReLU alone), blocks of 64 floats shared out */
+    DV_STEP_ADD,      /* dv_add_relu (a residual Add, or a ReLU alone), blocks of 64 floats shared out */
+    DV_STEP_SFMA_STATS,    /* SFMA (alone) in a conv layer: dv_map_sums of each input map, maps shared out */
+    DV_STEP_SFMA_SELECT,   /* dv_sfma_select: the maps dropped; the kept maps' weight rows shared out */
+    DV_STEP_SFMA_CONSTANT  /* the dropped maps' constant added, then the ReLU: output rows shared out */
 };
 
 /* The product part of a convolution or GEMM step: out (O rows, ldo floats apart) = W (O x K,
@@ -65,9 +70,12 @@ typedef struct { int C, N; } dv_mean_args;
 /* n floats: out = x + b (b == NULL: x), ReLU'd if relu. */
 typedef struct { const float *b; long n; int relu; } dv_add_args;
 
-/* One step: its kind, its input, output and per-thread scratch, and the arguments of its kind. */
+/* One step: its kind, its input, output and per-thread scratch, and the arguments of its kind.
+ * `sfma`: the step belongs to a conv layer with SFMA alone (DV_STEP_SFMA_*, and its DIRECT or
+ * PANEL step, which then runs the kept maps that DV_STEP_SFMA_SELECT chose). */
 typedef struct {
     int kind;           /* DV_STEP_*: which member of `u` holds the arguments */
+    dv_sfma_state *sfma;
     int threads;        /* how many threads share the step out (threads 0..threads-1 of the team) */
     const float *x;     /* the step's input (its source planes, panels or map) */
     long x_offset;      /* with x_from_image: x is the image's data + x_offset floats */
@@ -134,6 +142,34 @@ static inline int dv_conv_share(int rows_first, int O, int ntiles, int t, int T,
     return 1;
 }
 
+/* The product a conv step runs: its own, or for an SFMA layer (s->sfma) that drops maps on this
+ * image the kept maps' (their columns and taps, in `kept` and *tap_off; the ReLU left to
+ * DV_STEP_SFMA_CONSTANT when it adds a constant). NULL when every map was dropped: then thread
+ * t of T has written the bias (ReLU'd unless a constant follows) into its share of the rows. */
+static const dv_product *dv_sfma_product(const dv_step *s, const dv_product *own, dv_product *kept,
+                                        const long **tap_off, int t, int T)
+{
+    const dv_sfma_state *st = s->sfma;
+    if (st == NULL || st->ndrop == 0) return own;
+    *kept = *own;
+    kept->relu = own->relu && !st->add_constant;
+    if (st->nkept == 0) {
+        int b, e;
+        dv_share(own->O, t, T, &b, &e);
+        for (int o = b; o < e; ++o) {
+            float v = own->bias[o];
+            if (kept->relu && v < 0.0f) v = 0.0f;
+            for (long j = 0; j < st->positions; ++j) s->out[o * own->ldo + j] = v;
+        }
+        return NULL;
+    }
+    kept->W = st->w_kept;
+    kept->K = st->nkept * st->kk;
+    kept->ldw = kept->K;
+    *tap_off = st->tap_kept;
+    return kept;
+}
+
 /* Thread t's share of step s run by T threads (x: the step's input, rebased on the image). */
 static void dv_step_share(const dv_step *s, const float *x, int t, int T)
 {
@@ -159,19 +195,25 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
     }
     case DV_STEP_DIRECT: {
         const dv_direct_args *a = &s->u.direct;
-        const dv_product *p = &a->p;
+        dv_product kept;
+        const long *tap_off = a->tap_off;
+        const dv_product *p = dv_sfma_product(s, &a->p, &kept, &tap_off, t, T);
+        if (p == NULL) break;
         int ntiles = (a->nvec + DV_DTILE - 1) / DV_DTILE;
         if (dv_conv_share(dv_split_rows(T, ntiles, p->O), p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
-            dv_conv_direct(x, a->tap_off, a->vec, a->nvec, p->W + (long)g0 * p->ldw, g1 - g0, p->K,
+            dv_conv_direct(x, tap_off, a->vec, a->nvec, p->W + (long)g0 * p->ldw, g1 - g0, p->K,
                            p->bias + g0, p->relu, s->out + (long)g0 * p->ldo, p->ldo, t0, t1);
         break;
     }
     case DV_STEP_PANEL: {
         const dv_panel_args *a = &s->u.panel;
-        const dv_product *p = &a->p;
+        dv_product kept;
+        const long *tap_off = a->tap_off;
+        const dv_product *p = dv_sfma_product(s, &a->p, &kept, &tap_off, t, T);
+        if (p == NULL) break;
         int ntiles = (a->N + 31) / 32;
         if (dv_conv_share(dv_split_rows(T, ntiles, p->O), p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
-            dv_conv_panel_tiles(x, a->tap_off, a->sw, a->runs, a->panel_first, p->W + (long)g0 * p->ldw, g1 - g0,
+            dv_conv_panel_tiles(x, tap_off, a->sw, a->runs, a->panel_first, p->W + (long)g0 * p->ldw, g1 - g0,
                                 p->K, a->N, p->bias + g0, p->relu, s->out + (long)g0 * p->ldo, scratch, t0, t1);
         break;
     }
@@ -223,6 +265,27 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         dv_share((int)((a->n + 63) / 64), t, T, &b, &e);
         long end = 64L * e < a->n ? 64L * e : a->n;
         dv_add_relu(x, a->b, s->out, 64L * b, end, a->relu);
+        break;
+    }
+    case DV_STEP_SFMA_STATS: {
+        dv_sfma_state *st = s->sfma;
+        dv_share(st->C, t, T, &b, &e);
+        for (int c = b; c < e; ++c)
+            dv_map_sums(x + (long)c * st->hw, st->hw, !st->nonneg, &st->sum[c], &st->sumsq[c], &st->sumabs[c]);
+        break;
+    }
+    case DV_STEP_SFMA_SELECT:
+        dv_sfma_select(s->sfma, t, T);
+        break;
+    case DV_STEP_SFMA_CONSTANT: {
+        dv_sfma_state *st = s->sfma;
+        if (!st->add_constant) break;
+        float *w = st->scratch + (long)t * st->scratch_stride;
+        dv_share(st->O, t, T, &b, &e);
+        for (int o = b; o < e; ++o)
+            dv_sfma_constant_row(st->W + (long)o * st->C * st->kk, st->dropped, st->dropped_means, st->ndrop, st->kk,
+                                 st->class_taps, st->ncls, st->tap_class, st->positions, s->out + o * st->positions,
+                                 1, st->relu, w, w + st->kk);
         break;
     }
     }

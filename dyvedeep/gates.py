@@ -195,6 +195,7 @@ class GateCounter(OpCounter):
 
     def __init__(self, base: OpCounter, gates: list[Gate], costs: list[dict[str, int]]) -> None:
         super().__init__(base.layer_names, base.dense_rows, base.band_rows)
+        self.sources = base.sources
         self.gate_rows = [g.index for g in gates]
         self.gate_costs = costs
         self.reached = [0] * len(gates)

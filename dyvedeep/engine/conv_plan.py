@@ -18,7 +18,7 @@ from ..plan import Layer
 from .memory import aligned_copy, packed_cols
 from .sdss import SdssGrid, sdss_grid
 from .sfma import border_classes
-from .spet import SpetBound, spet_bound, spet_channel_order
+from .spet import SpetBound, channel_nonzeros, spet_bound, spet_channel_order
 from .tuning import EngineTuning
 
 
@@ -155,6 +155,7 @@ class ConvKnobPlan:
     class_taps: np.ndarray | None = None  # ... and per class its valid kernel taps (kk mask)
     class_tap_count: int = 0  # valid taps summed over the border classes
     spet_bounds: list[SpetBound] | None = None  # SPET ``test: bound``: per group, the bound's static data
+    channel_nonzeros: list[np.ndarray] | None = None  # a pruned layer: per group, spet.channel_nonzeros
 
 
 def plan_knobs(layer: Layer, geom: ConvGeometry, route: ConvRoute, weights: list[np.ndarray],
@@ -188,9 +189,11 @@ def plan_knobs(layer: Layer, geom: ConvGeometry, route: ConvRoute, weights: list
     if spet is not None and spet.option("spet", "test") == "bound":
         spet_bounds = [spet_bound(order_weights[group], layer.bias[group * g.cout:(group + 1) * g.cout], g.kk,
                                   spet.threshold) for group in range(g.groups)]
+    nonzeros = ([channel_nonzeros(layer.weight[group * g.cout:(group + 1) * g.cout]) for group in range(g.groups)]
+                if layer.has_zero_weights else None)
     return ConvKnobPlan(spet, sdss, sfma, order, order_weights, order_tap_off,
                         np.arange(g.positions, dtype=np.int32), grid, tap_class, class_taps, class_tap_count,
-                        spet_bounds)
+                        spet_bounds, nonzeros)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .conv_plan import ConvPlan, plan_conv
 from .counting import OpCounter, conv_band_macs, fallback_costs
 from .knob_path import conv_group_with_knobs
 from .memory import Scratch, aligned_zeros, plan_buffers, tensor_readers
+from .sfma_alone import sfma_alone_compilable, sfma_alone_steps, sfma_alone_totals
 from .spet import FcPlan, fc_spet, plan_fc
 from .tuning import DEFAULT_TUNING, EngineTuning
 
@@ -144,6 +145,7 @@ class Engine:
             bands=aligned_zeros(max([b.band_floats for b in self.conv_pool_bands.values()], default=1)))
         self._steps = [(i, layer, layer.inputs, self.buffers.get(layer.output)) for i, layer in enumerate(plan.layers)]
         self._image = aligned_zeros(plan.input_shape)  # stands for the image in the compiled runs
+        self.c_counted: set[int] = set()  # compiled layers that count their own runs (SFMA alone)
         self.compiled_runs = self._compile_runs() if compiled else None
         # whether a whole image has layers with threads of their own on the Python path
         self.has_python_path = self.compiled_runs is not None and any(
@@ -318,7 +320,8 @@ class Engine:
             raise DyveError(f"{self.plan.path}: run_range({start}, {stop}): needs compiled runs and a range "
                             f"between 0, {len(self.plan.layers)} and one past the segment ends "
                             f"{sorted(self.segment_ends)}")
-        steps = [(part.program if len(part.program) else None, part.views, part.layers, part.banded, None)
+        steps = [(part.program if len(part.program) else None, part.views,
+                  [i for i in part.layers if i not in self.c_counted], part.banded, None)
                  if isinstance(part, CompiledRun) else (None, None, None, None, self._steps[part])
                  for part in self.compiled_runs[self._part_at[start]:self._part_at[stop]]]
         self._ranges[(start, stop)] = steps
@@ -327,11 +330,13 @@ class Engine:
     # -- compiled runs ---------------------------------------------------------------------
 
     def _compilable(self, layer: Layer, values: dict[str, np.ndarray]) -> bool:
-        """Whether a layer joins a compiled run: a conv without knobs, a pooling, a Concat whose
+        """Whether a layer joins a compiled run: a conv without knobs or with SFMA alone
+        (sfma_alone_compilable), a pooling, a Concat whose
         inputs are all written in place, a ReLU or an Add of two tensors of its shape (a residual
         block's), or a view (none of them reading the image, which changes per call)."""
         if layer.op == Op.CONV:
-            return self.layer_plans[layer.name].knobs is None
+            cp = self.layer_plans[layer.name]
+            return cp.knobs is None or sfma_alone_compilable(cp)
         if layer.op == Op.ALIAS:
             return not np.shares_memory(values[layer.inputs[0]], self._image)
         if layer.op == Op.CONCAT:
@@ -383,8 +388,14 @@ class Engine:
         threads = self._threads_of(layer, program)
         if layer.op == Op.CONV:
             cp = self.layer_plans[layer.name]
-            plain.conv_plain(cp, self.scratch, inputs[0], out.reshape(layer.out_shape[0], cp.geom.positions),
-                             threads, program)
+            out2 = out.reshape(layer.out_shape[0], cp.geom.positions)
+            if cp.knobs is None:
+                plain.conv_plain(cp, self.scratch, inputs[0], out2, threads, program)
+            else:  # SFMA alone: counted from the layer's own totals, not as a knob-free run
+                state = sfma_alone_steps(cp, self.scratch, inputs[0], out2, threads, program)
+                index = self.counter.index[layer.name]
+                self.c_counted.add(index)
+                self.counter.add_source(index, lambda: sfma_alone_totals(cp, state))
             return out
         if layer.op == Op.ALIAS:
             return inputs[0].reshape(layer.out_shape)
@@ -429,13 +440,14 @@ class Engine:
             plain.conv_plain(cp, self.scratch, inputs[0], out2, self.kernel_threads)
             self.counter.plain_runs[index] += 1
             return out
-        fired = False
+        stands = False
         for g in range(geom.groups):
-            counts, skipped = conv_group_with_knobs(cp, self.scratch, inputs[0],
-                                                    out2[g * geom.cout:(g + 1) * geom.cout], g, self.kernel_threads)
+            counts, group_stands = conv_group_with_knobs(cp, self.scratch, inputs[0],
+                                                         out2[g * geom.cout:(g + 1) * geom.cout], g,
+                                                         self.kernel_threads)
             self.counter.add(index, counts)
-            fired |= skipped
-        if not fired:
+            stands |= group_stands
+        if not stands:
             # nothing was skipped: give the knob-free result exactly (ops were counted above)
             plain.conv_plain(cp, self.scratch, inputs[0], out2, self.kernel_threads)
             self.counter.add(index, fallback_costs(layer.dense_macs))

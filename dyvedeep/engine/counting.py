@@ -8,6 +8,8 @@ op model counts (``macs``), ``executed_macs`` counts those the kernels ran (docs
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..plan import Plan
@@ -49,6 +51,14 @@ class OpCounter:
         self.band_rows = (band_rows if band_rows is not None
                           else np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64))
         self.band_runs = [0] * len(layer_names)
+        # Compiled layers that keep their own totals (SFMA alone, engine/sfma.py): per layer a
+        # function giving the counts since its last call, folded in when read.
+        self.sources: list[tuple[int, Callable[[], dict[str, int]]]] = []
+
+    def add_source(self, index: int, counts_since: Callable[[], dict[str, int]]) -> None:
+        """Row ``index`` also gets, when read, what ``counts_since()`` returns (the counts since
+        its last call)."""
+        self.sources.append((index, counts_since))
 
     @classmethod
     def for_plan(cls, plan: Plan) -> "OpCounter":
@@ -76,6 +86,8 @@ class OpCounter:
         if any(self.band_runs):
             self._table += np.asarray(self.band_runs, dtype=np.int64)[:, None] * self.band_rows
             self.band_runs = [0] * len(self.layer_names)
+        for index, counts_since in self.sources:
+            self.add(index, counts_since())
         return self._table
 
     def add(self, index: int, counts: dict[str, int]) -> None:

@@ -13,14 +13,18 @@ from .counting import new_counts, sfma_saved_ops
 from .memory import Scratch
 from .sdss import sdss_rest
 from .sfma import sfma_constant, sfma_select
-from .spet import conv_neurons, spet_lead, spet_test_margins
+from .sfma_alone import is_sfma_alone, sfma_alone
+from .spet import conv_neurons, lead_rest_nonzeros, spet_lead, spet_test_margins
 
 
 def conv_group_with_knobs(cp: ConvPlan, scratch: Scratch, x: np.ndarray, out_g: np.ndarray, group: int,
                           threads: int) -> tuple[dict[str, int], bool]:
     """One group of a conv layer with its knobs into ``out_g``; returns its counts and whether
-    any knob skipped work."""
+    its output stands: a knob skipped work, or (SFMA alone, nothing dropped) the output already
+    is the knob-free result. Else the caller reruns the layer on its knob-free path."""
     geom, knobs = cp.geom, cp.knobs
+    if is_sfma_alone(cp):
+        return sfma_alone(cp, scratch, x, out_g, group, threads), True
     cin, cout = geom.cin, geom.cout
     xg = x[group * cin:(group + 1) * cin]
     bias = cp.layer.bias[group * cout:(group + 1) * cout]
@@ -39,24 +43,27 @@ def conv_group_with_knobs(cp: ConvPlan, scratch: Scratch, x: np.ndarray, out_g: 
             constant = sfma_constant(cp, group, drop, means[drop], scratch.constant, count)
             count["dropped_maps"] += len(drop)
             count["saved_sfma"] += sfma_saved_ops(cout, geom.positions, geom.kk, len(drop))
-    lead = len(kept) * geom.kk
+    channel_nonzeros = knobs.channel_nonzeros[group] if knobs.channel_nonzeros else None
+    lead_channels = len(kept)
     margins = None
     if knobs.spet is not None:
         lead_channels = spet_lead(knobs.spet.option("spet", "fraction"), len(kept))
-        lead = lead_channels * geom.kk
         # the bound covers order[lead_channels:], a superset of the kept channels left after the
         # lead when SFMA dropped some (each kept channel sits at least as far in the order)
         margins = spet_test_margins(knobs.spet, knobs.spet_bounds[group] if knobs.spet_bounds else None, cout,
                                     lead_channels, xg, order, cp.layer.input_nonneg, count)
+    lead = lead_channels * geom.kk
+    nonzeros = lead_rest_nonzeros(channel_nonzeros, kept, lead_channels) if channel_nonzeros is not None else None
 
     # ---- the positions computed first (the SDSS grid, or all), with SPET inside
     src, tap_off, wmat = knob_source(cp, scratch, x, group, kept, wmat)
     positions = knobs.grid.grid_positions if knobs.sdss is not None else knobs.all_positions
     conv_neurons(cp, src, tap_off, wmat, lead, margins, bias, constant, positions, None, out_g, scratch.panels,
-                 threads, count)
+                 threads, count, nonzeros)
     if knobs.sdss is not None:
         # ---- SDSS: interpolate insignificant cells, compute the rest of the map
-        sdss_rest(cp, out_g, src, tap_off, wmat, lead, margins, bias, constant, scratch.panels, threads, count)
+        sdss_rest(cp, out_g, src, tap_off, wmat, lead, margins, bias, constant, scratch.panels, threads, count,
+                  nonzeros)
 
     count["ops"] += count["overhead_sfma"] + count["overhead_sdss"] + count["overhead_spet"]
     return count, bool(count["dropped_maps"] or count["filled"] or count["terminated"])

@@ -1,6 +1,9 @@
 """The knob-free path: each layer's kernels with no knob, run now or, given a ``K.Program``,
-appended to it as steps (a compiled run). A conv layer runs on its route (conv_plan.py)."""
+appended to it as steps (a compiled run). A conv layer runs on its route (conv_plan.py); SFMA
+alone runs the same route over the maps it keeps (:class:`KeptChannels`)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,32 +17,68 @@ from .memory import Scratch
 def conv_plain(cp: ConvPlan, scratch: Scratch, x: np.ndarray, out: np.ndarray, threads: int,
                program: K.Program | None = None) -> None:
     """A conv layer on its route into ``out`` (cout_total x positions)."""
+    cout = cp.geom.cout
+    for g in range(cp.geom.groups):
+        conv_group(cp, scratch, x, g, out[g * cout:(g + 1) * cout], cp.layer.relu, threads, program)
+
+
+@dataclass(frozen=True)
+class KeptChannels:
+    """Some input channels of a group (SFMA's kept maps, in increasing order) as the layer's
+    route reads them: their weight columns, their unfolded rows' offsets in the route's source,
+    and their indices in the layer's input."""
+
+    weights: np.ndarray  # cout x (kept x kk)
+    tap_off: np.ndarray  # kept x kk
+    channels: np.ndarray  # kept
+
+
+def kept_channels(cp: ConvPlan, scratch: Scratch, group: int, kept: np.ndarray) -> KeptChannels:
+    """The route's tables of the kept channels ``kept`` (indices in the group, increasing); the
+    weight columns go to the scratch ``kept_weights``."""
     geom, route = cp.geom, cp.route
-    bias, relu = cp.layer.bias, cp.layer.relu
-    for g in range(geom.groups):
-        og, bg = out[g * geom.cout:(g + 1) * geom.cout], bias[g * geom.cout:(g + 1) * geom.cout]
-        if route.name == "direct":  # stride 1 along rows: the tiles read the source in place
-            K.conv_direct(x=x, channel0=g * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
-                          pad=route.pad_src, pad_buffer=scratch.source, tap_off=route.tap_off, vectors=route.vectors,
-                          W=cp.weights[g], bias=bg, relu=relu, out=og, threads=threads, src_offset=0,
-                          program=program)
-        elif route.name == "phase":  # stride s: phase planes, then the direct route's tiles
-            planes = phase_planes(cp, scratch, x, g, threads, program)
-            K.conv_direct(x=planes, channel0=0, pt=0, pl=0, Hp=planes.shape[1], Wp=planes.shape[2], pad=False,
-                          pad_buffer=scratch.source, tap_off=route.phase_tap_off, vectors=route.vectors,
-                          W=cp.weights[g], bias=bg, relu=relu, out=og, threads=threads, src_offset=0,
-                          program=program)
-        elif route.name == "unfold":  # large weights, small map: unfold once, weights stay in L1
-            K.im2col_packed(x=x, channels=cp.channels[g], kh=geom.kh, kw=geom.kw, sh=geom.sh, sw=geom.sw, pt=geom.pt,
-                            pl=geom.pl, dh=geom.dh, dw=geom.dw, ho=geom.ho, wo=geom.wo, cols=cp.cols,
-                            threads=threads, program=program)
-            K.conv_gemm(W=cp.weights[g], cols=cp.cols, N=geom.positions, out=og, bias=bg, relu=relu,
-                        threads=threads, program=program)
-        else:  # panel: im2col fused into the GEMM, one 32-position panel at a time
-            K.conv_panel(x=x, channel0=g * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
-                         pad=route.pad_src, pad_buffer=scratch.source, tap_off=route.tap_off, sw=geom.sw,
-                         runs=route.runs, panel_first=route.panel_first, W=cp.weights[g], bias=bg, relu=relu,
-                         out=og, panels=scratch.panels, threads=threads, program=program)
+    n = len(kept) * geom.kk
+    tap_off = np.empty(n, np.int64)
+    weights = scratch.kept_weights[:geom.cout * n].reshape(geom.cout, n)
+    K.gather_channels(W=cp.weights[group], channels=kept, kk=geom.kk,
+                      tap_off=route.phase_tap_off if route.name == "phase" else route.tap_off, w_out=weights,
+                      tap_out=tap_off)
+    return KeptChannels(weights, tap_off, cp.channels[group][kept])
+
+
+def conv_group(cp: ConvPlan, scratch: Scratch, x: np.ndarray, group: int, out_g: np.ndarray, relu: bool,
+               threads: int, program: K.Program | None = None, kept: KeptChannels | None = None,
+               sfma: K.SfmaLayer | None = None) -> None:
+    """Group ``group`` of a conv layer on its route into ``out_g`` (cout x positions): over all
+    its input channels, or over the ``kept`` ones alone (SFMA; at least one); ReLU if asked.
+    ``sfma``: the conv step of a compiled SFMA layer (engine/sfma.py; direct, phase or panel
+    route), which runs the maps its select steps keep."""
+    geom, route = cp.geom, cp.route
+    bias = cp.layer.bias[group * geom.cout:(group + 1) * geom.cout]
+    weights = cp.weights[group] if kept is None else kept.weights
+    if route.name == "direct":  # stride 1 along rows: the tiles read the source in place
+        K.conv_direct(x=x, channel0=group * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
+                      pad=route.pad_src, pad_buffer=scratch.source,
+                      tap_off=route.tap_off if kept is None else kept.tap_off, vectors=route.vectors, W=weights,
+                      bias=bias, relu=relu, out=out_g, threads=threads, src_offset=0, program=program, sfma=sfma)
+    elif route.name == "phase":  # stride s: phase planes, then the direct route's tiles
+        planes = phase_planes(cp, scratch, x, group, threads, program)
+        K.conv_direct(x=planes, channel0=0, pt=0, pl=0, Hp=planes.shape[1], Wp=planes.shape[2], pad=False,
+                      pad_buffer=scratch.source, tap_off=route.phase_tap_off if kept is None else kept.tap_off,
+                      vectors=route.vectors, W=weights, bias=bias, relu=relu, out=out_g, threads=threads,
+                      src_offset=0, program=program, sfma=sfma)
+    elif route.name == "unfold":  # large weights, small map: unfold once, weights stay in L1
+        K.im2col_packed(x=x, channels=cp.channels[group] if kept is None else kept.channels, kh=geom.kh, kw=geom.kw,
+                        sh=geom.sh, sw=geom.sw, pt=geom.pt, pl=geom.pl, dh=geom.dh, dw=geom.dw, ho=geom.ho,
+                        wo=geom.wo, cols=cp.cols, threads=threads, program=program)
+        K.conv_gemm(W=weights, cols=cp.cols, N=geom.positions, out=out_g, bias=bias, relu=relu, threads=threads,
+                    program=program)
+    else:  # panel: im2col fused into the GEMM, one 32-position panel at a time
+        K.conv_panel(x=x, channel0=group * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
+                     pad=route.pad_src, pad_buffer=scratch.source,
+                     tap_off=route.tap_off if kept is None else kept.tap_off, sw=geom.sw, runs=route.runs,
+                     panel_first=route.panel_first, W=weights, bias=bias, relu=relu, out=out_g,
+                     panels=scratch.panels, threads=threads, program=program, sfma=sfma)
 
 
 def phase_planes(cp: ConvPlan, scratch: Scratch, x: np.ndarray, group: int, threads: int,

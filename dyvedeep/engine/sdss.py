@@ -65,10 +65,10 @@ def cell_corner_max(maps: np.ndarray, grid: SdssGrid) -> np.ndarray:
 
 def sdss_rest(cp: "ConvPlan", out_g: np.ndarray, src: np.ndarray, tap_off: np.ndarray, wmat: np.ndarray,
               lead: int, margins: np.ndarray | None, bias: np.ndarray, constant: np.ndarray | None,
-              panels: np.ndarray, threads: int, count: dict[str, int]) -> None:
+              panels: np.ndarray, threads: int, count: dict[str, int], nonzeros: np.ndarray | None = None) -> None:
     """After the grid: decide the cells, compute the off-grid positions of significant cells
     (only the positions some map needs are unfolded; each map computes its own) and fill
-    the others."""
+    the others (``nonzeros``: as for :func:`conv_neurons`)."""
     geom, setting, grid = cp.geom, cp.knobs.sdss, cp.knobs.grid
     maps = out_g.reshape(geom.cout, geom.ho, geom.wo)
     ncells = (len(grid.gy) - 1) * (len(grid.gx) - 1)
@@ -79,7 +79,7 @@ def sdss_rest(cp: "ConvPlan", out_g: np.ndarray, src: np.ndarray, tap_off: np.nd
                                                cell_y=grid.cell_y, cell_x=grid.cell_x)
     if n_needed:
         conv_neurons(cp, src, tap_off, wmat, lead, margins, bias, constant, positions, needed, out_g, panels, threads,
-                     count)
+                     count, nonzeros)
     bilinear = setting.option("sdss", "fill") == "bilinear"
     filled = K.sdss_fill(out=maps, gy=grid.gy, gx=grid.gx, pos_y=grid.off_y, pos_x=grid.off_x, cell_y=grid.cell_y,
                          cell_x=grid.cell_x, insignificant=insig, bilinear=bilinear)

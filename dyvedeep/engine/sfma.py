@@ -2,7 +2,8 @@
 taken as its mean; its contribution becomes that mean times each output channel's kernel,
 summed over each output position's valid taps (its border class).
 
-Here: the statistic, the border classes and the knob path's two SFMA steps.
+Here: the statistic, the border classes and the knob path's two SFMA steps (SFMA alone in a
+layer: sfma_alone.py).
 """
 from __future__ import annotations
 
@@ -52,13 +53,17 @@ def sfma_select(cp: "ConvPlan", xg: np.ndarray, threads: int, count: dict[str, i
 
 
 def sfma_constant(cp: "ConvPlan", group: int, drop: np.ndarray, means: np.ndarray, out: np.ndarray,
-                  count: dict[str, int]) -> np.ndarray:
+                  count: dict[str, int]) -> np.ndarray | None:
     """Contribution (cout x positions, into the scratch ``out``) of the dropped maps, each taken
     as its mean: per output channel, the mean-weighted kernel restricted to each position's
-    valid taps."""
+    valid taps. None when every mean is 0 (dead maps after a ReLU): it adds nothing, though the
+    op model counts it as made."""
     geom, knobs = cp.geom, cp.knobs
+    count["overhead_sfma"] += sfma_constant_ops(geom.cout, len(drop), geom.kk, knobs.class_tap_count, geom.positions)
+    if not means.any():
+        return None
     out = out[:geom.cout * geom.positions].reshape(geom.cout, geom.positions)
     K.sfma_constant(W=cp.weights[group], dropped=drop, means=means, kk=geom.kk, class_taps=knobs.class_taps,
                     tap_class=knobs.tap_class, out=out)
-    count["overhead_sfma"] += sfma_constant_ops(geom.cout, len(drop), geom.kk, knobs.class_tap_count, geom.positions)
     return out
+

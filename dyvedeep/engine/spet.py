@@ -143,18 +143,33 @@ def nonzero_neuron_macs(nonzeros: np.ndarray, rows: np.ndarray) -> int:
     return int((rows * nonzeros).sum())
 
 
+def channel_nonzeros(w: np.ndarray) -> np.ndarray:
+    """A pruned conv group's non-zero weights per output and input channel (cout x cin), from
+    its weights (cout x cin x kh x kw)."""
+    return np.count_nonzero(w.reshape(w.shape[0], w.shape[1], -1), axis=2).astype(np.int64)
+
+
+def lead_rest_nonzeros(per_channel: np.ndarray, kept: np.ndarray, lead_channels: int) -> np.ndarray:
+    """Per output, its non-zero weights over the first ``lead_channels`` of the input channels
+    ``kept`` (in the knob order) and over the rest of them (outputs x 2, as :func:`row_nonzeros`),
+    from :func:`channel_nonzeros`."""
+    return np.stack([per_channel[:, kept[:lead_channels]].sum(axis=1),
+                     per_channel[:, kept[lead_channels:]].sum(axis=1)], axis=1)
+
+
 def conv_neurons(cp: "ConvPlan", src: np.ndarray, tap_off: np.ndarray, wmat: np.ndarray, lead: int,
                  margins: np.ndarray | None, bias: np.ndarray, constant: np.ndarray | None, positions: np.ndarray,
                  mask: np.ndarray | None, out_g: np.ndarray, panels: np.ndarray, threads: int,
-                 count: dict[str, int]) -> None:
+                 count: dict[str, int], nonzeros: np.ndarray | None = None) -> None:
     """The outputs at ``positions`` (where ``mask``, if given) of one group, SPET inside when on
     (``margins``: each output's, from :func:`spet_test_margins`), written to ``out_g`` (ReLU'd
-    when the layer has one); counts their MACs and ops, and the MACs the kernel ran."""
+    when the layer has one); counts their MACs and ops, and the MACs the kernel ran. A pruned
+    layer gives ``nonzeros`` (:func:`lead_rest_nonzeros` of ``wmat``'s columns, ``lead`` split):
+    then the MACs on non-zero weights are counted too."""
     g, relu = cp.geom, cp.layer.relu
     spet = cp.knobs.spet
     executed = np.zeros(1, np.int64)
-    pruned = cp.layer.has_zero_weights  # then count the MACs on non-zero weights
-    rows = np.zeros((g.cout, 2), np.int64) if pruned else None
+    rows = np.zeros((g.cout, 2), np.int64) if nonzeros is not None else None
     terminated, n_active = K.knob_conv(
         src=src, tap_off=tap_off, positions=positions, wo=g.wo, sh=g.sh, sw=g.sw,
         row_width=cp.route.src_row_width, W=wmat, lead=lead, spet=spet is not None,
@@ -164,8 +179,7 @@ def conv_neurons(cp: "ConvPlan", src: np.ndarray, tap_off: np.ndarray, wmat: np.
     kdim = wmat.shape[1]
     costs = (neuron_costs(n_active, kdim, relu) if spet is None
              else spet_neuron_costs(n_active, terminated, kdim, lead, relu))
-    # the columns vary with SFMA's drops: counted per call, O x K against the layer's O x K x positions
-    costs["nonzero_macs"] = nonzero_neuron_macs(row_nonzeros(wmat, lead), rows) if pruned else costs["macs"]
+    costs["nonzero_macs"] = nonzero_neuron_macs(nonzeros, rows) if nonzeros is not None else costs["macs"]
     tally(count, costs)
 
 
