@@ -2,6 +2,7 @@
 near-uniform input maps (their contribution becomes mean x kernel sum), SDSS computes the output
 on a coarse grid and interpolates insignificant cells, SPET stops the neurons whose partial sum
 over the leading input channels predicts a negative result. The knobs' kernels share one count.
+A layer whose only knob is SFMA takes its own route instead (sfma_alone.py).
 """
 from __future__ import annotations
 

@@ -207,8 +207,12 @@ def bench_calibrate(bench):
     return {**config["calibrate"], **own}
 
 
-def calibrate_args(bench):
+def calibrate_args(bench, passes=None):
+    """`dyvedeep calibrate` options: the benchmark's calibration settings (``passes``, unless
+    None, for its passes)."""
     c = bench_calibrate(bench)
+    if passes is not None:
+        c = {**c, "passes": passes}
     args = ["--knobs", ",".join(dict.fromkeys(c["knobs"]))]
     for key in ("margin", "passes", "min_share", "mix", "changed_weight", "group"):
         if c.get(key) is not None:

@@ -95,7 +95,8 @@ rule prune:
 
 
 # The knobs on top of a pruned net: calibrated on it as on the dense one (the benchmark's
-# settings, the global budget; the pruned net is the reference of its criterion).
+# settings but compare.prune.knob_passes, the global budget; the pruned net is the reference of
+# its criterion).
 rule calibrate_pruned:
     input:
         model=pruned_model_file("{bench}", "{method}"),
@@ -108,7 +109,7 @@ rule calibrate_pruned:
         budget=config["budget"],
         limit=lambda wildcards: limit_arg("calib", wildcards.bench),
         mirror=mirror_arg(),
-        options=lambda wildcards: calibrate_args(wildcards.bench),
+        options=lambda wildcards: calibrate_args(wildcards.bench, config["compare"]["prune"]["knob_passes"]),
     threads: JOB_THREADS
     log:
         "logs/calibrate/{bench}/pruned_{method}.log",
