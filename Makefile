@@ -37,7 +37,7 @@ test-avx2: setup
 	rm -f $(AVX2_DIR)/dyvedeep/*.so $(AVX2_DIR)/dyvedeep/_kernels.c
 	cd $(AVX2_DIR) && DYVEDEEP_ISA=avx2 $(abspath $(BIN))/python setup.py --quiet build_ext --inplace
 	cd $(AVX2_DIR) && DYVEDEEP_MIRROR=$${DYVEDEEP_MIRROR:-$(abspath ..)/shared/mirror} DYVEDEEP_EXPECT_ISA=avx2 \
-	  $(abspath $(BIN))/python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py tests/test_knobs.py
+	  $(abspath $(BIN))/python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py tests/test_knobs.py tests/test_sfma_alone.py
 	$(BIN)/python tools/fma_spills.py $(AVX2_DIR)/dyvedeep/_kernels*.so --max 0
 
 # Vector FMAs whose accumulator is spilled to the stack, in the in-place build (tools/fma_spills.py).
