@@ -51,7 +51,7 @@ class OpCounter:
         self.band_rows = (band_rows if band_rows is not None
                           else np.zeros((len(layer_names), len(COUNTER_FIELDS)), dtype=np.int64))
         self.band_runs = [0] * len(layer_names)
-        # Compiled layers that keep their own totals (SFMA alone, engine/sfma.py): per layer a
+        # Compiled layers that keep their own totals (SFMA alone, engine/sfma_alone.py): per layer a
         # function giving the counts since its last call, folded in when read.
         self.sources: list[tuple[int, Callable[[], dict[str, int]]]] = []
 

@@ -51,7 +51,7 @@ def conv_group(cp: ConvPlan, scratch: Scratch, x: np.ndarray, group: int, out_g:
                sfma: K.SfmaLayer | None = None) -> None:
     """Group ``group`` of a conv layer on its route into ``out_g`` (cout x positions): over all
     its input channels, or over the ``kept`` ones alone (SFMA; at least one); ReLU if asked.
-    ``sfma``: the conv step of a compiled SFMA layer (engine/sfma.py; direct, phase or panel
+    ``sfma``: the conv step of a compiled SFMA layer (engine/sfma_alone.py; direct, phase or panel
     route), which runs the maps its select steps keep."""
     geom, route = cp.geom, cp.route
     bias = cp.layer.bias[group * geom.cout:(group + 1) * geom.cout]

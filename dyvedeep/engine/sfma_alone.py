@@ -16,7 +16,6 @@ from .memory import Scratch
 from .sfma import sfma_constant, sfma_select
 
 
-
 def is_sfma_alone(cp: ConvPlan) -> bool:
     """Whether SFMA is the layer's only knob."""
     knobs = cp.knobs
