@@ -154,7 +154,7 @@ cdef extern from "_program.h" nogil:
         long scratch_stride
         dv_step_args u
     int dv_split_rows(int T, int ntiles, int O)
-    void dv_run_steps(const dv_step* steps, int n, const float* image, int max_threads)
+    void dv_run_steps(const dv_step* steps, int n, const float* image, int max_threads, double* step_end)
 
 
 #: The instruction set the kernels were built for ("avx512", "avx2", "neon" or "generic"; setup.py)
@@ -199,7 +199,15 @@ def gemm(const float[:, :] A, const float[:, :] B, float[:, :] C, float beta=0.0
 
 # --------------------------------------------------------------------------- steps and programs
 
-#: Program.run tries the way it is not using (all threads or one) once in this many runs.
+#: The step kinds by their DV_STEP_* value (_program.h), as Program.step_kinds names them.
+STEP_KINDS = {DV_STEP_PAD: "pad", DV_STEP_PHASE: "phase", DV_STEP_DIRECT: "direct", DV_STEP_PANEL: "panel",
+              DV_STEP_IM2COL: "im2col", DV_STEP_GEMM: "gemm", DV_STEP_MAXPOOL: "maxpool",
+              DV_STEP_AVGPOOL: "avgpool", DV_STEP_MEAN: "mean", DV_STEP_ADD: "add",
+              DV_STEP_SFMA_STATS: "sfma-stats", DV_STEP_SFMA_SELECT: "sfma-select",
+              DV_STEP_SFMA_CONSTANT: "sfma-constant"}
+
+#: Program.run tries the way it is not using (all threads or one) once in this many runs, for
+#: two runs in a row (the first, cold, not judged).
 PROBE_EVERY = 8
 #: Program.run judges each way by the median of its last this many times.
 cdef enum:
@@ -222,7 +230,7 @@ cdef class Program:
     On a busy machine a barrier waits for a thread the scheduler has taken off its core: with
     several threads, :meth:`run` keeps its last RECENT_RUNS times with all of them and with one
     (the same floats either way), takes the way whose median is lower, and tries the other once
-    in PROBE_EVERY runs. A median, not a mean: one run slowed by another process (or by a
+    in PROBE_EVERY runs (ThreadChoice). A median, not a mean: one run slowed by another process (or by a
     spinning thread pool of another engine) must not keep the faster way unused for long."""
     cdef dv_step* steps
     cdef int n, capacity
@@ -231,9 +239,15 @@ cdef class Program:
     cdef const float* image_data
     cdef Py_ssize_t image_floats
     cdef bint reads_image
+    cdef double* step_end  # with profiling: the clock at the start and after each step of the last run
+    cdef int step_end_size  # its length; 0: no run kept
+    cdef public bint profiling
 
     def __cinit__(self, cnp.ndarray image=None):
         self.steps = NULL
+        self.step_end = NULL
+        self.step_end_size = 0
+        self.profiling = False
         self.n = 0
         self.capacity = 0
         self.keep = [image]
@@ -249,9 +263,22 @@ cdef class Program:
 
     def __dealloc__(self):
         free(self.steps)
+        free(self.step_end)
 
     def __len__(self):
         return self.n
+
+    def step_kinds(self):
+        """Each step's kind (STEP_KINDS), in order."""
+        return [STEP_KINDS[self.steps[i].kind] for i in range(self.n)]
+
+    def step_seconds(self):
+        """With ``profiling`` set before the last run: each step's seconds in it, from the end of
+        the step before (the barrier after it included: the slowest thread and the wait for
+        it); None when no profiled run happened since the last append."""
+        if self.step_end_size != self.n + 1:
+            return None
+        return [self.step_end[i + 1] - self.step_end[i] for i in range(self.n)]
 
     cdef int append(self, const dv_step* steps, int n, tuple keep) except -1:
         """Append n steps; those reading inside the image placeholder will read the run's image."""
@@ -272,6 +299,7 @@ cdef class Program:
                 self.reads_image = True
             self.n += 1
         self.keep.extend(keep)
+        self.step_end_size = 0
         return 0
 
     def run(self, cnp.ndarray image=None):
@@ -284,9 +312,16 @@ cdef class Program:
             data = <const float*>cnp.PyArray_DATA(image)
         cdef int limit = self._thread_limit()
         cdef double start, elapsed
+        cdef double* step_end = NULL
+        if self.profiling:
+            step_end = <double*>realloc(self.step_end, (self.n + 1) * sizeof(double))
+            if step_end == NULL:
+                raise MemoryError()
+            self.step_end = step_end
+            self.step_end_size = self.n + 1
         with nogil:
             start = _now()
-            dv_run_steps(self.steps, self.n, data, limit)
+            dv_run_steps(self.steps, self.n, data, limit, step_end)
             elapsed = _now() - start
         self.choice.record(limit == 1, elapsed)
 
@@ -301,20 +336,33 @@ cdef class Program:
 
 cdef class ThreadChoice:
     """Whether a program's next run takes one thread or all of them: each way judged by the
-    median of its last RECENT_RUNS times, the faster taken, the other tried once in PROBE_EVERY
-    runs; all threads first, then one once, so that both are measured."""
+    median of its last RECENT_RUNS times, the faster taken, the other tried in PROBE_EVERY
+    runs; all threads first, then one, so that both are measured.
+
+    A run right after a run the other way is not judged, and the next run goes the same way:
+    its time is cold (the threads that sat idle wake, their caches hold another core's data).
+    On a 0.65 ms network a probe with all threads after seven runs on one took 0.8-1.0 ms, and
+    the program stayed on one thread for good (docs/notes/2026-12-04-two-threads-squeezenet.md)."""
     cdef double recent_team[RECENT_RUNS]
     cdef double recent_one[RECENT_RUNS]
     cdef long runs, runs_team, runs_one
+    cdef int last_way  # -1 before the first run, else whether it took one thread
+    cdef bint repeat  # the last run switched ways: the next goes the same way and is judged
 
     def __cinit__(self):
         self.runs = 0
         self.runs_team = 0
         self.runs_one = 0
+        self.last_way = -1
+        self.repeat = False
 
     cpdef record(self, bint one_thread, double seconds):
         """A run's time, with one thread or all of them."""
         self.runs += 1
+        self.repeat = self.last_way >= 0 and self.last_way != one_thread
+        self.last_way = one_thread
+        if self.repeat:
+            return
         if one_thread:
             self.recent_one[self.runs_one % RECENT_RUNS] = seconds
             self.runs_one += 1
@@ -324,6 +372,8 @@ cdef class ThreadChoice:
 
     cpdef bint one_thread_next(self):
         """Whether the next run should take one thread."""
+        if self.repeat:
+            return self.last_way == 1
         if self.runs_team == 0:
             return False
         if self.runs_one == 0:
@@ -349,7 +399,7 @@ cdef int _emit(Program program, dv_step* steps, int n, tuple keep) except -1:
     """Run the steps now (program None) or append them to ``program``."""
     if program is None:
         with nogil:
-            dv_run_steps(steps, n, NULL, 1 << 30)
+            dv_run_steps(steps, n, NULL, 1 << 30, NULL)
     else:
         program.append(steps, n, keep)
     return 0

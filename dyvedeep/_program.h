@@ -299,15 +299,21 @@ static inline const float *dv_step_input(const dv_step *s, const float *image)
 /* Run steps[0..n-1] in order, each shared out by its threads (at most max_threads), in one
  * parallel region (a team of as many threads as the widest step asks for; a barrier between
  * steps). Any number of threads gives the same floats. `image`: the data that steps with
- * x_from_image read (NULL when none does). */
-static void dv_run_steps(const dv_step *steps, int n, const float *image, int max_threads)
+ * x_from_image read (NULL when none does). `step_end` (NULL: not kept): n + 1 clock readings
+ * (omp_get_wtime), the start and each step's end as thread 0 sees it, after the barrier that
+ * closes the step (its slowest thread, and the wait, included). */
+static void dv_run_steps(const dv_step *steps, int n, const float *image, int max_threads, double *step_end)
 {
+    if (step_end != NULL) step_end[0] = omp_get_wtime();
     int team = 1;
     for (int i = 0; i < n; ++i)
         if (steps[i].threads > team) team = steps[i].threads;
     if (team > max_threads) team = max_threads;
     if (team == 1) {
-        for (int i = 0; i < n; ++i) dv_step_share(&steps[i], dv_step_input(&steps[i], image), 0, 1);
+        for (int i = 0; i < n; ++i) {
+            dv_step_share(&steps[i], dv_step_input(&steps[i], image), 0, 1);
+            if (step_end != NULL) step_end[i + 1] = omp_get_wtime();
+        }
         return;
     }
 #pragma omp parallel num_threads(team)
@@ -316,9 +322,10 @@ static void dv_run_steps(const dv_step *steps, int n, const float *image, int ma
         for (int i = 0; i < n; ++i) {
             int T = steps[i].threads < size ? steps[i].threads : size;
             if (t < T) dv_step_share(&steps[i], dv_step_input(&steps[i], image), t, T);
-            if (i + 1 < n) {
+            if (i + 1 < n || step_end != NULL) {
 #pragma omp barrier
             }
+            if (step_end != NULL && t == 0) step_end[i + 1] = omp_get_wtime();
         }
     }
 }

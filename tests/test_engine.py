@@ -1,6 +1,8 @@
 """The dense engine against onnxruntime, op by op, and its exact dense op counts on hand-worked cases."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -325,6 +327,43 @@ def test_compiled_runs_equal_python_dispatch(tmp_path, threads):
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     a, b = compiled.forward(x[2], banded=True), python.forward(x[2], banded=True)
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_profiled_programs_time_every_step_of_each_layer(tmp_path, threads):
+    """A compiled run's step ranges cover its program in order, one range per layer with steps (a
+    banded conv and its pooling: one); with ``profiling`` on, a run keeps one time per step (kinds
+    named), each >= 0, summing to at most the run's wall time, and the floats do not change;
+    an append forgets the times, and a program not profiled has none."""
+    tuning = EngineTuning(conv_pool_min_bytes=0, conv_pool_band_bytes=4 * 8 * 16 * 5)
+    plan = build_plan(mixed_network(tmp_path))
+    x = RNG.normal(0, 1, (1, *plan.input_shape)).astype(np.float32)
+    engine = Engine(plan, threads=threads, tuning=tuning)
+    expected = engine.run(x)
+    runs = [part for part in engine.compiled_runs if isinstance(part, CompiledRun)]
+    for part in runs:
+        ends = [0] + [end for _, _, end in part.step_ranges]
+        assert [first for _, first, _ in part.step_ranges] == ends[:-1] and ends[-1] == len(part.program)
+        layers = [i for i, _, _ in part.step_ranges]  # the layers with steps (not views, Concats)
+        assert layers == sorted(set(layers)) and set(layers) <= set(part.layers) - {i + 1 for i in part.banded}
+        assert set(part.banded) <= set(layers)
+        assert part.program.step_seconds() is None
+        part.program.profiling = True
+    start = time.perf_counter()
+    out = engine.run(x)
+    wall = time.perf_counter() - start
+    assert np.array_equal(out, expected)
+    for part in runs:
+        seconds = part.program.step_seconds()
+        assert len(seconds) == len(part.program) == len(part.program.step_kinds())
+        assert min(seconds) >= 0 and sum(seconds) <= wall
+        assert set(part.program.step_kinds()) <= set(K.STEP_KINDS.values())
+    banded = next(part for part in runs if part.banded)
+    first, end = banded.step_ranges[0][1:]
+    assert {"direct", "maxpool"} <= set(banded.program.step_kinds()[first:end])
+    K.maxpool(np.zeros((1, 4, 4), np.float32), np.zeros((1, 2, 2), np.float32), 2, 2, 2, 2, 0, 0,
+              program=banded.program)
+    assert banded.program.step_seconds() is None
 
 
 def test_compiled_runs_leave_knob_layers_to_python(tmp_path):

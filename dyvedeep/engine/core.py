@@ -40,6 +40,9 @@ class CompiledRun:
     layers: list[int]  # the layer indices it runs
     views: dict[str, np.ndarray]  # the tensors it produces, as views of the engine's buffers
     banded: list[int] = field(default_factory=list)  # its conv layers run band by band
+    # (layer index, first step, one past its last step) in the program, per layer or banded pair
+    # (under the conv's index): which steps Program.step_seconds gives for which layer
+    step_ranges: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 _BLAS = {"controller": None, "threads": None}
@@ -366,6 +369,7 @@ class Engine:
             if current is None:
                 current = CompiledRun(K.Program(self._image), [], {})
                 parts.append(current)
+            first_step = len(current.program)
             if i in self.conv_pool_bands and i + 1 <= last and i not in self.segment_ends:
                 pool = self.plan.layers[i + 1]
                 produced = {pool.output: self._conv_pool_band_steps(self.conv_pool_bands[i], values[inputs[0]],
@@ -376,6 +380,8 @@ class Engine:
             else:
                 produced = {layer.output: self._layer_steps(layer, [values[t] for t in inputs], out, current.program)}
                 current.layers.append(i)
+            if len(current.program) > first_step:
+                current.step_ranges.append((i, first_step, len(current.program)))
             values.update(produced)
             current.views.update(produced)
             if current.layers[-1] in self.segment_ends:

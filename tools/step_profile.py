@@ -1,0 +1,80 @@
+"""Where a compiled run's time goes: per layer, its steps' time on one thread and on several,
+measured in one run (the engines alternate image by image).
+
+    python tools/step_profile.py MODEL.onnx [--threads 2] [--images 30] [--data SPEC]
+
+Every compiled program of both dense engines keeps its steps' clock readings
+(``Program.profiling``); per layer (a conv and its max-pooling run band by band count as one),
+the median over images of its steps' seconds is printed for one thread and for ``--threads``,
+with their ratio (the speed-up of the layer), the step kinds, and the totals. A step's time runs
+from the end of the step before to the end of the barrier after it: the slowest thread and the
+wait for it. Layers on the Python path (not in a program) are not listed. Say which host (its
+vector instruction set) beside any figure taken from it.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from dyvedeep.bench import DEFAULT_DATA
+from dyvedeep.cli_support import open_dataset
+from dyvedeep.engine import CompiledRun, Engine, set_blas_threads
+from dyvedeep.plan import build_plan
+
+
+def layer_rows(engine: Engine) -> list[tuple[str, list[str], CompiledRun, int, int]]:
+    """(layer name, step kinds, its run, first step, end step) of every compiled layer."""
+    rows = []
+    for part in engine.compiled_runs or ():
+        if not isinstance(part, CompiledRun):
+            continue
+        kinds = part.program.step_kinds()
+        for index, first, end in part.step_ranges:
+            name = engine.plan.layers[index].name + (" (+ pool, banded)" if index in part.banded else "")
+            rows.append((name, sorted(set(kinds[first:end])), part, first, end))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", type=int, default=30)
+    parser.add_argument("--data", default=None, help="images (default: the model's test split)")
+    args = parser.parse_args()
+    plan = build_plan(args.model)
+    spec = args.data or DEFAULT_DATA[plan.labels]
+    images = open_dataset(plan, spec, args.images, None).images(0, args.images)
+    engines = {1: Engine(plan, threads=1), args.threads: Engine(plan, threads=args.threads)}
+    seconds: dict[int, dict[int, list[np.ndarray]]] = {t: {} for t in engines}
+    for engine in engines.values():
+        for part in engine.compiled_runs or ():
+            if isinstance(part, CompiledRun):
+                part.program.profiling = True
+    set_blas_threads(args.threads)
+    for i in range(args.images + 5):  # 5 untimed images first
+        for threads, engine in engines.items():
+            engine.run(images[i % len(images)][None])
+            if i < 5:
+                continue
+            for part in engine.compiled_runs or ():
+                if isinstance(part, CompiledRun) and len(part.program):
+                    seconds[threads].setdefault(id(part), []).append(np.array(part.program.step_seconds()))
+    medians = {t: {key: np.median(np.stack(v), axis=0) * 1e6 for key, v in seconds[t].items()} for t in engines}
+    print(f"{'layer':40s} {'steps':22s} {'1 thread us':>12s} {f'{args.threads} threads us':>13s} {'ratio':>6s}")
+    totals = {t: 0.0 for t in engines}
+    rows = {t: layer_rows(engines[t]) for t in engines}
+    for row_one, row_many in zip(rows[1], rows[args.threads]):
+        us = {}
+        for threads, (name, kinds, part, first, end) in ((1, row_one), (args.threads, row_many)):
+            us[threads] = float(medians[threads][id(part)][first:end].sum())
+            totals[threads] += us[threads]
+        print(f"{name:40s} {','.join(kinds):22s} {us[1]:12.1f} {us[args.threads]:13.1f} "
+              f"{us[1] / us[args.threads]:5.2f}x")
+    print(f"{'total (compiled runs)':63s} {totals[1]:12.1f} {totals[args.threads]:13.1f} "
+          f"{totals[1] / totals[args.threads]:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
