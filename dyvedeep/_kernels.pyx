@@ -230,8 +230,9 @@ cdef class Program:
     On a busy machine a barrier waits for a thread the scheduler has taken off its core: with
     several threads, :meth:`run` keeps its last RECENT_RUNS times with all of them and with one
     (the same floats either way), takes the way whose median is lower, and tries the other once
-    in PROBE_EVERY runs (ThreadChoice). A median, not a mean: one run slowed by another process (or by a
-    spinning thread pool of another engine) must not keep the faster way unused for long."""
+    in PROBE_EVERY runs (ThreadChoice). A median, not a mean: one run slowed by another process
+    (or by a spinning thread pool of another engine) must not keep the faster way unused for
+    long. ``last_one_thread``: whether the last run took one thread."""
     cdef dv_step* steps
     cdef int n, capacity
     cdef ThreadChoice choice
@@ -242,12 +243,14 @@ cdef class Program:
     cdef double* step_end  # with profiling: the clock at the start and after each step of the last run
     cdef int step_end_size  # its length; 0: no run kept
     cdef public bint profiling
+    cdef readonly bint last_one_thread
 
     def __cinit__(self, cnp.ndarray image=None):
         self.steps = NULL
         self.step_end = NULL
         self.step_end_size = 0
         self.profiling = False
+        self.last_one_thread = False
         self.n = 0
         self.capacity = 0
         self.keep = [image]
@@ -323,6 +326,7 @@ cdef class Program:
             start = _now()
             dv_run_steps(self.steps, self.n, data, limit, step_end)
             elapsed = _now() - start
+        self.last_one_thread = limit == 1
         self.choice.record(limit == 1, elapsed)
 
     cdef int _thread_limit(self):
