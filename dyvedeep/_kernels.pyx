@@ -207,8 +207,8 @@ STEP_KINDS = {DV_STEP_PAD: "pad", DV_STEP_PHASE: "phase", DV_STEP_DIRECT: "direc
               DV_STEP_SFMA_CONSTANT: "sfma-constant"}
 
 #: Program.run tries the way it is not using (all threads or one) once in this many runs, for
-#: two runs in a row (the first, cold, not judged).
-PROBE_EVERY = 8
+#: two runs in a row (the first, cold, not judged): an eighth of the runs.
+PROBE_EVERY = 16
 #: Program.run judges each way by the median of its last this many times.
 cdef enum:
     RECENT_RUNS = 3
