@@ -27,7 +27,7 @@ from .cli_support import Progress, load_plan, onnxruntime_session, open_dataset,
 from .gates import engine_for
 from .io_utils import write_json_atomic
 from .knobs import load_knobs
-from .plan import build_plan
+from .plan import Plan, build_plan
 
 DEFAULT_DATA = {"cifar10": "cifar10:test", "imagenet": "imagenet-sample:test"}
 #: Seconds of untimed turns of every engine before the timed rounds (see bench()).
@@ -165,11 +165,17 @@ def busy_load(n: int):
             load.close()
 
 
+def data_spec(model: str | Path, plan: Plan, data: str | None) -> str:
+    """The images to time: ``data``, or the test split of the model's labels (DEFAULT_DATA)."""
+    spec = data or DEFAULT_DATA.get(plan.labels or "", None)
+    if spec is None:
+        raise DyveError(f"{model}: no default dataset for its labels; give --data")
+    return spec
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     plan = load_plan(args.model)
-    spec = args.data or DEFAULT_DATA.get(plan.labels or "", None)
-    if spec is None:
-        raise DyveError(f"{args.model}: no default dataset for its labels; give --data")
+    spec = data_spec(args.model, plan, args.data)
     dataset = open_dataset(plan, spec, args.images + args.warmup, args.mirror)
     if len(dataset) <= args.warmup:
         raise DyveError(f"{spec}: {len(dataset)} images, need more than --warmup {args.warmup}")

@@ -19,7 +19,7 @@ import argparse
 
 import numpy as np
 
-from dyvedeep.bench import DEFAULT_DATA
+from dyvedeep.bench import data_spec
 from dyvedeep.cli_support import open_dataset
 from dyvedeep.engine import CompiledRun, Engine, set_blas_threads
 from dyvedeep.plan import build_plan
@@ -48,9 +48,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30)
     parser.add_argument("--data", default=None, help="images (default: the model's test split)")
     args = parser.parse_args()
+    if args.threads < 2:
+        parser.error("--threads: at least 2 (one thread is the first column)")
     plan = build_plan(args.model)
-    spec = args.data or DEFAULT_DATA[plan.labels]
-    images = open_dataset(plan, spec, args.images, None).images(0, args.images)
+    images = open_dataset(plan, data_spec(args.model, plan, args.data), args.images, None).images(0, args.images)
     engines = {1: Engine(plan, threads=1), args.threads: Engine(plan, threads=args.threads)}
     seconds: dict[int, dict[int, list[np.ndarray]]] = {t: {} for t in engines}
     for engine in engines.values():
@@ -79,14 +80,19 @@ def main() -> None:
     totals = {t: 0.0 for t in engines}
     rows = {t: layer_rows(engines[t]) for t in engines}
     for row_one, row_many in zip(rows[1], rows[args.threads]):
-        us = {}
-        for threads, (name, kinds, part, first, end) in ((1, row_one), (args.threads, row_many)):
-            us[threads] = float(medians[threads][id(part)][first:end].sum())
-            totals[threads] += us[threads]
+        name, kinds = row_one[:2]
+        if any(id(part) not in medians[t] for t, (_, _, part, _, _) in ((1, row_one), (args.threads, row_many))):
+            print(f"{name:40s} {','.join(kinds):22s} {'-':>12s} {'-':>13s}")  # every run of it left out
+            continue
+        us = {t: float(medians[t][id(part)][first:end].sum())
+              for t, (_, _, part, first, end) in ((1, row_one), (args.threads, row_many))}
+        for t in us:
+            totals[t] += us[t]
         print(f"{name:40s} {','.join(kinds):22s} {us[1]:12.1f} {us[args.threads]:13.1f} "
               f"{us[1] / us[args.threads]:5.2f}x")
-    print(f"{'total (compiled runs)':63s} {totals[1]:12.1f} {totals[args.threads]:13.1f} "
-          f"{totals[1] / totals[args.threads]:5.2f}x")
+    if totals[args.threads]:
+        print(f"{'total (compiled runs)':63s} {totals[1]:12.1f} {totals[args.threads]:13.1f} "
+              f"{totals[1] / totals[args.threads]:5.2f}x")
     if skipped:
         print(f"left out: {skipped} program runs of the {args.threads}-thread engine that took one thread")
 
