@@ -315,7 +315,15 @@ def test_killed_calibration_resumes(real_mirror: Path, tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode != 0
-    assert not knobs.exists(), "a knob file was left by the killed calibration"
+    # Snakemake does not wait for its jobs to end: the calibration's own word that it stopped
+    # (cli's KeyboardInterrupt line) before looking for its output, so that a calibration that
+    # went on after the interrupt would show here and not after the check
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "dyvedeep: interrupted" not in log.read_text(encoding="utf-8"):
+        time.sleep(0.2)
+    tail = "\n".join(log.read_text(encoding="utf-8").splitlines()[-8:])
+    assert "dyvedeep: interrupted" in tail, f"the calibration did not report the interrupt; its log ends:\n{tail}"
+    assert not knobs.exists(), f"a knob file was left by the killed calibration; its log ends:\n{tail}"
     model_written = model.stat().st_mtime_ns
     rerun = snakemake(workdir, "results/eval/cifar10_quick.json")
     assert rerun.returncode == 0, rerun.stdout[-6000:]
