@@ -206,10 +206,12 @@ STEP_KINDS = {DV_STEP_PAD: "pad", DV_STEP_PHASE: "phase", DV_STEP_DIRECT: "direc
               DV_STEP_SFMA_STATS: "sfma-stats", DV_STEP_SFMA_SELECT: "sfma-select",
               DV_STEP_SFMA_CONSTANT: "sfma-constant"}
 
-#: Program.run tries the way it is not using (all threads or one) once in this many runs, for
-#: two runs in a row (the first, cold, not judged): an eighth of the runs.
+#: Program.run tries the way it is not using (all threads or one) for two runs in a row (the
+#: first, cold, not judged): PROBE_FIRST runs after it settled on a way, then twice as long after
+#: each probe that left it there, up to PROBE_EVERY runs (an eighth of the runs on the slower way).
+PROBE_FIRST = 4
 PROBE_EVERY = 16
-#: Program.run judges each way by the median of its last this many times.
+#: Program.run judges each way by the fastest of its last this many times.
 cdef enum:
     RECENT_RUNS = 3
 
@@ -229,10 +231,11 @@ cdef class Program:
 
     On a busy machine a barrier waits for a thread the scheduler has taken off its core: with
     several threads, :meth:`run` keeps its last RECENT_RUNS times with all of them and with one
-    (the same floats either way), takes the way whose median is lower, and tries the other once
-    in PROBE_EVERY runs (ThreadChoice). A median, not a mean: one run slowed by another process
-    (or by a spinning thread pool of another engine) must not keep the faster way unused for
-    long. ``last_one_thread``: whether the last run took one thread."""
+    (the same floats either way), takes the way whose fastest is lower, and tries the other at
+    least once in PROBE_EVERY runs (ThreadChoice). The fastest, not a mean or a median: another process
+    only ever adds time, and a burst of it (another engine's thread pool spinning on after its
+    own runs) slows a few runs in a row; only a way slow in all its recent runs is left.
+    ``last_one_thread``: whether the last run took one thread."""
     cdef dv_step* steps
     cdef int n, capacity
     cdef ThreadChoice choice
@@ -340,21 +343,34 @@ cdef class Program:
 
 cdef class ThreadChoice:
     """Whether a program's next run takes one thread or all of them: each way judged by the
-    median of its last RECENT_RUNS times, the faster taken, the other tried in PROBE_EVERY
-    runs; all threads first, then one, so that both are measured.
+    fastest of its last RECENT_RUNS times, the faster taken; all threads first, then one, so
+    that both are measured. The other way is tried (a probe) PROBE_FIRST runs after the choice
+    settled on a way, then at intervals that double up to PROBE_EVERY while probes leave it
+    there: a way left for a burst of slow runs is soon tried again, and a way that stays the
+    faster costs few runs the other way.
 
-    A run right after a run the other way is not judged, and the next run goes the same way:
-    its time is cold (the threads that sat idle wake, their caches hold another core's data).
-    On a 0.65 ms network a probe with all threads after seven runs on one took 0.8-1.0 ms, and
-    the program stayed on one thread for good (docs/notes/2026-12-04-two-threads-squeezenet.md)."""
+    The first run, and a run right after a run the other way, is not judged, and the next run
+    goes the same way: its time is cold (the threads that sat idle wake, their caches hold
+    another core's data, or nothing of the network). On a 0.65 ms network a probe with all
+    threads after seven runs on one took 0.8-1.0 ms, and the program stayed on one thread for
+    good (docs/notes/2026-12-04-two-threads-squeezenet.md). The fastest and not the median:
+    SqueezeNet right after onnxruntime's runs took 4.7, 13.5 and 28 ms with two threads (its
+    pool still spinning), 4.0 ms after; judged by the median, it then ran on one thread
+    (6.5 ms) until three probes had replaced the slow times, 54 of 90 timed runs
+    (docs/notes/2026-12-05-thread-choice-bursts.md)."""
     cdef double recent_team[RECENT_RUNS]
     cdef double recent_one[RECENT_RUNS]
     cdef long runs, runs_team, runs_one
     cdef int last_way  # -1 before the first run, else whether it took one thread
     cdef bint repeat  # the last run switched ways: the next goes the same way and is judged
+    cdef int settled  # -1 until both ways were measured, else the way taken but for probes
+    cdef long probe_at, probe_interval  # the run of the next probe; the runs from the last one to it
 
     def __cinit__(self):
         self.runs = 0
+        self.settled = -1
+        self.probe_at = 0
+        self.probe_interval = PROBE_FIRST
         self.runs_team = 0
         self.runs_one = 0
         self.last_way = -1
@@ -363,7 +379,7 @@ cdef class ThreadChoice:
     cpdef record(self, bint one_thread, double seconds):
         """A run's time, with one thread or all of them."""
         self.runs += 1
-        self.repeat = self.last_way >= 0 and self.last_way != one_thread
+        self.repeat = self.last_way != one_thread  # the first run too (last_way -1)
         self.last_way = one_thread
         if self.repeat:
             return
@@ -382,21 +398,26 @@ cdef class ThreadChoice:
             return False
         if self.runs_one == 0:
             return True
-        cdef bint one_faster = (_recent_median(self.recent_one, self.runs_one)
-                                < _recent_median(self.recent_team, self.runs_team))
-        if self.runs % PROBE_EVERY == PROBE_EVERY - 1:
-            one_faster = not one_faster
+        cdef bint one_faster = (_recent_fastest(self.recent_one, self.runs_one)
+                                < _recent_fastest(self.recent_team, self.runs_team))
+        if self.settled != one_faster:
+            self.settled = one_faster
+            self.probe_interval = PROBE_FIRST
+            self.probe_at = self.runs + PROBE_FIRST
+        elif self.runs >= self.probe_at:
+            self.probe_interval = min(2 * self.probe_interval, PROBE_EVERY)
+            self.probe_at = self.runs + self.probe_interval
+            return not one_faster
         return one_faster
 
 
-cdef double _recent_median(const double* recent, long count) noexcept:
-    """The median of a way's last RECENT_RUNS times (the lower of two, the one of one)."""
-    if count == 1:
-        return recent[0]
-    if count == 2:
-        return min(recent[0], recent[1])
-    cdef double a = recent[0], b = recent[1], c = recent[2]
-    return max(min(a, b), min(max(a, b), c))
+cdef double _recent_fastest(const double* recent, long count) noexcept:
+    """The fastest of a way's last RECENT_RUNS times (of all of them, when fewer)."""
+    cdef double fastest = recent[0]
+    cdef long i
+    for i in range(1, min(count, RECENT_RUNS)):
+        fastest = min(fastest, recent[i])
+    return fastest
 
 
 cdef int _emit(Program program, dv_step* steps, int n, tuple keep) except -1:

@@ -140,25 +140,86 @@ def run_choice(choice, steady, cold, runs, change=None):
     return ways
 
 
+def stretches(ways, start=0, stop=None):
+    """(way, first run, runs) of each stretch of runs the same way in ways[start:stop]."""
+    out = []
+    for run in range(start, len(ways) if stop is None else stop):
+        if out and out[-1][0] == ways[run]:
+            out[-1][2] += 1
+        else:
+            out.append([ways[run], run, 1])
+    return [tuple(s) for s in out]
+
+
+def probes(ways, settled, start, stop=None):
+    """First runs of the probes (stretches the other way) in ways[start:stop], asserting that
+    each is two runs (the first not judged): the choice stays on ``settled`` but for them."""
+    parts = stretches(ways, start, stop)
+    if parts[0][0] != settled:  # a probe under way at start
+        assert parts[0][2] <= 2, parts
+        parts = parts[1:]
+    other = [(first, runs) for way, first, runs in parts if way != settled]
+    assert all(runs == 2 for first, runs in other[:-1]), parts  # the last may be cut by stop
+    return [first for first, _ in other]
+
+
 def test_thread_choice_follows_the_faster_way():
-    """A program's choice of one thread or all: all first, then one; a few slow runs with all
-    threads (a competing pool) do not keep it on one thread once probes show all to be faster,
-    and all threads turning slow (a busy machine) moves it to one within a few runs. A probe is
-    two runs the other way, the first not judged."""
-    steady = {True: 0.010, False: 0.020}
+    """A program's choice of one thread or all: all first, then one (two runs each, the first
+    not judged); all threads turning faster is found by the next probe (PROBE_FIRST runs after
+    settling), probes then come at doubling intervals up to PROBE_EVERY; all threads turning
+    slow (a busy machine) moves it to one thread within a few runs."""
+    slow_from = None
 
     def change(run, steady):
         if run == 2:
             steady[False] = 0.005
-        if run == 3 * K.PROBE_EVERY:
+        if run == slow_from:
             steady[False], steady[True] = 0.030, 0.015
 
-    ways = run_choice(K.ThreadChoice(), steady, steady, 6 * K.PROBE_EVERY, change)
-    assert ways[:2] == [False, True]
-    # all threads faster: taken in every run of the second block of PROBE_EVERY but its probe
-    assert ways[2 * K.PROBE_EVERY:3 * K.PROBE_EVERY].count(True) == 2
-    # all threads slower: one thread in every run of the last block but its probe
-    assert ways[-K.PROBE_EVERY:].count(False) == 2
+    calm = run_choice(K.ThreadChoice(), {True: 0.010, False: 0.020}, {True: 0.010, False: 0.020}, 6 * K.PROBE_EVERY,
+                      change)
+    slow_from = probes(calm, False, 4 * K.PROBE_EVERY)[0] + 3  # on all threads, between probes
+    steady = {True: 0.010, False: 0.020}
+    ways = run_choice(K.ThreadChoice(), steady, steady, slow_from + 3 * K.PROBE_EVERY, change)
+    assert ways[:4] == [False, False, True, True]
+    # on one thread from run 4 (all threads measured slower), until its first probe
+    assert stretches(ways, 4)[0] == (True, 4, K.PROBE_FIRST)
+    back = 4 + K.PROBE_FIRST + 2  # the probe found all threads faster: taken from here on
+    starts = probes(ways, False, back, slow_from)
+    gaps = [b - a for a, b in zip([back - 2 + 2] + starts, starts)]
+    expect = [min(K.PROBE_FIRST << i, K.PROBE_EVERY) for i in range(len(gaps))]
+    expect[0] = K.PROBE_FIRST
+    assert gaps == expect, (starts, ways[:slow_from])
+    # all threads slower from slow_from: one thread after three slow runs (the fastest of the
+    # last three is then slow), all threads only in probes once settled
+    settle = slow_from + 3
+    assert all(w is False for w in ways[slow_from:settle]) and ways[settle] is True
+    assert len(probes(ways, True, len(ways) - 2 * K.PROBE_EVERY)) >= 1
+
+
+def test_thread_choice_rides_out_a_burst():
+    """All threads are faster, but runs with them are slowed six-fold for a while (another
+    engine's thread pool spinning on after its own runs). Two slow runs in a row leave the
+    choice on all threads but for its probes (a median of three would move it to one thread
+    until probes outvoted the slow runs); five move it to one thread, and the first probe,
+    PROBE_FIRST runs later, brings it back."""
+    steady = {True: 0.010, False: 0.005}
+    calm = run_choice(K.ThreadChoice(), dict(steady), dict(steady), 6 * K.PROBE_EVERY)
+    burst_from = probes(calm, False, 4 + K.PROBE_FIRST + 2)[-2] + 3  # on all threads, between probes
+    for burst_runs in (2, 5):
+        steady = {True: 0.010, False: 0.005}
+
+        def burst(run, steady):
+            steady[False] = 0.030 if burst_from <= run < burst_from + burst_runs else 0.005
+
+        ways = run_choice(K.ThreadChoice(), steady, steady, 6 * K.PROBE_EVERY, burst)
+        assert ways[:burst_from] == calm[:burst_from]
+        if burst_runs == 2:
+            probes(ways, False, burst_from)
+        else:
+            # three slow runs, then one thread until the first probe
+            assert stretches(ways, burst_from)[:2] == [(False, burst_from, 3), (True, burst_from + 3, K.PROBE_FIRST)]
+            probes(ways, False, burst_from + 3 + K.PROBE_FIRST)
 
 
 def test_thread_choice_does_not_judge_a_cold_switch():
@@ -171,8 +232,8 @@ def test_thread_choice_does_not_judge_a_cold_switch():
     def first_run_cold(run, steady):
         steady[False] = 1.0e-3 if run == 0 else 0.64e-3
 
-    ways = run_choice(K.ThreadChoice(), steady, cold, 8 * K.PROBE_EVERY, first_run_cold)
-    assert ways[-4 * K.PROBE_EVERY:].count(True) == 2 * 4
+    ways = run_choice(K.ThreadChoice(), steady, cold, 4 * K.PROBE_EVERY, first_run_cold)
+    assert len(probes(ways, False, 4 + K.PROBE_FIRST + 2)) >= 3
 
 
 def pool_reference(x, kh, kw, sh, sw, pt, pl, ho, wo, op):
