@@ -152,7 +152,9 @@ static int dv_direct_vectors(int ho, int wo, int sh, int row_w, int across, int 
 }
 
 /* Copy channels of a (C x H x W) input into zero-padded planes (C x Hp x Wp, input at row pt,
- * column pl); every element of the padded planes is written. */
+ * column pl); every element of the padded planes is written. Rows are short (8 to 56 floats in
+ * the CIFAR ResNets and SqueezeNet): copied and zeroed with inline vector stores, not memcpy and
+ * memset calls (three per row cost resnet56_caffe a tenth of its time). */
 static void dv_pad_planes(const float *x, int C, int H, int W, int pt, int pl, int Hp, int Wp, float *dst)
 {
     for (int c = 0; c < C; ++c) {
@@ -161,12 +163,13 @@ static void dv_pad_planes(const float *x, int C, int H, int W, int pt, int pl, i
         for (int y = 0; y < Hp; ++y) {
             float *row = d + (long)y * Wp;
             int iy = y - pt;
-            if (iy < 0 || iy >= H) { memset(row, 0, sizeof(float) * (size_t)Wp); continue; }
+            if (iy < 0 || iy >= H) { dv_zero_run(row, Wp); continue; }
             int x0 = pl < Wp ? pl : Wp;
             int n = W < Wp - x0 ? W : Wp - x0;
-            if (x0) memset(row, 0, sizeof(float) * (size_t)x0);
-            if (n > 0) memcpy(row + x0, plane + (long)iy * W, sizeof(float) * (size_t)n);
-            if (x0 + n < Wp) memset(row + x0 + (n > 0 ? n : 0), 0, sizeof(float) * (size_t)(Wp - x0 - (n > 0 ? n : 0)));
+            if (n < 0) n = 0;
+            dv_zero_run(row, x0);
+            dv_copy_run(row + x0, plane + (long)iy * W, n);
+            dv_zero_run(row + x0 + n, Wp - x0 - n);
         }
     }
 }

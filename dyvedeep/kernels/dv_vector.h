@@ -100,6 +100,14 @@ static inline void dv_copy_run(float *d, const float *s, int n)
     if (n > 0) dv_store16_part(d, dv_load16_part(s, n), n);
 }
 
+/* Zero n floats (short runs: whole vectors, then one partial vector). */
+static inline void dv_zero_run(float *d, int n)
+{
+    dv_v16 zero = {0};
+    for (; n >= 16; n -= 16, d += 16) dv_store16(d, zero);
+    if (n > 0) dv_store16_part(d, zero, n);
+}
+
 /* d[i] = s[i * stride] for i < n (a constant stride 2 lets the compiler vectorise it). */
 static inline void dv_copy_strided(float *restrict d, const float *restrict s, int n, int stride)
 {
