@@ -1,6 +1,7 @@
 """The dense engine against onnxruntime, op by op, and its exact dense op counts on hand-worked cases."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -175,15 +176,17 @@ def test_threads_split_panels_bit_exactly(tmp_path):
     assert np.array_equal(one, Engine(plan, threads=2, tuning=ALL_THREADS).run(x))
 
 
-def assert_routes_and_threads_bit_exact(path, routes):
-    """The model's conv layers take ``routes``; it matches onnxruntime, and 2 and 3 threads give
-    the same floats as one."""
+def assert_routes_and_threads_bit_exact(path, routes, routes_threads=None, tuning=ALL_THREADS):
+    """The model's conv layers take ``routes`` on one thread and ``routes_threads`` (default: the
+    same) on several; it matches onnxruntime, and 2 and 3 threads give the same floats as one."""
     plan = build_plan(path)
     assert [st.route.name for st in Engine(plan).layer_plans.values()] == routes
     x = RNG.normal(0, 1, (2, *plan.input_shape)).astype(np.float32)
     one = assert_matches_ort(path, x)
     for threads in (2, 3):
-        assert np.array_equal(one, Engine(plan, threads=threads, tuning=ALL_THREADS).run(x))
+        engine = Engine(plan, threads=threads, tuning=tuning)
+        assert [st.route.name for st in engine.layer_plans.values()] == (routes_threads or routes)
+        assert np.array_equal(one, engine.run(x))
 
 
 def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path):
@@ -212,7 +215,23 @@ def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path):
     inits = {"W1": RNG.normal(0, .3, (44, 6, 3, 3)), "b1": RNG.normal(0, .1, 44),
              "W2": RNG.normal(0, .3, (37, 44, 1, 1)), "b2": RNG.normal(0, .1, 37)}
     path = save_model(tmp_path / "r.onnx", nodes, inits, (6, 14, 14), "out")
-    assert_routes_and_threads_bit_exact(path, ["panel", "direct"])
+    # 14 of 16 lanes: the panel route on several threads too when they ask for full vectors
+    panel_on_threads = dataclasses.replace(ALL_THREADS, direct_min_lane_use_threads=ALL_THREADS.direct_min_lane_use)
+    assert_routes_and_threads_bit_exact(path, ["panel", "direct"], tuning=panel_on_threads)
+
+
+def test_several_threads_take_the_direct_route_with_fuller_vectors(tmp_path):
+    """Vectors across the rows of an 8 x 8 map (padded to 10 wide) fill 8 of 10 lanes: one
+    thread takes the panel route (direct_min_lane_use), several the direct route
+    (direct_min_lane_use_threads, where the panel route's threads would each unfold the same
+    panels; the AVX-512 build's default): the same floats either way."""
+    nodes = [helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["out"], name="r")]
+    inits = {"W1": RNG.normal(0, .1, (64, 64, 3, 3)), "b1": RNG.normal(0, .1, 64)}
+    path = save_model(tmp_path / "e.onnx", nodes, inits, (64, 8, 8), "out")
+    direct_on_threads = dataclasses.replace(ALL_THREADS, direct_min_lane_use_threads=0.75)
+    assert_routes_and_threads_bit_exact(path, ["panel"], ["direct"], tuning=direct_on_threads)
+    assert (EngineTuning().direct_min_lane_use_threads == 0.75) == (K.ISA == "avx512")
 
 
 @pytest.mark.parametrize("shape, pads, stride", [

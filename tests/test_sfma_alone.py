@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from dyvedeep.engine import Engine
+from dyvedeep.engine import Engine, EngineTuning
 from dyvedeep.engine.counting import SFMA_TEST_OPS
 from dyvedeep.knobs import KnobConfig
 from dyvedeep.plan import build_plan
@@ -56,8 +56,10 @@ def sfma_knobs(thresholds: dict[str, float]) -> KnobConfig:
 def test_compiled_sfma_alone_equals_the_python_path(tmp_path, threads, c_threshold):
     plan = build_plan(routes_network(tmp_path))
     config = sfma_knobs({"a": 0.01, "b": 1e-30, "c": c_threshold, "d": 0.3})
-    compiled = Engine(plan, config, threads=threads)
-    python = Engine(plan, config, threads=threads, compiled=False)
+    # c (12 of 14 lanes) on the panel route whatever the threads: each route once
+    full_lanes = EngineTuning(direct_min_lane_use_threads=EngineTuning().direct_min_lane_use)
+    compiled = Engine(plan, config, threads=threads, tuning=full_lanes)
+    python = Engine(plan, config, threads=threads, compiled=False, tuning=full_lanes)
     routes = {name: cp.route.name for name, cp in compiled.layer_plans.items()}
     assert routes == {"a": "direct", "b": "phase", "c": "panel", "d": "unfold"}
     index = {layer.name: i for i, layer in enumerate(plan.layers)}

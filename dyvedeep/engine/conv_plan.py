@@ -72,13 +72,15 @@ def direct_lane_use(ho: int, wo: int, sh: int, src_row_width: int) -> tuple[floa
     return (across, True) if across > per_row else (per_row, False)
 
 
-def choose_route(cout: int, ho: int, wo: int, sw: int, lane_use: float, tuning: EngineTuning) -> str:
+def choose_route(cout: int, ho: int, wo: int, sw: int, lane_use: float, tuning: EngineTuning, threads: int = 1) -> str:
     """The knob-free conv route (docs/engine.md): ``direct`` (no unfolding) for stride 1 along
-    rows when its vectors are nearly full (``lane_use`` from :func:`direct_lane_use`) and the
-    map is not much smaller than the weights; else ``panel`` (im2col fused into the GEMM), or
-    ``unfold`` (once) when there are more output channels than positions."""
+    rows when its vectors are nearly full (``lane_use`` from :func:`direct_lane_use`; less full
+    in an engine of several ``threads``) and the map is not much smaller than the weights; else
+    ``panel`` (im2col fused into the GEMM), or ``unfold`` (once) when there are more output
+    channels than positions."""
+    min_lane_use = tuning.direct_min_lane_use if threads <= 1 else tuning.direct_min_lane_use_threads
     if (sw == 1 and cout <= tuning.direct_max_rows_per_position * ho * wo
-            and lane_use >= tuning.direct_min_lane_use):
+            and lane_use >= min_lane_use):
         return "direct"
     return "unfold" if cout > ho * wo else "panel"
 
@@ -108,14 +110,14 @@ class ConvRoute:
         return max(padded, geom.cin * geom.sh * geom.sh * self.phase_hw[0] * self.phase_hw[1])
 
 
-def plan_route(geom: ConvGeometry, tuning: EngineTuning) -> ConvRoute:
-    """The knob-free route of a conv layer and the tables it reads."""
+def plan_route(geom: ConvGeometry, tuning: EngineTuning, threads: int = 1) -> ConvRoute:
+    """The knob-free route of a conv layer (in an engine of ``threads``) and the tables it reads."""
     g = geom
     hp, wp = (g.ho - 1) * g.sh + (g.kh - 1) * g.dh + 1, (g.wo - 1) * g.sw + (g.kw - 1) * g.dw + 1
     pad_src = not (g.pt == 0 and g.pl == 0 and hp <= g.h and wp <= g.w)
     rows_apart, plane = (wp, hp * wp) if pad_src else (g.w, g.h * g.w)
     lane_use, across = direct_lane_use(g.ho, g.wo, g.sh, rows_apart)
-    name = choose_route(g.cout, g.ho, g.wo, g.sw, lane_use, tuning)
+    name = choose_route(g.cout, g.ho, g.wo, g.sw, lane_use, tuning, threads)
     vectors = phase_tap_off = None
     phase_hw = (0, 0)
     if name == "direct":
@@ -126,7 +128,7 @@ def plan_route(geom: ConvGeometry, tuning: EngineTuning) -> ConvRoute:
         s = g.sh
         hq, wq = -(-hp // s), -(-wp // s)
         lane_use, across = direct_lane_use(g.ho, g.wo, 1, wq)
-        if choose_route(g.cout, g.ho, g.wo, 1, lane_use, tuning) == "direct":
+        if choose_route(g.cout, g.ho, g.wo, 1, lane_use, tuning, threads) == "direct":
             ky, kx = np.arange(g.kh)[:, None], np.arange(g.kw)[None, :]
             planes = (np.arange(g.cin)[:, None, None] * s + ky % s) * s + kx % s  # cin x kh x kw
             name, phase_hw = "phase", (hq, wq)
@@ -213,12 +215,12 @@ class ConvPlan:
         return self.route.source_floats(self.geom)
 
 
-def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning) -> ConvPlan:
-    """Static data of a conv layer for the engine."""
+def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning, threads: int = 1) -> ConvPlan:
+    """Static data of a conv layer for an engine of ``threads``."""
     geom = ConvGeometry.of(layer)
     g = geom
     weights = [aligned_copy(layer.weight[i * g.cout:(i + 1) * g.cout].reshape(g.cout, -1)) for i in range(g.groups)]
     channels = [np.arange(i * g.cin, (i + 1) * g.cin, dtype=np.int32) for i in range(g.groups)]
-    route = plan_route(geom, tuning)
+    route = plan_route(geom, tuning, threads)
     return ConvPlan(layer, geom, weights, channels, route, plan_knobs(layer, geom, route, weights, knobs),
                     packed_cols(g.cin * g.kk, g.positions, allocate=False))

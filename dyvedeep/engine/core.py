@@ -120,7 +120,7 @@ class Engine:
         self.layer_plans: dict[str, ConvPlan | FcPlan] = {}  # conv and fully-connected layers
         for layer in plan.layers:
             if layer.op == Op.CONV:
-                self.layer_plans[layer.name] = plan_conv(layer, self.knobs, tuning)
+                self.layer_plans[layer.name] = plan_conv(layer, self.knobs, tuning, self.threads)
             elif layer.op == Op.FC:
                 self.layer_plans[layer.name] = plan_fc(layer, self.knobs)
         convs = [st for st in self.layer_plans.values() if isinstance(st, ConvPlan)]

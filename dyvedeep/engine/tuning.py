@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import _kernels as K
+
 
 @dataclass(frozen=True)
 class EngineTuning:
@@ -30,6 +32,16 @@ class EngineTuning:
     #: without padding, ran 1.15x-1.8x faster direct; with vectors per output row, 56-, 27- and
     #: 14-wide maps (0.875, 0.84 and 0.875 of the lanes) ran as fast or faster on the panel route ...
     direct_min_lane_use: float = 0.9
+    #: ... or this full in an engine of several threads, with the AVX-512 tiles: there the panel
+    #: route's threads each unfold the same panels (they share out the weights of a small map)
+    #: and the unfold route's GEMM waits on an unfolding step; the direct route unfolds nothing.
+    #: Vectors across the rows of an 8-wide map fill 8 of 10 lanes: resnet56_caffe's 8 x 8
+    #: layers on the direct route ran the network 0.89x the time on two threads (0.97x on one);
+    #: SqueezeNet's 13 x 13 3x3 layers (13 of 15) 0.89x-0.95x on two threads, 1.02x-1.13x on
+    #: one. With the AVX2 tiles the same SqueezeNet layers ran 1.14x-1.25x slower direct on two
+    #: threads: the AVX2 and NEON builds keep full vectors
+    #: (docs/notes/2026-12-05-direct-route-threads.md).
+    direct_min_lane_use_threads: float = 0.75 if K.ISA == "avx512" else 0.9
     #: ... and at most this many output channels per output position (past it the weights are the
     #: large operand, and the unfolded panels, read in order, feed the GEMM better).
     direct_max_rows_per_position: int = 2
