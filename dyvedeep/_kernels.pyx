@@ -108,6 +108,7 @@ cdef extern from "_program.h" nogil:
         const long* tap_off
         const int* vec
         int nvec
+        int rows_first
     ctypedef struct dv_panel_args:
         dv_product p
         const long* tap_off
@@ -679,7 +680,7 @@ def direct_vectors(int ho, int wo, int sh, int row_width, bint across):
 def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                 float[::1] pad_buffer, const long[::1] tap_off, const int[:, ::1] vectors,
                 const float[:, ::1] W, const float[::1] bias, bint relu, float[:, ::1] out, int threads=1,
-                long src_offset=0, Program program=None, SfmaLayer sfma=None):
+                long src_offset=0, Program program=None, SfmaLayer sfma=None, bint rows_first=False):
     """Dense convolution of one group with stride 1 along rows, without unfolding
     (dv_conv_direct): each tile loads its rows of the unfolded input in place from the source
     (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``),
@@ -713,6 +714,7 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     s[i].u.direct.tap_off = &tap_off[0]
     s[i].u.direct.vec = &vectors[0, 0]
     s[i].u.direct.nvec = nvec
+    s[i].u.direct.rows_first = rows_first
     s[i].sfma = _sfma_state(sfma, program, O, K, "conv_direct")
     _emit(program, s, i + 1, (x, pad_buffer, tap_off, vectors, W, bias, out, sfma) if program is not None else None)
 

@@ -49,8 +49,9 @@ typedef struct {
 typedef struct { int C, H, W, pt, pl, Hp, Wp; } dv_pad_args;
 /* n phase planes (s * s per channel) of H x W planes, as Hq x Wq (dv_phase_plane). */
 typedef struct { int n, H, W, pt, pl, s, Hq, Wq; } dv_phase_args;
-/* The direct route: nvec vectors (DV_VEC ints each) over the taps tap_off[0..K-1]. */
-typedef struct { dv_product p; const long *tap_off; const int *vec; int nvec; } dv_direct_args;
+/* The direct route: nvec vectors (DV_VEC ints each) over the taps tap_off[0..K-1]; rows_first:
+ * threads share out the 8-row blocks of weights whatever the tiles (dv_split_rows otherwise). */
+typedef struct { dv_product p; const long *tap_off; const int *vec; int nvec; int rows_first; } dv_direct_args;
 /* The panel route: N positions, runs (4 ints each) from panel_first[t] for panel t, columns sw apart. */
 typedef struct { dv_product p; const long *tap_off; const int *runs; const int *panel_first; int N, sw; } dv_panel_args;
 /* im2col of channels[0..C-1] (H x W planes) into packed panels lds floats apart (runs: nruns). */
@@ -200,7 +201,8 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         const dv_product *p = dv_sfma_product(s, &a->p, &kept, &tap_off, t, T);
         if (p == NULL) break;
         int ntiles = (a->nvec + DV_DTILE - 1) / DV_DTILE;
-        if (dv_conv_share(dv_split_rows(T, ntiles, p->O), p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
+        int rows_first = (a->rows_first && T > 1) || dv_split_rows(T, ntiles, p->O);
+        if (dv_conv_share(rows_first, p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
             dv_conv_direct(x, tap_off, a->vec, a->nvec, p->W + (long)g0 * p->ldw, g1 - g0, p->K,
                            p->bias + g0, p->relu, s->out + (long)g0 * p->ldo, p->ldo, t0, t1);
         break;

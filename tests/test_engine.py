@@ -260,23 +260,24 @@ def test_phase_planes_are_the_strided_padded_input(shape, pads, stride):
     (dict(strides=[2, 2], pads=[0, 1, 1, 0]), dict(kernel_shape=[2, 2], strides=[2, 2]), "phase"),
     (dict(strides=[2, 2]), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[0, 0, 2, 2]), "phase"),
 ])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_conv_and_maxpool_run_band_by_band_bit_exactly(tmp_path, conv_attrs, pool_attrs, route, threads):
+@pytest.mark.parametrize("threads, rows_first", [(1, True), (2, True), (3, True), (2, False)])
+def test_conv_and_maxpool_run_band_by_band_bit_exactly(tmp_path, conv_attrs, pool_attrs, route, threads, rows_first):
     """A conv whose only reader is a max-pooling runs with it band by band in Engine.run (small
     bands here: several, each sharing rows with the next): the same floats as layer by layer,
-    both layers counted, and forward without bands still gives the conv's own output."""
-    tuning = EngineTuning(parallel_min_work=0, conv_pool_min_bytes=0,
-                          conv_pool_band_bytes=4 * 6 * 18 * 5)  # 5 rows of 18, 2 of 37
+    both layers counted, and forward without bands still gives the conv's own output. Threads
+    share out the conv's 8-row blocks of weights (rows_first, three blocks here) or its tiles."""
+    tuning = EngineTuning(parallel_min_work=0, conv_pool_min_bytes=0, conv_pool_rows_first=rows_first,
+                          conv_pool_band_bytes=4 * 20 * 18 * 5)  # 5 rows of 18, 2 of 37
     nodes = [helper.make_node("Conv", ["data", "W", "b"], ["a"], name="a", **conv_attrs),
              helper.make_node("Relu", ["a"], ["r"], name="r"),
              helper.make_node("MaxPool", ["r"], ["out"], name="p", **pool_attrs)]
-    inits = {"W": RNG.normal(0, .3, (6, 4, 3, 3)), "b": RNG.normal(0, .1, 6)}
+    inits = {"W": RNG.normal(0, .3, (20, 4, 3, 3)), "b": RNG.normal(0, .1, 20)}
     path = save_model(tmp_path / "f.onnx", nodes, inits, (4, 39, 37), "out")
     x = RNG.normal(0, 1, (2, 4, 39, 37)).astype(np.float32)
     plan = build_plan(path)
     engine = Engine(plan, threads=threads, tuning=tuning)
     assert [st.route.name for st in engine.layer_plans.values()] == [route]
-    assert len(engine.conv_pool_bands[0].bands) > 2
+    assert len(engine.conv_pool_bands[0].bands) > 2 and engine.conv_pool_bands[0].conv_rows_first == rows_first
     banded = engine.run(x)
     ref = ort_run(path, x).reshape(banded.shape)
     assert np.abs(banded - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -36,6 +36,7 @@ class ConvPoolBands:
     conv: int
     bands: list[PoolBand]
     band_floats: int
+    conv_rows_first: bool = False  # the conv's threads share out its weight rows (EngineTuning)
 
 
 def plan_conv_pool_bands(plan: Plan, index: int, cp: ConvPlan, readers: dict[str, list[int]],
@@ -65,4 +66,4 @@ def plan_conv_pool_bands(plan: Plan, index: int, cp: ConvPlan, readers: dict[str
         _, across = direct_lane_use(y1 - y0, geom.wo, conv_sh, row_width)
         vectors = K.direct_vectors(ho=y1 - y0, wo=geom.wo, sh=conv_sh, row_width=row_width, across=across)
         bands.append(PoolBand(y0, y1 - y0, p0, p1, y0 - (p0 * stride - pad_top), y0 * conv_sh * row_width, vectors))
-    return ConvPoolBands(index, bands, max(geom.cout * b.rows * geom.wo for b in bands))
+    return ConvPoolBands(index, bands, max(geom.cout * b.rows * geom.wo for b in bands), tuning.conv_pool_rows_first)

@@ -114,7 +114,7 @@ def conv_pool_bands(bands: ConvPoolBands, cp: ConvPlan, pool: Layer, scratch: Sc
         K.conv_direct(x=src, channel0=0, pt=0, pl=0, Hp=src.shape[1], Wp=src.shape[2], pad=False,
                       pad_buffer=scratch.source, tap_off=tap_off, vectors=band.vectors, W=cp.weights[0],
                       bias=cp.layer.bias, relu=cp.layer.relu, out=conv_out, threads=conv_threads,
-                      src_offset=band.src_offset, program=program)
+                      src_offset=band.src_offset, program=program, rows_first=bands.conv_rows_first)
         K.maxpool(x=conv_out.reshape(geom.cout, band.rows, geom.wo), out=out[:, band.p0:band.p1], kh=kh, kw=kw,
                   sh=psh, sw=psw, pt=band.pad_top, pl=ppl, threads=pool_threads, program=program)
 

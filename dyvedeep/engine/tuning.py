@@ -28,6 +28,12 @@ class EngineTuning:
     conv_pool_min_bytes: int = 1 << 20
     #: Bytes of one band of the conv output in a conv+pool pair (well inside L2).
     conv_pool_band_bytes: int = 1 << 19
+    #: In a conv+pool band the conv's threads share out its 8-row blocks of weights (output
+    #: channels), not its tiles (positions): the pooling shares out planes, so that each thread
+    #: then pools the planes it has just written, in its own core's cache. SqueezeNet v1.1's
+    #: conv1 + pool1 on two threads: the pooling 106 -> 50 us, the conv 258 -> 284 us
+    #: (docs/notes/2026-12-05-direct-route-threads.md).
+    conv_pool_rows_first: bool = True
     #: The direct conv route needs its vectors this full: maps 16 or 32 wide, or 1x1 layers
     #: without padding, ran 1.15x-1.8x faster direct; with vectors per output row, 56-, 27- and
     #: 14-wide maps (0.875, 0.84 and 0.875 of the lanes) ran as fast or faster on the panel route ...
