@@ -233,9 +233,10 @@ cdef class Program:
     On a busy machine a barrier waits for a thread the scheduler has taken off its core: with
     several threads, :meth:`run` keeps its last RECENT_RUNS times with all of them and with one
     (the same floats either way), takes the way whose fastest is lower, and tries the other at
-    least once in PROBE_EVERY runs (ThreadChoice). The fastest, not a mean or a median: another process
-    only ever adds time, and a burst of it (another engine's thread pool spinning on after its
-    own runs) slows a few runs in a row; only a way slow in all its recent runs is left.
+    least once in PROBE_EVERY runs (ThreadChoice). The fastest, not a mean or a median: another
+    process only ever adds time, and a burst of it (another engine's thread pool spinning on
+    after its own runs) slows a few runs in a row; only a way slow in all its recent runs is
+    left.
     ``last_one_thread``: whether the last run took one thread."""
     cdef dv_step* steps
     cdef int n, capacity
@@ -686,7 +687,8 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``),
     from ``src_offset`` floats on (a band of output rows). ``vectors`` from
     :func:`direct_vectors`; threads share out the tiles, or the 8-row blocks of weights when
-    the tiles are too few (dv_split_rows). With ``sfma`` (appended to a program after its select
+    the tiles are too few (dv_split_rows) or ``rows_first`` asks (a conv+pool band: the pooling
+    shares out planes). With ``sfma`` (appended to a program after its select
     steps) the step runs the kept maps of the image (dv_sfma_product)."""
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
     cdef int nvec = vectors.shape[0]

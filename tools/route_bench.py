@@ -41,7 +41,8 @@ def main() -> None:
     plan = build_plan(args.model)
     chosen = Engine(plan, threads=args.threads)
     # no layer qualifies for the direct route
-    unfolding = Engine(plan, threads=args.threads, tuning=EngineTuning(direct_min_lane_use=float("inf"), direct_min_lane_use_threads=float("inf")))
+    never_direct = EngineTuning(direct_min_lane_use=float("inf"), direct_min_lane_use_threads=float("inf"))
+    unfolding = Engine(plan, threads=args.threads, tuning=never_direct)
     x = np.random.default_rng(0).uniform(0, 100, plan.input_shape).astype(np.float32)
     values = {name: np.array(v) for name, v in chosen.forward(x).items()}
     values[plan.input_name] = x
