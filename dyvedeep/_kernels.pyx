@@ -92,6 +92,7 @@ cdef extern from "_program.h" nogil:
         DV_STEP_SFMA_STATS
         DV_STEP_SFMA_SELECT
         DV_STEP_SFMA_CONSTANT
+        DV_STEP_OCVEC
     ctypedef struct dv_product:
         const float* W
         long ldw
@@ -109,6 +110,11 @@ cdef extern from "_program.h" nogil:
         const int* vec
         int nvec
         int rows_first
+    ctypedef struct dv_ocvec_args:
+        dv_product p
+        const long* tap_off
+        const int* pos_off
+        int npos
     ctypedef struct dv_panel_args:
         dv_product p
         const long* tap_off
@@ -138,6 +144,7 @@ cdef extern from "_program.h" nogil:
         dv_pad_args pad
         dv_phase_args phase
         dv_direct_args direct
+        dv_ocvec_args ocvec
         dv_panel_args panel
         dv_im2col_args im2col
         dv_gemm_args gemm
@@ -155,6 +162,7 @@ cdef extern from "_program.h" nogil:
         long scratch_stride
         dv_step_args u
     int dv_split_rows(int T, int ntiles, int O)
+    int DV_OC_POS
     void dv_run_steps(const dv_step* steps, int n, const float* image, int max_threads, double* step_end)
 
 
@@ -205,7 +213,7 @@ STEP_KINDS = {DV_STEP_PAD: "pad", DV_STEP_PHASE: "phase", DV_STEP_DIRECT: "direc
               DV_STEP_IM2COL: "im2col", DV_STEP_GEMM: "gemm", DV_STEP_MAXPOOL: "maxpool",
               DV_STEP_AVGPOOL: "avgpool", DV_STEP_MEAN: "mean", DV_STEP_ADD: "add",
               DV_STEP_SFMA_STATS: "sfma-stats", DV_STEP_SFMA_SELECT: "sfma-select",
-              DV_STEP_SFMA_CONSTANT: "sfma-constant"}
+              DV_STEP_SFMA_CONSTANT: "sfma-constant", DV_STEP_OCVEC: "ocvec"}
 
 #: Program.run tries the way it is not using (all threads or one) for two runs in a row (the
 #: first, cold, not judged): PROBE_FIRST runs after it settled on a way, then twice as long after
@@ -719,6 +727,58 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     s[i].u.direct.rows_first = rows_first
     s[i].sfma = _sfma_state(sfma, program, O, K, "conv_direct")
     _emit(program, s, i + 1, (x, pad_buffer, tap_off, vectors, W, bias, out, sfma) if program is not None else None)
+
+
+def conv_ocvec(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
+               float[::1] pad_buffer, const long[::1] tap_off, const int[::1] pos_off,
+               const float[:, ::1] Wt, const float[::1] bias, bint relu, float[:, ::1] out,
+               float[:, ::1] partial, int threads=1, Program program=None):
+    """Dense convolution of one group on the channel-vector route (dv_conv_ocvec): vectors over
+    64 output channels at a time, one broadcast input float per position (``pos_off``: each
+    output position's source offset of its tap (0, 0); ``tap_off``: each tap's offset from it).
+    ``Wt`` is the weights transposed (K x O, O a multiple of 64). The source is the group's
+    channels, copied with their zero padding into ``pad_buffer`` when ``pad``. Threads share
+    out groups of positions; ``partial`` holds each thread's running sums between blocks of taps
+    (a row per thread of :func:`ocvec_partial_floats`, 64-byte aligned)."""
+    cdef int K = Wt.shape[0], O = Wt.shape[1], N = out.shape[1], npos = pos_off.shape[0]
+    if K == 0 or O == 0 or npos == 0:
+        raise ValueError("conv_ocvec: empty layer")
+    if (O % 64 != 0 or out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or npos > N
+            or <size_t>&Wt[0, 0] % 64 != 0 or partial.shape[0] < threads
+            or partial.shape[1] < ocvec_partial_floats(npos) or <size_t>&partial[0, 0] % 64 != 0
+            or (partial.shape[1] * 4) % 64 != 0):
+        raise ValueError("conv_ocvec: shape mismatch")
+    cdef long reach = -1
+    cdef int p
+    cdef long last = 0
+    for p in range(npos):
+        if pos_off[p] < 0:
+            raise ValueError("conv_ocvec: negative position offset")
+        last = max(last, pos_off[p])
+    reach = last + tap_off[K - 1] + 1
+    cdef dv_step s[2]
+    cdef int i = 1 if pad else 0
+    cdef const float* src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, threads,
+                                          &s[0], "conv_ocvec")
+    memset(&s[i], 0, sizeof(dv_step))
+    s[i].kind = DV_STEP_OCVEC
+    s[i].threads = threads
+    s[i].x = src
+    s[i].out = &out[0, 0]
+    s[i].u.ocvec.p = _product(&Wt[0, 0], O, O, K, &bias[0], relu, N)
+    s[i].u.ocvec.tap_off = &tap_off[0]
+    s[i].u.ocvec.pos_off = &pos_off[0]
+    s[i].u.ocvec.npos = npos
+    s[i].scratch = &partial[0, 0]
+    s[i].scratch_stride = partial.shape[1]
+    _emit(program, s, i + 1, (x, pad_buffer, tap_off, pos_off, Wt, bias, out, partial) if program is not None else None)
+
+
+def ocvec_partial_floats(int npos):
+    """Floats of one thread's running sums on the channel-vector route (conv_ocvec): 24 vectors
+    for each group of DV_OC_POS of the ``npos`` positions (a thread may run them all: the
+    program's one-thread runs)."""
+    return ((npos + DV_OC_POS - 1) // DV_OC_POS) * 4 * DV_OC_POS * 16
 
 
 def pad_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, int Hp, int Wp,

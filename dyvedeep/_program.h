@@ -31,7 +31,8 @@ enum {
     DV_STEP_ADD,      /* dv_add_relu (a residual Add, or a ReLU alone), blocks of 64 floats shared out */
     DV_STEP_SFMA_STATS,    /* SFMA (alone) in a conv layer: dv_map_sums of each input map, maps shared out */
     DV_STEP_SFMA_SELECT,   /* dv_sfma_select: the maps dropped; the kept maps' weight rows shared out */
-    DV_STEP_SFMA_CONSTANT  /* the dropped maps' constant added, then the ReLU: output rows shared out */
+    DV_STEP_SFMA_CONSTANT, /* the dropped maps' constant added, then the ReLU: output rows shared out */
+    DV_STEP_OCVEC     /* dv_conv_ocvec: groups of DV_OC_POS positions shared out, running sums per thread */
 };
 
 /* The product part of a convolution or GEMM step: out (O rows, ldo floats apart) = W (O x K,
@@ -52,6 +53,9 @@ typedef struct { int n, H, W, pt, pl, s, Hq, Wq; } dv_phase_args;
 /* The direct route: nvec vectors (DV_VEC ints each) over the taps tap_off[0..K-1]; rows_first:
  * threads share out the 8-row blocks of weights whatever the tiles (dv_split_rows otherwise). */
 typedef struct { dv_product p; const long *tap_off; const int *vec; int nvec; int rows_first; } dv_direct_args;
+/* The channel-vector route: npos positions (source offsets pos_off) over the taps tap_off; the
+ * product's W is K x O (ldw = O), O a multiple of 64. */
+typedef struct { dv_product p; const long *tap_off; const int *pos_off; int npos; } dv_ocvec_args;
 /* The panel route: N positions, runs (4 ints each) from panel_first[t] for panel t, columns sw apart. */
 typedef struct { dv_product p; const long *tap_off; const int *runs; const int *panel_first; int N, sw; } dv_panel_args;
 /* im2col of channels[0..C-1] (H x W planes) into packed panels lds floats apart (runs: nruns). */
@@ -88,6 +92,7 @@ typedef struct {
         dv_pad_args pad;
         dv_phase_args phase;
         dv_direct_args direct;
+        dv_ocvec_args ocvec;
         dv_panel_args panel;
         dv_im2col_args im2col;
         dv_gemm_args gemm;
@@ -205,6 +210,17 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         if (dv_conv_share(rows_first, p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
             dv_conv_direct(x, tap_off, a->vec, a->nvec, p->W + (long)g0 * p->ldw, g1 - g0, p->K,
                            p->bias + g0, p->relu, s->out + (long)g0 * p->ldo, p->ldo, t0, t1);
+        break;
+    }
+    case DV_STEP_OCVEC: {
+        const dv_ocvec_args *a = &s->u.ocvec;
+        const dv_product *p = &a->p;
+        int ngroups = (a->npos + DV_OC_POS - 1) / DV_OC_POS;
+        dv_share(ngroups, t, T, &b, &e);
+        int p1 = e * DV_OC_POS < a->npos ? e * DV_OC_POS : a->npos;
+        if (e > b)
+            dv_conv_ocvec(x, a->tap_off, a->pos_off, p->W, p->O, p->K, p->bias, p->relu, s->out, p->ldo,
+                          b * DV_OC_POS, p1, 0, p->O / 64, scratch);
         break;
     }
     case DV_STEP_PANEL: {

@@ -69,6 +69,33 @@ def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape, route):
         assert [st.route.name for st in Engine(build_plan(path)).layer_plans.values()] == [route]
 
 
+@pytest.mark.parametrize("cin, cout, hw, kernel", [
+    (64, 128, (9, 11), 5),  # two 64-channel blocks; taps in blocks of DV_OC_KB; 99 positions: a last group of 3
+    (5, 64, (7, 6), 3),  # 45 taps: one block; 42 positions: whole groups of 6
+])
+def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
+    """The channel-vector route (vectors over 64 output channels, K.conv_ocvec; on the AVX-512
+    build its tiles, elsewhere the one-output-at-a-time loop) gives the floats of the other
+    routes, on one to three threads (a two-thread program's one-thread runs included), and
+    matches onnxruntime."""
+    pad = kernel // 2
+    w = RNG.normal(0, 0.1, (cout, cin, kernel, kernel))
+    b = RNG.normal(0, 0.1, cout)
+    path = conv_model(tmp_path / "o.onnx", w, b, (cin, *hw), relu=True, pads=[pad] * 4)
+    plan = build_plan(path)
+    x = RNG.normal(0, 1, (6, cin, *hw)).astype(np.float32)
+    forced = EngineTuning(parallel_min_work=0, ocvec_max_positions=1000, direct_min_lane_use_threads=0.9)
+    never = dataclasses.replace(forced, ocvec_max_positions=0)
+    ref = ort_run(path, x).reshape(x.shape[0], cout, *hw)
+    for threads in (1, 2, 3):
+        engine = Engine(plan, threads=threads, tuning=forced)
+        assert [cp.route.name for cp in engine.layer_plans.values()] == ["ocvec"]
+        out = engine.run(x)
+        assert np.array_equal(out, Engine(plan, threads=threads, tuning=never).run(x))
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert (EngineTuning().ocvec_max_positions > 0) == (K.ISA == "avx512")
+
+
 @pytest.mark.parametrize("ho, wo, sh, row_width, across", [
     (5, 31, 1, 35, False), (4, 16, 2, 40, False), (3, 7, 1, 7, True), (6, 20, 1, 20, True),
     (5, 27, 1, 29, True), (7, 6, 1, 10, True), (3, 14, 1, 30, True),
@@ -180,7 +207,7 @@ def assert_routes_and_threads_bit_exact(path, routes, routes_threads=None, tunin
     """The model's conv layers take ``routes`` on one thread and ``routes_threads`` (default: the
     same) on several; it matches onnxruntime, and 2 and 3 threads give the same floats as one."""
     plan = build_plan(path)
-    assert [st.route.name for st in Engine(plan).layer_plans.values()] == routes
+    assert [st.route.name for st in Engine(plan, tuning=tuning).layer_plans.values()] == routes
     x = RNG.normal(0, 1, (2, *plan.input_shape)).astype(np.float32)
     one = assert_matches_ort(path, x)
     for threads in (2, 3):
@@ -229,7 +256,7 @@ def test_several_threads_take_the_direct_route_with_fuller_vectors(tmp_path):
              helper.make_node("Relu", ["a"], ["out"], name="r")]
     inits = {"W1": RNG.normal(0, .1, (64, 64, 3, 3)), "b1": RNG.normal(0, .1, 64)}
     path = save_model(tmp_path / "e.onnx", nodes, inits, (64, 8, 8), "out")
-    direct_on_threads = dataclasses.replace(ALL_THREADS, direct_min_lane_use_threads=0.75)
+    direct_on_threads = dataclasses.replace(ALL_THREADS, direct_min_lane_use_threads=0.75, ocvec_max_positions=0)
     assert_routes_and_threads_bit_exact(path, ["panel"], ["direct"], tuning=direct_on_threads)
     assert (EngineTuning().direct_min_lane_use_threads == 0.75) == (K.ISA == "avx512")
 

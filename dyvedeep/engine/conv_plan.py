@@ -8,6 +8,7 @@ Routes (docs/engine.md): ``direct`` (stride 1 along rows: the tiles read the sou
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from .. import _kernels as K
 from ..knobs import KnobConfig, KnobSetting
 from ..plan import Layer
-from .memory import aligned_copy, packed_cols
+from .memory import aligned_copy, aligned_zeros, packed_cols
 from .sdss import SdssGrid, sdss_grid
 from .sfma import border_classes
 from .spet import SpetBound, channel_nonzeros, spet_bound, spet_channel_order
@@ -90,7 +91,7 @@ class ConvRoute:
     """How a conv layer's kernels read its input: the source planes (zero-padded copies when
     ``pad_src``, hp x wp), the offset of each unfolded row in them, and the route's tables."""
 
-    name: str  # "direct", "phase", "panel" or "unfold"
+    name: str  # "direct", "phase", "panel", "unfold" or "ocvec"
     pad_src: bool
     src_hw: tuple[int, int]  # hp, wp of the padded planes
     src_row_width: int  # floats between two source rows
@@ -100,6 +101,7 @@ class ConvRoute:
     vectors: np.ndarray | None = None  # the direct and phase routes' vectors (K.direct_vectors)
     phase_hw: tuple[int, int] = (0, 0)  # phase route: hq, wq of the phase planes (K.phase_planes)
     phase_tap_off: np.ndarray | None = None  # phase route: each unfolded row's offset in them
+    pos_off: np.ndarray | None = None  # ocvec route: each output position's source offset of tap (0, 0)
 
     def source_floats(self, geom: ConvGeometry) -> int:
         """Floats of the source scratch the layer needs: its padded planes (with padding, on
@@ -209,10 +211,28 @@ class ConvPlan:
     route: ConvRoute
     knobs: ConvKnobPlan | None  # None: the layer runs its knob-free route
     cols: np.ndarray  # the unfold route's unfolded input (a view of the engine's scratch)
+    weights_t: list[np.ndarray] | None = None  # ocvec route: per group, the weights transposed (K x cout)
+    ocvec_partial: np.ndarray | None = None  # ocvec route: each thread's running sums (K.ocvec_partial_floats)
 
     @property
     def source_floats(self) -> int:
         return self.route.source_floats(self.geom)
+
+
+def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning, threads: int = 1) -> ConvRoute | None:
+    """The channel-vector route (vectors over 64 output channels, one broadcast input per
+    position: K.conv_ocvec) in place of ``route``, for a knob-free layer that qualifies
+    (EngineTuning.ocvec_max_positions: a small map, 3x3 or larger, stride 1, output channels a
+    multiple of 64), else None. On several threads it replaces the panel and unfold routes
+    only: its threads share out positions and each streams all the weights, where the direct
+    route's threads share out the weights of a small map."""
+    g = geom
+    if not (0 < g.positions <= tuning.ocvec_max_positions and g.kk > 1 and g.sh == g.sw == 1
+            and g.cout % 64 == 0 and (threads <= 1 or route.name != "direct")):
+        return None
+    oy, ox = np.divmod(np.arange(g.positions), g.wo)
+    pos_off = (oy * route.src_row_width + ox).astype(np.int32)
+    return dataclasses.replace(route, name="ocvec", pos_off=pos_off)
 
 
 def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning, threads: int = 1) -> ConvPlan:
@@ -222,5 +242,10 @@ def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning, threads: in
     weights = [aligned_copy(layer.weight[i * g.cout:(i + 1) * g.cout].reshape(g.cout, -1)) for i in range(g.groups)]
     channels = [np.arange(i * g.cin, (i + 1) * g.cin, dtype=np.int32) for i in range(g.groups)]
     route = plan_route(geom, tuning, threads)
-    return ConvPlan(layer, geom, weights, channels, route, plan_knobs(layer, geom, route, weights, knobs),
-                    packed_cols(g.cin * g.kk, g.positions, allocate=False))
+    knob_plan = plan_knobs(layer, geom, route, weights, knobs)
+    weights_t = partial = None
+    if knob_plan is None and (ocvec := ocvec_route(route, geom, tuning, threads)) is not None:
+        route, weights_t = ocvec, [aligned_copy(np.ascontiguousarray(w.T)) for w in weights]
+        partial = aligned_zeros((max(threads, 1), K.ocvec_partial_floats(g.positions)))
+    return ConvPlan(layer, geom, weights, channels, route, knob_plan,
+                    packed_cols(g.cin * g.kk, g.positions, allocate=False), weights_t, partial)

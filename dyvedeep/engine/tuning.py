@@ -48,6 +48,13 @@ class EngineTuning:
     #: threads: the AVX2 and NEON builds keep full vectors
     #: (docs/notes/2026-12-05-direct-route-threads.md).
     direct_min_lane_use_threads: float = 0.75 if K.ISA == "avx512" else 0.9
+    #: The channel-vector route (K.conv_ocvec: vectors over 64 output channels, a broadcast input
+    #: per position, as onnxruntime's NCHWc kernels) for knob-free 3x3 (or larger) stride-1 layers
+    #: with output channels a multiple of 64 and at most this many positions; AVX-512 tiles only
+    #: (0: never). In a C loop on hot data, 78 G multiply-adds per second against the direct
+    #: route's 62-64 on 8 x 8 and 13 x 13 maps, 55 against 70 on 16 x 16
+    #: (docs/notes/2026-12-05-channel-vector-route.md).
+    ocvec_max_positions: int = 200 if K.ISA == "avx512" else 0
     #: ... and at most this many output channels per output position (past it the weights are the
     #: large operand, and the unfolded panels, read in order, feed the GEMM better).
     direct_max_rows_per_position: int = 2
