@@ -34,6 +34,11 @@ DEFAULT_DATA = {"cifar10": "cifar10:test", "imagenet": "imagenet-sample:test"}
 WARM_SECONDS = 1.0
 #: Seconds given to the scheduler after the busy processes are paused or resumed.
 SETTLE_SECONDS = 0.05
+#: Each engine's block starts with untimed runs for at least this long (and at least its warm-up
+#: images): the engine before keeps its thread pool spinning after its last run (onnxruntime's
+#: for some 25 ms: cifar10_quick's next two runs on two threads took 12-13 ms against 0.15 ms),
+#: longer than five images of a small network take.
+BLOCK_WARM_SECONDS = 0.05
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -90,12 +95,15 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
             if load is not None:
                 load.run(condition == "loaded")
             for name, run in runners.items():
-                for i, x in enumerate(images):
-                    t = _timed(lambda: run(x[None]))
-                    if i >= warmup:
-                        times[(name, condition)].append(t)
-                    done += 1
-                    progress.update(done)
+                block_start = time.perf_counter()
+                for x in images[:warmup]:
+                    run(x[None])
+                while time.perf_counter() - block_start < BLOCK_WARM_SECONDS:
+                    run(images[0][None])
+                for x in images[warmup:]:
+                    times[(name, condition)].append(_timed(lambda: run(x[None])))
+                done += len(images)
+                progress.update(done)
     if load is not None:
         load.run(False)
     med = {key: (statistics.median(v) if v else None) for key, v in times.items()}
