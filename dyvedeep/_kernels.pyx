@@ -633,6 +633,16 @@ cdef const float* _group_source(const float[:, :, ::1] x, int channel0, int pt, 
     return &x[channel0, 0, 0]
 
 
+cdef inline dv_step* _conv_step(dv_step* s, bint pad, int kind, int threads, const float* src,
+                                float* out) noexcept nogil:
+    """The conv step of ``s``, zeroed with its kind, threads, source and output set: s[1] after
+    the padding step that _group_source wrote to s[0] (``pad``), else s[0]."""
+    cdef dv_step* c = &s[1] if pad else &s[0]
+    memset(c, 0, sizeof(dv_step))
+    c.kind, c.threads, c.x, c.out = kind, threads, src, out
+    return c
+
+
 def conv_panel(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                float[::1] pad_buffer, const long[::1] tap_off, int sw, const int[:, ::1] runs,
                const int[::1] panel_first, const float[:, ::1] W, const float[::1] bias, bint relu,
@@ -654,24 +664,19 @@ def conv_panel(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
             or (dv_split_rows(threads, ntiles, O) and panels.shape[0] < threads)):
         raise ValueError("conv_panel: shape mismatch")
     cdef dv_step s[2]
-    cdef int i = 1 if pad else 0
     cdef const float* src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, -1, threads, &s[0],
                                           "conv_panel")
-    memset(&s[i], 0, sizeof(dv_step))
-    s[i].kind = DV_STEP_PANEL
-    s[i].threads = threads
-    s[i].x = src
-    s[i].out = &out[0, 0]
-    s[i].u.panel.p = _product(&W[0, 0], K, O, K, &bias[0], relu, N)
-    s[i].u.panel.N = N
-    s[i].u.panel.tap_off = &tap_off[0]
-    s[i].u.panel.sw = sw
-    s[i].u.panel.runs = &runs[0, 0]
-    s[i].u.panel.panel_first = &panel_first[0]
-    s[i].scratch = &panels[0, 0]
-    s[i].scratch_stride = panels.shape[1]
-    s[i].sfma = _sfma_state(sfma, program, O, K, "conv_panel")
-    _emit(program, s, i + 1,
+    cdef dv_step* c = _conv_step(s, pad, DV_STEP_PANEL, threads, src, &out[0, 0])
+    c.u.panel.p = _product(&W[0, 0], K, O, K, &bias[0], relu, N)
+    c.u.panel.N = N
+    c.u.panel.tap_off = &tap_off[0]
+    c.u.panel.sw = sw
+    c.u.panel.runs = &runs[0, 0]
+    c.u.panel.panel_first = &panel_first[0]
+    c.scratch = &panels[0, 0]
+    c.scratch_stride = panels.shape[1]
+    c.sfma = _sfma_state(sfma, program, O, K, "conv_panel")
+    _emit(program, s, 2 if pad else 1,
           (x, pad_buffer, tap_off, runs, panel_first, W, bias, out, panels, sfma) if program is not None else None)
 
 
@@ -712,21 +717,17 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
         raise ValueError("conv_direct: negative source offset")
     reach = src_offset + vectors[nvec - 1, 0] + tap_off[K - 1] + vectors[nvec - 1, 2]  # one past the last float read
     cdef dv_step s[2]
-    cdef int i = 1 if pad else 0
     cdef const float* src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, threads,
                                           &s[0], "conv_direct")
-    memset(&s[i], 0, sizeof(dv_step))
-    s[i].kind = DV_STEP_DIRECT
-    s[i].threads = threads
-    s[i].x = src + src_offset
-    s[i].out = &out[0, 0]
-    s[i].u.direct.p = _product(&W[0, 0], K, O, K, &bias[0], relu, N)
-    s[i].u.direct.tap_off = &tap_off[0]
-    s[i].u.direct.vec = &vectors[0, 0]
-    s[i].u.direct.nvec = nvec
-    s[i].u.direct.rows_first = rows_first
-    s[i].sfma = _sfma_state(sfma, program, O, K, "conv_direct")
-    _emit(program, s, i + 1, (x, pad_buffer, tap_off, vectors, W, bias, out, sfma) if program is not None else None)
+    cdef dv_step* c = _conv_step(s, pad, DV_STEP_DIRECT, threads, src + src_offset, &out[0, 0])
+    c.u.direct.p = _product(&W[0, 0], K, O, K, &bias[0], relu, N)
+    c.u.direct.tap_off = &tap_off[0]
+    c.u.direct.vec = &vectors[0, 0]
+    c.u.direct.nvec = nvec
+    c.u.direct.rows_first = rows_first
+    c.sfma = _sfma_state(sfma, program, O, K, "conv_direct")
+    _emit(program, s, 2 if pad else 1,
+          (x, pad_buffer, tap_off, vectors, W, bias, out, sfma) if program is not None else None)
 
 
 def conv_ocvec(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
@@ -748,30 +749,25 @@ def conv_ocvec(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
             or partial.shape[1] < ocvec_partial_floats(npos) or <size_t>&partial[0, 0] % 64 != 0
             or (partial.shape[1] * 4) % 64 != 0):
         raise ValueError("conv_ocvec: shape mismatch")
-    cdef long reach = -1
     cdef int p
     cdef long last = 0
     for p in range(npos):
         if pos_off[p] < 0:
             raise ValueError("conv_ocvec: negative position offset")
         last = max(last, pos_off[p])
-    reach = last + tap_off[K - 1] + 1
+    cdef long reach = last + tap_off[K - 1] + 1  # one past the last float read
     cdef dv_step s[2]
-    cdef int i = 1 if pad else 0
     cdef const float* src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, threads,
                                           &s[0], "conv_ocvec")
-    memset(&s[i], 0, sizeof(dv_step))
-    s[i].kind = DV_STEP_OCVEC
-    s[i].threads = threads
-    s[i].x = src
-    s[i].out = &out[0, 0]
-    s[i].u.ocvec.p = _product(&Wt[0, 0], O, O, K, &bias[0], relu, N)
-    s[i].u.ocvec.tap_off = &tap_off[0]
-    s[i].u.ocvec.pos_off = &pos_off[0]
-    s[i].u.ocvec.npos = npos
-    s[i].scratch = &partial[0, 0]
-    s[i].scratch_stride = partial.shape[1]
-    _emit(program, s, i + 1, (x, pad_buffer, tap_off, pos_off, Wt, bias, out, partial) if program is not None else None)
+    cdef dv_step* c = _conv_step(s, pad, DV_STEP_OCVEC, threads, src, &out[0, 0])
+    c.u.ocvec.p = _product(&Wt[0, 0], O, O, K, &bias[0], relu, N)
+    c.u.ocvec.tap_off = &tap_off[0]
+    c.u.ocvec.pos_off = &pos_off[0]
+    c.u.ocvec.npos = npos
+    c.scratch = &partial[0, 0]
+    c.scratch_stride = partial.shape[1]
+    _emit(program, s, 2 if pad else 1,
+          (x, pad_buffer, tap_off, pos_off, Wt, bias, out, partial) if program is not None else None)
 
 
 def ocvec_partial_floats(int npos):

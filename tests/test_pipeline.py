@@ -104,15 +104,21 @@ def make_workdir(path: Path, mirror: Path) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args: str, timeout: float = CI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run the project's workflow in ``workdir`` with the CI configuration and this run's
-    values; output captured."""
+def snakemake_command(workdir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run the project's workflow in ``workdir`` with the CI
+    configuration and this run's values."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.pop("DYVEDEEP_MIRROR", None)  # the config's mirror decides
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "Snakefile"),
            "--directory", str(workdir), "--cores", "2", *args,
            "--configfile", str(CI_CONFIG), str(workdir / "ci.yaml")]
+    return cmd, env
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = CI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run the project's workflow in ``workdir`` (snakemake_command); output captured."""
+    cmd, env = snakemake_command(workdir, *args)
     proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
     return proc
@@ -282,12 +288,7 @@ def interrupt_calibration(workdir: Path) -> tuple[int, str]:
     (SIGINT to its process group, as Ctrl-C does) once the calibration's dense run is done;
     returns Snakemake's exit code and the calibration's log once the calibration has ended."""
     log = workdir / "logs" / "calibrate" / "cifar10_quick.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    env.pop("DYVEDEEP_MIRROR", None)
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "Snakefile"), "--directory",
-           str(workdir), "--cores", "2", "results/eval/cifar10_quick.json",
-           "--configfile", str(CI_CONFIG), str(workdir / "ci.yaml")]
+    cmd, env = snakemake_command(workdir, "results/eval/cifar10_quick.json")
     # Ctrl-C's SIGINT as a terminal delivers it: to a process whose SIGINT is at its default,
     # whatever this test process inherited (an ignored SIGINT would be inherited in turn)
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
