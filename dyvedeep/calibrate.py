@@ -31,6 +31,7 @@ import csv
 import io
 import math
 import multiprocessing
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -425,7 +426,10 @@ class Calibrator:
         _WORKER_STATE.update(plan=self.plan, cache=cache)
         self.pool_cache = cache
         if self.threads > 1 and "fork" in multiprocessing.get_all_start_methods():
-            self.pool = multiprocessing.get_context("fork").Pool(self.threads)
+            # Ctrl-C is the parent's to handle (it terminates the pool): a worker that a SIGINT
+            # stopped inside the task queue's lock would leave terminate() waiting on that lock
+            self.pool = multiprocessing.get_context("fork").Pool(self.threads, initializer=signal.signal,
+                                                                 initargs=(signal.SIGINT, signal.SIG_IGN))
 
     @contextlib.contextmanager
     def workers(self, cache: list[dict[str, np.ndarray]]) -> Iterator[None]:
