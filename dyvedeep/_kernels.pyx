@@ -162,7 +162,7 @@ cdef extern from "_program.h" nogil:
         long scratch_stride
         dv_step_args u
     int dv_split_rows(int T, int ntiles, int O)
-    int DV_OC_POS
+    int DV_OC_GROUP
     void dv_run_steps(const dv_step* steps, int n, const float* image, int max_threads, double* step_end)
 
 
@@ -732,21 +732,22 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
 
 def conv_ocvec(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                float[::1] pad_buffer, const long[::1] tap_off, const int[::1] pos_off,
-               const float[:, ::1] Wt, const float[::1] bias, bint relu, float[:, ::1] out,
+               const float[:, :, ::1] Wb, const float[::1] bias, bint relu, float[:, ::1] out,
                float[:, ::1] partial, int threads=1, Program program=None):
     """Dense convolution of one group on the channel-vector route (dv_conv_ocvec): vectors over
     64 output channels at a time, one broadcast input float per position (``pos_off``: each
     output position's source offset of its tap (0, 0); ``tap_off``: each tap's offset from it).
-    ``Wt`` is the weights transposed (K x O, O a multiple of 64). The source is the group's
-    channels, copied with their zero padding into ``pad_buffer`` when ``pad``. Threads share
-    out groups of positions; ``partial`` holds each thread's running sums between blocks of taps
-    (a row per thread of :func:`ocvec_partial_floats`, 64-byte aligned)."""
-    cdef int K = Wt.shape[0], O = Wt.shape[1], N = out.shape[1], npos = pos_off.shape[0]
+    ``Wb`` is the weights in blocks of 64 output channels (O / 64 x K x 64: block b, row k
+    the tap's weights of output channels 64 b..64 b+63). The source is the group's channels, copied with their zero
+    padding into ``pad_buffer`` when ``pad``. Threads share out (block, tile of positions) in
+    block order; ``partial`` holds each thread's running sums between blocks of taps (a row per
+    thread of :func:`ocvec_partial_floats`, 64-byte aligned)."""
+    cdef int K = Wb.shape[1], O = Wb.shape[0] * Wb.shape[2], N = out.shape[1], npos = pos_off.shape[0]
     if K == 0 or O == 0 or npos == 0:
         raise ValueError("conv_ocvec: empty layer")
-    if (O % 64 != 0 or out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or npos > N
-            or <size_t>&Wt[0, 0] % 64 != 0 or partial.shape[0] < threads
-            or partial.shape[1] < ocvec_partial_floats(npos) or <size_t>&partial[0, 0] % 64 != 0
+    if (Wb.shape[2] != 64 or out.shape[0] != O or bias.shape[0] != O or tap_off.shape[0] != K or npos > N
+            or <size_t>&Wb[0, 0, 0] % 64 != 0 or partial.shape[0] < threads
+            or partial.shape[1] < ocvec_partial_floats() or <size_t>&partial[0, 0] % 64 != 0
             or (partial.shape[1] * 4) % 64 != 0):
         raise ValueError("conv_ocvec: shape mismatch")
     cdef int p
@@ -760,21 +761,20 @@ def conv_ocvec(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
     cdef const float* src = _group_source(x, channel0, pt, pl, Hp, Wp, pad, pad_buffer, tap_off, reach, threads,
                                           &s[0], "conv_ocvec")
     cdef dv_step* c = _conv_step(s, pad, DV_STEP_OCVEC, threads, src, &out[0, 0])
-    c.u.ocvec.p = _product(&Wt[0, 0], O, O, K, &bias[0], relu, N)
+    c.u.ocvec.p = _product(&Wb[0, 0, 0], 64, O, K, &bias[0], relu, N)
     c.u.ocvec.tap_off = &tap_off[0]
     c.u.ocvec.pos_off = &pos_off[0]
     c.u.ocvec.npos = npos
     c.scratch = &partial[0, 0]
     c.scratch_stride = partial.shape[1]
     _emit(program, s, 2 if pad else 1,
-          (x, pad_buffer, tap_off, pos_off, Wt, bias, out, partial) if program is not None else None)
+          (x, pad_buffer, tap_off, pos_off, Wb, bias, out, partial) if program is not None else None)
 
 
-def ocvec_partial_floats(int npos):
-    """Floats of one thread's running sums on the channel-vector route (conv_ocvec): 24 vectors
-    for each group of DV_OC_POS of the ``npos`` positions (a thread may run them all: the
-    program's one-thread runs)."""
-    return ((npos + DV_OC_POS - 1) // DV_OC_POS) * 4 * DV_OC_POS * 16
+def ocvec_partial_floats():
+    """Floats of one thread's running sums on the channel-vector route (conv_ocvec): 64 for
+    each position of a group of DV_OC_GROUP."""
+    return DV_OC_GROUP * 64
 
 
 def pad_planes(const float[:, :, ::1] x, int channel0, int nch, int pt, int pl, int Hp, int Wp,

@@ -32,7 +32,7 @@ enum {
     DV_STEP_SFMA_STATS,    /* SFMA (alone) in a conv layer: dv_map_sums of each input map, maps shared out */
     DV_STEP_SFMA_SELECT,   /* dv_sfma_select: the maps dropped; the kept maps' weight rows shared out */
     DV_STEP_SFMA_CONSTANT, /* the dropped maps' constant added, then the ReLU: output rows shared out */
-    DV_STEP_OCVEC     /* dv_conv_ocvec: groups of DV_OC_POS positions shared out, running sums per thread */
+    DV_STEP_OCVEC     /* dv_conv_ocvec: (64-channel block, DV_OC_POS positions) shared out, running sums per thread */
 };
 
 /* The product part of a convolution or GEMM step: out (O rows, ldo floats apart) = W (O x K,
@@ -213,14 +213,19 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         break;
     }
     case DV_STEP_OCVEC: {
+        /* shares of (64-channel block, tile of DV_OC_POS positions) in block order: a thread
+         * reads the weights of its blocks only */
         const dv_ocvec_args *a = &s->u.ocvec;
         const dv_product *p = &a->p;
-        int ngroups = (a->npos + DV_OC_POS - 1) / DV_OC_POS;
-        dv_share(ngroups, t, T, &b, &e);
-        int p1 = e * DV_OC_POS < a->npos ? e * DV_OC_POS : a->npos;
-        if (e > b)
-            dv_conv_ocvec(x, a->tap_off, a->pos_off, p->W, p->O, p->K, p->bias, p->relu, s->out, p->ldo,
-                          b * DV_OC_POS, p1, 0, p->O / 64, scratch);
+        int ntiles = (a->npos + DV_OC_POS - 1) / DV_OC_POS;
+        dv_share(p->O / 64 * ntiles, t, T, &b, &e);
+        for (int u = b; u < e;) {
+            int ob = u / ntiles, t0 = u % ntiles, t1 = t0 + (e - u) < ntiles ? t0 + (e - u) : ntiles;
+            int p1 = t1 * DV_OC_POS < a->npos ? t1 * DV_OC_POS : a->npos;
+            dv_conv_ocvec(x, a->tap_off, a->pos_off, p->W, p->K, p->bias, p->relu, s->out, p->ldo,
+                          t0 * DV_OC_POS, p1, ob, ob + 1, scratch);
+            u += t1 - t0;
+        }
         break;
     }
     case DV_STEP_PANEL: {

@@ -70,8 +70,8 @@ def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape, route):
 
 
 @pytest.mark.parametrize("cin, cout, hw, kernel", [
-    (64, 128, (9, 11), 5),  # two 64-channel blocks; taps in blocks of DV_OC_KB; 99 positions: a last group of 3
-    (5, 64, (7, 6), 3),  # 45 taps: one block; 42 positions: whole groups of 6
+    (64, 128, (9, 11), 5),  # two 64-channel blocks; 1600 taps in 17 blocks; 99 positions: groups of 48, 48, 3
+    (5, 64, (7, 6), 3),  # 45 taps: one block; 42 positions: one group, seven tiles of 6
 ])
 def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
     """The channel-vector route (vectors over 64 output channels, K.conv_ocvec; on the AVX-512
@@ -84,8 +84,8 @@ def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
     path = conv_model(tmp_path / "o.onnx", w, b, (cin, *hw), relu=True, pads=[pad] * 4)
     plan = build_plan(path)
     x = RNG.normal(0, 1, (6, cin, *hw)).astype(np.float32)
-    forced = EngineTuning(parallel_min_work=0, ocvec_max_positions=1000, direct_min_lane_use_threads=0.9)
-    never = dataclasses.replace(forced, ocvec_max_positions=0)
+    forced = EngineTuning(parallel_min_work=0, ocvec_route=True, direct_min_lane_use_threads=0.9)
+    never = dataclasses.replace(forced, ocvec_route=False)
     ref = ort_run(path, x).reshape(x.shape[0], cout, *hw)
     for threads in (1, 2, 3):
         engine = Engine(plan, threads=threads, tuning=forced)
@@ -93,7 +93,7 @@ def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
         out = engine.run(x)
         assert np.array_equal(out, Engine(plan, threads=threads, tuning=never).run(x))
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-    assert (EngineTuning().ocvec_max_positions > 0) == (K.ISA == "avx512")
+    assert EngineTuning().ocvec_route == (K.ISA == "avx512")
 
 
 @pytest.mark.parametrize("ho, wo, sh, row_width, across", [
@@ -256,7 +256,7 @@ def test_several_threads_take_the_direct_route_with_fuller_vectors(tmp_path):
              helper.make_node("Relu", ["a"], ["out"], name="r")]
     inits = {"W1": RNG.normal(0, .1, (64, 64, 3, 3)), "b1": RNG.normal(0, .1, 64)}
     path = save_model(tmp_path / "e.onnx", nodes, inits, (64, 8, 8), "out")
-    direct_on_threads = dataclasses.replace(ALL_THREADS, direct_min_lane_use_threads=0.75, ocvec_max_positions=0)
+    direct_on_threads = dataclasses.replace(ALL_THREADS, direct_min_lane_use_threads=0.75, ocvec_route=False)
     assert_routes_and_threads_bit_exact(path, ["panel"], ["direct"], tuning=direct_on_threads)
     assert (EngineTuning().direct_min_lane_use_threads == 0.75) == (K.ISA == "avx512")
 

@@ -211,7 +211,7 @@ class ConvPlan:
     route: ConvRoute
     knobs: ConvKnobPlan | None  # None: the layer runs its knob-free route
     cols: np.ndarray  # the unfold route's unfolded input (a view of the engine's scratch)
-    weights_t: list[np.ndarray] | None = None  # ocvec route: per group, the weights transposed (K x cout)
+    weight_blocks: list[np.ndarray] | None = None  # ocvec route: per group, the weights as cout/64 x K x 64
     ocvec_partial: np.ndarray | None = None  # ocvec route: each thread's running sums (K.ocvec_partial_floats)
 
     @property
@@ -219,16 +219,14 @@ class ConvPlan:
         return self.route.source_floats(self.geom)
 
 
-def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning, threads: int = 1) -> ConvRoute | None:
+def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning) -> ConvRoute | None:
     """The channel-vector route (vectors over 64 output channels, one broadcast input per
     position: K.conv_ocvec) in place of ``route``, for a knob-free layer that qualifies
-    (EngineTuning.ocvec_max_positions: a small map, 3x3 or larger, stride 1, output channels a
-    multiple of 64), else None. On several threads it replaces the panel and unfold routes
-    only: its threads share out positions and each streams all the weights, where the direct
-    route's threads share out the weights of a small map."""
+    (EngineTuning.ocvec_route: 3x3 or larger, stride 1, output channels a multiple of 64), else
+    None. (Strided layers qualify for the kernel, but SqueezeNet's conv1, 3 input channels,
+    ran no faster on it than on its conv+pool bands.)"""
     g = geom
-    if not (0 < g.positions <= tuning.ocvec_max_positions and g.kk > 1 and g.sh == g.sw == 1
-            and g.cout % 64 == 0 and (threads <= 1 or route.name != "direct")):
+    if not (tuning.ocvec_route and g.kk > 1 and g.sh == g.sw == 1 and g.cout % 64 == 0):
         return None
     oy, ox = np.divmod(np.arange(g.positions), g.wo)
     pos_off = (oy * route.src_row_width + ox).astype(np.int32)
@@ -243,9 +241,10 @@ def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning, threads: in
     channels = [np.arange(i * g.cin, (i + 1) * g.cin, dtype=np.int32) for i in range(g.groups)]
     route = plan_route(geom, tuning, threads)
     knob_plan = plan_knobs(layer, geom, route, weights, knobs)
-    weights_t = partial = None
-    if knob_plan is None and (ocvec := ocvec_route(route, geom, tuning, threads)) is not None:
-        route, weights_t = ocvec, [aligned_copy(np.ascontiguousarray(w.T)) for w in weights]
-        partial = aligned_zeros((max(threads, 1), K.ocvec_partial_floats(g.positions)))
+    weight_blocks = partial = None
+    if knob_plan is None and (ocvec := ocvec_route(route, geom, tuning)) is not None:
+        route = ocvec
+        weight_blocks = [aligned_copy(w.reshape(g.cout // 64, 64, -1).transpose(0, 2, 1)) for w in weights]
+        partial = aligned_zeros((max(threads, 1), K.ocvec_partial_floats()))
     return ConvPlan(layer, geom, weights, channels, route, knob_plan,
-                    packed_cols(g.cin * g.kk, g.positions, allocate=False), weights_t, partial)
+                    packed_cols(g.cin * g.kk, g.positions, allocate=False), weight_blocks, partial)

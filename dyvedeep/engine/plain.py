@@ -67,10 +67,10 @@ def conv_group(cp: ConvPlan, scratch: Scratch, x: np.ndarray, group: int, out_g:
                       pad_buffer=scratch.source, tap_off=route.phase_tap_off if kept is None else kept.tap_off,
                       vectors=route.vectors, W=weights, bias=bias, relu=relu, out=out_g, threads=threads,
                       src_offset=0, program=program, sfma=sfma)
-    elif route.name == "ocvec":  # small map, knob-free: vectors over 64 output channels
+    elif route.name == "ocvec":  # knob-free, 64k output channels: vectors over output channels
         K.conv_ocvec(x=x, channel0=group * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
                      pad=route.pad_src, pad_buffer=scratch.source, tap_off=route.tap_off, pos_off=route.pos_off,
-                     Wt=cp.weights_t[group], bias=bias, relu=relu, out=out_g, partial=cp.ocvec_partial,
+                     Wb=cp.weight_blocks[group], bias=bias, relu=relu, out=out_g, partial=cp.ocvec_partial,
                      threads=threads, program=program)
     elif route.name == "unfold":  # large weights, small map: unfold once, weights stay in L1
         K.im2col_packed(x=x, channels=cp.channels[group] if kept is None else kept.channels, kh=geom.kh, kw=geom.kw,

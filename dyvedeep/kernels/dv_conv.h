@@ -115,97 +115,150 @@ static void dv_conv_direct(const float *src, const long *tap_off, const int *vec
 
 /* The channel-vector route (AVX-512): vectors over 64 output channels (four of 16) instead of
  * positions, as onnxruntime's MLAS NCHWc kernels hold them. Per tap k, four aligned weight
- * vectors (Wt: K x O, row k the tap's weights of every output channel) and one broadcast input
+ * vectors (Wb: O / 64 blocks of K x 64, row k of block ob the tap's weights of output channels
+ * 64 ob..64 ob+63; a block is read in order, as the hardware prefetcher expects) and one broadcast input
  * float per position, for six positions at a time (pos_off[p]: the source offset of position
  * p's tap (0, 0); tap k adds tap_off[k]): 24 fused multiply-adds for 10 loads, no load split
- * across cache lines, no lane on a padding column. K is walked in blocks of DV_OC_KB taps, every
- * group of positions through a block before the next block, so that the block's weights stay
- * in L1; between blocks a group's running sums wait in `partial` (24 vectors per group of the
- * range, 64-byte aligned). Outputs go to their planes (ldo floats apart) by scatter. Over the
- * 64-channel blocks ob_begin..ob_end-1 and positions p_begin..p_end-1; each output is bias +
- * the sum over k in order, as on every route: the same floats. */
+ * across cache lines, no lane on a padding column. Positions go in groups of DV_OC_GROUP; each
+ * group walks K in near-equal blocks of at most DV_OC_KB taps (a block's weights stay in L1),
+ * its running sums waiting between blocks in `partial` (DV_OC_GROUP x 64 floats, 64-byte
+ * aligned, where the last block leaves the finished outputs). The group's outputs then go to
+ * their planes (ldo floats apart) 16 positions x 16 channels at a time, transposed in
+ * registers (a scatter per vector cost 22 % of a 56 x 56 layer). Over the 64-channel blocks
+ * ob_begin..ob_end-1 and positions p_begin..p_end-1; each output is bias + the sum over k in
+ * order, as on every route: the same floats. */
 #define DV_OC_POS 6
+#define DV_OC_GROUP 48 /* a multiple of DV_OC_POS and of 16 */
 #ifndef DV_OC_KB
 #define DV_OC_KB 96
 #endif
 #if DV_VW == 16
-static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wt, int O,
-                          int K, const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
+/* Rows 0..15 of a 16 x 16 block (`in`, rows 16-float aligned, ldi floats apart) stored as its
+ * columns: column i to out + i * ldo, its first `n` floats. */
+static inline void dv_transpose16_store(const float *in, long ldi, float *out, long ldo, int n)
+{
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(in + i * ldi);
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]);
+        __m512d t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    }
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+    __mmask16 m = (__mmask16)((1u << n) - 1u);
+    for (int i = 0; i < 16; ++i) _mm512_mask_storeu_ps(out + i * ldo, m, r[i]);
+}
+
+/* not inlined: inside a step's switch the six source pointers of the tap loop were kept in
+ * mask registers and on the stack (1.13x the time of fire2's 3x3 layer) */
+__attribute__((noinline))
+static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int K,
+                          const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
                           int ob_begin, int ob_end, float *partial)
 {
-    __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((int)ldo));
+    int nblocks = (K + DV_OC_KB - 1) / DV_OC_KB, kstep = (K + nblocks - 1) / nblocks;
     for (int ob = ob_begin; ob < ob_end; ++ob) {
-        dv_v16 bb[4] = {dv_load16(bias + ob * 64), dv_load16(bias + ob * 64 + 16), dv_load16(bias + ob * 64 + 32),
-                        dv_load16(bias + ob * 64 + 48)};
-        for (int k0 = 0; k0 < K; k0 += DV_OC_KB) {
-            int kc = K - k0 < DV_OC_KB ? K - k0 : DV_OC_KB, first = k0 == 0, last = k0 + kc == K;
-            const float *w = Wt + (long)k0 * O + (long)ob * 64;
-            const long *tap = tap_off + k0;
-            dv_v16 *part = (dv_v16 *)partial;
-            for (int p0 = p_begin; p0 < p_end; p0 += DV_OC_POS, part += 4 * DV_OC_POS) {
-                int np = p_end - p0 < DV_OC_POS ? p_end - p0 : DV_OC_POS;
-                /* a last group of fewer positions repeats its last one (computed, not stored) */
-                const float *s0 = src + pos_off[p0], *s1 = src + pos_off[p0 + (np > 1 ? 1 : 0)];
-                const float *s2 = src + pos_off[p0 + (np > 2 ? 2 : np - 1)];
-                const float *s3 = src + pos_off[p0 + (np > 3 ? 3 : np - 1)];
-                const float *s4 = src + pos_off[p0 + (np > 4 ? 4 : np - 1)];
-                const float *s5 = src + pos_off[p0 + (np > 5 ? 5 : np - 1)];
-                dv_v16 a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
-                dv_v16 a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
-                dv_v16 a40 = {0}, a41 = {0}, a42 = {0}, a43 = {0}, a50 = {0}, a51 = {0}, a52 = {0}, a53 = {0};
-                if (!first) {
-                    a00 = part[0]; a01 = part[1]; a02 = part[2]; a03 = part[3]; a10 = part[4]; a11 = part[5];
-                    a12 = part[6]; a13 = part[7]; a20 = part[8]; a21 = part[9]; a22 = part[10]; a23 = part[11];
-                    a30 = part[12]; a31 = part[13]; a32 = part[14]; a33 = part[15]; a40 = part[16]; a41 = part[17];
-                    a42 = part[18]; a43 = part[19]; a50 = part[20]; a51 = part[21]; a52 = part[22]; a53 = part[23];
-                }
-                const float *wk = w;
-                for (int k = 0; k < kc; ++k, wk += O) {
-                    long t = tap[k];
-                    dv_v16 w0 = dv_load16(wk), w1 = dv_load16(wk + 16), w2 = dv_load16(wk + 32);
-                    dv_v16 w3 = dv_load16(wk + 48);
-                    dv_v16 x;
-                    x = DV_SPLAT(s0[t]); a00 += x * w0; a01 += x * w1; a02 += x * w2; a03 += x * w3;
-                    x = DV_SPLAT(s1[t]); a10 += x * w0; a11 += x * w1; a12 += x * w2; a13 += x * w3;
-                    x = DV_SPLAT(s2[t]); a20 += x * w0; a21 += x * w1; a22 += x * w2; a23 += x * w3;
-                    x = DV_SPLAT(s3[t]); a30 += x * w0; a31 += x * w1; a32 += x * w2; a33 += x * w3;
-                    x = DV_SPLAT(s4[t]); a40 += x * w0; a41 += x * w1; a42 += x * w2; a43 += x * w3;
-                    x = DV_SPLAT(s5[t]); a50 += x * w0; a51 += x * w1; a52 += x * w2; a53 += x * w3;
-                }
-                if (!last) {
+        dv_v16 b0 = dv_load16(bias + ob * 64), b1 = dv_load16(bias + ob * 64 + 16);
+        dv_v16 b2 = dv_load16(bias + ob * 64 + 32), b3 = dv_load16(bias + ob * 64 + 48);
+        for (int g0 = p_begin; g0 < p_end; g0 += DV_OC_GROUP) {
+            int g1 = p_end - g0 < DV_OC_GROUP ? p_end : g0 + DV_OC_GROUP;
+            for (int c = 0; c < 64; ++c)  /* the group's output lines, written at its end */
+                for (int q = g0; q < g1 + 16; q += 16)
+                    _mm_prefetch((const char *)(out + (long)(ob * 64 + c) * ldo + (q < g1 ? q : g1 - 1)), _MM_HINT_T0);
+            for (int k0 = 0; k0 < K; k0 += kstep) {
+                int kc = K - k0 < kstep ? K - k0 : kstep, first = k0 == 0, last = k0 + kc == K;
+                const float *w = Wb + ((long)ob * K + k0) * 64;
+                const long *tap = tap_off + k0;
+                dv_v16 *part = (dv_v16 *)partial;
+                for (int p0 = g0; p0 < g1; p0 += DV_OC_POS, part += 4 * DV_OC_POS) {
+                    int np = g1 - p0 < DV_OC_POS ? g1 - p0 : DV_OC_POS;
+                    /* a last tile of fewer positions repeats its last one (computed, not stored) */
+                    const float *s0 = src + pos_off[p0], *s1 = src + pos_off[p0 + (np > 1 ? 1 : 0)];
+                    const float *s2 = src + pos_off[p0 + (np > 2 ? 2 : np - 1)];
+                    const float *s3 = src + pos_off[p0 + (np > 3 ? 3 : np - 1)];
+                    const float *s4 = src + pos_off[p0 + (np > 4 ? 4 : np - 1)];
+                    const float *s5 = src + pos_off[p0 + (np > 5 ? 5 : np - 1)];
+                    dv_v16 a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
+                    dv_v16 a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+                    dv_v16 a40 = {0}, a41 = {0}, a42 = {0}, a43 = {0}, a50 = {0}, a51 = {0}, a52 = {0}, a53 = {0};
+                    if (!first) {
+                        a00 = part[0]; a01 = part[1]; a02 = part[2]; a03 = part[3]; a10 = part[4]; a11 = part[5];
+                        a12 = part[6]; a13 = part[7]; a20 = part[8]; a21 = part[9]; a22 = part[10]; a23 = part[11];
+                        a30 = part[12]; a31 = part[13]; a32 = part[14]; a33 = part[15]; a40 = part[16];
+                        a41 = part[17]; a42 = part[18]; a43 = part[19]; a50 = part[20]; a51 = part[21];
+                        a52 = part[22]; a53 = part[23];
+                    }
+                    const float *wk = w;
+                    for (int k = 0; k < kc; ++k, wk += 64) {
+                        long t = tap[k];
+                        dv_v16 w0 = dv_load16(wk), w1 = dv_load16(wk + 16), w2 = dv_load16(wk + 32);
+                        dv_v16 w3 = dv_load16(wk + 48);
+                        dv_v16 x;
+                        x = DV_SPLAT(s0[t]); a00 += x * w0; a01 += x * w1; a02 += x * w2; a03 += x * w3;
+                        x = DV_SPLAT(s1[t]); a10 += x * w0; a11 += x * w1; a12 += x * w2; a13 += x * w3;
+                        x = DV_SPLAT(s2[t]); a20 += x * w0; a21 += x * w1; a22 += x * w2; a23 += x * w3;
+                        x = DV_SPLAT(s3[t]); a30 += x * w0; a31 += x * w1; a32 += x * w2; a33 += x * w3;
+                        x = DV_SPLAT(s4[t]); a40 += x * w0; a41 += x * w1; a42 += x * w2; a43 += x * w3;
+                        x = DV_SPLAT(s5[t]); a50 += x * w0; a51 += x * w1; a52 += x * w2; a53 += x * w3;
+                    }
+                    if (last) {  /* bias + the sum, as every route adds them */
+                        a00 = b0 + a00; a01 = b1 + a01; a02 = b2 + a02; a03 = b3 + a03;
+                        a10 = b0 + a10; a11 = b1 + a11; a12 = b2 + a12; a13 = b3 + a13;
+                        a20 = b0 + a20; a21 = b1 + a21; a22 = b2 + a22; a23 = b3 + a23;
+                        a30 = b0 + a30; a31 = b1 + a31; a32 = b2 + a32; a33 = b3 + a33;
+                        a40 = b0 + a40; a41 = b1 + a41; a42 = b2 + a42; a43 = b3 + a43;
+                        a50 = b0 + a50; a51 = b1 + a51; a52 = b2 + a52; a53 = b3 + a53;
+                        if (relu) {
+                            a00 = dv_relu16(a00); a01 = dv_relu16(a01); a02 = dv_relu16(a02); a03 = dv_relu16(a03);
+                            a10 = dv_relu16(a10); a11 = dv_relu16(a11); a12 = dv_relu16(a12); a13 = dv_relu16(a13);
+                            a20 = dv_relu16(a20); a21 = dv_relu16(a21); a22 = dv_relu16(a22); a23 = dv_relu16(a23);
+                            a30 = dv_relu16(a30); a31 = dv_relu16(a31); a32 = dv_relu16(a32); a33 = dv_relu16(a33);
+                            a40 = dv_relu16(a40); a41 = dv_relu16(a41); a42 = dv_relu16(a42); a43 = dv_relu16(a43);
+                            a50 = dv_relu16(a50); a51 = dv_relu16(a51); a52 = dv_relu16(a52); a53 = dv_relu16(a53);
+                        }
+                    }
                     part[0] = a00; part[1] = a01; part[2] = a02; part[3] = a03; part[4] = a10; part[5] = a11;
                     part[6] = a12; part[7] = a13; part[8] = a20; part[9] = a21; part[10] = a22; part[11] = a23;
                     part[12] = a30; part[13] = a31; part[14] = a32; part[15] = a33; part[16] = a40; part[17] = a41;
                     part[18] = a42; part[19] = a43; part[20] = a50; part[21] = a51; part[22] = a52; part[23] = a53;
-                    continue;
                 }
-                dv_v16 acc[DV_OC_POS][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
-                                            {a30, a31, a32, a33}, {a40, a41, a42, a43}, {a50, a51, a52, a53}};
-                for (int i = 0; i < np; ++i)
-                    for (int v = 0; v < 4; ++v) {
-                        dv_v16 y = bb[v] + acc[i][v];
-                        if (relu) y = dv_relu16(y);
-                        __m512 m;
-                        memcpy(&m, &y, sizeof m);
-                        _mm512_i32scatter_ps(out + (long)(ob * 64 + 16 * v) * ldo + p0 + i, idx, m, 4);
-                    }
             }
+            for (int q = g0; q < g1; q += 16)
+                for (int v = 0; v < 4; ++v)
+                    dv_transpose16_store(partial + (long)(q - g0) * 64 + 16 * v, 64,
+                                         out + (long)(ob * 64 + 16 * v) * ldo + q, ldo, g1 - q < 16 ? g1 - q : 16);
         }
     }
 }
 #else
 /* The channel-vector route is chosen with the AVX-512 tiles only (engine/conv_plan.py): on the
  * other builds, the same sums one output at a time (24 vector accumulators would spill). */
-static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wt, int O,
-                          int K, const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
+static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int K,
+                          const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
                           int ob_begin, int ob_end, float *partial)
 {
     (void)partial;
-    for (int o = ob_begin * 64; o < ob_end * 64 && o < O; ++o)
+    for (int o = ob_begin * 64; o < ob_end * 64; ++o)
         for (int p = p_begin; p < p_end; ++p) {
             float sum = 0.0f;
-            for (int k = 0; k < K; ++k) sum += Wt[(long)k * O + o] * src[pos_off[p] + tap_off[k]];
+            const float *w = Wb + (long)(o / 64) * K * 64 + o % 64;
+            for (int k = 0; k < K; ++k) sum += w[(long)k * 64] * src[pos_off[p] + tap_off[k]];
             float y = bias[o] + sum;
             out[(long)o * ldo + p] = relu && y < 0.0f ? 0.0f : y;
         }
