@@ -48,13 +48,14 @@ class EngineTuning:
     #: threads: the AVX2 and NEON builds keep full vectors
     #: (docs/notes/2026-12-05-direct-route-threads.md).
     direct_min_lane_use_threads: float = 0.75 if K.ISA == "avx512" else 0.9
-    #: The channel-vector route (K.conv_ocvec: vectors over 64 output channels, a broadcast input
+    #: The channel-vector route (K.conv_ocvec: vectors over output channels, a broadcast input
     #: per position, as onnxruntime's NCHWc kernels) for every knob-free stride-1 layer of 3x3 (or
     #: larger) kernels with output channels a multiple of 64, in place of the routes above;
-    #: AVX-512 tiles only (the AVX2 and NEON builds have no tile for it). Network time against
-    #: the routes above, AVX-512: SqueezeNet v1.1 0.94x on one thread, 0.95x on two;
-    #: resnet56_caffe 0.99x / 0.91x-1.04x, median 0.95x (docs/notes/2026-12-05-channel-vector-route.md).
-    ocvec_route: bool = K.ISA == "avx512"
+    #: AVX-512 and AVX2 tiles (the NEON build has none: its times are emulated only). Network
+    #: time against the routes above, AVX-512: SqueezeNet v1.1 0.94x on one thread, 0.95x on
+    #: two; resnet56_caffe 0.99x / 0.91x-1.04x, median 0.95x; AVX2 tiles (on the same host):
+    #: 0.87x / 0.87x and 0.90x / 0.90x (docs/notes/2026-12-05-channel-vector-route.md).
+    ocvec_route: bool = K.ISA in ("avx512", "avx2")
     #: ... and at most this many output channels per output position (past it the weights are the
     #: large operand, and the unfolded panels, read in order, feed the GEMM better).
     direct_max_rows_per_position: int = 2

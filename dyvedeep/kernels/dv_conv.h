@@ -246,9 +246,110 @@ static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_
         }
     }
 }
+#elif DV_VW == 8
+/* AVX2 (16 registers of 8 floats): the same groups, blocks and floats, the 64 channels of a
+ * block taken 16 at a time (two vectors) for six positions: 12 accumulators, two weight vectors
+ * and a broadcast in registers (4 x 3, MLAS's AVX2 shape, needs 17); 12 FMAs for 8 loads. */
+static inline int dv_max0(int n) { return n > 0 ? n : 0; }
+
+/* Rows 0..7 of an 8 x 8 block (`in`, rows 8-float aligned, ldi floats apart) stored as its
+ * columns: column i to out + i * ldo, its first `n` floats. */
+static inline void dv_transpose8_store(const float *in, long ldi, float *out, long ldo, int n)
+{
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(in + i * ldi);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+    }
+    __m256i m = dv_mask8(n);
+    for (int i = 0; i < 8; ++i) _mm256_maskstore_ps(out + i * ldo, m, t[i]);
+}
+
+__attribute__((noinline))
+static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int K,
+                          const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
+                          int ob_begin, int ob_end, float *partial)
+{
+    int nblocks = (K + DV_OC_KB - 1) / DV_OC_KB, kstep = (K + nblocks - 1) / nblocks;
+    dv_vn zero = {0};
+    for (int ob = ob_begin; ob < ob_end; ++ob) {
+        for (int g0 = p_begin; g0 < p_end; g0 += DV_OC_GROUP) {
+            int g1 = p_end - g0 < DV_OC_GROUP ? p_end : g0 + DV_OC_GROUP;
+            for (int c = 0; c < 64; ++c)  /* the group's output lines, written at its end */
+                for (int q = g0; q < g1 + 16; q += 16)
+                    _mm_prefetch((const char *)(out + (long)(ob * 64 + c) * ldo + (q < g1 ? q : g1 - 1)), _MM_HINT_T0);
+            for (int k0 = 0; k0 < K; k0 += kstep) {
+                int kc = K - k0 < kstep ? K - k0 : kstep, first = k0 == 0, last = k0 + kc == K;
+                const long *tap = tap_off + k0;
+                for (int h = 0; h < 64; h += 16) {  /* channels h..h+15 of the block */
+                    const float *w = Wb + ((long)ob * K + k0) * 64 + h;
+                    dv_vn b0 = dv_loadn(bias + ob * 64 + h), b1 = dv_loadn(bias + ob * 64 + h + 8);
+                    float *part = partial + h;
+                    for (int p0 = g0; p0 < g1; p0 += DV_OC_POS, part += 64 * DV_OC_POS) {
+                        int np = g1 - p0 < DV_OC_POS ? g1 - p0 : DV_OC_POS;
+                        /* a last tile of fewer positions repeats its last one (computed, not stored) */
+                        const float *s0 = src + pos_off[p0], *s1 = src + pos_off[p0 + (np > 1 ? 1 : 0)];
+                        const float *s2 = src + pos_off[p0 + (np > 2 ? 2 : np - 1)];
+                        const float *s3 = src + pos_off[p0 + (np > 3 ? 3 : np - 1)];
+                        const float *s4 = src + pos_off[p0 + (np > 4 ? 4 : np - 1)];
+                        const float *s5 = src + pos_off[p0 + (np > 5 ? 5 : np - 1)];
+                        dv_vn a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero;
+                        dv_vn a30 = zero, a31 = zero, a40 = zero, a41 = zero, a50 = zero, a51 = zero;
+                        if (!first) {
+                            a00 = dv_loadn(part); a01 = dv_loadn(part + 8); a10 = dv_loadn(part + 64);
+                            a11 = dv_loadn(part + 72); a20 = dv_loadn(part + 128); a21 = dv_loadn(part + 136);
+                            a30 = dv_loadn(part + 192); a31 = dv_loadn(part + 200); a40 = dv_loadn(part + 256);
+                            a41 = dv_loadn(part + 264); a50 = dv_loadn(part + 320); a51 = dv_loadn(part + 328);
+                        }
+                        const float *wk = w;
+                        for (int k = 0; k < kc; ++k, wk += 64) {
+                            long t = tap[k];
+                            dv_vn w0 = dv_loadn(wk), w1 = dv_loadn(wk + 8), x;
+                            x = DV_SPLATN(s0[t]); a00 += x * w0; a01 += x * w1;
+                            x = DV_SPLATN(s1[t]); a10 += x * w0; a11 += x * w1;
+                            x = DV_SPLATN(s2[t]); a20 += x * w0; a21 += x * w1;
+                            x = DV_SPLATN(s3[t]); a30 += x * w0; a31 += x * w1;
+                            x = DV_SPLATN(s4[t]); a40 += x * w0; a41 += x * w1;
+                            x = DV_SPLATN(s5[t]); a50 += x * w0; a51 += x * w1;
+                        }
+                        if (last) {  /* bias + the sum, as every route adds them */
+                            a00 = b0 + a00; a01 = b1 + a01; a10 = b0 + a10; a11 = b1 + a11;
+                            a20 = b0 + a20; a21 = b1 + a21; a30 = b0 + a30; a31 = b1 + a31;
+                            a40 = b0 + a40; a41 = b1 + a41; a50 = b0 + a50; a51 = b1 + a51;
+                            if (relu) {
+                                a00 = dv_relun(a00); a01 = dv_relun(a01); a10 = dv_relun(a10); a11 = dv_relun(a11);
+                                a20 = dv_relun(a20); a21 = dv_relun(a21); a30 = dv_relun(a30); a31 = dv_relun(a31);
+                                a40 = dv_relun(a40); a41 = dv_relun(a41); a50 = dv_relun(a50); a51 = dv_relun(a51);
+                            }
+                        }
+                        dv_storen(part, a00); dv_storen(part + 8, a01); dv_storen(part + 64, a10);
+                        dv_storen(part + 72, a11); dv_storen(part + 128, a20); dv_storen(part + 136, a21);
+                        dv_storen(part + 192, a30); dv_storen(part + 200, a31); dv_storen(part + 256, a40);
+                        dv_storen(part + 264, a41); dv_storen(part + 320, a50); dv_storen(part + 328, a51);
+                    }
+                }
+            }
+            for (int q = g0; q < g1; q += 8)
+                for (int c = 0; c < 64; c += 8)
+                    dv_transpose8_store(partial + (long)(q - g0) * 64 + c, 64, out + (long)(ob * 64 + c) * ldo + q,
+                                        ldo, g1 - q < 8 ? g1 - q : 8);
+        }
+    }
+}
 #else
-/* The channel-vector route is chosen with the AVX-512 tiles only (engine/conv_plan.py): on the
- * other builds, the same sums one output at a time (24 vector accumulators would spill). */
+/* The channel-vector route is chosen with the AVX-512 and AVX2 tiles only (engine/conv_plan.py):
+ * on the NEON build, the same sums one output at a time. */
 static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int K,
                           const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
                           int ob_begin, int ob_end, float *partial)

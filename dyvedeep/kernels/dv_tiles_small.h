@@ -27,6 +27,7 @@
 #endif
 
 static inline dv_vn dv_loadn(const float *p) { dv_vn v; memcpy(&v, p, sizeof v); return v; }
+static inline void dv_storen(float *p, dv_vn v) { memcpy(p, &v, sizeof v); }
 
 /* Machine vectors in a 16-float vector. */
 #define DV_PER16 (16 / DV_VW)

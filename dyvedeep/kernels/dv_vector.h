@@ -189,11 +189,14 @@ static inline dv_v16 dv_vmax(dv_v16 a, dv_v16 b)
     return r;
 }
 
-/* ReLU as (x < 0 ? +0 : x) lane by lane (-0.0 and NaN kept). */
+/* ReLU as (x < 0 ? +0 : x) lane by lane (-0.0 and NaN kept), of one machine vector ... */
+static inline dv_vn dv_relun(dv_vn x) { return (dv_vn)((dv_in)x & ~(x < (dv_vn){0})); }
+
+/* ... and of a 16-float vector. */
 static inline dv_v16 dv_relu16(dv_v16 x)
 {
     dv_v16 r;
-    DV_BY_PARTS(r, x, x, (dv_vn)((dv_in)px & ~(px < (dv_vn){0})));
+    DV_BY_PARTS(r, x, x, dv_relun(px));
     return r;
 }
 
