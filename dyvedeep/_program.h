@@ -218,11 +218,11 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         const dv_ocvec_args *a = &s->u.ocvec;
         const dv_product *p = &a->p;
         int ntiles = (a->npos + DV_OC_POS - 1) / DV_OC_POS;
-        dv_share(p->O / 64 * ntiles, t, T, &b, &e);
+        dv_share((p->O + 63) / 64 * ntiles, t, T, &b, &e);
         for (int u = b; u < e;) {
             int ob = u / ntiles, t0 = u % ntiles, t1 = t0 + (e - u) < ntiles ? t0 + (e - u) : ntiles;
             int p1 = t1 * DV_OC_POS < a->npos ? t1 * DV_OC_POS : a->npos;
-            dv_conv_ocvec(x, a->tap_off, a->pos_off, p->W, p->K, p->bias, p->relu, s->out, p->ldo,
+            dv_conv_ocvec(x, a->tap_off, a->pos_off, p->W, p->O, p->K, p->bias, p->relu, s->out, p->ldo,
                           t0 * DV_OC_POS, p1, ob, ob + 1, scratch);
             u += t1 - t0;
         }

@@ -10,7 +10,7 @@ import pytest
 from onnx import helper
 
 from dyvedeep import _kernels as K
-from dyvedeep.engine import RUNNERS, CompiledRun, Engine, EngineTuning
+from dyvedeep.engine import DEFAULT_TUNING, RUNNERS, CompiledRun, Engine, EngineTuning
 from dyvedeep.errors import DyveError
 from dyvedeep.plan import ONNX_RULES, OP_RULES, Op, build_plan
 from tests.onnx_builders import conv_model, fc_model, save_model
@@ -18,14 +18,17 @@ from tests.onnx_builders import conv_model, fc_model, save_model
 RNG = np.random.default_rng(1234)
 #: Several threads for every layer, however small.
 ALL_THREADS = EngineTuning(parallel_min_work=0)
+#: ... with 1x1 layers on the unfolding routes on every build (the AVX2 build's default puts them
+#: on the channel-vector route: test_channel_vector_route_bit_exactly)
+UNFOLD_ROUTES = EngineTuning(parallel_min_work=0, ocvec_pointwise=False)
 
 
 def ort_run(path, x):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"data": x})[0]
 
 
-def assert_matches_ort(path, x, rel=1e-5):
-    ours = Engine(build_plan(path)).run(x)
+def assert_matches_ort(path, x, rel=1e-5, tuning=DEFAULT_TUNING):
+    ours = Engine(build_plan(path), tuning=tuning).run(x)
     ref = ort_run(path, x).reshape(ours.shape)
     assert np.abs(ours - ref).max() <= rel * max(np.abs(ref).max(), 1e-6), np.abs(ours - ref).max()
     return ours
@@ -60,18 +63,22 @@ def assert_matches_ort(path, x, rel=1e-5):
     (dict(pads=[1, 1, 1, 1]), (10, 27, 27), (17, 10, 3, 3), "direct"),
 ])
 def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape, route):
-    """Each conv case against onnxruntime; where a case is there for a route, it takes it."""
+    """Each conv case against onnxruntime; where a case is there for a route, it takes it (the
+    AVX2 build's 1x1 layers of the unfolding routes take the channel-vector route by default)."""
     w = RNG.normal(0, 0.3, wshape)
     b = RNG.normal(0, 0.1, wshape[0])
     path = conv_model(tmp_path / "c.onnx", w, b, in_shape, relu=False, **attrs)
-    assert_matches_ort(path, RNG.normal(0, 1, (2, *in_shape)).astype(np.float32))
+    x = RNG.normal(0, 1, (2, *in_shape)).astype(np.float32)
+    assert_matches_ort(path, x)
     if route is not None:
-        assert [st.route.name for st in Engine(build_plan(path)).layer_plans.values()] == [route]
+        assert [st.route.name for st in Engine(build_plan(path), tuning=UNFOLD_ROUTES).layer_plans.values()] == [route]
+        assert_matches_ort(path, x, tuning=UNFOLD_ROUTES)
 
 
 @pytest.mark.parametrize("cin, cout, hw, kernel", [
     (64, 128, (9, 11), 5),  # two 64-channel blocks; 1600 taps in 17 blocks; 99 positions: groups of 48, 48, 3
     (5, 64, (7, 6), 3),  # 45 taps: one block; 42 positions: one group, seven tiles of 6
+    (96, 200, (5, 9), 1),  # 1x1 (ocvec_pointwise; unfold route: more outputs than positions): 8 in the last block
 ])
 def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
     """The channel-vector route (vectors over 64 output channels, K.conv_ocvec; on the AVX-512
@@ -84,7 +91,7 @@ def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
     path = conv_model(tmp_path / "o.onnx", w, b, (cin, *hw), relu=True, pads=[pad] * 4)
     plan = build_plan(path)
     x = RNG.normal(0, 1, (6, cin, *hw)).astype(np.float32)
-    forced = EngineTuning(parallel_min_work=0, ocvec_route=True, direct_min_lane_use_threads=0.9)
+    forced = EngineTuning(parallel_min_work=0, ocvec_route=True, ocvec_pointwise=True, direct_min_lane_use_threads=0.9)
     never = dataclasses.replace(forced, ocvec_route=False)
     ref = ort_run(path, x).reshape(x.shape[0], cout, *hw)
     for threads in (1, 2, 3):
@@ -94,6 +101,7 @@ def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
         assert np.array_equal(out, Engine(plan, threads=threads, tuning=never).run(x))
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     assert EngineTuning().ocvec_route == (K.ISA in ("avx512", "avx2"))
+    assert EngineTuning().ocvec_pointwise == (K.ISA == "avx2")
 
 
 @pytest.mark.parametrize("ho, wo, sh, row_width, across", [
@@ -231,7 +239,7 @@ def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path):
     inits = {"W1": RNG.normal(0, .3, (40, 3, 3, 3)), "b1": RNG.normal(0, .1, 40),
              "W2": RNG.normal(0, .3, (70, 40, 1, 1)), "b2": RNG.normal(0, .1, 70)}
     path = save_model(tmp_path / "t.onnx", nodes, inits, (3, 41, 37), "out")
-    assert_routes_and_threads_bit_exact(path, ["phase", "unfold"])
+    assert_routes_and_threads_bit_exact(path, ["phase", "unfold"], tuning=UNFOLD_ROUTES)
 
 
 def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path):
@@ -353,7 +361,8 @@ def test_compiled_runs_equal_python_dispatch(tmp_path, threads):
     """Engine.run through compiled runs (one parallel region per run of dense layers) gives the
     floats and op counts of the kernels called one by one from Python, on every image of a
     batch (the steps read each image, not the one they were built with)."""
-    tuning = EngineTuning(conv_pool_min_bytes=0, conv_pool_band_bytes=4 * 8 * 16 * 5)  # 5 of 24 rows
+    tuning = EngineTuning(conv_pool_min_bytes=0, conv_pool_band_bytes=4 * 8 * 16 * 5,  # 5 of 24 rows
+                          ocvec_pointwise=False)
     path = mixed_network(tmp_path)
     plan = build_plan(path)
     x = RNG.normal(0, 1, (3, *plan.input_shape)).astype(np.float32)

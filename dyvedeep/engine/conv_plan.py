@@ -222,15 +222,27 @@ class ConvPlan:
 def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning) -> ConvRoute | None:
     """The channel-vector route (vectors over 64 output channels, one broadcast input per
     position: K.conv_ocvec) in place of ``route``, for a knob-free layer that qualifies
-    (EngineTuning.ocvec_route: 3x3 or larger, stride 1, output channels a multiple of 64), else
-    None. (Strided layers qualify for the kernel, but SqueezeNet's conv1, 3 input channels,
+    (EngineTuning.ocvec_route: 3x3 or larger, stride 1, output channels a multiple of 64; or, with
+    EngineTuning.ocvec_pointwise, a 1x1 layer whose weights made it an unfolding route, any
+    number of output channels, the last block padded), else None. (Strided layers qualify for the kernel, but SqueezeNet's conv1, 3 input channels,
     ran no faster on it than on its conv+pool bands.)"""
     g = geom
-    if not (tuning.ocvec_route and g.kk > 1 and g.sh == g.sw == 1 and g.cout % 64 == 0):
+    pointwise = tuning.ocvec_pointwise and g.kk == 1 and route.name in ("panel", "unfold")
+    if not (tuning.ocvec_route and g.sh == g.sw == 1 and ((g.kk > 1 and g.cout % 64 == 0) or pointwise)):
         return None
     oy, ox = np.divmod(np.arange(g.positions), g.wo)
     pos_off = (oy * route.src_row_width + ox).astype(np.int32)
     return dataclasses.replace(route, name="ocvec", pos_off=pos_off)
+
+
+def ocvec_weight_blocks(weights: np.ndarray) -> np.ndarray:
+    """One group's weights (cout x K) as the channel-vector route reads them: ceil(cout / 64)
+    blocks of K x 64 (block b, row k: tap k's weights of output channels 64 b..64 b+63), zeros
+    past the last channel, 64-byte aligned."""
+    cout, k = weights.shape
+    padded = np.zeros((-(-cout // 64) * 64, k), np.float32)
+    padded[:cout] = weights
+    return aligned_copy(padded.reshape(-1, 64, k).transpose(0, 2, 1))
 
 
 def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning, threads: int = 1) -> ConvPlan:
@@ -244,7 +256,7 @@ def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning, threads: in
     weight_blocks = partial = None
     if knob_plan is None and (ocvec := ocvec_route(route, geom, tuning)) is not None:
         route = ocvec
-        weight_blocks = [aligned_copy(w.reshape(g.cout // 64, 64, -1).transpose(0, 2, 1)) for w in weights]
+        weight_blocks = [ocvec_weight_blocks(w) for w in weights]
         partial = aligned_zeros((max(threads, 1), K.ocvec_partial_floats()))
     return ConvPlan(layer, geom, weights, channels, route, knob_plan,
                     packed_cols(g.cin * g.kk, g.positions, allocate=False), weight_blocks, partial)

@@ -48,6 +48,9 @@ class EngineTuning:
     #: threads: the AVX2 and NEON builds keep full vectors
     #: (docs/notes/2026-12-05-direct-route-threads.md).
     direct_min_lane_use_threads: float = 0.75 if K.ISA == "avx512" else 0.9
+    #: ... and at most this many output channels per output position (past it the weights are the
+    #: large operand, and the unfolded panels, read in order, feed the GEMM better).
+    direct_max_rows_per_position: int = 2
     #: The channel-vector route (K.conv_ocvec: vectors over output channels, a broadcast input
     #: per position, as onnxruntime's NCHWc kernels) for every knob-free stride-1 layer of 3x3 (or
     #: larger) kernels with output channels a multiple of 64, in place of the routes above;
@@ -56,9 +59,13 @@ class EngineTuning:
     #: two; resnet56_caffe 0.99x / 0.91x-1.04x, median 0.95x; AVX2 tiles (on the same host):
     #: 0.87x / 0.87x and 0.90x / 0.90x (docs/notes/2026-12-05-channel-vector-route.md).
     ocvec_route: bool = K.ISA in ("avx512", "avx2")
-    #: ... and at most this many output channels per output position (past it the weights are the
-    #: large operand, and the unfolded panels, read in order, feed the GEMM better).
-    direct_max_rows_per_position: int = 2
+    #: ... and for 1x1 layers whose weights make them take the panel or unfold route (SqueezeNet's
+    #: conv10: 512 -> 1000 channels, the last block padded with zero weights): AVX2 tiles, where
+    #: the GEMM tile holds 8 accumulators (SqueezeNet v1.1 0.95x the time on one and two
+    #: threads); not AVX-512 (0.99x on one thread, 1.01x on two). The 1x1 layers of the direct
+    #: route ran 1.08x-1.42x faster on it with the AVX2 tiles on one thread, but 0.79x-1.11x
+    #: on two.
+    ocvec_pointwise: bool = K.ISA == "avx2"
 
 
 DEFAULT_TUNING = EngineTuning()

@@ -133,9 +133,11 @@ static void dv_conv_direct(const float *src, const long *tap_off, const int *vec
 #define DV_OC_KB 96
 #endif
 #if DV_VW == 16
+static inline int dv_max0(int n) { return n > 0 ? n : 0; }
+
 /* Rows 0..15 of a 16 x 16 block (`in`, rows 16-float aligned, ldi floats apart) stored as its
- * columns: column i to out + i * ldo, its first `n` floats. */
-static inline void dv_transpose16_store(const float *in, long ldi, float *out, long ldo, int n)
+ * columns: column i < ncols to out + i * ldo, its first `n` floats. */
+static inline void dv_transpose16_store(const float *in, long ldi, float *out, long ldo, int ncols, int n)
 {
     __m512 r[16], t[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(in + i * ldi);
@@ -162,23 +164,27 @@ static inline void dv_transpose16_store(const float *in, long ldi, float *out, l
         r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
     }
     __mmask16 m = (__mmask16)((1u << n) - 1u);
-    for (int i = 0; i < 16; ++i) _mm512_mask_storeu_ps(out + i * ldo, m, r[i]);
+    for (int i = 0; i < ncols; ++i) _mm512_mask_storeu_ps(out + i * ldo, m, r[i]);
 }
 
 /* not inlined: inside a step's switch the six source pointers of the tap loop were kept in
  * mask registers and on the stack (1.13x the time of fire2's 3x3 layer) */
 __attribute__((noinline))
-static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int K,
-                          const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
+static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int O,
+                          int K, const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
                           int ob_begin, int ob_end, float *partial)
 {
     int nblocks = (K + DV_OC_KB - 1) / DV_OC_KB, kstep = (K + nblocks - 1) / nblocks;
     for (int ob = ob_begin; ob < ob_end; ++ob) {
-        dv_v16 b0 = dv_load16(bias + ob * 64), b1 = dv_load16(bias + ob * 64 + 16);
-        dv_v16 b2 = dv_load16(bias + ob * 64 + 32), b3 = dv_load16(bias + ob * 64 + 48);
+        int nch = O - ob * 64 < 64 ? O - ob * 64 : 64;  /* a last block may have fewer channels */
+        const float *bo = bias + ob * 64;
+        dv_v16 b0 = dv_load16_lanes(bo, dv_lanes_of(nch));
+        dv_v16 b1 = dv_load16_lanes(bo + 16, dv_lanes_of(dv_max0(nch - 16)));
+        dv_v16 b2 = dv_load16_lanes(bo + 32, dv_lanes_of(dv_max0(nch - 32)));
+        dv_v16 b3 = dv_load16_lanes(bo + 48, dv_lanes_of(dv_max0(nch - 48)));
         for (int g0 = p_begin; g0 < p_end; g0 += DV_OC_GROUP) {
             int g1 = p_end - g0 < DV_OC_GROUP ? p_end : g0 + DV_OC_GROUP;
-            for (int c = 0; c < 64; ++c)  /* the group's output lines, written at its end */
+            for (int c = 0; c < nch; ++c)  /* the group's output lines, written at its end */
                 for (int q = g0; q < g1 + 16; q += 16)
                     _mm_prefetch((const char *)(out + (long)(ob * 64 + c) * ldo + (q < g1 ? q : g1 - 1)), _MM_HINT_T0);
             for (int k0 = 0; k0 < K; k0 += kstep) {
@@ -240,9 +246,9 @@ static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_
                 }
             }
             for (int q = g0; q < g1; q += 16)
-                for (int v = 0; v < 4; ++v)
-                    dv_transpose16_store(partial + (long)(q - g0) * 64 + 16 * v, 64,
-                                         out + (long)(ob * 64 + 16 * v) * ldo + q, ldo, g1 - q < 16 ? g1 - q : 16);
+                for (int c = 0; c < nch; c += 16)
+                    dv_transpose16_store(partial + (long)(q - g0) * 64 + c, 64, out + (long)(ob * 64 + c) * ldo + q,
+                                         ldo, nch - c < 16 ? nch - c : 16, g1 - q < 16 ? g1 - q : 16);
         }
     }
 }
@@ -250,11 +256,9 @@ static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_
 /* AVX2 (16 registers of 8 floats): the same groups, blocks and floats, the 64 channels of a
  * block taken 16 at a time (two vectors) for six positions: 12 accumulators, two weight vectors
  * and a broadcast in registers (4 x 3, MLAS's AVX2 shape, needs 17); 12 FMAs for 8 loads. */
-static inline int dv_max0(int n) { return n > 0 ? n : 0; }
-
 /* Rows 0..7 of an 8 x 8 block (`in`, rows 8-float aligned, ldi floats apart) stored as its
- * columns: column i to out + i * ldo, its first `n` floats. */
-static inline void dv_transpose8_store(const float *in, long ldi, float *out, long ldo, int n)
+ * columns: column i < ncols to out + i * ldo, its first `n` floats. */
+static inline void dv_transpose8_store(const float *in, long ldi, float *out, long ldo, int ncols, int n)
 {
     __m256 r[8], t[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(in + i * ldi);
@@ -273,28 +277,32 @@ static inline void dv_transpose8_store(const float *in, long ldi, float *out, lo
         t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
     }
     __m256i m = dv_mask8(n);
-    for (int i = 0; i < 8; ++i) _mm256_maskstore_ps(out + i * ldo, m, t[i]);
+    for (int i = 0; i < ncols; ++i) _mm256_maskstore_ps(out + i * ldo, m, t[i]);
 }
 
 __attribute__((noinline))
-static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int K,
-                          const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
+static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int O,
+                          int K, const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
                           int ob_begin, int ob_end, float *partial)
 {
     int nblocks = (K + DV_OC_KB - 1) / DV_OC_KB, kstep = (K + nblocks - 1) / nblocks;
     dv_vn zero = {0};
     for (int ob = ob_begin; ob < ob_end; ++ob) {
+        int nch = O - ob * 64 < 64 ? O - ob * 64 : 64;  /* a last block may have fewer channels */
         for (int g0 = p_begin; g0 < p_end; g0 += DV_OC_GROUP) {
             int g1 = p_end - g0 < DV_OC_GROUP ? p_end : g0 + DV_OC_GROUP;
-            for (int c = 0; c < 64; ++c)  /* the group's output lines, written at its end */
+            for (int c = 0; c < nch; ++c)  /* the group's output lines, written at its end */
                 for (int q = g0; q < g1 + 16; q += 16)
                     _mm_prefetch((const char *)(out + (long)(ob * 64 + c) * ldo + (q < g1 ? q : g1 - 1)), _MM_HINT_T0);
             for (int k0 = 0; k0 < K; k0 += kstep) {
                 int kc = K - k0 < kstep ? K - k0 : kstep, first = k0 == 0, last = k0 + kc == K;
                 const long *tap = tap_off + k0;
-                for (int h = 0; h < 64; h += 16) {  /* channels h..h+15 of the block */
-                    const float *w = Wb + ((long)ob * K + k0) * 64 + h;
-                    dv_vn b0 = dv_loadn(bias + ob * 64 + h), b1 = dv_loadn(bias + ob * 64 + h + 8);
+                for (int h = 0; h < nch; h += 16) {  /* channels h..h+15 of the block */
+                    const float *w = Wb + ((long)ob * K + k0) * 64 + h, *bh = bias + ob * 64 + h;
+                    dv_vn b0, b1;
+                    __m256 m0 = _mm256_maskload_ps(bh, dv_mask8(nch - h)), m1 = _mm256_maskload_ps(bh + 8, dv_mask8(nch - h - 8));
+                    memcpy(&b0, &m0, sizeof b0);
+                    memcpy(&b1, &m1, sizeof b1);
                     float *part = partial + h;
                     for (int p0 = g0; p0 < g1; p0 += DV_OC_POS, part += 64 * DV_OC_POS) {
                         int np = g1 - p0 < DV_OC_POS ? g1 - p0 : DV_OC_POS;
@@ -341,21 +349,21 @@ static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_
                 }
             }
             for (int q = g0; q < g1; q += 8)
-                for (int c = 0; c < 64; c += 8)
+                for (int c = 0; c < nch; c += 8)
                     dv_transpose8_store(partial + (long)(q - g0) * 64 + c, 64, out + (long)(ob * 64 + c) * ldo + q,
-                                        ldo, g1 - q < 8 ? g1 - q : 8);
+                                        ldo, nch - c < 8 ? nch - c : 8, g1 - q < 8 ? g1 - q : 8);
         }
     }
 }
 #else
 /* The channel-vector route is chosen with the AVX-512 and AVX2 tiles only (engine/conv_plan.py):
  * on the NEON build, the same sums one output at a time. */
-static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int K,
-                          const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
+static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_off, const float *Wb, int O,
+                          int K, const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
                           int ob_begin, int ob_end, float *partial)
 {
     (void)partial;
-    for (int o = ob_begin * 64; o < ob_end * 64; ++o)
+    for (int o = ob_begin * 64; o < ob_end * 64 && o < O; ++o)
         for (int p = p_begin; p < p_end; ++p) {
             float sum = 0.0f;
             const float *w = Wb + (long)(o / 64) * K * 64 + o % 64;
