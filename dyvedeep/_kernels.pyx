@@ -700,7 +700,7 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``),
     from ``src_offset`` floats on (a band of output rows). ``vectors`` from
     :func:`direct_vectors`; threads share out the tiles, or the 8-row blocks of weights when
-    the tiles are too few (dv_split_rows) or ``rows_first`` asks (a conv+pool band: the pooling
+    the tiles are too few (dv_direct_split_rows) or ``rows_first`` asks (a conv+pool band: the pooling
     shares out planes). With ``sfma`` (appended to a program after its select
     steps) the step runs the kept maps of the image (dv_sfma_product)."""
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]

@@ -244,7 +244,9 @@ def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path):
 
 def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path):
     """With fewer tiles than 4 per thread, the threads share out the 8-row blocks of weights of
-    the direct and panel routes instead (a 14 x 14 map: 7 panels, 5 direct tiles)."""
+    the panel route instead, and of the direct route with the AVX2 and NEON tiles (the AVX-512
+    tiles: fewer tiles than threads; its rows are shared out in the conv+pool bands) (a 14 x 14
+    map: 7 panels, 5 direct tiles). The same floats either way."""
     nodes = [helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["a", "W2", "b2"], ["out"], name="b")]
     inits = {"W1": RNG.normal(0, .3, (44, 6, 3, 3)), "b1": RNG.normal(0, .1, 44),
