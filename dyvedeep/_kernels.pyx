@@ -110,6 +110,7 @@ cdef extern from "_program.h" nogil:
         const int* vec
         int nvec
         int rows_first
+        int rows_below_tiles
     ctypedef struct dv_ocvec_args:
         dv_product p
         const long* tap_off
@@ -694,14 +695,15 @@ def direct_vectors(int ho, int wo, int sh, int row_width, bint across):
 def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, int Wp, bint pad,
                 float[::1] pad_buffer, const long[::1] tap_off, const int[:, ::1] vectors,
                 const float[:, ::1] W, const float[::1] bias, bint relu, float[:, ::1] out, int threads=1,
-                long src_offset=0, Program program=None, SfmaLayer sfma=None, bint rows_first=False):
+                long src_offset=0, Program program=None, SfmaLayer sfma=None, bint rows_first=False,
+                int rows_below_tiles=4):
     """Dense convolution of one group with stride 1 along rows, without unfolding
     (dv_conv_direct): each tile loads its rows of the unfolded input in place from the source
     (the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``),
     from ``src_offset`` floats on (a band of output rows). ``vectors`` from
     :func:`direct_vectors`; threads share out the tiles, or the 8-row blocks of weights when
-    the tiles are too few (dv_direct_split_rows) or ``rows_first`` asks (a conv+pool band: the pooling
-    shares out planes). With ``sfma`` (appended to a program after its select
+    the tiles are fewer than ``rows_below_tiles`` per thread or ``rows_first`` asks (a conv+pool
+    band: the pooling shares out planes). With ``sfma`` (appended to a program after its select
     steps) the step runs the kept maps of the image (dv_sfma_product)."""
     cdef int O = W.shape[0], K = W.shape[1], N = out.shape[1]
     cdef int nvec = vectors.shape[0]
@@ -725,6 +727,7 @@ def conv_direct(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, 
     c.u.direct.vec = &vectors[0, 0]
     c.u.direct.nvec = nvec
     c.u.direct.rows_first = rows_first
+    c.u.direct.rows_below_tiles = rows_below_tiles
     c.sfma = _sfma_state(sfma, program, O, K, "conv_direct")
     _emit(program, s, 2 if pad else 1,
           (x, pad_buffer, tap_off, vectors, W, bias, out, sfma) if program is not None else None)

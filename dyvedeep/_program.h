@@ -51,8 +51,11 @@ typedef struct { int C, H, W, pt, pl, Hp, Wp; } dv_pad_args;
 /* n phase planes (s * s per channel) of H x W planes, as Hq x Wq (dv_phase_plane). */
 typedef struct { int n, H, W, pt, pl, s, Hq, Wq; } dv_phase_args;
 /* The direct route: nvec vectors (DV_VEC ints each) over the taps tap_off[0..K-1]; rows_first:
- * threads share out the 8-row blocks of weights whatever the tiles (dv_direct_split_rows otherwise). */
-typedef struct { dv_product p; const long *tap_off; const int *vec; int nvec; int rows_first; } dv_direct_args;
+ * threads share out the 8-row blocks of weights whatever the tiles; else they do when the tiles
+ * are fewer than rows_below_tiles per thread (dv_direct_split_rows). */
+typedef struct {
+    dv_product p; const long *tap_off; const int *vec; int nvec; int rows_first; int rows_below_tiles;
+} dv_direct_args;
 /* The channel-vector route: npos positions (source offsets pos_off) over the taps tap_off; the
  * product's W is K x O (ldw = O), O a multiple of 64. */
 typedef struct { dv_product p; const long *tap_off; const int *pos_off; int npos; } dv_ocvec_args;
@@ -125,10 +128,10 @@ static inline int dv_split_rows(int T, int ntiles, int O)
     return T > 1 && ntiles < 4 * T && (O + 7) / 8 >= 2 * T;
 }
 
-/* The same for the direct route, below DV_DIRECT_SPLIT_TILES tiles per thread (per ISA). */
-static inline int dv_direct_split_rows(int T, int ntiles, int O)
+/* The same for the direct route, below `per_thread` tiles per thread (dv_direct_args). */
+static inline int dv_direct_split_rows(int T, int ntiles, int O, int per_thread)
 {
-    return T > 1 && ntiles < DV_DIRECT_SPLIT_TILES * T && (O + 7) / 8 >= 2 * T;
+    return T > 1 && ntiles < per_thread * T && (O + 7) / 8 >= 2 * T;
 }
 
 /* The share of thread t of T of a convolution with O rows and ntiles tiles: its rows
@@ -212,7 +215,7 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         const dv_product *p = dv_sfma_product(s, &a->p, &kept, &tap_off, t, T);
         if (p == NULL) break;
         int ntiles = (a->nvec + DV_DTILE - 1) / DV_DTILE;
-        int rows_first = (a->rows_first && T > 1) || dv_direct_split_rows(T, ntiles, p->O);
+        int rows_first = (a->rows_first && T > 1) || dv_direct_split_rows(T, ntiles, p->O, a->rows_below_tiles);
         if (dv_conv_share(rows_first, p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
             dv_conv_direct(x, tap_off, a->vec, a->nvec, p->W + (long)g0 * p->ldw, g1 - g0, p->K,
                            p->bias + g0, p->relu, s->out + (long)g0 * p->ldo, p->ldo, t0, t1);

@@ -102,6 +102,7 @@ class ConvRoute:
     phase_hw: tuple[int, int] = (0, 0)  # phase route: hq, wq of the phase planes (K.phase_planes)
     phase_tap_off: np.ndarray | None = None  # phase route: each unfolded row's offset in them
     pos_off: np.ndarray | None = None  # ocvec route: each output position's source offset of tap (0, 0)
+    rows_below_tiles: int = 4  # direct and phase routes: weight rows shared out below this many tiles per thread
 
     def source_floats(self, geom: ConvGeometry) -> int:
         """Floats of the source scratch the layer needs: its padded planes (with padding, on
@@ -139,8 +140,9 @@ def plan_route(geom: ConvGeometry, tuning: EngineTuning, threads: int = 1) -> Co
     runs, panel_first = K.im2col_run_table(ho=g.ho, wo=g.wo, sh=g.sh, sw=g.sw, row_width=rows_apart)
     taps = (np.arange(g.kh)[:, None] * g.dh * rows_apart + np.arange(g.kw)[None, :] * g.dw).reshape(-1)
     tap_off = (np.arange(g.cin)[:, None] * plane + taps[None, :]).reshape(-1).astype(np.int64)
+    rows_below_tiles = tuning.direct_rows_below_tiles_kxk if g.kk > 1 else tuning.direct_rows_below_tiles
     return ConvRoute(name, pad_src, (hp, wp), rows_apart, tap_off, runs, panel_first, vectors, phase_hw,
-                     phase_tap_off)
+                     phase_tap_off, rows_below_tiles=rows_below_tiles)
 
 
 @dataclass(frozen=True)

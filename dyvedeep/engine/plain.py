@@ -60,13 +60,14 @@ def conv_group(cp: ConvPlan, scratch: Scratch, x: np.ndarray, group: int, out_g:
         K.conv_direct(x=x, channel0=group * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
                       pad=route.pad_src, pad_buffer=scratch.source,
                       tap_off=route.tap_off if kept is None else kept.tap_off, vectors=route.vectors, W=weights,
-                      bias=bias, relu=relu, out=out_g, threads=threads, src_offset=0, program=program, sfma=sfma)
+                      bias=bias, relu=relu, out=out_g, threads=threads, src_offset=0, program=program, sfma=sfma,
+                      rows_below_tiles=route.rows_below_tiles)
     elif route.name == "phase":  # stride s: phase planes, then the direct route's tiles
         planes = phase_planes(cp, scratch, x, group, threads, program)
         K.conv_direct(x=planes, channel0=0, pt=0, pl=0, Hp=planes.shape[1], Wp=planes.shape[2], pad=False,
                       pad_buffer=scratch.source, tap_off=route.phase_tap_off if kept is None else kept.tap_off,
                       vectors=route.vectors, W=weights, bias=bias, relu=relu, out=out_g, threads=threads,
-                      src_offset=0, program=program, sfma=sfma)
+                      src_offset=0, program=program, sfma=sfma, rows_below_tiles=route.rows_below_tiles)
     elif route.name == "ocvec":  # knob-free, 64k output channels: vectors over output channels
         K.conv_ocvec(x=x, channel0=group * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
                      pad=route.pad_src, pad_buffer=scratch.source, tap_off=route.tap_off, pos_off=route.pos_off,
@@ -119,7 +120,8 @@ def conv_pool_bands(bands: ConvPoolBands, cp: ConvPlan, pool: Layer, scratch: Sc
         K.conv_direct(x=src, channel0=0, pt=0, pl=0, Hp=src.shape[1], Wp=src.shape[2], pad=False,
                       pad_buffer=scratch.source, tap_off=tap_off, vectors=band.vectors, W=cp.weights[0],
                       bias=cp.layer.bias, relu=cp.layer.relu, out=conv_out, threads=conv_threads,
-                      src_offset=band.src_offset, program=program, rows_first=bands.conv_rows_first)
+                      src_offset=band.src_offset, program=program, rows_first=bands.conv_rows_first,
+                      rows_below_tiles=cp.route.rows_below_tiles)
         K.maxpool(x=conv_out.reshape(geom.cout, band.rows, geom.wo), out=out[:, band.p0:band.p1], kh=kh, kw=kw,
                   sh=psh, sw=psw, pt=band.pad_top, pl=ppl, threads=pool_threads, program=program)
 

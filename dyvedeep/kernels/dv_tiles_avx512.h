@@ -116,12 +116,6 @@ static inline void dv_tile_8x16(const float *const *wr, int K, const float *cols
  * 3 source vectors and 8 weights for 24 fused multiply-adds. */
 #define DV_DTILE 3
 
-/* The direct route's threads share out its 8-row blocks of weights (all positions each) only
- * when its tiles are fewer than DV_DIRECT_SPLIT_TILES per thread; else positions, so that a
- * thread reads the input rows its own share of the layer before wrote. ResNets' 16 x 16 layers
- * (six tiles) on two threads: resnet56_caffe 1.27x-1.33x onnxruntime's time against 1.40x-1.42x
- * with 4 (docs/notes/2026-12-05-direct-route-threads.md); with the AVX2 tiles no better. */
-#define DV_DIRECT_SPLIT_TILES 1
 
 /* The 8 x 48 register tile of the direct route: acc[3 r + v] (+)= sum over k < K of wr[r][k] *
  * the source vector v (s[v] + tap[k], n[v] lanes 1..16), in k order (the same operations per

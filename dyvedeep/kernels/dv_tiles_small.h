@@ -14,10 +14,6 @@
 /* Vectors per direct tile: 2 (32 columns), as the panel tiles. */
 #define DV_DTILE 2
 
-/* Tiles per thread below which the direct route's threads share out weight rows (see
- * dv_tiles_avx512.h: there 1). */
-#define DV_DIRECT_SPLIT_TILES 4
-
 /* Machine vectors per sub-tile row (C) and the rows that fit with them (R): DV_ACCS
  * accumulators for 4 vectors a row, 4 rows for 2 vectors (16 columns on AVX2). */
 #define DV_NR 4
