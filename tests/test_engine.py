@@ -244,9 +244,8 @@ def test_threads_split_rows_planes_and_pools_bit_exactly(tmp_path):
 
 def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path):
     """With fewer tiles than 4 per thread, the threads share out the 8-row blocks of weights of
-    the panel route instead, and of the direct route with the AVX2 and NEON tiles (the AVX-512
-    tiles: fewer tiles than threads; its rows are shared out in the conv+pool bands) (a 14 x 14
-    map: 7 panels, 5 direct tiles). The same floats either way."""
+    the direct and panel routes instead (a 14 x 14 map: 7 panels, 5 direct tiles); the same
+    floats as their tiles shared out (EngineTuning.direct_rows_below_tiles 1)."""
     nodes = [helper.make_node("Conv", ["data", "W1", "b1"], ["a"], name="a", pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["a", "W2", "b2"], ["out"], name="b")]
     inits = {"W1": RNG.normal(0, .3, (44, 6, 3, 3)), "b1": RNG.normal(0, .1, 44),
@@ -255,6 +254,8 @@ def test_threads_split_weight_rows_of_few_tiles_bit_exactly(tmp_path):
     # 14 of 16 lanes: the panel route on several threads too when they ask for full vectors
     panel_on_threads = dataclasses.replace(ALL_THREADS, direct_min_lane_use_threads=ALL_THREADS.direct_min_lane_use)
     assert_routes_and_threads_bit_exact(path, ["panel", "direct"], tuning=panel_on_threads)
+    assert_routes_and_threads_bit_exact(path, ["panel", "direct"], tuning=dataclasses.replace(
+        panel_on_threads, direct_rows_below_tiles=1, direct_rows_below_tiles_kxk=1))
 
 
 def test_several_threads_take_the_direct_route_with_fuller_vectors(tmp_path):
