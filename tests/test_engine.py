@@ -18,9 +18,10 @@ from tests.onnx_builders import conv_model, fc_model, save_model
 RNG = np.random.default_rng(1234)
 #: Several threads for every layer, however small.
 ALL_THREADS = EngineTuning(parallel_min_work=0)
-#: ... with 1x1 layers on the unfolding routes on every build (the AVX2 build's default puts them
-#: on the channel-vector route: test_channel_vector_route_bit_exactly)
-UNFOLD_ROUTES = EngineTuning(parallel_min_work=0, ocvec_pointwise=False)
+#: ... with 1x1 layers on their own routes (direct, panel, unfold) on every build (the AVX2
+#: build's defaults put some on the channel-vector route: test_channel_vector_route_bit_exactly,
+#: test_pointwise_channel_vector_route_on_one_thread)
+UNFOLD_ROUTES = EngineTuning(parallel_min_work=0, ocvec_pointwise=False, ocvec_pointwise_one_thread=False)
 
 
 def ort_run(path, x):
@@ -102,6 +103,31 @@ def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     assert EngineTuning().ocvec_route == (K.ISA in ("avx512", "avx2"))
     assert EngineTuning().ocvec_pointwise == (K.ISA == "avx2")
+
+
+def test_pointwise_channel_vector_route_on_one_thread(tmp_path):
+    """A 1x1 layer of the direct route with 48 output channels (three of a block's four 16-channel
+    vectors) takes the channel-vector route in an engine of one thread with
+    ocvec_pointwise_one_thread (the AVX2 build's default), the direct route on several: the same
+    floats, and onnxruntime's."""
+    w = RNG.normal(0, 0.3, (48, 24, 1, 1))
+    b = RNG.normal(0, 0.1, 48)
+    path = conv_model(tmp_path / "p.onnx", w, b, (24, 9, 13), relu=True)
+    plan = build_plan(path)
+    x = RNG.normal(0, 1, (3, 24, 9, 13)).astype(np.float32)
+    tuning = EngineTuning(parallel_min_work=0, ocvec_route=True, ocvec_pointwise_one_thread=True)
+    one = Engine(plan, threads=1, tuning=tuning)
+    assert [cp.route.name for cp in one.layer_plans.values()] == ["ocvec"]
+    out = one.run(x)
+    direct = Engine(plan, threads=1, tuning=UNFOLD_ROUTES)
+    assert [cp.route.name for cp in direct.layer_plans.values()] == ["direct"]
+    assert np.array_equal(out, direct.run(x))
+    for threads in (2, 3):
+        engine = Engine(plan, threads=threads, tuning=tuning)
+        assert [cp.route.name for cp in engine.layer_plans.values()] == ["direct"]
+        assert np.array_equal(out, engine.run(x))
+    assert_matches_ort(path, x, tuning=tuning)
+    assert EngineTuning().ocvec_pointwise_one_thread == (K.ISA == "avx2")
 
 
 @pytest.mark.parametrize("ho, wo, sh, row_width, across", [

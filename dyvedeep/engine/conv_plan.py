@@ -221,15 +221,18 @@ class ConvPlan:
         return self.route.source_floats(self.geom)
 
 
-def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning) -> ConvRoute | None:
+def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning, threads: int = 1) -> ConvRoute | None:
     """The channel-vector route (vectors over 64 output channels, one broadcast input per
-    position: K.conv_ocvec) in place of ``route``, for a knob-free layer that qualifies
-    (EngineTuning.ocvec_route: 3x3 or larger, stride 1, output channels a multiple of 64; or, with
-    EngineTuning.ocvec_pointwise, a 1x1 layer whose weights made it an unfolding route, any
-    number of output channels, the last block padded), else None. (Strided layers qualify for the kernel, but SqueezeNet's conv1, 3 input channels,
-    ran no faster on it than on its conv+pool bands.)"""
+    position: K.conv_ocvec) in place of ``route``, for a knob-free stride-1 layer that qualifies,
+    else None: 3x3 or larger with output channels a multiple of 64 (EngineTuning.ocvec_route);
+    1x1 on an unfolding route, any number of output channels, the last block padded
+    (ocvec_pointwise); 1x1 on the direct route with output channels a multiple of 16, in an
+    engine of one thread (ocvec_pointwise_one_thread). (Strided layers would suit the kernel,
+    but SqueezeNet's conv1, 3 input channels, ran no faster on it than on its conv+pool bands.)"""
     g = geom
-    pointwise = tuning.ocvec_pointwise and g.kk == 1 and route.name in ("panel", "unfold")
+    pointwise = g.kk == 1 and (
+        (tuning.ocvec_pointwise and route.name in ("panel", "unfold"))
+        or (tuning.ocvec_pointwise_one_thread and threads <= 1 and route.name == "direct" and g.cout % 16 == 0))
     if not (tuning.ocvec_route and g.sh == g.sw == 1 and ((g.kk > 1 and g.cout % 64 == 0) or pointwise)):
         return None
     oy, ox = np.divmod(np.arange(g.positions), g.wo)
@@ -256,7 +259,7 @@ def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning, threads: in
     route = plan_route(geom, tuning, threads)
     knob_plan = plan_knobs(layer, geom, route, weights, knobs)
     weight_blocks = partial = None
-    if knob_plan is None and (ocvec := ocvec_route(route, geom, tuning)) is not None:
+    if knob_plan is None and (ocvec := ocvec_route(route, geom, tuning, threads)) is not None:
         route = ocvec
         weight_blocks = [ocvec_weight_blocks(w) for w in weights]
         partial = aligned_zeros((max(threads, 1), K.ocvec_partial_floats()))
