@@ -80,6 +80,7 @@ def test_conv_matches_onnxruntime(tmp_path, attrs, in_shape, wshape, route):
     (64, 128, (9, 11), 5),  # two 64-channel blocks; 1600 taps in 17 blocks; 99 positions: groups of 48, 48, 3
     (5, 64, (7, 6), 3),  # 45 taps: one block; 42 positions: one group, seven tiles of 6
     (96, 200, (5, 9), 1),  # 1x1 (ocvec_pointwise; unfold route: more outputs than positions): 8 in the last block
+    (24, 32, (10, 10), 3),  # 32 channels (ocvec_channel_multiple 16, the AVX2 build's default): half a block
 ])
 def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
     """The channel-vector route (vectors over 64 output channels, K.conv_ocvec; on the AVX-512
@@ -92,7 +93,8 @@ def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
     path = conv_model(tmp_path / "o.onnx", w, b, (cin, *hw), relu=True, pads=[pad] * 4)
     plan = build_plan(path)
     x = RNG.normal(0, 1, (6, cin, *hw)).astype(np.float32)
-    forced = EngineTuning(parallel_min_work=0, ocvec_route=True, ocvec_pointwise=True, direct_min_lane_use_threads=0.9)
+    forced = EngineTuning(parallel_min_work=0, ocvec_route=True, ocvec_pointwise=True, ocvec_channel_multiple=16,
+                          direct_min_lane_use_threads=0.9)
     never = dataclasses.replace(forced, ocvec_route=False)
     ref = ort_run(path, x).reshape(x.shape[0], cout, *hw)
     for threads in (1, 2, 3):
@@ -103,6 +105,7 @@ def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     assert EngineTuning().ocvec_route == (K.ISA in ("avx512", "avx2"))
     assert EngineTuning().ocvec_pointwise == (K.ISA == "avx2")
+    assert EngineTuning().ocvec_channel_multiple == (16 if K.ISA == "avx2" else 64)
 
 
 def test_pointwise_channel_vector_route_on_one_thread(tmp_path):

@@ -224,7 +224,8 @@ class ConvPlan:
 def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning, threads: int = 1) -> ConvRoute | None:
     """The channel-vector route (vectors over 64 output channels, one broadcast input per
     position: K.conv_ocvec) in place of ``route``, for a knob-free stride-1 layer that qualifies,
-    else None: 3x3 or larger with output channels a multiple of 64 (EngineTuning.ocvec_route);
+    else None: 3x3 or larger with output channels a multiple of EngineTuning.ocvec_channel_multiple
+    (64; 16 with the AVX2 tiles) (ocvec_route);
     1x1 on an unfolding route, any number of output channels, the last block padded
     (ocvec_pointwise); 1x1 on the direct route with output channels a multiple of 16, in an
     engine of one thread (ocvec_pointwise_one_thread). (Strided layers would suit the kernel,
@@ -233,7 +234,8 @@ def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning, thre
     pointwise = g.kk == 1 and (
         (tuning.ocvec_pointwise and route.name in ("panel", "unfold"))
         or (tuning.ocvec_pointwise_one_thread and threads <= 1 and route.name == "direct" and g.cout % 16 == 0))
-    if not (tuning.ocvec_route and g.sh == g.sw == 1 and ((g.kk > 1 and g.cout % 64 == 0) or pointwise)):
+    if not (tuning.ocvec_route and g.sh == g.sw == 1
+            and ((g.kk > 1 and g.cout % tuning.ocvec_channel_multiple == 0) or pointwise)):
         return None
     oy, ox = np.divmod(np.arange(g.positions), g.wo)
     pos_off = (oy * route.src_row_width + ox).astype(np.int32)

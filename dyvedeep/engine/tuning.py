@@ -63,12 +63,17 @@ class EngineTuning:
     direct_rows_below_tiles_kxk: int = 1 if K.ISA == "avx512" else 4
     #: The channel-vector route (K.conv_ocvec: vectors over output channels, a broadcast input
     #: per position, as onnxruntime's NCHWc kernels) for every knob-free stride-1 layer of 3x3 (or
-    #: larger) kernels with output channels a multiple of 64, in place of the routes above;
+    #: larger) kernels (output channels: below), in place of the routes above;
     #: AVX-512 and AVX2 tiles (the NEON build has none: its times are emulated only). Network
     #: time against the routes above, AVX-512: SqueezeNet v1.1 0.94x on one thread, 0.95x on
     #: two; resnet56_caffe 0.99x / 0.91x-1.04x, median 0.95x; AVX2 tiles (on the same host):
     #: 0.87x / 0.87x and 0.90x / 0.90x (docs/notes/2026-12-05-channel-vector-route.md).
     ocvec_route: bool = K.ISA in ("avx512", "avx2")
+    #: ... whose output channels are a multiple of this: with the AVX2 tiles 16 (their passes of
+    #: 16 channels skip a block's empty ones: cifar10_quick, cifar10_full, resnet20_caffe and
+    #: resnet56_caffe 0.77x-0.83x the time on one thread, 0.75x-0.90x on two, against 0.89x-0.94x
+    #: with 64); the AVX-512 tile computes all 64 channels of a block.
+    ocvec_channel_multiple: int = 16 if K.ISA == "avx2" else 64
     #: ... and for 1x1 layers whose weights make them take the panel or unfold route (SqueezeNet's
     #: conv10: 512 -> 1000 channels, the last block padded with zero weights): AVX2 tiles, where
     #: the GEMM tile holds 8 accumulators (SqueezeNet v1.1 0.95x the time on one and two
