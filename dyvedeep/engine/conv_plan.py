@@ -140,7 +140,10 @@ def plan_route(geom: ConvGeometry, tuning: EngineTuning, threads: int = 1) -> Co
     runs, panel_first = K.im2col_run_table(ho=g.ho, wo=g.wo, sh=g.sh, sw=g.sw, row_width=rows_apart)
     taps = (np.arange(g.kh)[:, None] * g.dh * rows_apart + np.arange(g.kw)[None, :] * g.dw).reshape(-1)
     tap_off = (np.arange(g.cin)[:, None] * plane + taps[None, :]).reshape(-1).astype(np.int64)
-    rows_below_tiles = tuning.direct_rows_below_tiles_kxk if g.kk > 1 else tuning.direct_rows_below_tiles
+    # kernels of 3x3 or larger whose input outweighs their weights: positions sooner (EngineTuning)
+    input_larger = g.cin * hp * wp >= g.cout * g.cin * g.kk
+    rows_below_tiles = (tuning.direct_rows_below_tiles_kxk if g.kk > 1 and input_larger
+                        else tuning.direct_rows_below_tiles)
     return ConvRoute(name, pad_src, (hp, wp), rows_apart, tap_off, runs, panel_first, vectors, phase_hw,
                      phase_tap_off, rows_below_tiles=rows_below_tiles)
 

@@ -54,12 +54,13 @@ class EngineTuning:
     #: The direct route's threads share out its 8-row blocks of weights (each thread then reads
     #: every input row) when it has fewer tiles than this per thread, else its tiles (positions).
     direct_rows_below_tiles: int = 4
-    #: ... for kernels of 3x3 or larger: with the AVX-512 tiles, positions whenever each thread
-    #: gets a tile, so that a thread reads the input rows that its own share of the layer
-    #: before wrote: ResNets' 16 x 16 layers (six tiles) on two threads took resnet56_caffe
-    #: from 1.39x-1.42x onnxruntime's time to 1.27x-1.33x. SqueezeNet's 13 x 13 1x1 layers (four
-    #: tiles) ran 1.1x-1.4x slower so (the weights the larger operand); the AVX2 tiles gained
-    #: nothing (docs/notes/2026-12-05-direct-route-threads.md).
+    #: ... for kernels of 3x3 or larger whose (padded) input is larger than their weights: with
+    #: the AVX-512 tiles, positions whenever each thread gets a tile, so that a thread reads
+    #: the input rows that its own share of the layer before wrote: ResNets' 16 x 16 layers (six
+    #: tiles) on two threads took resnet56_caffe from 1.39x-1.42x onnxruntime's time to
+    #: 1.27x-1.33x. SqueezeNet's 13 x 13 1x1 layers (four tiles) ran 1.1x-1.4x slower so, and
+    #: cifar10_quick's conv2 (weights twice its input) 1.03x-1.08x the network's time; the AVX2
+    #: tiles gained nothing (docs/notes/2026-12-05-direct-route-threads.md).
     direct_rows_below_tiles_kxk: int = 1 if K.ISA == "avx512" else 4
     #: The channel-vector route (K.conv_ocvec: vectors over output channels, a broadcast input
     #: per position, as onnxruntime's NCHWc kernels) for every knob-free stride-1 layer of 3x3 (or
