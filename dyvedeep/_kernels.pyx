@@ -741,10 +741,11 @@ def conv_ocvec(const float[:, :, ::1] x, int channel0, int pt, int pl, int Hp, i
     64 output channels at a time, one broadcast input float per position (``pos_off``: each
     output position's source offset of its tap (0, 0); ``tap_off``: each tap's offset from it).
     ``Wb`` is the weights in blocks of 64 output channels (ceil(O / 64) x K x 64: block b, row
-    k the tap's weights of output channels 64 b..64 b+63, zeros past the last). The source is the group's channels, copied with their zero
-    padding into ``pad_buffer`` when ``pad``. Threads share out (block, tile of positions) in
-    block order; ``partial`` holds each thread's running sums between blocks of taps (a row per
-    thread of :func:`ocvec_partial_floats`, 64-byte aligned)."""
+    k the tap's weights of output channels 64 b..64 b+63, zeros past the last). The source is
+    the group's channels, copied with their zero padding into ``pad_buffer`` when ``pad``.
+    Threads share out (block, tile of positions) in block order; ``partial`` holds each
+    thread's running sums between blocks of taps (a row per thread of
+    :func:`ocvec_partial_floats`, 64-byte aligned)."""
     cdef int K = Wb.shape[1], O = out.shape[0], N = out.shape[1], npos = pos_off.shape[0]
     if K == 0 or O == 0 or npos == 0:
         raise ValueError("conv_ocvec: empty layer")

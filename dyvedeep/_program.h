@@ -57,7 +57,7 @@ typedef struct {
     dv_product p; const long *tap_off; const int *vec; int nvec; int rows_first; int rows_below_tiles;
 } dv_direct_args;
 /* The channel-vector route: npos positions (source offsets pos_off) over the taps tap_off; the
- * product's W is K x O (ldw = O), O a multiple of 64. */
+ * product's W is the weights in blocks of 64 output channels (ceil(O / 64) x K x 64, ldw = 64). */
 typedef struct { dv_product p; const long *tap_off; const int *pos_off; int npos; } dv_ocvec_args;
 /* The panel route: N positions, runs (4 ints each) from panel_first[t] for panel t, columns sw apart. */
 typedef struct { dv_product p; const long *tap_off; const int *runs; const int *panel_first; int N, sw; } dv_panel_args;

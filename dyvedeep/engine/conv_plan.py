@@ -225,14 +225,14 @@ class ConvPlan:
 
 
 def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning, threads: int = 1) -> ConvRoute | None:
-    """The channel-vector route (vectors over 64 output channels, one broadcast input per
-    position: K.conv_ocvec) in place of ``route``, for a knob-free stride-1 layer that qualifies,
-    else None: 3x3 or larger with output channels a multiple of EngineTuning.ocvec_channel_multiple
-    (64; 16 with the AVX2 tiles) (ocvec_route);
-    1x1 on an unfolding route, any number of output channels, the last block padded
-    (ocvec_pointwise); 1x1 on the direct route with output channels a multiple of 16, in an
-    engine of one thread (ocvec_pointwise_one_thread). (Strided layers would suit the kernel,
-    but SqueezeNet's conv1, 3 input channels, ran no faster on it than on its conv+pool bands.)"""
+    """The channel-vector route (vectors over output channels, one broadcast input per
+    position: K.conv_ocvec) in place of ``route``, for a knob-free stride-1 layer that
+    qualifies (EngineTuning), else None: 3x3 or larger with output channels a multiple of
+    ``ocvec_channel_multiple`` (``ocvec_route``); 1x1 on an unfolding route, any number of
+    output channels, the last block padded (``ocvec_pointwise``); 1x1 on the direct route with
+    output channels a multiple of 16, in an engine of one thread
+    (``ocvec_pointwise_one_thread``). (Strided layers would suit the kernel, but SqueezeNet's
+    conv1, 3 input channels, ran no faster on it than on its conv+pool bands.)"""
     g = geom
     pointwise = g.kk == 1 and (
         (tuning.ocvec_pointwise and route.name in ("panel", "unfold"))

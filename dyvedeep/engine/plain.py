@@ -68,7 +68,7 @@ def conv_group(cp: ConvPlan, scratch: Scratch, x: np.ndarray, group: int, out_g:
                       pad_buffer=scratch.source, tap_off=route.phase_tap_off if kept is None else kept.tap_off,
                       vectors=route.vectors, W=weights, bias=bias, relu=relu, out=out_g, threads=threads,
                       src_offset=0, program=program, sfma=sfma, rows_below_tiles=route.rows_below_tiles)
-    elif route.name == "ocvec":  # knob-free, 64k output channels: vectors over output channels
+    elif route.name == "ocvec":  # knob-free: vectors over output channels (conv_plan.ocvec_route)
         K.conv_ocvec(x=x, channel0=group * geom.cin, pt=geom.pt, pl=geom.pl, Hp=route.src_hw[0], Wp=route.src_hw[1],
                      pad=route.pad_src, pad_buffer=scratch.source, tap_off=route.tap_off, pos_off=route.pos_off,
                      Wb=cp.weight_blocks[group], bias=bias, relu=relu, out=out_g, partial=cp.ocvec_partial,

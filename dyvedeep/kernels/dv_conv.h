@@ -115,9 +115,9 @@ static void dv_conv_direct(const float *src, const long *tap_off, const int *vec
 
 /* The channel-vector route (AVX-512): vectors over 64 output channels (four of 16) instead of
  * positions, as onnxruntime's MLAS NCHWc kernels hold them. Per tap k, four aligned weight
- * vectors (Wb: O / 64 blocks of K x 64, row k of block ob the tap's weights of output channels
- * 64 ob..64 ob+63; a block is read in order, as the hardware prefetcher expects) and one broadcast input
- * float per position, for six positions at a time (pos_off[p]: the source offset of position
+ * vectors (Wb: ceil(O / 64) blocks of K x 64, row k of block ob the tap's weights of output
+ * channels 64 ob..64 ob+63, zeros past O; a block is read in order, as the hardware prefetcher
+ * expects) and one broadcast input float per position, for six positions at a time (pos_off[p]: the source offset of position
  * p's tap (0, 0); tap k adds tap_off[k]): 24 fused multiply-adds for 10 loads, no load split
  * across cache lines, no lane on a padding column. Positions go in groups of DV_OC_GROUP; each
  * group walks K in near-equal blocks of at most DV_OC_KB taps (a block's weights stay in L1),
