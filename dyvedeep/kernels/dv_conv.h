@@ -117,9 +117,11 @@ static void dv_conv_direct(const float *src, const long *tap_off, const int *vec
  * positions, as onnxruntime's MLAS NCHWc kernels hold them. Per tap k, four aligned weight
  * vectors (Wb: ceil(O / 64) blocks of K x 64, row k of block ob the tap's weights of output
  * channels 64 ob..64 ob+63, zeros past O; a block is read in order, as the hardware prefetcher
- * expects) and one broadcast input float per position, for six positions at a time (pos_off[p]: the source offset of position
- * p's tap (0, 0); tap k adds tap_off[k]): 24 fused multiply-adds for 10 loads, no load split
- * across cache lines, no lane on a padding column. Positions go in groups of DV_OC_GROUP; each
+ * expects) and one broadcast input float per position, for six positions at a time
+ * (pos_off[p]: the source offset of position p's tap (0, 0); tap k adds tap_off[k]): 24 fused
+ * multiply-adds for 10 loads, no load split across cache lines, no lane on a padding column.
+ * A last block of fewer than 64 channels computes all 64 and stores its own (masked bias
+ * loads, fewer transposes). Positions go in groups of DV_OC_GROUP; each
  * group walks K in near-equal blocks of at most DV_OC_KB taps (a block's weights stay in L1),
  * its running sums waiting between blocks in `partial` (DV_OC_GROUP x 64 floats, 64-byte
  * aligned, where the last block leaves the finished outputs). The group's outputs then go to
