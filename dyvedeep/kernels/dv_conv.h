@@ -278,8 +278,7 @@ static inline void dv_transpose8_store(const float *in, long ldi, float *out, lo
         t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
         t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
     }
-    __m256i m = dv_mask8(n);
-    for (int i = 0; i < ncols; ++i) _mm256_maskstore_ps(out + i * ldo, m, t[i]);
+    for (int i = 0; i < ncols; ++i) dv_store8_part(out + i * ldo, t[i], n);
 }
 
 __attribute__((noinline))

@@ -166,7 +166,7 @@ static inline void dv_vnstore_part(float *p, dv_vn v, int n)
 #if defined(__AVX512F__)
     _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
 #elif defined(__AVX2__)
-    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), (__m256)v);
+    dv_store8_part(p, (__m256)v, n);
 #else
     memcpy(p, &v, sizeof(float) * (size_t)n);
 #endif

@@ -55,6 +55,17 @@ static inline __m256i dv_mask8(int n)
 {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
+
+/* AVX2: the first n (any n; none if n <= 0) lanes of v stored at p, nothing past p + n. Plain
+ * stores of 4, 2 and 1 floats: a masked store (vmaskmovps) takes ~12 cycles on AMD Zen 2. */
+static inline void dv_store8_part(float *p, __m256 v, int n)
+{
+    if (n >= 8) { _mm256_storeu_ps(p, v); return; }
+    __m128 q = _mm256_castps256_ps128(v);
+    if (n >= 4) { _mm_storeu_ps(p, q); q = _mm256_extractf128_ps(v, 1); p += 4; n -= 4; }
+    if (n >= 2) { _mm_storel_pi((__m64 *)p, q); q = _mm_movehl_ps(q, q); p += 2; n -= 2; }
+    if (n >= 1) _mm_store_ss(p, q);
+}
 #endif
 
 static inline dv_v16 dv_load16_part(const float *p, int n)
@@ -86,8 +97,8 @@ static inline void dv_store16_part(float *p, dv_v16 v, int n)
 #elif defined(__AVX2__)
     __m256 half[2];
     memcpy(half, &v, sizeof half);
-    _mm256_maskstore_ps(p, dv_mask8(n), half[0]);
-    _mm256_maskstore_ps(p + 8, dv_mask8(n - 8), half[1]);
+    dv_store8_part(p, half[0], n);
+    dv_store8_part(p + 8, half[1], n - 8);
 #else
     memcpy(p, &v, sizeof(float) * (size_t)n);
 #endif
