@@ -48,9 +48,8 @@ static inline void dv_store16(float *p, dv_v16 v) { memcpy(p, &v, sizeof v); }
 #include <immintrin.h>
 #endif
 
-/* The first n (1..16) floats at p, zeros in the other lanes (no read past p + n). */
 #if !defined(__AVX512F__) && defined(__AVX2__)
-/* AVX2: the lanes l < n (any n) of an 8-float load or store. */
+/* AVX2: the lanes l < n (any n) of an 8-float masked load. */
 static inline __m256i dv_mask8(int n)
 {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -68,6 +67,7 @@ static inline void dv_store8_part(float *p, __m256 v, int n)
 }
 #endif
 
+/* The first n (1..16) floats at p, zeros in the other lanes (no read past p + n). */
 static inline dv_v16 dv_load16_part(const float *p, int n)
 {
 #if defined(__AVX512F__)
