@@ -52,7 +52,7 @@ typedef struct { int C, H, W, pt, pl, Hp, Wp; } dv_pad_args;
 typedef struct { int n, H, W, pt, pl, s, Hq, Wq; } dv_phase_args;
 /* The direct route: nvec vectors (DV_VEC ints each) over the taps tap_off[0..K-1]; rows_first:
  * threads share out the 8-row blocks of weights whatever the tiles; else they do when the tiles
- * are fewer than rows_below_tiles per thread (dv_direct_split_rows). */
+ * are fewer than rows_below_tiles per thread (dv_split_rows_below). */
 typedef struct {
     dv_product p; const long *tap_off; const int *vec; int nvec; int rows_first; int rows_below_tiles;
 } dv_direct_args;
@@ -121,18 +121,17 @@ static inline int dv_block_start(int part, int nblocks, int parts, int O)
 }
 
 /* Whether a convolution's threads share out its 8-row blocks of weights rather than its tiles:
- * when the tiles are too few to share out evenly (a 14 x 14 map has 5 direct tiles) and there
- * are rows enough. Every thread then does all the tiles for its rows. */
-static inline int dv_split_rows(int T, int ntiles, int O)
-{
-    return T > 1 && ntiles < 4 * T && (O + 7) / 8 >= 2 * T;
-}
-
-/* The same for the direct route, below `per_thread` tiles per thread (dv_direct_args). */
-static inline int dv_direct_split_rows(int T, int ntiles, int O, int per_thread)
+ * when there are fewer than `per_thread` tiles per thread (the direct route's
+ * rows_below_tiles, dv_direct_args) and rows enough. Every thread then does all the tiles for
+ * its rows. */
+static inline int dv_split_rows_below(int T, int ntiles, int O, int per_thread)
 {
     return T > 1 && ntiles < per_thread * T && (O + 7) / 8 >= 2 * T;
 }
+
+/* The same below 4 tiles per thread: too few to share out evenly (a 14 x 14 map has 5 direct
+ * tiles). */
+static inline int dv_split_rows(int T, int ntiles, int O) { return dv_split_rows_below(T, ntiles, O, 4); }
 
 /* The share of thread t of T of a convolution with O rows and ntiles tiles: its rows
  * [*g0, *g1) and tiles [*t0, *t1); returns 0 when the thread has no part in it. `rows_first`:
@@ -215,7 +214,7 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         const dv_product *p = dv_sfma_product(s, &a->p, &kept, &tap_off, t, T);
         if (p == NULL) break;
         int ntiles = (a->nvec + DV_DTILE - 1) / DV_DTILE;
-        int rows_first = (a->rows_first && T > 1) || dv_direct_split_rows(T, ntiles, p->O, a->rows_below_tiles);
+        int rows_first = (a->rows_first && T > 1) || dv_split_rows_below(T, ntiles, p->O, a->rows_below_tiles);
         if (dv_conv_share(rows_first, p->O, ntiles, t, T, &g0, &g1, &t0, &t1) && g1 > g0)
             dv_conv_direct(x, tap_off, a->vec, a->nvec, p->W + (long)g0 * p->ldw, g1 - g0, p->K,
                            p->bias + g0, p->relu, s->out + (long)g0 * p->ldo, p->ldo, t0, t1);

@@ -134,6 +134,23 @@ static void dv_conv_direct(const float *src, const long *tap_off, const int *vec
 #ifndef DV_OC_KB
 #define DV_OC_KB 96
 #endif
+#if DV_VW == 16 || DV_VW == 8
+/* The taps of a block of the channel-vector route: K in near-equal blocks of at most DV_OC_KB. */
+static inline int dv_ocvec_kstep(int K)
+{
+    int nblocks = (K + DV_OC_KB - 1) / DV_OC_KB;
+    return (K + nblocks - 1) / nblocks;
+}
+
+/* Prefetch the output lines of positions g0..g1-1 in channels 64 ob..64 ob+nch-1 (planes ldo
+ * floats apart): the group writes them at its end. */
+static inline void dv_ocvec_prefetch_outputs(const float *out, long ldo, int ob, int nch, int g0, int g1)
+{
+    for (int c = 0; c < nch; ++c)
+        for (int q = g0; q < g1 + 16; q += 16)
+            _mm_prefetch((const char *)(out + (long)(ob * 64 + c) * ldo + (q < g1 ? q : g1 - 1)), _MM_HINT_T0);
+}
+#endif
 #if DV_VW == 16
 static inline int dv_max0(int n) { return n > 0 ? n : 0; }
 
@@ -176,7 +193,7 @@ static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_
                           int K, const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
                           int ob_begin, int ob_end, float *partial)
 {
-    int nblocks = (K + DV_OC_KB - 1) / DV_OC_KB, kstep = (K + nblocks - 1) / nblocks;
+    int kstep = dv_ocvec_kstep(K);
     for (int ob = ob_begin; ob < ob_end; ++ob) {
         int nch = O - ob * 64 < 64 ? O - ob * 64 : 64;  /* a last block may have fewer channels */
         const float *bo = bias + ob * 64;
@@ -186,9 +203,7 @@ static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_
         dv_v16 b3 = dv_load16_lanes(bo + 48, dv_lanes_of(dv_max0(nch - 48)));
         for (int g0 = p_begin; g0 < p_end; g0 += DV_OC_GROUP) {
             int g1 = p_end - g0 < DV_OC_GROUP ? p_end : g0 + DV_OC_GROUP;
-            for (int c = 0; c < nch; ++c)  /* the group's output lines, written at its end */
-                for (int q = g0; q < g1 + 16; q += 16)
-                    _mm_prefetch((const char *)(out + (long)(ob * 64 + c) * ldo + (q < g1 ? q : g1 - 1)), _MM_HINT_T0);
+            dv_ocvec_prefetch_outputs(out, ldo, ob, nch, g0, g1);
             for (int k0 = 0; k0 < K; k0 += kstep) {
                 int kc = K - k0 < kstep ? K - k0 : kstep, first = k0 == 0, last = k0 + kc == K;
                 const float *w = Wb + ((long)ob * K + k0) * 64;
@@ -286,15 +301,13 @@ static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_
                           int K, const float *bias, int relu, float *out, long ldo, int p_begin, int p_end,
                           int ob_begin, int ob_end, float *partial)
 {
-    int nblocks = (K + DV_OC_KB - 1) / DV_OC_KB, kstep = (K + nblocks - 1) / nblocks;
+    int kstep = dv_ocvec_kstep(K);
     dv_vn zero = {0};
     for (int ob = ob_begin; ob < ob_end; ++ob) {
         int nch = O - ob * 64 < 64 ? O - ob * 64 : 64;  /* a last block may have fewer channels */
         for (int g0 = p_begin; g0 < p_end; g0 += DV_OC_GROUP) {
             int g1 = p_end - g0 < DV_OC_GROUP ? p_end : g0 + DV_OC_GROUP;
-            for (int c = 0; c < nch; ++c)  /* the group's output lines, written at its end */
-                for (int q = g0; q < g1 + 16; q += 16)
-                    _mm_prefetch((const char *)(out + (long)(ob * 64 + c) * ldo + (q < g1 ? q : g1 - 1)), _MM_HINT_T0);
+            dv_ocvec_prefetch_outputs(out, ldo, ob, nch, g0, g1);
             for (int k0 = 0; k0 < K; k0 += kstep) {
                 int kc = K - k0 < kstep ? K - k0 : kstep, first = k0 == 0, last = k0 + kc == K;
                 const long *tap = tap_off + k0;

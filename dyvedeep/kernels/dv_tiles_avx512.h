@@ -116,7 +116,6 @@ static inline void dv_tile_8x16(const float *const *wr, int K, const float *cols
  * 3 source vectors and 8 weights for 24 fused multiply-adds. */
 #define DV_DTILE 3
 
-
 /* The 8 x 48 register tile of the direct route: acc[3 r + v] (+)= sum over k < K of wr[r][k] *
  * the source vector v (s[v] + tap[k], n[v] lanes 1..16), in k order (the same operations per
  * lane as the 8 x 32 and panel tiles). With pf != 0, each step also prefetches its source lines
