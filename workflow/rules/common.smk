@@ -193,12 +193,18 @@ def mirror_arg():
     return f"--mirror {MIRROR}" if MIRROR else ""
 
 
-# Threads of the jobs that can use several (calibration, evaluation): every core there is.
-JOB_THREADS = max(1, min(workflow.cores, os.cpu_count() or 1))
-# Such a job uses every core of this machine, so it holds the whole cpu_lock: two of them at
-# once would only share the cores (six calibrations at once took several times the sum of their
-# times alone, docs/notes/2026-12-04-calibration-mix.md). On a cluster each job has its own cores.
-CPU_LOCK_JOB_THREADS = CPU_LOCK_ALL if workflow.local_exec else 1
+# Threads of the jobs that can use several (calibration, evaluation): half the cores there are,
+# so that two such jobs run side by side. Two one-thread calibrations at once finished in 0.86x
+# the time of the two one after the other on two threads each (2 cores, AMD EPYC; a calibration
+# splits its images over worker processes, and what every job does between trials - its dense
+# runs, forks, Python - then overlaps with the other job): docs/notes/2026-12-05-make-all-time.md.
+_CORES = max(1, min(workflow.cores, os.cpu_count() or 1))
+JOB_THREADS = max(1, _CORES // 2)
+# Such a job holds its share of cpu_lock (its threads out of this machine's cores): two of them
+# fill it, and no third job starts on the same cores (six calibrations of two threads at once on
+# 2 cores took several times the sum of their times alone,
+# docs/notes/2026-12-04-calibration-mix.md). On a cluster each job has its own cores.
+CPU_LOCK_JOB_THREADS = max(1, CPU_LOCK_ALL * JOB_THREADS // _CORES) if workflow.local_exec else 1
 
 
 def bench_calibrate(bench):
