@@ -44,6 +44,16 @@ cdef extern from "kernels/dv_pool.h" nogil:
     int dv_pool_row_stride(int W, int wo, int kw, int sw, int pl)
     int __builtin_popcount(unsigned int x)
 
+cdef extern from "kernels/dv_sdss.h" nogil:
+    long long dv_sdss_cells(const float* out, int O, int H, int W, const int* gy, int ny, const int* gx, int nx,
+                            float threshold, uint8* insig)
+    long long dv_sdss_union(const uint8* insig, int O, int ncy, int ncx, const int* off_positions,
+                            const int* cell_y, const int* cell_x, int P, int* positions, int* n_out,
+                            uint8* needed)
+    long long dv_sdss_fill(float* out, int O, int H, int W, const int* gy, int ny, const int* gx, int nx,
+                           const int* pos_y, const int* pos_x, const int* cell_y, const int* cell_x, int P,
+                           const uint8* insig, int bilinear)
+
 cdef extern from "kernels/dv_sfma.h" nogil:
     void dv_map_sums(const float* x, long n, int need_abs, double* sum, double* sumsq, double* sumabs)
     void dv_sfma_spreads(const double* sum, const double* sumsq, const double* sumabs, int C, double hw,
@@ -1269,88 +1279,64 @@ def finish_act(float[:, ::1] out, const uint8[:, ::1] active, const uint8[:, ::1
 
 def sdss_cells(const float[:, :, ::1] out, const int[::1] gy, const int[::1] gx, float threshold,
                uint8[:, :, ::1] insignificant):
-    """insignificant[o, by, bx] = all four grid corners of cell (by, bx) of map o are < threshold.
-    Returns the number of insignificant cells."""
-    cdef Py_ssize_t O = out.shape[0], o
-    cdef int nby = gy.shape[0] - 1, nbx = gx.shape[0] - 1, by, bx
-    cdef long long n = 0
+    """insignificant[o, by, bx] = all four grid corners of cell (by, bx) of map o are < threshold
+    (dv_sdss_cells). Returns the number of insignificant cells."""
+    cdef int ny = gy.shape[0], nx = gx.shape[0]
+    if (ny < 2 or nx < 2 or insignificant.shape[0] != out.shape[0] or insignificant.shape[1] != ny - 1
+            or insignificant.shape[2] != nx - 1):
+        raise ValueError("sdss_cells: shape mismatch")
+    if out.shape[0] == 0:
+        return 0
+    cdef long long n
     with nogil:
-        for o in range(O):
-            for by in range(nby):
-                for bx in range(nbx):
-                    if (out[o, gy[by], gx[bx]] < threshold and out[o, gy[by], gx[bx + 1]] < threshold
-                            and out[o, gy[by + 1], gx[bx]] < threshold and out[o, gy[by + 1], gx[bx + 1]] < threshold):
-                        insignificant[o, by, bx] = 1
-                        n += 1
-                    else:
-                        insignificant[o, by, bx] = 0
+        n = dv_sdss_cells(&out[0, 0, 0], out.shape[0], out.shape[1], out.shape[2], &gy[0], ny, &gx[0], nx,
+                          threshold, &insignificant[0, 0, 0])
     return n
 
 
 def sdss_union(const uint8[:, :, ::1] insignificant, const int[::1] off_positions, const int[::1] cell_y,
                const int[::1] cell_x):
     """The off-grid positions (increasing) that some map needs (their cell is significant in
-    it), and per map which of them it needs (maps x positions). Returns (positions, needed,
-    total needed)."""
-    cdef Py_ssize_t O = insignificant.shape[0], P = off_positions.shape[0], o, j
-    cdef long long total = 0
-    cdef int n = 0
-    cdef uint8[::1] any_map = np.zeros(P, np.uint8)
-    with nogil:
-        for o in range(O):
-            for j in range(P):
-                if not insignificant[o, cell_y[j], cell_x[j]]:
-                    any_map[j] = 1
-        for j in range(P):
-            n += any_map[j]
-    positions_arr = np.empty(n, np.int32)
-    needed_arr = np.empty((O, n), np.uint8)
+    it), and per map which of them it needs (maps x positions) (dv_sdss_union). Returns
+    (positions, needed, total needed)."""
+    cdef int O = insignificant.shape[0], P = off_positions.shape[0]
+    if cell_y.shape[0] != P or cell_x.shape[0] != P:
+        raise ValueError("sdss_union: shape mismatch")
+    positions_arr = np.empty(P, np.int32)
+    needed_arr = np.empty(O * P, np.uint8)
+    if O == 0 or P == 0:
+        return positions_arr[:0], needed_arr[:0].reshape(O, 0), 0
     cdef int[::1] positions = positions_arr
-    cdef uint8[:, ::1] needed = needed_arr
-    cdef int i
+    cdef uint8[::1] needed = needed_arr
+    cdef int n = 0
+    cdef long long total
     with nogil:
-        i = 0
-        for j in range(P):
-            if any_map[j]:
-                positions[i] = off_positions[j]
-                for o in range(O):
-                    needed[o, i] = 0 if insignificant[o, cell_y[j], cell_x[j]] else 1
-                    total += needed[o, i]
-                i = i + 1
-    return positions_arr, needed_arr, total
+        total = dv_sdss_union(&insignificant[0, 0, 0], O, insignificant.shape[1], insignificant.shape[2],
+                              &off_positions[0], &cell_y[0], &cell_x[0], P, &positions[0], &n, &needed[0])
+    if total < 0:
+        raise MemoryError()
+    return positions_arr[:n].copy(), needed_arr[:O * n].reshape(O, n), total
 
 
 def sdss_fill(float[:, :, ::1] out, const int[::1] gy, const int[::1] gx, const int[::1] pos_y,
               const int[::1] pos_x, const int[::1] cell_y, const int[::1] cell_x,
               const uint8[:, :, ::1] insignificant, bint bilinear):
     """Fill every off-grid position (pos_y[j], pos_x[j]) whose cell (cell_y[j], cell_x[j]) is
-    insignificant in its map: bilinear from the cell's corners, or 0. Returns the number filled."""
-    cdef Py_ssize_t O = out.shape[0], P = pos_y.shape[0], o, j
-    cdef int y, x, by, bx, y0, y1, x0, x1
-    cdef float fy, fx, top, bottom
-    cdef long long n = 0
+    insignificant in its map: bilinear from the cell's corners, or 0 (dv_sdss_fill). Returns the
+    number filled."""
+    cdef int ny = gy.shape[0], nx = gx.shape[0], P = pos_y.shape[0]
+    if (ny < 2 or nx < 2 or pos_x.shape[0] != P or cell_y.shape[0] != P or cell_x.shape[0] != P
+            or insignificant.shape[0] != out.shape[0] or insignificant.shape[1] != ny - 1
+            or insignificant.shape[2] != nx - 1):
+        raise ValueError("sdss_fill: shape mismatch")
+    if out.shape[0] == 0 or P == 0:
+        return 0
+    cdef long long n
     with nogil:
-        for o in range(O):
-            for j in range(P):
-                by = cell_y[j]
-                bx = cell_x[j]
-                if not insignificant[o, by, bx]:
-                    continue
-                y = pos_y[j]
-                x = pos_x[j]
-                n += 1
-                if not bilinear:
-                    out[o, y, x] = 0.0
-                    continue
-                y0 = gy[by]
-                y1 = gy[by + 1]
-                x0 = gx[bx]
-                x1 = gx[bx + 1]
-                fy = <float>(y - y0) / <float>(y1 - y0)
-                fx = <float>(x - x0) / <float>(x1 - x0)
-                top = out[o, y0, x0] + fx * (out[o, y0, x1] - out[o, y0, x0])
-                bottom = out[o, y1, x0] + fx * (out[o, y1, x1] - out[o, y1, x0])
-                out[o, y, x] = top + fy * (bottom - top)
+        n = dv_sdss_fill(&out[0, 0, 0], out.shape[0], out.shape[1], out.shape[2], &gy[0], ny, &gx[0], nx,
+                         &pos_y[0], &pos_x[0], &cell_y[0], &cell_x[0], P, &insignificant[0, 0, 0], bilinear)
+    if n < 0:
+        raise MemoryError()
     return n
 
 

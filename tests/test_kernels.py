@@ -287,3 +287,42 @@ def test_pooling_matches_numpy(H, W, k, s, p):
     means = np.empty(5, np.float32)
     K.global_avgpool(x.reshape(5, -1), means)
     close(means, x.reshape(5, -1).astype(np.float64).mean(axis=1))
+
+
+@pytest.mark.parametrize("O, H, W, stride", [(3, 9, 9, 2), (5, 13, 8, 3), (2, 6, 5, 2), (4, 17, 12, 4), (1, 2, 7, 2)])
+def test_sdss_cells_union_and_fill_match_numpy(O, H, W, stride):
+    from dyvedeep.engine.sdss import sdss_grid
+    grid = sdss_grid(H, W, stride)
+    maps = RNG.normal(0, 1, (O, H, W)).astype(np.float32)
+    threshold = 0.3
+    # a cell is insignificant when its four grid corners are below the threshold
+    below = maps[:, grid.gy][:, :, grid.gx] < threshold
+    expected = below[:, :-1, :-1] & below[:, :-1, 1:] & below[:, 1:, :-1] & below[:, 1:, 1:]
+    insig = np.empty(expected.shape, np.uint8)
+    assert K.sdss_cells(out=maps, gy=grid.gy, gx=grid.gx, threshold=threshold, insignificant=insig) == expected.sum()
+    assert np.array_equal(insig, expected)
+    # an off-grid position is needed by the maps where its cell is significant
+    significant = ~expected[:, grid.cell_y, grid.cell_x]  # maps x off-grid positions
+    some = significant.any(axis=0)
+    positions, needed, total = K.sdss_union(insignificant=insig, off_positions=grid.off_positions,
+                                            cell_y=grid.cell_y, cell_x=grid.cell_x)
+    assert np.array_equal(positions, grid.off_positions[some])
+    assert np.array_equal(needed, significant[:, some]) and total == significant.sum()
+    # the others are filled: bilinear from the cell's corners, or 0
+    y0, y1 = grid.gy[grid.cell_y], grid.gy[grid.cell_y + 1]
+    x0, x1 = grid.gx[grid.cell_x], grid.gx[grid.cell_x + 1]
+    fy = ((grid.off_y - y0) / (y1 - y0))[None]
+    fx = ((grid.off_x - x0) / (x1 - x0))[None]
+    corner = lambda y, x: maps[:, y, x].astype(np.float64)  # noqa: E731
+    top = corner(y0, x0) + fx * (corner(y0, x1) - corner(y0, x0))
+    bottom = corner(y1, x0) + fx * (corner(y1, x1) - corner(y1, x0))
+    for bilinear in (True, False):
+        out = maps.copy()
+        filled = K.sdss_fill(out=out, gy=grid.gy, gx=grid.gx, pos_y=grid.off_y, pos_x=grid.off_x,
+                             cell_y=grid.cell_y, cell_x=grid.cell_x, insignificant=insig, bilinear=bilinear)
+        assert filled == (~significant).sum()
+        ref = maps.astype(np.float64).copy()
+        value = top + fy * (bottom - top) if bilinear else np.zeros_like(top)
+        flat = ref.reshape(O, -1)
+        flat[:, grid.off_positions] = np.where(significant, flat[:, grid.off_positions], value)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
