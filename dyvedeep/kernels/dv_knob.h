@@ -26,9 +26,15 @@ static inline void dv_knob_store(float *out, int npos, const int *orow, int rows
             float *d = dst + pos[0];
             for (int j = 0; j < jn; ++j) d[j] = act[r][j] ? v[j] : (stop[r][j] ? 0.0f : d[j]);
         } else {
+            /* as bits (act and stop never both set): a branch on each entry's outcome was
+             * mispredicted on SDSS's scattered positions */
             for (int j = 0; j < jn; ++j) {
                 float *d = dst + pos[j];
-                *d = act[r][j] ? v[j] : (stop[r][j] ? 0.0f : *d);
+                unsigned int a = 0u - act[r][j], keep = ~a & (stop[r][j] - 1u), vb, db;
+                memcpy(&vb, &v[j], sizeof vb);
+                memcpy(&db, d, sizeof db);
+                db = (vb & a) | (db & keep);
+                memcpy(d, &db, sizeof db);
             }
         }
     }
@@ -103,7 +109,9 @@ static void dv_knob_tiles(const float *src, const long *tap_off, const int *runs
                 int o = list[g + r];
                 const unsigned char *m = mask != NULL ? mask + (long)o * n + j0 : NULL;
                 float b0 = bias[o];
-                for (int j = 0; j < 32; ++j) act[r][j] = j < jn && (m == NULL || m[j < jn ? j : 0]);
+                for (int j = 0; j < 32; ++j) act[r][j] = j < jn;
+                if (m != NULL)
+                    for (int j = 0; j < jn; ++j) act[r][j] = m[j] != 0;
                 if (cst != NULL) {
                     const float *cr = cst + (long)o * npos;
                     for (int j = 0; j < jn; ++j) part[r][j] = b0 + cr[pos[j0 + j]];
