@@ -1,7 +1,8 @@
 /* SDSS's bookkeeping around the grid: which cells are insignificant, which off-grid positions
  * some map still needs, and the fill of the others. Cell by cell rather than position by
  * position: a cell's decision is read once for its positions, without a branch per position
- * (a cell is insignificant in a quarter of the maps, a branch the predictor cannot learn). */
+ * (whether a position's cell is insignificant changes from map to map and cell to cell: a
+ * branch the predictor cannot learn). */
 #ifndef DYVEDEEP_DV_SDSS_H
 #define DYVEDEEP_DV_SDSS_H
 
