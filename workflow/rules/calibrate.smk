@@ -15,11 +15,11 @@ rule calibrate:
         limit=lambda wildcards: limit_arg("calib", wildcards.bench),
         mirror=mirror_arg(),
         options=lambda wildcards: calibrate_args(wildcards.bench),
-    threads: JOB_THREADS
+    threads: job_threads
     log:
         "logs/calibrate/{bench}.log",
     resources:
-        cpu_lock=CPU_LOCK_JOB_THREADS,
+        cpu_lock=job_cpu_lock,
     conda:
         CONDA_ENV
     shell:

@@ -53,7 +53,7 @@ if config["mirror"] and Path(config["mirror"]).expanduser().is_dir():
     MIRROR = str(Path(config["mirror"]).expanduser().resolve())
 
 # Every job holds one unit of `cpu_lock`; a timing job holds all of them and so runs alone, as
-# does a job on every core of this machine (CPU_LOCK_JOB_THREADS).
+# does a job on every core of this machine (job_cpu_lock).
 # The total is declared in the workflow profile (profiles/default/config.yaml).
 _lock = workflow.global_resources.get("cpu_lock")
 CPU_LOCK_ALL = int(getattr(_lock, "value", _lock) or 1)
@@ -193,18 +193,31 @@ def mirror_arg():
     return f"--mirror {MIRROR}" if MIRROR else ""
 
 
-# Threads of the jobs that can use several (calibration, evaluation): half the cores there are,
-# so that two such jobs run side by side. Two one-thread calibrations at once finished in 0.86x
-# the time of the two one after the other on two threads each (2 cores, AMD EPYC; a calibration
-# splits its images over worker processes, and what every job does between trials - its dense
-# runs, forks, Python - then overlaps with the other job): docs/notes/2026-12-05-make-all-time.md.
+# Threads of the jobs that can use several (calibration, evaluation): on this machine, half the
+# cores there are, so that two such jobs run side by side. Two one-thread calibrations at once
+# finished in 0.86x the time of the two one after the other on two threads each (2 cores, AMD
+# EPYC; a calibration splits its images over worker processes, and what every job does between
+# trials - its dense runs, forks, Python - then overlaps with the other job):
+# docs/notes/2026-12-05-make-all-time.md. On a cluster each job has its own cores and takes
+# them all. Functions, not constants: which executor runs the jobs is known only once the DAG is
+# built, after the Snakefile is read.
 _CORES = max(1, min(workflow.cores, os.cpu_count() or 1))
-JOB_THREADS = max(1, _CORES // 2)
+
+
+def _jobs_share_this_machine():
+    return workflow.local_exec and not workflow.remote_exec
+
+
+def job_threads(wildcards):
+    return max(1, _CORES // 2) if _jobs_share_this_machine() else _CORES
+
+
 # Such a job holds its share of cpu_lock (its threads out of this machine's cores): two of them
 # fill it, and no third job starts on the same cores (six calibrations of two threads at once on
 # 2 cores took several times the sum of their times alone,
-# docs/notes/2026-12-04-calibration-mix.md). On a cluster each job has its own cores.
-CPU_LOCK_JOB_THREADS = max(1, CPU_LOCK_ALL * JOB_THREADS // _CORES) if workflow.local_exec else 1
+# docs/notes/2026-12-04-calibration-mix.md).
+def job_cpu_lock(wildcards, threads):
+    return max(1, CPU_LOCK_ALL * threads // _CORES) if _jobs_share_this_machine() else 1
 
 
 def bench_calibrate(bench):

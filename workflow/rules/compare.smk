@@ -28,11 +28,11 @@ rule gates:
         confidence=config["compare"]["gates"]["confidence"],
         limit=gates_limit_arg(),
         mirror=mirror_arg(),
-    threads: JOB_THREADS
+    threads: job_threads
     log:
         "logs/gates/{bench}/{setting}.log",
     resources:
-        cpu_lock=CPU_LOCK_JOB_THREADS,
+        cpu_lock=job_cpu_lock,
     conda:
         CONDA_ENV
     shell:
@@ -54,11 +54,11 @@ rule evaluate_gates:
         data=lambda wildcards: data_spec(wildcards.bench, "test"),
         limit=limit_arg("test"),
         mirror=mirror_arg(),
-    threads: JOB_THREADS
+    threads: job_threads
     log:
         "logs/evaluate/{bench}/{setting}.log",
     resources:
-        cpu_lock=CPU_LOCK_JOB_THREADS,
+        cpu_lock=job_cpu_lock,
     conda:
         CONDA_ENV
     shell:
@@ -81,11 +81,11 @@ rule prune:
         options=lambda wildcards: prune_args(wildcards.bench),
         limit=lambda wildcards: limit_arg("calib", wildcards.bench),
         mirror=mirror_arg(),
-    threads: JOB_THREADS
+    threads: job_threads
     log:
         "logs/prune/{bench}/{method}.log",
     resources:
-        cpu_lock=CPU_LOCK_JOB_THREADS,
+        cpu_lock=job_cpu_lock,
     conda:
         CONDA_ENV
     shell:
@@ -110,11 +110,11 @@ rule calibrate_pruned:
         limit=lambda wildcards: limit_arg("calib", wildcards.bench),
         mirror=mirror_arg(),
         options=lambda wildcards: calibrate_args(wildcards.bench, config["compare"]["prune"]["knob_passes"]),
-    threads: JOB_THREADS
+    threads: job_threads
     log:
         "logs/calibrate/{bench}/pruned_{method}.log",
     resources:
-        cpu_lock=CPU_LOCK_JOB_THREADS,
+        cpu_lock=job_cpu_lock,
     conda:
         CONDA_ENV
     shell:
@@ -137,11 +137,11 @@ rule evaluate_pruned:
         data=lambda wildcards: data_spec(wildcards.bench, "test"),
         limit=limit_arg("test"),
         mirror=mirror_arg(),
-    threads: JOB_THREADS
+    threads: job_threads
     log:
         "logs/evaluate/{bench}/pruned_{method}.log",
     resources:
-        cpu_lock=CPU_LOCK_JOB_THREADS,
+        cpu_lock=job_cpu_lock,
     conda:
         CONDA_ENV
     shell:

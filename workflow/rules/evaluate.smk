@@ -45,11 +45,11 @@ if config["eval_shard_size"]:
             data=lambda wildcards: data_spec(wildcards.bench, "test"),
             limit=limit_arg("test"),
             mirror=mirror_arg(),
-        threads: JOB_THREADS
+        threads: job_threads
         log:
             "logs/evaluate/{bench}/{start}-{stop}.log",
         resources:
-            cpu_lock=CPU_LOCK_JOB_THREADS,
+            cpu_lock=job_cpu_lock,
         conda:
             CONDA_ENV
         shell:
@@ -97,11 +97,11 @@ else:
             data=lambda wildcards: data_spec(wildcards.bench, "test"),
             limit=limit_arg("test"),
             mirror=mirror_arg(),
-        threads: JOB_THREADS
+        threads: job_threads
         log:
             "logs/evaluate/{bench}.log",
         resources:
-            cpu_lock=CPU_LOCK_JOB_THREADS,
+            cpu_lock=job_cpu_lock,
         conda:
             CONDA_ENV
         shell:
