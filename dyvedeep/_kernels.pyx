@@ -143,7 +143,7 @@ cdef extern from "_program.h" nogil:
         int N
         long ldc, lds
     ctypedef struct dv_pool_args:
-        int C, H, W, ho, wo, kh, kw, sh, sw, pt, pl, pb, pr, count_include_pad
+        int C, H, W, ho, wo, kh, kw, sh, sw, pt, pl, pb, pr, count_include_pad, rows_shared
         long ldo
     ctypedef struct dv_mean_args:
         int C, N
@@ -994,9 +994,10 @@ cdef inline void _pool_step(dv_step* s, int kind, const float[:, :, ::1] x, floa
 
 
 def maxpool(const float[:, :, ::1] x, float[:, :, :] out, int kh, int kw, int sh, int sw,
-            int pt, int pl, int threads=1, Program program=None):
+            int pt, int pl, int threads=1, Program program=None, bint rows_shared=False):
     """Max pooling with implicit -inf padding (ONNX / onnxruntime semantics). ``out``'s planes
-    must have contiguous rows, but may lie apart (a band of rows of a larger output)."""
+    must have contiguous rows, but may lie apart (a band of rows of a larger output). Threads
+    share out the planes, or with ``rows_shared`` the output rows of every plane."""
     cdef int C = x.shape[0], H = x.shape[1], W = x.shape[2], Ho = out.shape[1], Wo = out.shape[2]
     if out.shape[0] != C or (Ho > 0 and Wo > 0 and (out.strides[2] != 4 or (Ho > 1 and out.strides[1] != 4 * Wo))):
         raise ValueError("maxpool: output planes must have contiguous rows")
@@ -1008,6 +1009,7 @@ def maxpool(const float[:, :, ::1] x, float[:, :, :] out, int kh, int kw, int sh
     cdef dv_step s
     _pool_step(&s, DV_STEP_MAXPOOL, x, &out[0, 0, 0], out.strides[0] // 4, Ho, Wo, kh, kw, sh, sw, pt, pl,
                &rows[0, 0], span, threads)
+    s.u.pool.rows_shared = rows_shared
     _emit(program, &s, 1, (x, out, scratch) if program is not None else None)
 
 

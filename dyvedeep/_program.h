@@ -71,8 +71,10 @@ typedef struct {
 } dv_im2col_args;
 /* GEMM on packed panels: N columns, rows ldc apart in a panel, panels lds apart. */
 typedef struct { dv_product p; int N; long ldc, lds; } dv_gemm_args;
-/* Pooling of C planes (H x W) into ho x wo planes ldo floats apart. */
-typedef struct { int C, H, W, ho, wo, kh, kw, sh, sw, pt, pl, pb, pr, count_include_pad; long ldo; } dv_pool_args;
+/* Pooling of C planes (H x W) into ho x wo planes ldo floats apart. rows_shared (max pooling):
+ * threads share out the output rows of every plane, not the planes (a conv band whose threads
+ * shared out positions is then pooled by the thread that wrote it). */
+typedef struct { int C, H, W, ho, wo, kh, kw, sh, sw, pt, pl, pb, pr, count_include_pad, rows_shared; long ldo; } dv_pool_args;
 /* The means of C rows of N floats. */
 typedef struct { int C, N; } dv_mean_args;
 /* n floats: out = x + b (b == NULL: x), ReLU'd if relu. */
@@ -270,6 +272,15 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
     }
     case DV_STEP_MAXPOOL: {
         const dv_pool_args *a = &s->u.pool;
+        if (a->rows_shared) {  /* output rows b..e-1: their windows start at input row b sh - pt */
+            dv_share(a->ho, t, T, &b, &e);
+            int top = b * a->sh - a->pt, skip = top > 0 ? top : 0;
+            for (int c = 0; c < a->C && e > b; ++c)
+                dv_maxpool_plane(x + ((long)c * a->H + skip) * a->W, a->H - skip, a->W,
+                                 s->out + (long)c * a->ldo + (long)b * a->wo, e - b, a->wo, a->kh, a->kw, a->sh,
+                                 a->sw, skip - top, a->pl, scratch);
+            break;
+        }
         dv_share(a->C, t, T, &b, &e);
         for (int c = b; c < e; ++c)
             dv_maxpool_plane(x + (long)c * a->H * a->W, a->H, a->W, s->out + (long)c * a->ldo, a->ho, a->wo,

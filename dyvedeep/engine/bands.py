@@ -1,6 +1,6 @@
-"""Conv+pool bands: a conv layer (direct or phase route, no knobs) and the max-pooling that alone
-reads it, run band by band of output rows, so that each band of the conv output is pooled while
-it is still in L2. The same floats as the two layers one after the other (the rows a band shares
+"""Conv+pool bands: a conv layer (direct, phase or channel-vector route, no knobs) and the
+max-pooling that alone reads it, run band by band of output rows, so that each band of the conv
+output is pooled while it is still in L2. The same floats as the two layers one after the other (the rows a band shares
 with the next, kh - stride of the pooling, are computed twice)."""
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from .tuning import EngineTuning
 
 @dataclass(frozen=True)
 class PoolBand:
-    """One band: conv output rows y0..y0+rows-1 (computed into the band scratch, from source
-    offset src_offset with ``vectors``), pooled into output rows p0..p1-1 (the pooling's top
-    padding as seen from the band: pad_top)."""
+    """One band: conv output rows y0..y0+rows-1 (computed into the band scratch: from source
+    offset src_offset with ``vectors`` on the direct and phase routes, at positions ``pos_off``
+    on the channel-vector route), pooled into output rows p0..p1-1 (the pooling's top padding
+    as seen from the band: pad_top)."""
 
     y0: int
     rows: int
@@ -26,7 +27,8 @@ class PoolBand:
     p1: int
     pad_top: int
     src_offset: int
-    vectors: np.ndarray
+    vectors: np.ndarray | None
+    pos_off: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def plan_conv_pool_bands(plan: Plan, index: int, cp: ConvPlan, readers: dict[str
     """The band plan of conv layer ``index`` with the max-pooling after it, or None when the
     pair does not qualify (see EngineTuning.conv_pool_min_bytes)."""
     layer, geom, route = cp.layer, cp.geom, cp.route
-    if (index + 1 >= len(plan.layers) or geom.groups != 1 or route.name not in ("direct", "phase")
+    if (index + 1 >= len(plan.layers) or geom.groups != 1 or route.name not in ("direct", "phase", "ocvec")
             or cp.knobs is not None):
         return None
     pool = plan.layers[index + 1]
@@ -63,7 +65,12 @@ def plan_conv_pool_bands(plan: Plan, index: int, cp: ConvPlan, readers: dict[str
         p1 = min(pool_rows, p0 + per_band)
         y0 = max(0, p0 * stride - pad_top)
         y1 = min(geom.ho, (p1 - 1) * stride - pad_top + kh)
-        _, across = direct_lane_use(y1 - y0, geom.wo, conv_sh, row_width)
-        vectors = K.direct_vectors(ho=y1 - y0, wo=geom.wo, sh=conv_sh, row_width=row_width, across=across)
-        bands.append(PoolBand(y0, y1 - y0, p0, p1, y0 - (p0 * stride - pad_top), y0 * conv_sh * row_width, vectors))
+        vectors = pos_off = None
+        if route.name == "ocvec":
+            pos_off = route.pos_off[y0 * geom.wo:y1 * geom.wo]
+        else:
+            _, across = direct_lane_use(y1 - y0, geom.wo, conv_sh, row_width)
+            vectors = K.direct_vectors(ho=y1 - y0, wo=geom.wo, sh=conv_sh, row_width=row_width, across=across)
+        bands.append(PoolBand(y0, y1 - y0, p0, p1, y0 - (p0 * stride - pad_top), y0 * conv_sh * row_width, vectors,
+                              pos_off))
     return ConvPoolBands(index, bands, max(geom.cout * b.rows * geom.wo for b in bands), tuning.conv_pool_rows_first)

@@ -270,3 +270,20 @@ def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning, threads: in
         partial = aligned_zeros((max(threads, 1), K.ocvec_partial_floats()))
     return ConvPlan(layer, geom, weights, channels, route, knob_plan,
                     packed_cols(g.cin * g.kk, g.positions, allocate=False), weight_blocks, partial)
+
+
+def strided_ocvec_plan(cp: ConvPlan, tuning: EngineTuning, threads: int = 1) -> ConvPlan | None:
+    """``cp`` on the channel-vector route with its stride (each position's tap (0, 0) stride
+    rows and columns apart in the source), or None: for a knob-free strided layer of 3x3 or
+    larger, one group, output channels a multiple of ``ocvec_channel_multiple``, in an engine
+    of at most ``ocvec_strided_bands_threads`` (the engine asks for it when the layer runs band
+    by band with its max-pooling: ConvPoolBands). The same floats as its own route."""
+    g, route = cp.geom, cp.route
+    if not (max(threads, 1) <= tuning.ocvec_strided_bands_threads and cp.knobs is None and route.name != "ocvec" and g.groups == 1
+            and g.kk > 1 and (g.sh > 1 or g.sw > 1) and g.cout % tuning.ocvec_channel_multiple == 0):
+        return None
+    oy, ox = np.divmod(np.arange(g.positions), g.wo)
+    pos_off = (oy * g.sh * route.src_row_width + ox * g.sw).astype(np.int32)
+    return dataclasses.replace(cp, route=dataclasses.replace(route, name="ocvec", pos_off=pos_off),
+                               weight_blocks=[ocvec_weight_blocks(w) for w in cp.weights],
+                               ocvec_partial=aligned_zeros((max(threads, 1), K.ocvec_partial_floats())))

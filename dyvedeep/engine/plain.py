@@ -117,13 +117,21 @@ def conv_pool_bands(bands: ConvPoolBands, cp: ConvPlan, pool: Layer, scratch: Sc
     ppl = pool.attrs["pads"][1]
     for band in bands.bands:
         conv_out = scratch.bands[:geom.cout * band.rows * geom.wo].reshape(geom.cout, band.rows * geom.wo)
-        K.conv_direct(x=src, channel0=0, pt=0, pl=0, Hp=src.shape[1], Wp=src.shape[2], pad=False,
-                      pad_buffer=scratch.source, tap_off=tap_off, vectors=band.vectors, W=cp.weights[0],
-                      bias=cp.layer.bias, relu=cp.layer.relu, out=conv_out, threads=conv_threads,
-                      src_offset=band.src_offset, program=program, rows_first=bands.conv_rows_first,
-                      rows_below_tiles=cp.route.rows_below_tiles)
+        if route.name == "ocvec":
+            K.conv_ocvec(x=src, channel0=0, pt=0, pl=0, Hp=src.shape[1], Wp=src.shape[2], pad=False,
+                         pad_buffer=scratch.source, tap_off=tap_off, pos_off=band.pos_off, Wb=cp.weight_blocks[0],
+                         bias=cp.layer.bias, relu=cp.layer.relu, out=conv_out, partial=cp.ocvec_partial,
+                         threads=conv_threads, program=program)
+        else:
+            K.conv_direct(x=src, channel0=0, pt=0, pl=0, Hp=src.shape[1], Wp=src.shape[2], pad=False,
+                          pad_buffer=scratch.source, tap_off=tap_off, vectors=band.vectors, W=cp.weights[0],
+                          bias=cp.layer.bias, relu=cp.layer.relu, out=conv_out, threads=conv_threads,
+                          src_offset=band.src_offset, program=program, rows_first=bands.conv_rows_first,
+                          rows_below_tiles=cp.route.rows_below_tiles)
+        # on the channel-vector route the conv's threads shared out positions: each pools its rows
         K.maxpool(x=conv_out.reshape(geom.cout, band.rows, geom.wo), out=out[:, band.p0:band.p1], kh=kh, kw=kw,
-                  sh=psh, sw=psw, pt=band.pad_top, pl=ppl, threads=pool_threads, program=program)
+                  sh=psh, sw=psw, pt=band.pad_top, pl=ppl, threads=pool_threads, program=program,
+                  rows_shared=route.name == "ocvec")
 
 
 def pool(layer: Layer, x: np.ndarray, out: np.ndarray, threads: int, program: K.Program | None = None) -> None:
