@@ -16,6 +16,7 @@ rule calibrate:
         mirror=mirror_arg(),
         options=lambda wildcards: calibrate_args(wildcards.bench),
     threads: job_threads
+    priority: JOB_PRIORITY["calibrate"]
     log:
         "logs/calibrate/{bench}.log",
     resources:

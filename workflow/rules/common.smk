@@ -220,6 +220,14 @@ def job_cpu_lock(wildcards, threads):
     return max(1, CPU_LOCK_ALL * threads // _CORES) if _jobs_share_this_machine() else 1
 
 
+# Which waiting job gets a free core first: the long searches (calibrations, then pruning and
+# the pruned nets' calibrations, then the gates), so that no long job is left to run alone at the
+# end beside an idle core. A `make all` on 2 cores without them started resnet56_caffe's
+# calibration, its longest job (4 min), 12 min into a 19.5-min run, and one core idled for
+# 2.5 min of it (docs/notes/2026-12-05-make-all-time.md).
+JOB_PRIORITY = {"calibrate": 3, "prune": 2, "calibrate_pruned": 2, "gates": 1}
+
+
 def bench_calibrate(bench):
     """The calibration settings of ``bench``: its own over the global section."""
     own = {k: v for k, v in config["benchmarks"][bench].get("calibrate", {}).items() if v is not None}

@@ -29,6 +29,7 @@ rule gates:
         limit=gates_limit_arg(),
         mirror=mirror_arg(),
     threads: job_threads
+    priority: JOB_PRIORITY["gates"]
     log:
         "logs/gates/{bench}/{setting}.log",
     resources:
@@ -82,6 +83,7 @@ rule prune:
         limit=lambda wildcards: limit_arg("calib", wildcards.bench),
         mirror=mirror_arg(),
     threads: job_threads
+    priority: JOB_PRIORITY["prune"]
     log:
         "logs/prune/{bench}/{method}.log",
     resources:
@@ -111,6 +113,7 @@ rule calibrate_pruned:
         mirror=mirror_arg(),
         options=lambda wildcards: calibrate_args(wildcards.bench, config["compare"]["prune"]["knob_passes"]),
     threads: job_threads
+    priority: JOB_PRIORITY["calibrate_pruned"]
     log:
         "logs/calibrate/{bench}/pruned_{method}.log",
     resources:
