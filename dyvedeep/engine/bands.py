@@ -1,7 +1,7 @@
 """Conv+pool bands: a conv layer (direct, phase or channel-vector route, no knobs) and the
 max-pooling that alone reads it, run band by band of output rows, so that each band of the conv
-output is pooled while it is still in L2. The same floats as the two layers one after the other (the rows a band shares
-with the next, kh - stride of the pooling, are computed twice)."""
+output is pooled while it is still in L2. The same floats as the two layers one after the other
+(the rows a band shares with the next, kh - stride of the pooling, are computed twice)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -279,8 +279,8 @@ def strided_ocvec_plan(cp: ConvPlan, tuning: EngineTuning, threads: int = 1) -> 
     of at most ``ocvec_strided_bands_threads`` (the engine asks for it when the layer runs band
     by band with its max-pooling: ConvPoolBands). The same floats as its own route."""
     g, route = cp.geom, cp.route
-    if not (max(threads, 1) <= tuning.ocvec_strided_bands_threads and cp.knobs is None and route.name != "ocvec" and g.groups == 1
-            and g.kk > 1 and (g.sh > 1 or g.sw > 1) and g.cout % tuning.ocvec_channel_multiple == 0):
+    if not (max(threads, 1) <= tuning.ocvec_strided_bands_threads and cp.knobs is None and route.name != "ocvec"
+            and g.groups == 1 and g.kk > 1 and (g.sh > 1 or g.sw > 1) and g.cout % tuning.ocvec_channel_multiple == 0):
         return None
     oy, ox = np.divmod(np.arange(g.positions), g.wo)
     pos_off = (oy * g.sh * route.src_row_width + ox * g.sw).astype(np.int32)
