@@ -226,22 +226,23 @@ class ConvPlan:
 
 def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning, threads: int = 1) -> ConvRoute | None:
     """The channel-vector route (vectors over output channels, one broadcast input per
-    position: K.conv_ocvec) in place of ``route``, for a knob-free stride-1 layer that
-    qualifies (EngineTuning), else None: 3x3 or larger with output channels a multiple of
+    position: K.conv_ocvec) in place of ``route``, for a knob-free layer that qualifies
+    (EngineTuning), else None: stride 1, 3x3 or larger with output channels a multiple of
     ``ocvec_channel_multiple`` (``ocvec_route``); 1x1 on an unfolding route, any number of
     output channels, the last block padded (``ocvec_pointwise``); 1x1 on the direct route with
     output channels a multiple of 16, in an engine of one thread
-    (``ocvec_pointwise_one_thread``). (Strided layers would suit the kernel, but SqueezeNet's
-    conv1, 3 input channels, ran no faster on it than on its conv+pool bands.)"""
+    (``ocvec_pointwise_one_thread``); strided, 3x3 or larger, in an engine of at most
+    ``ocvec_strided_threads`` (each position's tap (0, 0) stride rows and columns apart)."""
     g = geom
     pointwise = g.kk == 1 and (
         (tuning.ocvec_pointwise and route.name in ("panel", "unfold"))
         or (tuning.ocvec_pointwise_one_thread and threads <= 1 and route.name == "direct" and g.cout % 16 == 0))
-    if not (tuning.ocvec_route and g.sh == g.sw == 1
+    strided_ok = (g.sh == g.sw == 1) or (g.kk > 1 and max(threads, 1) <= tuning.ocvec_strided_threads)
+    if not (tuning.ocvec_route and strided_ok
             and ((g.kk > 1 and g.cout % tuning.ocvec_channel_multiple == 0) or pointwise)):
         return None
     oy, ox = np.divmod(np.arange(g.positions), g.wo)
-    pos_off = (oy * route.src_row_width + ox).astype(np.int32)
+    pos_off = (oy * g.sh * route.src_row_width + ox * g.sw).astype(np.int32)
     return dataclasses.replace(route, name="ocvec", pos_off=pos_off)
 
 
@@ -271,19 +272,3 @@ def plan_conv(layer: Layer, knobs: KnobConfig, tuning: EngineTuning, threads: in
     return ConvPlan(layer, geom, weights, channels, route, knob_plan,
                     packed_cols(g.cin * g.kk, g.positions, allocate=False), weight_blocks, partial)
 
-
-def strided_ocvec_plan(cp: ConvPlan, tuning: EngineTuning, threads: int = 1) -> ConvPlan | None:
-    """``cp`` on the channel-vector route with its stride (each position's tap (0, 0) stride
-    rows and columns apart in the source), or None: for a knob-free strided layer of 3x3 or
-    larger, one group, output channels a multiple of ``ocvec_channel_multiple``, in an engine
-    of at most ``ocvec_strided_bands_threads`` (the engine asks for it when the layer runs band
-    by band with its max-pooling: ConvPoolBands). The same floats as its own route."""
-    g, route = cp.geom, cp.route
-    if not (max(threads, 1) <= tuning.ocvec_strided_bands_threads and cp.knobs is None and route.name != "ocvec"
-            and g.groups == 1 and g.kk > 1 and (g.sh > 1 or g.sw > 1) and g.cout % tuning.ocvec_channel_multiple == 0):
-        return None
-    oy, ox = np.divmod(np.arange(g.positions), g.wo)
-    pos_off = (oy * g.sh * route.src_row_width + ox * g.sw).astype(np.int32)
-    return dataclasses.replace(cp, route=dataclasses.replace(route, name="ocvec", pos_off=pos_off),
-                               weight_blocks=[ocvec_weight_blocks(w) for w in cp.weights],
-                               ocvec_partial=aligned_zeros((max(threads, 1), K.ocvec_partial_floats())))

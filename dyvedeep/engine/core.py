@@ -22,7 +22,7 @@ from ..knobs import KnobConfig
 from ..plan import Layer, Op, Plan
 from . import plain
 from .bands import ConvPoolBands, plan_conv_pool_bands
-from .conv_plan import ConvPlan, plan_conv, strided_ocvec_plan
+from .conv_plan import ConvPlan, plan_conv
 from .counting import OpCounter, conv_band_macs, fallback_costs
 from .knob_path import conv_group_with_knobs
 from .memory import Scratch, aligned_zeros, plan_buffers, tensor_readers
@@ -132,13 +132,7 @@ class Engine:
         self.conv_pool_bands: dict[int, ConvPoolBands] = {}  # conv layer index -> its bands
         for i, layer in enumerate(plan.layers):
             if layer.op == Op.CONV and layer.output not in self.in_place:
-                # a strided layer's bands on the channel-vector route, when it qualifies
-                ocvec = strided_ocvec_plan(self.layer_plans[layer.name], tuning, self.threads)
-                bands = plan_conv_pool_bands(plan, i, ocvec, readers, tuning) if ocvec is not None else None
-                if bands is not None:
-                    self.layer_plans[layer.name] = ocvec
-                else:
-                    bands = plan_conv_pool_bands(plan, i, self.layer_plans[layer.name], readers, tuning)
+                bands = plan_conv_pool_bands(plan, i, self.layer_plans[layer.name], readers, tuning)
                 if bands is not None:
                     self.conv_pool_bands[i] = bands
                     geom = self.layer_plans[layer.name].geom

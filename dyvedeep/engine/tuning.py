@@ -88,14 +88,15 @@ class EngineTuning:
     #: threads); not AVX-512 (1.02x-1.05x the time: its tile always computes 64 channels).
     ocvec_pointwise_one_thread: bool = K.ISA == "avx2"
     #: ... and, in an engine of at most this many threads, for strided layers of 3x3 or larger
-    #: that run band by band with their max-pooling (ConvPoolBands): each band of positions on
-    #: the channel-vector route, pooled while still in L2 (by output rows, by the thread that
-    #: wrote them). AVX2 tiles, one thread: SqueezeNet v1.1's conv1 + pool1 1571 -> 1012 us,
-    #: the network 0.945x; SqueezeNet v1.0's (7x7, 96 channels) 7889 -> 4589 us, 0.873x. On two
-    #: threads 1.03x-1.06x the network's time, so not there. Without the bands the strided
-    #: route gained 1 % at most (its output went out to L3 and back)
+    #: (each position's tap (0, 0) stride rows and columns apart), with output channels as
+    #: above; one that feeds a max-pooling runs with it band by band (ConvPoolBands), each band
+    #: a range of positions, pooled by output rows by the thread that wrote them. AVX2 tiles,
+    #: one thread: SqueezeNet v1.1's conv1 + pool1 1571 -> 1012 us, the network 0.945x;
+    #: SqueezeNet v1.0's (7x7, 96 channels) 7889 -> 4589 us, 0.873x; resnet20_caffe and
+    #: resnet56_caffe (two strided 3x3 layers each) 0.95x-0.96x and 0.98x-0.995x. On two threads
+    #: SqueezeNet took 1.01x-1.06x the time in most processes, so not there
     #: (docs/notes/2026-12-05-conv1-bands.md).
-    ocvec_strided_bands_threads: int = 1 if K.ISA in ("avx512", "avx2") else 0
+    ocvec_strided_threads: int = 1 if K.ISA in ("avx512", "avx2") else 0
 
 
 DEFAULT_TUNING = EngineTuning()
