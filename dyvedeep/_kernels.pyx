@@ -99,6 +99,7 @@ cdef extern from "_program.h" nogil:
         DV_STEP_AVGPOOL
         DV_STEP_MEAN
         DV_STEP_ADD
+        DV_STEP_ELTWISE
         DV_STEP_SFMA_STATS
         DV_STEP_SFMA_SELECT
         DV_STEP_SFMA_CONSTANT
@@ -151,6 +152,11 @@ cdef extern from "_program.h" nogil:
         const float* b
         long n
         int relu
+    ctypedef struct dv_eltwise_args:
+        const float* b
+        long n
+        int op, scalar_first
+        float scalar
     ctypedef union dv_step_args:
         dv_pad_args pad
         dv_phase_args phase
@@ -162,6 +168,7 @@ cdef extern from "_program.h" nogil:
         dv_pool_args pool
         dv_mean_args mean
         dv_add_args add
+        dv_eltwise_args elt
     ctypedef struct dv_step:
         int kind, threads
         dv_sfma_state* sfma
@@ -222,7 +229,7 @@ def gemm(const float[:, :] A, const float[:, :] B, float[:, :] C, float beta=0.0
 #: The step kinds by their DV_STEP_* value (_program.h), as Program.step_kinds names them.
 STEP_KINDS = {DV_STEP_PAD: "pad", DV_STEP_PHASE: "phase", DV_STEP_DIRECT: "direct", DV_STEP_PANEL: "panel",
               DV_STEP_IM2COL: "im2col", DV_STEP_GEMM: "gemm", DV_STEP_MAXPOOL: "maxpool",
-              DV_STEP_AVGPOOL: "avgpool", DV_STEP_MEAN: "mean", DV_STEP_ADD: "add",
+              DV_STEP_AVGPOOL: "avgpool", DV_STEP_MEAN: "mean", DV_STEP_ADD: "add", DV_STEP_ELTWISE: "eltwise",
               DV_STEP_SFMA_STATS: "sfma-stats", DV_STEP_SFMA_SELECT: "sfma-select",
               DV_STEP_SFMA_CONSTANT: "sfma-constant", DV_STEP_OCVEC: "ocvec"}
 
@@ -949,6 +956,36 @@ def add_relu(const float[::1] x, const float[::1] b, float[::1] out, bint relu=F
     s.u.add.b = &b[0] if b is not None else NULL
     s.u.add.n = n
     s.u.add.relu = relu
+    s.out = &out[0]
+    _emit(program, &s, 1, (x, b, out) if program is not None else None)
+
+
+#: The ops of :func:`eltwise` (dv_eltwise.h's DV_ELT_* codes), by the plan's elementwise kind.
+ELTWISE_OPS = {"add": 0, "sub": 1, "mul": 2, "div": 3, "pow": 4}
+
+
+def eltwise(const float[::1] x, const float[::1] b, float[::1] out, str kind, float scalar=0.0,
+            bint scalar_first=False, int threads=1, Program program=None):
+    """out = x kind b (b None: x kind scalar, or scalar kind x with ``scalar_first``), kind one
+    of ELTWISE_OPS; one IEEE operation per element (powf for pow), the same bits on either path.
+    Threads split blocks of 64 floats."""
+    cdef long n = x.shape[0]
+    if kind not in ELTWISE_OPS:
+        raise ValueError(f"eltwise: unknown op {kind!r}")
+    if out.shape[0] != n or (b is not None and b.shape[0] != n):
+        raise ValueError("eltwise: shape mismatch")
+    if n == 0:
+        return
+    cdef dv_step s
+    memset(&s, 0, sizeof(dv_step))
+    s.kind = DV_STEP_ELTWISE
+    s.threads = threads
+    s.x = &x[0]
+    s.u.elt.b = &b[0] if b is not None else NULL
+    s.u.elt.n = n
+    s.u.elt.op = ELTWISE_OPS[kind]
+    s.u.elt.scalar = scalar
+    s.u.elt.scalar_first = scalar_first
     s.out = &out[0]
     _emit(program, &s, 1, (x, b, out) if program is not None else None)
 

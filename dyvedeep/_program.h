@@ -29,6 +29,7 @@ enum {
     DV_STEP_AVGPOOL,  /* dv_avgpool_plane, likewise */
     DV_STEP_MEAN,     /* dv_mean of each row (global average pooling), rows shared out */
     DV_STEP_ADD,      /* dv_add_relu (a residual Add, or a ReLU alone), blocks of 64 floats shared out */
+    DV_STEP_ELTWISE,  /* dv_eltwise_op (Add, Sub, Mul, Div, Pow), blocks of 64 floats shared out */
     DV_STEP_SFMA_STATS,    /* SFMA (alone) in a conv layer: dv_map_sums of each input map, maps shared out */
     DV_STEP_SFMA_SELECT,   /* dv_sfma_select: the maps dropped; the kept maps' weight rows shared out */
     DV_STEP_SFMA_CONSTANT, /* the dropped maps' constant added, then the ReLU: output rows shared out */
@@ -79,6 +80,8 @@ typedef struct { int C, H, W, ho, wo, kh, kw, sh, sw, pt, pl, pb, pr, count_incl
 typedef struct { int C, N; } dv_mean_args;
 /* n floats: out = x + b (b == NULL: x), ReLU'd if relu. */
 typedef struct { const float *b; long n; int relu; } dv_add_args;
+/* n floats: out = x op b, or x op scalar, or scalar op x (scalar_first), op a DV_ELT_* code. */
+typedef struct { const float *b; long n; int op, scalar_first; float scalar; } dv_eltwise_args;
 
 /* One step: its kind, its input, output and per-thread scratch, and the arguments of its kind.
  * `sfma`: the step belongs to a conv layer with SFMA alone (DV_STEP_SFMA_*, and its DIRECT or
@@ -104,6 +107,7 @@ typedef struct {
         dv_pool_args pool;      /* DV_STEP_MAXPOOL and DV_STEP_AVGPOOL */
         dv_mean_args mean;
         dv_add_args add;
+        dv_eltwise_args elt;
     } u;
 } dv_step;
 
@@ -307,6 +311,13 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         dv_share((int)((a->n + 63) / 64), t, T, &b, &e);
         long end = 64L * e < a->n ? 64L * e : a->n;
         dv_add_relu(x, a->b, s->out, 64L * b, end, a->relu);
+        break;
+    }
+    case DV_STEP_ELTWISE: {
+        const dv_eltwise_args *a = &s->u.elt;
+        dv_share((int)((a->n + 63) / 64), t, T, &b, &e);
+        long end = 64L * e < a->n ? 64L * e : a->n;
+        dv_eltwise_op(a->op, x, a->b, a->scalar, a->scalar_first, s->out, 64L * b, end);
         break;
     }
     case DV_STEP_SFMA_STATS: {

@@ -393,6 +393,37 @@ def test_strided_conv_on_the_channel_vector_route(tmp_path, conv_attrs, pool_att
     assert EngineTuning().ocvec_strided_threads == (1 if K.ISA in ("avx512", "avx2") else 0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lrn_written_as_elementwise_ops_runs_compiled(tmp_path, threads):
+    """An LRN written as ONNX elementwise ops (cifar10_full's: square, average pooling, scale,
+    shift, pow 0.75, divide) joins the compiled run after the conv: the same floats as the
+    Python path (forward, layer by layer) and onnxruntime's, every layer counted once per
+    image."""
+    nodes = [helper.make_node("Conv", ["data", "W", "b"], ["c"], name="c", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="r"),
+             helper.make_node("Mul", ["r", "r"], ["sq"], name="sq"),
+             helper.make_node("AveragePool", ["sq"], ["avg"], name="avg", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["avg", "alpha"], ["sc"], name="sc"),
+             helper.make_node("Add", ["sc", "one"], ["sh"], name="sh"),
+             helper.make_node("Pow", ["sh", "beta"], ["pw"], name="pw"),
+             helper.make_node("Div", ["r", "pw"], ["n"], name="n"),
+             helper.make_node("Sub", ["two", "n"], ["out"], name="out")]
+    inits = {"W": RNG.normal(0, .3, (16, 3, 3, 3)), "b": RNG.normal(0, .1, 16), "alpha": [5e-5], "one": [1.0],
+             "beta": [0.75], "two": [2.0]}
+    path = save_model(tmp_path / "lrn.onnx", nodes, inits, (3, 12, 10), "out")
+    plan = build_plan(path)
+    x = RNG.normal(0, 3, (3, 3, 12, 10)).astype(np.float32)
+    engine = Engine(plan, threads=threads, tuning=EngineTuning(parallel_min_work=0))
+    parts = engine.compiled_runs
+    assert len(parts) == 1 and parts[0].layers == list(range(len(plan.layers)))
+    assert "eltwise" in parts[0].program.step_kinds()
+    out = engine.run(x)
+    assert np.array_equal(out, np.stack([engine.forward(img)[plan.output_name].copy() for img in x]))
+    ref = ort_run(path, x).reshape(out.shape)
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert list(engine.counter.plain_runs) == [6] * len(plan.layers)
+
+
 def mixed_network(tmp_path):
     """A network with every kind of layer a compiled run takes (conv routes direct, phase,
     panel and unfold, a grouped conv, a conv + max-pooling run band by band, average and
@@ -673,9 +704,9 @@ def test_every_op_has_one_rule_and_one_runner():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_residual_adds_and_relus_join_the_compiled_runs(tmp_path, threads):
-    """A ReLU and an Add of two tensors of its shape (a residual block's) run inside the compiled
-    runs; an Add that reads the image, or adds a constant, stays on the Python path. Either way
-    the same floats and counts as the kernels called one by one from Python."""
+    """A ReLU, an Add of two tensors of its shape (a residual block's) and an Add of a scalar
+    constant run inside the compiled runs; an Add that reads the image stays on the Python path.
+    Either way the same floats and counts as the kernels called one by one from Python."""
     def block(x, name):
         return [helper.make_node("Conv", [x, f"{name}_W", f"{name}_b"], [f"{name}_c"], name=f"{name}_conv",
                                  pads=[1, 1, 1, 1]),
@@ -695,8 +726,8 @@ def test_residual_adds_and_relus_join_the_compiled_runs(tmp_path, threads):
     index = {layer.name: i for i, layer in enumerate(plan.layers)}
     python_path = [part for part in compiled.compiled_runs if isinstance(part, int)]
     in_runs = [i for part in compiled.compiled_runs if not isinstance(part, int) for i in part.layers]
-    assert python_path == [index["b1_add"], index["shift"]]  # reads the image; adds a constant
-    assert {index["b1_relu"], index["b2_add"], index["b2_relu"], index["relu_out"]} <= set(in_runs)
+    assert python_path == [index["b1_add"]]  # reads the image
+    assert {index["b1_relu"], index["b2_add"], index["b2_relu"], index["shift"], index["relu_out"]} <= set(in_runs)
     out = compiled.run(x)
     assert np.array_equal(out, python.run(x))
     assert np.array_equal(compiled.counter.table, python.counter.table)

@@ -336,7 +336,8 @@ class Engine:
         """Whether a layer joins a compiled run: a conv without knobs or with SFMA alone
         (sfma_alone_compilable), a pooling, a Concat whose
         inputs are all written in place, a ReLU or an Add of two tensors of its shape (a residual
-        block's), or a view (none of them reading the image, which changes per call)."""
+        block's), an elementwise op of tensors of its shape and scalars (plain.is_simple_eltwise),
+        or a view (none of them reading the image, which changes per call)."""
         if layer.op == Op.CONV:
             cp = self.layer_plans[layer.name]
             return cp.knobs is None or sfma_alone_compilable(cp)
@@ -345,7 +346,7 @@ class Engine:
         if layer.op == Op.CONCAT:
             return all(t in self.in_place for t in layer.inputs)
         if layer.op in (Op.RELU, Op.ELTWISE):
-            return plain.is_residual_add_or_relu(layer) and not any(
+            return (plain.is_residual_add_or_relu(layer) or plain.is_simple_eltwise(layer)) and not any(
                 np.shares_memory(values[t], self._image) for t in layer.inputs)
         return layer.op in (Op.MAXPOOL, Op.AVGPOOL, Op.GAP)
 
@@ -407,8 +408,11 @@ class Engine:
             return inputs[0].reshape(layer.out_shape)
         if layer.op == Op.CONCAT:  # every input was written in place
             return out
-        if layer.op in (Op.RELU, Op.ELTWISE):
+        if plain.is_residual_add_or_relu(layer):
             plain.add_or_relu(layer, inputs, out, threads, program)
+            return out
+        if layer.op == Op.ELTWISE:
+            plain.eltwise_into(layer, inputs, out, threads, program)
             return out
         plain.pool(layer, inputs[0], out, threads, program)
         return out
@@ -508,7 +512,10 @@ class Engine:
         return out
 
     def _eltwise(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:
-        out[...] = plain.eltwise(layer, inputs)
+        if plain.is_simple_eltwise(layer):  # the compiled runs' kernel: the same bits on either path
+            plain.eltwise_into(layer, inputs, out, self.kernel_threads)
+        else:
+            out[...] = plain.eltwise(layer, inputs)
         return out
 
     def _batchnorm(self, layer: Layer, inputs: list[np.ndarray], out: np.ndarray, index: int) -> np.ndarray:

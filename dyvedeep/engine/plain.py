@@ -191,6 +191,36 @@ def add_or_relu(layer: Layer, inputs: list[np.ndarray], out: np.ndarray, threads
                relu=layer.op == Op.RELU, threads=threads, program=program)
 
 
+def is_simple_eltwise(layer: Layer) -> bool:
+    """An Add, Sub, Mul, Div or Pow of two operands, each a tensor of the output's shape or a
+    scalar, at least one a tensor (no constant arrays, no broadcasting): what K.eltwise runs,
+    in a compiled run or on the Python path (SqueezeNet's and the CIFAR-10 nets' LRN when
+    written as such a chain)."""
+    if layer.op != Op.ELTWISE or layer.attrs["kind"] not in K.ELTWISE_OPS:
+        return False
+    if any(a is not None for a in layer.attrs.get("arrays") or ()):
+        return False
+    scalars = layer.attrs["scalars"]
+    shape = tuple(layer.out_shape)
+    return (len(scalars) == 2 and len(layer.inputs) == sum(s is None for s in scalars) >= 1
+            and all(tuple(t) == shape for t in layer.in_shapes))
+
+
+def eltwise_into(layer: Layer, inputs: list[np.ndarray], out: np.ndarray, threads: int,
+                 program: K.Program | None = None) -> None:
+    """A layer that :func:`is_simple_eltwise` takes, by K.eltwise into ``out``."""
+    it = iter(x.reshape(-1) for x in inputs)
+    first, second = (np.float32(s) if s is not None else next(it) for s in layer.attrs["scalars"])
+    kind, flat = layer.attrs["kind"], out.reshape(-1)
+    if isinstance(first, np.ndarray) and isinstance(second, np.ndarray):
+        K.eltwise(x=first, b=second, out=flat, kind=kind, threads=threads, program=program)
+    elif isinstance(first, np.ndarray):
+        K.eltwise(x=first, b=None, out=flat, kind=kind, scalar=second, threads=threads, program=program)
+    else:
+        K.eltwise(x=second, b=None, out=flat, kind=kind, scalar=first, scalar_first=True, threads=threads,
+                  program=program)
+
+
 def batchnorm(layer: Layer, x: np.ndarray, out: np.ndarray) -> None:
     """A BatchNormalization not folded into a conv: x * scale + shift per channel (the plan's
     weight and bias), then the folded ReLU."""

@@ -211,6 +211,19 @@ static inline dv_v16 dv_relu16(dv_v16 x)
     return r;
 }
 
+/* The square root of each lane, correctly rounded (IEEE), as sqrtf of each. */
+static inline dv_vn dv_sqrtn(dv_vn x)
+{
+#if defined(__AVX512F__)
+    return (dv_vn)_mm512_sqrt_ps((__m512)x);
+#elif defined(__AVX2__)
+    return (dv_vn)_mm256_sqrt_ps((__m256)x);
+#else
+    for (int l = 0; l < DV_VW; ++l) x[l] = __builtin_sqrtf(x[l]);
+    return x;
+#endif
+}
+
 /* x / d where d > 0, else 0, lane by lane (one machine vector; dv_div_where_positive). */
 static inline dv_vn dv_divn_where_positive(dv_vn x, dv_vn d)
 {
