@@ -194,8 +194,7 @@ def add_or_relu(layer: Layer, inputs: list[np.ndarray], out: np.ndarray, threads
 def is_simple_eltwise(layer: Layer) -> bool:
     """An Add, Sub, Mul, Div or Pow of two operands, each a tensor of the output's shape or a
     scalar, at least one a tensor (no constant arrays, no broadcasting): what K.eltwise runs,
-    in a compiled run or on the Python path (SqueezeNet's and the CIFAR-10 nets' LRN when
-    written as such a chain)."""
+    in a compiled run or on the Python path (cifar10_full's LRNs are chains of them)."""
     if layer.op != Op.ELTWISE or layer.attrs["kind"] not in K.ELTWISE_OPS:
         return False
     if any(a is not None for a in layer.attrs.get("arrays") or ()):
