@@ -104,6 +104,12 @@ cdef extern from "_program.h" nogil:
         DV_STEP_SFMA_SELECT
         DV_STEP_SFMA_CONSTANT
         DV_STEP_OCVEC
+    enum:
+        DV_ELT_ADD
+        DV_ELT_SUB
+        DV_ELT_MUL
+        DV_ELT_DIV
+        DV_ELT_POW
     ctypedef struct dv_product:
         const float* W
         long ldw
@@ -961,7 +967,7 @@ def add_relu(const float[::1] x, const float[::1] b, float[::1] out, bint relu=F
 
 
 #: The ops of :func:`eltwise` (dv_eltwise.h's DV_ELT_* codes), by the plan's elementwise kind.
-ELTWISE_OPS = {"add": 0, "sub": 1, "mul": 2, "div": 3, "pow": 4}
+ELTWISE_OPS = {"add": DV_ELT_ADD, "sub": DV_ELT_SUB, "mul": DV_ELT_MUL, "div": DV_ELT_DIV, "pow": DV_ELT_POW}
 
 
 def eltwise(const float[::1] x, const float[::1] b, float[::1] out, str kind, float scalar=0.0,

@@ -118,6 +118,16 @@ static inline void dv_share(int n, int t, int T, int *begin, int *end)
     *end = (int)((long)n * (t + 1) / T);
 }
 
+/* Thread t's share [*begin, *end) of n floats in blocks of 64 (whole cache lines but the last):
+ * the elementwise steps. */
+static inline void dv_share_blocks64(long n, int t, int T, long *begin, long *end)
+{
+    int b, e;
+    dv_share((int)((n + 63) / 64), t, T, &b, &e);
+    *begin = 64L * b;
+    *end = 64L * e < n ? 64L * e : n;
+}
+
 /* First row of part `part` of `parts` when the 8-row blocks of O rows are shared out (O for
  * part == parts). */
 static inline int dv_block_start(int part, int nblocks, int parts, int O)
@@ -308,16 +318,16 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
     }
     case DV_STEP_ADD: {
         const dv_add_args *a = &s->u.add;
-        dv_share((int)((a->n + 63) / 64), t, T, &b, &e);
-        long end = 64L * e < a->n ? 64L * e : a->n;
-        dv_add_relu(x, a->b, s->out, 64L * b, end, a->relu);
+        long begin, end;
+        dv_share_blocks64(a->n, t, T, &begin, &end);
+        dv_add_relu(x, a->b, s->out, begin, end, a->relu);
         break;
     }
     case DV_STEP_ELTWISE: {
         const dv_eltwise_args *a = &s->u.elt;
-        dv_share((int)((a->n + 63) / 64), t, T, &b, &e);
-        long end = 64L * e < a->n ? 64L * e : a->n;
-        dv_eltwise_op(a->op, x, a->b, a->scalar, a->scalar_first, s->out, 64L * b, end);
+        long begin, end;
+        dv_share_blocks64(a->n, t, T, &begin, &end);
+        dv_eltwise_op(a->op, x, a->b, a->scalar, a->scalar_first, s->out, begin, end);
         break;
     }
     case DV_STEP_SFMA_STATS: {
