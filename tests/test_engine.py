@@ -321,6 +321,16 @@ def test_phase_planes_are_the_strided_padded_input(shape, pads, stride):
                 assert np.array_equal(dst[(c * stride + py) * stride + px], expected)
 
 
+def conv_relu_maxpool(path, conv_attrs, pool_attrs, cout):
+    """A 3x3 conv (4 -> ``cout`` channels) on 39 x 37 maps, its ReLU and a max-pooling, saved to
+    ``path``; with two random images for it."""
+    nodes = [helper.make_node("Conv", ["data", "W", "b"], ["a"], name="a", **conv_attrs),
+             helper.make_node("Relu", ["a"], ["r"], name="r"),
+             helper.make_node("MaxPool", ["r"], ["out"], name="p", **pool_attrs)]
+    inits = {"W": RNG.normal(0, .3, (cout, 4, 3, 3)), "b": RNG.normal(0, .1, cout)}
+    return save_model(path, nodes, inits, (4, 39, 37), "out"), RNG.normal(0, 1, (2, 4, 39, 37)).astype(np.float32)
+
+
 @pytest.mark.parametrize("conv_attrs, pool_attrs, route", [
     (dict(pads=[1, 1, 1, 1]), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), "direct"),
     (dict(), dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), "direct"),
@@ -335,12 +345,7 @@ def test_conv_and_maxpool_run_band_by_band_bit_exactly(tmp_path, conv_attrs, poo
     share out the conv's 8-row blocks of weights (rows_first, three blocks here) or its tiles."""
     tuning = EngineTuning(parallel_min_work=0, conv_pool_min_bytes=0, conv_pool_rows_first=rows_first,
                           conv_pool_band_bytes=4 * 20 * 18 * 5)  # 5 rows of 18, 2 of 37
-    nodes = [helper.make_node("Conv", ["data", "W", "b"], ["a"], name="a", **conv_attrs),
-             helper.make_node("Relu", ["a"], ["r"], name="r"),
-             helper.make_node("MaxPool", ["r"], ["out"], name="p", **pool_attrs)]
-    inits = {"W": RNG.normal(0, .3, (20, 4, 3, 3)), "b": RNG.normal(0, .1, 20)}
-    path = save_model(tmp_path / "f.onnx", nodes, inits, (4, 39, 37), "out")
-    x = RNG.normal(0, 1, (2, 4, 39, 37)).astype(np.float32)
+    path, x = conv_relu_maxpool(tmp_path / "f.onnx", conv_attrs, pool_attrs, cout=20)
     plan = build_plan(path)
     engine = Engine(plan, threads=threads, tuning=tuning)
     assert [st.route.name for st in engine.layer_plans.values()] == [route]
@@ -369,12 +374,7 @@ def test_strided_conv_on_the_channel_vector_route(tmp_path, conv_attrs, pool_att
     unbanded (the output too small for bands) the same floats again."""
     tuning = EngineTuning(parallel_min_work=0, conv_pool_min_bytes=0, ocvec_channel_multiple=16,
                           ocvec_strided_threads=3, conv_pool_band_bytes=4 * 32 * 18 * 5)
-    nodes = [helper.make_node("Conv", ["data", "W", "b"], ["a"], name="a", **conv_attrs),
-             helper.make_node("Relu", ["a"], ["r"], name="r"),
-             helper.make_node("MaxPool", ["r"], ["out"], name="p", **pool_attrs)]
-    inits = {"W": RNG.normal(0, .3, (32, 4, 3, 3)), "b": RNG.normal(0, .1, 32)}
-    path = save_model(tmp_path / "s.onnx", nodes, inits, (4, 39, 37), "out")
-    x = RNG.normal(0, 1, (2, 4, 39, 37)).astype(np.float32)
+    path, x = conv_relu_maxpool(tmp_path / "s.onnx", conv_attrs, pool_attrs, cout=32)
     plan = build_plan(path)
     engine = Engine(plan, threads=threads, tuning=tuning)
     assert [st.route.name for st in engine.layer_plans.values()] == ["ocvec"]
