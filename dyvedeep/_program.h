@@ -5,7 +5,8 @@
  * routes, unfolding and GEMM, max and average pooling, channel means, residual Adds; and SFMA
  * alone in a conv layer (its statistic, its choice of maps, its constant). dv_run_steps runs a list
  * of them inside one parallel region, each thread doing its share of a step and then waiting
- * at a barrier for the others before the next step. The wrappers of _kernels.pyx either run
+ * at a barrier for the others before the next step (the channel-vector step's shares are of
+ * units that a thread done with its own takes from the others: dv_claim). The wrappers of _kernels.pyx either run
  * their steps at once or append them to a Program, which holds a whole run of dense layers
  * (docs/engine.md: one parallel region per image instead of one per kernel call). Each share
  * is the same kernel call either way, so every output is computed by the same operations. */
@@ -13,6 +14,7 @@
 #define DYVEDEEP_PROGRAM_H
 
 #include <omp.h>
+#include <stdint.h>
 #include "kernels/dv_conv.h"
 #include "kernels/dv_pool.h"
 #include "kernels/dv_eltwise.h"
@@ -33,7 +35,7 @@ enum {
     DV_STEP_SFMA_STATS,    /* SFMA (alone) in a conv layer: dv_map_sums of each input map, maps shared out */
     DV_STEP_SFMA_SELECT,   /* dv_sfma_select: the maps dropped; the kept maps' weight rows shared out */
     DV_STEP_SFMA_CONSTANT, /* the dropped maps' constant added, then the ReLU: output rows shared out */
-    DV_STEP_OCVEC     /* dv_conv_ocvec: (64-channel block, DV_OC_POS positions) shared out, running sums per thread */
+    DV_STEP_OCVEC     /* dv_conv_ocvec: units of (64-channel block, DV_OC_UNIT positions) claimed, running sums per thread */
 };
 
 /* The product part of a convolution or GEMM step: out (O rows, ldo floats apart) = W (O x K,
@@ -128,6 +130,40 @@ static inline void dv_share_blocks64(long n, int t, int T, long *begin, long *en
     *end = 64L * e < n ? 64L * e : n;
 }
 
+/* A thread's share of a step's units, which the other threads take from its end once theirs
+ * are done (a thread slower than the others, or off its core, leaves them the rest): the next
+ * unit from the front (low 32 bits, its owner's) and one past the last (high 32 bits). Each on
+ * its own cache line: an owner claims one unit at a time. */
+typedef struct { _Alignas(64) uint64_t range; } dv_claim;
+
+static inline void dv_claim_set(dv_claim *c, int begin, int end)
+{
+    __atomic_store_n(&c->range, ((uint64_t)(uint32_t)end << 32) | (uint32_t)begin, __ATOMIC_RELAXED);
+}
+
+/* The next unit of a share, from its front or its back; -1 when none is left. Relaxed: the
+ * barrier after the step publishes the units' outputs. */
+static inline int dv_claim_next(dv_claim *c, int front)
+{
+    uint64_t v = __atomic_load_n(&c->range, __ATOMIC_RELAXED);
+    for (;;) {
+        uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+        if (lo >= hi) return -1;
+        uint64_t next = front ? v + 1 : ((uint64_t)(hi - 1) << 32) | lo;
+        if (__atomic_compare_exchange_n(&c->range, &v, next, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return front ? (int)lo : (int)(hi - 1);
+    }
+}
+
+/* Thread t's next unit of a step whose shares are claims[0..nshares-1]: its own from the front,
+ * then the others' from their backs; -1 when every unit is taken. */
+static inline int dv_claim_unit(dv_claim *claims, int t, int nshares)
+{
+    int u = t < nshares ? dv_claim_next(&claims[t], 1) : -1;
+    for (int i = 1; u < 0 && i < nshares; ++i) u = dv_claim_next(&claims[(t + i) % nshares], 0);
+    return u;
+}
+
 /* First row of part `part` of `parts` when the 8-row blocks of O rows are shared out (O for
  * part == parts). */
 static inline int dv_block_start(int part, int nblocks, int parts, int O)
@@ -200,8 +236,24 @@ static const dv_product *dv_sfma_product(const dv_step *s, const dv_product *own
     return kept;
 }
 
-/* Thread t's share of step s run by T threads (x: the step's input, rebased on the image). */
-static void dv_step_share(const dv_step *s, const float *x, int t, int T)
+/* Positions of a unit of the channel-vector step: half a group of dv_conv_ocvec. On two threads
+ * of the AVX2 host, units of 24 took the networks 0.90x-0.99x the time of units of 48, and 12,
+ * 18 or 36 less than 24 (docs/notes/2026-12-05-claimed-units.md). */
+#define DV_OC_UNIT 24
+
+/* The units of a step whose threads claim them (dv_claim); 0 for a step shared out in fixed
+ * parts. */
+static inline int dv_step_units(const dv_step *s)
+{
+    if (s->kind == DV_STEP_OCVEC)
+        return (s->u.ocvec.p.O + 63) / 64 * ((s->u.ocvec.npos + DV_OC_UNIT - 1) / DV_OC_UNIT);
+    return 0;
+}
+
+/* Thread t's share of step s run by T threads (x: the step's input, rebased on the image).
+ * `claims`: the nshares shares of a step of units (dv_step_units; nshares >= T, a share whose
+ * thread never started is taken over by the others), NULL when one thread runs it all. */
+static void dv_step_share(const dv_step *s, const float *x, int t, int T, dv_claim *claims, int nshares)
 {
     int b, e, g0, g1, t0, t1;
     float *scratch = s->scratch ? s->scratch + (long)t * s->scratch_stride : NULL;
@@ -237,18 +289,21 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T)
         break;
     }
     case DV_STEP_OCVEC: {
-        /* shares of (64-channel block, tile of DV_OC_POS positions) in block order: a thread
-         * reads the weights of its blocks only */
+        /* units of (64-channel block, DV_OC_UNIT positions) in block order, claimed (dv_claim):
+         * a thread reads the weights of its blocks, and of a block whose units it takes over */
         const dv_ocvec_args *a = &s->u.ocvec;
         const dv_product *p = &a->p;
-        int ntiles = (a->npos + DV_OC_POS - 1) / DV_OC_POS;
-        dv_share((p->O + 63) / 64 * ntiles, t, T, &b, &e);
-        for (int u = b; u < e;) {
-            int ob = u / ntiles, t0 = u % ntiles, t1 = t0 + (e - u) < ntiles ? t0 + (e - u) : ntiles;
-            int p1 = t1 * DV_OC_POS < a->npos ? t1 * DV_OC_POS : a->npos;
+        if (claims == NULL) {
             dv_conv_ocvec(x, a->tap_off, a->pos_off, p->W, p->O, p->K, p->bias, p->relu, s->out, p->ldo,
-                          t0 * DV_OC_POS, p1, ob, ob + 1, scratch);
-            u += t1 - t0;
+                          0, a->npos, 0, (p->O + 63) / 64, scratch);
+            break;
+        }
+        int per_block = (a->npos + DV_OC_UNIT - 1) / DV_OC_UNIT;
+        for (int u; (u = dv_claim_unit(claims, t, nshares)) >= 0;) {
+            int ob = u / per_block, p0 = u % per_block * DV_OC_UNIT;
+            int p1 = p0 + DV_OC_UNIT < a->npos ? p0 + DV_OC_UNIT : a->npos;
+            dv_conv_ocvec(x, a->tap_off, a->pos_off, p->W, p->O, p->K, p->bias, p->relu, s->out, p->ldo,
+                          p0, p1, ob, ob + 1, scratch);
         }
         break;
     }
@@ -374,17 +429,34 @@ static void dv_run_steps(const dv_step *steps, int n, const float *image, int ma
     if (team > max_threads) team = max_threads;
     if (team == 1) {
         for (int i = 0; i < n; ++i) {
-            dv_step_share(&steps[i], dv_step_input(&steps[i], image), 0, 1);
+            dv_step_share(&steps[i], dv_step_input(&steps[i], image), 0, 1, NULL, 0);
             if (step_end != NULL) step_end[i + 1] = omp_get_wtime();
         }
         return;
     }
+    /* the shares of each step of units, as fixed parts would be, set before the run */
+    int nclaimed = 0;
+    for (int i = 0; i < n; ++i) nclaimed += dv_step_units(&steps[i]) > 0;
+    dv_claim claims[nclaimed > 0 ? nclaimed * team : 1];
+    for (int i = 0, c = 0; i < n; ++i) {
+        int units = dv_step_units(&steps[i]), T = steps[i].threads < team ? steps[i].threads : team;
+        if (units == 0) continue;
+        for (int t = 0; t < T; ++t)
+            dv_claim_set(&claims[c * team + t], (int)((long)units * t / T), (int)((long)units * (t + 1) / T));
+        ++c;
+    }
 #pragma omp parallel num_threads(team)
     {
         int t = omp_get_thread_num(), size = omp_get_num_threads();
-        for (int i = 0; i < n; ++i) {
+        for (int i = 0, c = 0; i < n; ++i) {
             int T = steps[i].threads < size ? steps[i].threads : size;
-            if (t < T) dv_step_share(&steps[i], dv_step_input(&steps[i], image), t, T);
+            int shares = steps[i].threads < team ? steps[i].threads : team;  /* as set above */
+            dv_claim *step_claims = NULL;
+            if (dv_step_units(&steps[i]) > 0) {
+                if (shares > 1) step_claims = &claims[c * team];
+                ++c;
+            }
+            if (t < T) dv_step_share(&steps[i], dv_step_input(&steps[i], image), t, T, step_claims, shares);
             if (i + 1 < n || step_end != NULL) {
 #pragma omp barrier
             }

@@ -21,7 +21,7 @@ ALL_THREADS = EngineTuning(parallel_min_work=0)
 #: ... with 1x1 layers on their own routes (direct, panel, unfold) on every build (the AVX2
 #: build's defaults put some on the channel-vector route: test_channel_vector_route_bit_exactly,
 #: test_pointwise_channel_vector_route_on_one_thread)
-UNFOLD_ROUTES = EngineTuning(parallel_min_work=0, ocvec_pointwise=False, ocvec_pointwise_one_thread=False)
+UNFOLD_ROUTES = EngineTuning(parallel_min_work=0, ocvec_pointwise=False, ocvec_pointwise_direct=False)
 
 
 def ort_run(path, x):
@@ -108,29 +108,26 @@ def test_channel_vector_route_bit_exactly(tmp_path, cin, cout, hw, kernel):
     assert EngineTuning().ocvec_channel_multiple == (16 if K.ISA == "avx2" else 64)
 
 
-def test_pointwise_channel_vector_route_on_one_thread(tmp_path):
+def test_pointwise_channel_vector_route_of_direct_layers(tmp_path):
     """A 1x1 layer of the direct route with 48 output channels (three of a block's four 16-channel
-    vectors) takes the channel-vector route in an engine of one thread with
-    ocvec_pointwise_one_thread (the AVX2 build's default), the direct route on several: the same
-    floats, and onnxruntime's."""
+    vectors) takes the channel-vector route with ocvec_pointwise_direct (the AVX2 build's
+    default), on one thread and on several (their units of positions claimed): the same floats
+    as the direct route, and onnxruntime's."""
     w = RNG.normal(0, 0.3, (48, 24, 1, 1))
     b = RNG.normal(0, 0.1, 48)
     path = conv_model(tmp_path / "p.onnx", w, b, (24, 9, 13), relu=True)
     plan = build_plan(path)
     x = RNG.normal(0, 1, (3, 24, 9, 13)).astype(np.float32)
-    tuning = EngineTuning(parallel_min_work=0, ocvec_route=True, ocvec_pointwise_one_thread=True)
-    one = Engine(plan, threads=1, tuning=tuning)
-    assert [cp.route.name for cp in one.layer_plans.values()] == ["ocvec"]
-    out = one.run(x)
+    tuning = EngineTuning(parallel_min_work=0, ocvec_route=True, ocvec_pointwise_direct=True)
     direct = Engine(plan, threads=1, tuning=UNFOLD_ROUTES)
     assert [cp.route.name for cp in direct.layer_plans.values()] == ["direct"]
-    assert np.array_equal(out, direct.run(x))
-    for threads in (2, 3):
+    out = direct.run(x)
+    for threads in (1, 2, 3):
         engine = Engine(plan, threads=threads, tuning=tuning)
-        assert [cp.route.name for cp in engine.layer_plans.values()] == ["direct"]
+        assert [cp.route.name for cp in engine.layer_plans.values()] == ["ocvec"]
         assert np.array_equal(out, engine.run(x))
     assert_matches_ort(path, x, tuning=tuning)
-    assert EngineTuning().ocvec_pointwise_one_thread == (K.ISA == "avx2")
+    assert EngineTuning().ocvec_pointwise_direct == (K.ISA == "avx2")
 
 
 @pytest.mark.parametrize("ho, wo, sh, row_width, across", [

@@ -230,13 +230,13 @@ def ocvec_route(route: ConvRoute, geom: ConvGeometry, tuning: EngineTuning, thre
     (EngineTuning), else None: stride 1, 3x3 or larger with output channels a multiple of
     ``ocvec_channel_multiple`` (``ocvec_route``); 1x1 on an unfolding route, any number of
     output channels, the last block padded (``ocvec_pointwise``); 1x1 on the direct route with
-    output channels a multiple of 16, in an engine of one thread
-    (``ocvec_pointwise_one_thread``); strided, 3x3 or larger, in an engine of at most
-    ``ocvec_strided_threads`` (each position's tap (0, 0) stride rows and columns apart)."""
+    output channels a multiple of 16 (``ocvec_pointwise_direct``); strided, 3x3 or larger, in
+    an engine of at most ``ocvec_strided_threads`` (each position's tap (0, 0) stride rows and
+    columns apart)."""
     g = geom
     pointwise = g.kk == 1 and (
         (tuning.ocvec_pointwise and route.name in ("panel", "unfold"))
-        or (tuning.ocvec_pointwise_one_thread and threads <= 1 and route.name == "direct" and g.cout % 16 == 0))
+        or (tuning.ocvec_pointwise_direct and route.name == "direct" and g.cout % 16 == 0))
     strided_ok = (g.sh == g.sw == 1) or (g.kk > 1 and max(threads, 1) <= tuning.ocvec_strided_threads)
     if not (tuning.ocvec_route and strided_ok
             and ((g.kk > 1 and g.cout % tuning.ocvec_channel_multiple == 0) or pointwise)):
