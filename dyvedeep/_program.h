@@ -76,7 +76,8 @@ typedef struct {
 typedef struct { dv_product p; int N; long ldc, lds; } dv_gemm_args;
 /* Pooling of C planes (H x W) into ho x wo planes ldo floats apart. rows_shared (max pooling):
  * threads share out the output rows of every plane, not the planes (a conv band whose threads
- * shared out positions is then pooled by the thread that wrote it). */
+ * shared out positions is then pooled mostly by the thread that wrote it: its own share, less
+ * the units another thread took). */
 typedef struct { int C, H, W, ho, wo, kh, kw, sh, sw, pt, pl, pb, pr, count_include_pad, rows_shared; long ldo; } dv_pool_args;
 /* The means of C rows of N floats. */
 typedef struct { int C, N; } dv_mean_args;

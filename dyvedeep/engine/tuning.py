@@ -91,13 +91,16 @@ class EngineTuning:
     #: ... and, in an engine of at most this many threads, for strided layers of 3x3 or larger
     #: (each position's tap (0, 0) stride rows and columns apart), with output channels as
     #: above; one that feeds a max-pooling runs with it band by band (ConvPoolBands), each band
-    #: a range of positions, pooled by output rows by the thread that wrote them. AVX2 tiles,
+    #: a range of positions, pooled by output rows, mostly by the thread that wrote them. AVX2 tiles,
     #: one thread: SqueezeNet v1.1's conv1 + pool1 1571 -> 1012 us, the network 0.945x;
     #: SqueezeNet v1.0's (7x7, 96 channels) 7889 -> 4589 us, 0.873x; resnet20_caffe and
     #: resnet56_caffe (two strided 3x3 layers each) 0.95x-0.96x and 0.98x-0.995x. On two threads
-    #: SqueezeNet took 1.01x-1.06x the time in most processes, so not there
-    #: (docs/notes/2026-12-05-conv1-bands.md).
-    ocvec_strided_threads: int = 1 if K.ISA in ("avx512", "avx2") else 0
+    #: SqueezeNet took 1.01x-1.06x the time in most processes while the threads shared out
+    #: fixed parts (docs/notes/2026-12-05-conv1-bands.md); once they claimed units of 24
+    #: positions, 0.984x-0.985x, SqueezeNet v1.0 0.934x-0.938x, the ResNets 0.985x-0.989x
+    #: (AVX2 tiles; docs/notes/2026-12-05-claimed-units.md). The AVX-512 tiles were measured
+    #: on one thread only.
+    ocvec_strided_threads: int = {"avx2": 2, "avx512": 1}.get(K.ISA, 0)
 
 
 DEFAULT_TUNING = EngineTuning()
