@@ -6,15 +6,17 @@
  * alone in a conv layer (its statistic, its choice of maps, its constant). dv_run_steps runs a list
  * of them inside one parallel region, each thread doing its share of a step and then waiting
  * at a barrier for the others before the next step (the channel-vector step's shares are of
- * units that a thread done with its own takes from the others: dv_claim). The wrappers of _kernels.pyx either run
- * their steps at once or append them to a Program, which holds a whole run of dense layers
- * (docs/engine.md: one parallel region per image instead of one per kernel call). Each share
- * is the same kernel call either way, so every output is computed by the same operations. */
+ * units that a thread done with its own takes from the others: dv_claim). The wrappers of
+ * _kernels.pyx either run their steps at once or append them to a Program, which holds a whole
+ * run of dense layers (docs/engine.md: one parallel region per image instead of one per kernel
+ * call). Each share is the same kernel call either way, so every output is computed by the
+ * same operations. */
 #ifndef DYVEDEEP_PROGRAM_H
 #define DYVEDEEP_PROGRAM_H
 
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include "kernels/dv_conv.h"
 #include "kernels/dv_pool.h"
 #include "kernels/dv_eltwise.h"
@@ -415,6 +417,9 @@ static inline const float *dv_step_input(const dv_step *s, const float *image)
     return s->x_from_image ? image + s->x_offset : s->x;
 }
 
+/* Shares of claimed steps (dv_claim) a run keeps on its stack (32 KB); more are allocated. */
+#define DV_CLAIMS_ON_STACK 512
+
 /* Run steps[0..n-1] in order, each shared out by its threads (at most max_threads), in one
  * parallel region (a team of as many threads as the widest step asks for; a barrier between
  * steps). Any number of threads gives the same floats. `image`: the data that steps with
@@ -435,10 +440,18 @@ static void dv_run_steps(const dv_step *steps, int n, const float *image, int ma
         }
         return;
     }
-    /* the shares of each step of units, as fixed parts would be, set before the run */
+    /* the shares of each step of units, as fixed parts would be, set before the run (so that a
+     * thread that has not started yet leaves its whole share to the others) */
     int nclaimed = 0;
     for (int i = 0; i < n; ++i) nclaimed += dv_step_units(&steps[i]) > 0;
-    dv_claim claims[nclaimed > 0 ? nclaimed * team : 1];
+    dv_claim claims_on_stack[DV_CLAIMS_ON_STACK], *claims = claims_on_stack;
+    if ((long)nclaimed * team > DV_CLAIMS_ON_STACK) {
+        claims = aligned_alloc(64, (size_t)nclaimed * team * sizeof(dv_claim));
+        if (claims == NULL) {  /* no memory for the shares: one thread runs every step */
+            dv_run_steps(steps, n, image, 1, step_end);
+            return;
+        }
+    }
     for (int i = 0, c = 0; i < n; ++i) {
         int units = dv_step_units(&steps[i]), T = steps[i].threads < team ? steps[i].threads : team;
         if (units == 0) continue;
@@ -464,6 +477,7 @@ static void dv_run_steps(const dv_step *steps, int n, const float *image, int ma
             if (step_end != NULL && t == 0) step_end[i + 1] = omp_get_wtime();
         }
     }
+    if (claims != claims_on_stack) free(claims);
 }
 
 #endif

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from dyvedeep import _kernels as K
+from dyvedeep.engine.conv_plan import ocvec_weight_blocks
+from dyvedeep.engine.memory import aligned_zeros
 
 RNG = np.random.default_rng(7)
 
@@ -40,6 +42,39 @@ def close(ours, ref):
 
 def tap_offsets(c, kh, kw, h, w):
     return (np.arange(c)[:, None, None] * h * w + np.arange(kh)[:, None] * w + np.arange(kw)).reshape(-1).astype(np.int64)
+
+
+def test_claimed_units_give_the_same_floats_on_any_number_of_threads():
+    """Channel-vector steps, whose threads claim units of positions and take each other's
+    (dv_claim): a program of 300 of them (more shares than a run keeps on its stack on two and
+    three threads) gives one thread's floats on 2, 3 and 5 threads (more threads than some steps
+    have units), and each step numpy's convolution."""
+    C, H, W, kh, O, steps = 8, 9, 9, 3, 80, 300
+    x = RNG.standard_normal((C, H, W)).astype(np.float32)
+    w = RNG.standard_normal((O, C * kh * kh)).astype(np.float32)
+    bias = RNG.standard_normal(O).astype(np.float32)
+    ho, wo = H - kh + 1, W - kh + 1
+    tap = tap_offsets(C, kh, kh, H, W)
+    oy, ox = np.divmod(np.arange(ho * wo), wo)
+    blocks = ocvec_weight_blocks(w)
+    outs = {}
+    for threads in (1, 2, 3, 5):
+        program = K.Program()
+        partial = aligned_zeros((threads, K.ocvec_partial_floats()))
+        outs[threads] = [np.full((O, ho * wo), np.nan, np.float32) for _ in range(steps)]
+        for i, out in enumerate(outs[threads]):
+            positions = (oy * W + ox)[: ho * wo - i % 40].astype(np.int32)  # 41..81 positions
+            K.conv_ocvec(x, 0, 0, 0, H, W, False, np.zeros(1, np.float32), tap, positions, blocks, bias, True, out,
+                         partial, threads, program)
+        program.run()
+    ref = conv_reference(x, w, kh, kh, 1, 1, bias, True).reshape(O, -1)
+    for i, out in enumerate(outs[1]):
+        n = ho * wo - i % 40
+        close(out[:, :n], ref[:, :n])
+        assert np.isnan(out[:, n:]).all()
+    for threads in (2, 3, 5):
+        for out, one in zip(outs[threads], outs[1]):
+            assert np.array_equal(out, one, equal_nan=True)
 
 
 # shapes: partial 16- and 32-column tiles, 8-row blocks with a remainder, K past one block (192)
