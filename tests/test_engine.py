@@ -20,7 +20,7 @@ RNG = np.random.default_rng(1234)
 ALL_THREADS = EngineTuning(parallel_min_work=0)
 #: ... with 1x1 layers on their own routes (direct, panel, unfold) on every build (the AVX2
 #: build's defaults put some on the channel-vector route: test_channel_vector_route_bit_exactly,
-#: test_pointwise_channel_vector_route_on_one_thread)
+#: test_pointwise_channel_vector_route_of_direct_layers)
 UNFOLD_ROUTES = EngineTuning(parallel_min_work=0, ocvec_pointwise=False, ocvec_pointwise_direct=False)
 
 

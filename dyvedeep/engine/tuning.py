@@ -84,9 +84,9 @@ class EngineTuning:
     ocvec_pointwise: bool = K.ISA == "avx2"
     #: ... and for 1x1 layers of the direct route with output channels a multiple of 16: AVX2
     #: tiles (SqueezeNet v1.1 0.94x-0.97x the time on one thread, its squeeze and expand1x1
-    #: layers 1.08x-1.42x faster; on two threads 0.966x-0.978x once the route's threads claimed
-    #: units of 24 positions, 0.79x-1.11x per layer before); not AVX-512 (1.02x-1.05x the time
-    #: on one thread: its tile always computes 64 channels).
+    #: layers 1.08x-1.42x faster; on two threads 0.950x-0.961x once the route's threads claimed
+    #: units of 24 positions, 0.79x-1.11x per layer before: docs/notes/2026-12-05-claimed-units.md);
+    #: not AVX-512 (1.02x-1.05x the time on one thread: its tile always computes 64 channels).
     ocvec_pointwise_direct: bool = K.ISA == "avx2"
     #: ... and, in an engine of at most this many threads, for strided layers of 3x3 or larger
     #: (each position's tap (0, 0) stride rows and columns apart), with output channels as
