@@ -75,6 +75,7 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
         runners["dense_1thread"] = Engine(plan, threads=1).run
     conditions = ("idle", "loaded") if load is not None else ("idle",)
     times: dict[tuple[str, str], list[float]] = {(name, condition): [] for name in ENGINES for condition in conditions}
+    dense_one_thread = 0  # timed idle runs in which the dense engine took one thread (ThreadChoice)
     progress = Progress("bench", rounds * len(conditions) * len(runners) * len(images))
     done = 0
     # Each engine runs a block of images on its own (so that one engine's idle, spinning thread
@@ -102,6 +103,8 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
                     run(images[0][None])
                 for x in images[warmup:]:
                     times[(name, condition)].append(_timed(lambda: run(x[None])))
+                    if name == "dense" and condition == "idle":
+                        dense_one_thread += dense.last_image_took_one_thread()
                 done += len(images)
                 progress.update(done)
     if load is not None:
@@ -126,6 +129,7 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
         "latency_caffe_ms": idle["caffe"],
         "speedup_vs_caffe": (idle["caffe"] / idle["dyvedeep"]) if idle["caffe"] else None,
         "onnxruntime_note": "" if session is not None else onnxruntime_note,
+        "dense_runs_on_one_thread": dense_one_thread,
         "load": load.n if load is not None else 0,
         "platform": platform_info(),
     }
@@ -195,7 +199,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        not args.no_caffe, load)
     print(f"threads: {result['threads']}, images: {result['n_images']} (after {result['warmup']} warm-up)"
           + (f"; idle (the {args.load} busy processes paused) and loaded (running) blocks alternate" if args.load else ""))
-    print(f"median latency, dense engine: {result['latency_dense_ms']:.3f} ms")
+    timed = result["n_images"] * result["rounds"]
+    print(f"median latency, dense engine: {result['latency_dense_ms']:.3f} ms"
+          + (f" ({result['dense_runs_on_one_thread']} of {timed} timed runs took one thread)"
+             if result["threads"] > 1 else ""))
     if args.knobs:
         print(f"median latency, DyVEDeep:     {result['latency_dyvedeep_ms']:.3f} ms "
               f"(speed-up over dense {result['speedup']:.2f}x)")

@@ -149,6 +149,20 @@ def test_bench_without_the_caffe_baseline(tmp_path, capsys, small_model, small_d
     result = json.loads(out_json.read_text())
     assert result["latency_caffe_ms"] is None and result["speedup_vs_caffe"] is None
     assert result["latency_dense_ms"] > 0
+    assert result["dense_runs_on_one_thread"] == 0  # one thread was asked for
+
+
+def test_bench_counts_the_runs_that_took_one_thread(tmp_path, capsys, small_model, small_data):
+    """On two threads the bench says how many of the dense engine's timed runs its thread choice
+    ran on one thread: a count between none and all of them, in the JSON and the printout."""
+    out_json = tmp_path / "bench.json"
+    code, out, _ = run(capsys, "bench", small_model, "--data", f"npz:{small_data['test']}", "--images", 4,
+                       "--warmup", 1, "--rounds", 2, "--no-caffe", "--threads", 2, "--json", out_json)
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    timed = result["n_images"] * result["rounds"]
+    assert timed == 4 * 2 and 0 <= result["dense_runs_on_one_thread"] <= timed
+    assert f"({result['dense_runs_on_one_thread']} of {timed} timed runs took one thread)" in out
 
 
 def test_bench_load_times_idle_and_loaded_blocks(tmp_path, capsys, small_model, small_data):

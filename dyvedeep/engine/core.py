@@ -176,6 +176,13 @@ class Engine:
             outputs[n] = self.forward(batch[n], banded=True)[self.plan.output_name]
         return outputs
 
+    def last_image_took_one_thread(self) -> bool:
+        """Whether the last image ran (in part) on one thread in an engine of several: a
+        compiled program's ThreadChoice, or the Python path's, took one thread for it."""
+        programs = [part.program for part in self.compiled_runs or () if isinstance(part, CompiledRun)]
+        return self.threads > 1 and (self._image_one_thread
+                                     or any(len(p) and p.last_one_thread for p in programs))
+
     def run_image(self, image: np.ndarray, start: int = 0, tensors: dict[str, np.ndarray] | None = None,
                   stop: int | None = None) -> dict[str, np.ndarray]:
         """Run layers ``start``..``stop`` on one image; returns copies of the tensors still live
