@@ -244,12 +244,15 @@ static const dv_product *dv_sfma_product(const dv_step *s, const dv_product *own
  * 18 or 36 less than 24 (docs/notes/2026-12-05-claimed-units.md). */
 #define DV_OC_UNIT 24
 
+/* Units of a channel-vector step per 64-channel block. */
+static inline int dv_ocvec_units_per_block(const dv_ocvec_args *a) { return (a->npos + DV_OC_UNIT - 1) / DV_OC_UNIT; }
+
 /* The units of a step whose threads claim them (dv_claim); 0 for a step shared out in fixed
  * parts. */
 static inline int dv_step_units(const dv_step *s)
 {
     if (s->kind == DV_STEP_OCVEC)
-        return (s->u.ocvec.p.O + 63) / 64 * ((s->u.ocvec.npos + DV_OC_UNIT - 1) / DV_OC_UNIT);
+        return (s->u.ocvec.p.O + 63) / 64 * dv_ocvec_units_per_block(&s->u.ocvec);
     return 0;
 }
 
@@ -301,7 +304,7 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T, dv_cla
                           0, a->npos, 0, (p->O + 63) / 64, scratch);
             break;
         }
-        int per_block = (a->npos + DV_OC_UNIT - 1) / DV_OC_UNIT;
+        int per_block = dv_ocvec_units_per_block(a);
         for (int u; (u = dv_claim_unit(claims, t, nshares)) >= 0;) {
             int ob = u / per_block, p0 = u % per_block * DV_OC_UNIT;
             int p1 = p0 + DV_OC_UNIT < a->npos ? p0 + DV_OC_UNIT : a->npos;
