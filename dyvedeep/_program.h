@@ -373,8 +373,7 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T, dv_cla
     case DV_STEP_MEAN: {
         const dv_mean_args *a = &s->u.mean;
         dv_share(a->C, t, T, &b, &e);
-        for (int c = b; c < e; ++c)
-            s->out[c] = dv_mean(x + (long)c * a->N, a->N);
+        dv_mean_rows(x, a->N, b, e, s->out);
         break;
     }
     case DV_STEP_ADD: {
