@@ -54,6 +54,9 @@ cdef extern from "kernels/dv_sdss.h" nogil:
                            const int* pos_y, const int* pos_x, const int* cell_y, const int* cell_x, int P,
                            const uint8* insig, int bilinear)
 
+cdef extern from "kernels/dv_yardstick.h" nogil:
+    double dv_yardstick(int threads, int units, int iters)
+
 cdef extern from "kernels/dv_sfma.h" nogil:
     void dv_map_sums(const float* x, long n, int need_abs, double* sum, double* sumsq, double* sumabs)
     void dv_sfma_spreads(const double* sum, const double* sumsq, const double* sumabs, int C, double hw,
@@ -935,6 +938,18 @@ def knob_conv(const float[::1] src, const long[::1] tap_off, const int[::1] posi
 
 
 # --------------------------------------------------------------------------- elementwise
+
+def yardstick(int threads, int units, int iters):
+    """The reference parallel loop of ``bench --load`` (dv_yardstick): ``units`` units of
+    ``iters`` multiply-adds on registers, taken by whichever of ``threads`` threads is free;
+    returns units times one unit's result (any thread count gives the same)."""
+    if threads < 1 or units < 0 or iters < 0:
+        raise ValueError(f"yardstick: threads {threads} >= 1, units {units} and iters {iters} >= 0")
+    cdef double total
+    with nogil:
+        total = dv_yardstick(threads, units, iters)
+    return total
+
 
 def relu_inplace(float[::1] x):
     """x = max(x, 0) elementwise."""

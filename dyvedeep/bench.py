@@ -6,7 +6,9 @@ that machine noise hits all engines alike); reports medians after warm-up and th
 With ``--load N``, N busy processes compete, and every round times each engine twice: with the
 processes paused (idle) and running (loaded), so that "latency under load / idle latency" comes
 from one run; with several threads the dense engine on one thread is timed too, the fallback a
-user would otherwise take."""
+user would otherwise take, and a reference parallel loop of as many threads (ReferenceLoop):
+what the machine's scheduler gives that many threads under the load, the yardstick of the
+dense engine's ratio."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import _kernels as K
 from .engine import CaffeBaseline, Engine, set_blas_threads
 from .errors import DyveError
 from .cli_support import Progress, load_plan, onnxruntime_session, open_dataset, platform_info
@@ -45,6 +48,15 @@ def _timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1000.0
+
+
+def _idle_median_ms(run: Callable[[np.ndarray], Any], batch: np.ndarray, n: int = 9) -> float:
+    """Median of n timed runs after BLOCK_WARM_SECONDS of untimed ones (another engine's pool
+    may still be spinning)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < BLOCK_WARM_SECONDS:
+        run(batch)
+    return statistics.median(_timed(lambda: run(batch)) for _ in range(n))
 
 
 def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int, warmup: int,
@@ -72,12 +84,11 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
     if with_caffe:
         runners["caffe"] = CaffeBaseline(plan).run
     if load is not None and threads > 1:
-        runners["dense_1thread"] = Engine(plan, threads=1).run
+        dense_1thread = Engine(plan, threads=1)
+        runners["dense_1thread"] = dense_1thread.run
     conditions = ("idle", "loaded") if load is not None else ("idle",)
     times: dict[tuple[str, str], list[float]] = {(name, condition): [] for name in ENGINES for condition in conditions}
     dense_one_thread = 0  # timed idle runs in which the dense engine took one thread (ThreadChoice)
-    progress = Progress("bench", rounds * len(conditions) * len(runners) * len(images))
-    done = 0
     # Each engine runs a block of images on its own (so that one engine's idle, spinning thread
     # pool never competes with another's), and the blocks alternate over several rounds (so
     # that slow drifts of the machine hit every engine alike). Before the first round, the
@@ -91,6 +102,11 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
         for run in runners.values():
             for x in images[:max(warmup, 1)]:
                 run(x[None])
+    if load is not None and threads > 1:  # sized idle and warm to the dense engines' times
+        for name, engine, n in (("reference", dense, threads), ("reference_1thread", dense_1thread, 1)):
+            runners[name] = ReferenceLoop(n, _idle_median_ms(engine.run, images[0][None])).run
+    progress = Progress("bench", rounds * len(conditions) * len(runners) * len(images))
+    done = 0
     for _ in range(rounds):
         for condition in conditions:
             if load is not None:
@@ -139,11 +155,38 @@ def bench(model: Path, images: np.ndarray, knobs_path: Path | None, threads: int
             result[f"latency_{name}_loaded_ms"] = loaded
             result[f"load_ratio_{name}"] = loaded / idle[name] if loaded and idle[name] else None
         result["latency_dense_1thread_ms"] = idle["dense_1thread"]
+        result["latency_reference_ms"] = idle["reference"]
+        result["latency_reference_1thread_ms"] = idle["reference_1thread"]
     return result
 
 
-#: The engines bench can time (dense_1thread: the dense engine on one thread, timed under --load).
-ENGINES = ("dense", "dyvedeep", "onnxruntime", "caffe", "dense_1thread")
+#: The engines bench can time (under --load with several threads: dense_1thread, the dense engine
+#: on one thread, and the ReferenceLoop on as many threads and on one, each sized to the dense
+#: engine's idle time on them).
+ENGINES = ("dense", "dyvedeep", "onnxruntime", "caffe", "dense_1thread", "reference", "reference_1thread")
+
+
+class ReferenceLoop:
+    """The yardstick of a bench under ``--load``: a parallel loop of ``threads`` threads over
+    units of multiply-adds on registers, each unit taken by whichever thread is free, with no
+    wait but the loop's end (``_kernels.yardstick``), sized to take about ``target_ms`` idle. A
+    thread the scheduler takes off its core costs it only that thread's share of the work, so its
+    loaded / idle latency is what the machine gives that many threads of one process under the
+    load: what no program of as many threads can better by its own design."""
+
+    #: Units per thread: small, so that the threads still running share out a missing one's.
+    UNITS_PER_THREAD = 64
+
+    def __init__(self, threads: int, target_ms: float) -> None:
+        self.threads, self.units = threads, self.UNITS_PER_THREAD * threads
+        iters = 64
+        while (took := _timed(lambda: K.yardstick(threads, self.units, iters))) < 1.0 and iters < 1 << 24:
+            iters *= 4
+        self.iters = max(1, round(iters * target_ms / took))
+
+    def run(self, _batch: np.ndarray | None = None) -> float:
+        """One run of the loop (the batch, as the engines are given one, is not read)."""
+        return K.yardstick(self.threads, self.units, self.iters)
 
 
 class BusyLoad:
@@ -233,6 +276,12 @@ def print_load(result: dict[str, Any]) -> None:
     if one is not None:
         print(f"under --load {result['load']}, dense engine on 1 thread: {one:.3f} ms "
               f"({result['threads']} threads / 1 thread, both loaded = {result['latency_dense_loaded_ms'] / one:.2f}x)")
+    two, one = result.get("latency_reference_loaded_ms"), result.get("latency_reference_1thread_loaded_ms")
+    if two is not None and one is not None:
+        print(f"under --load {result['load']}, reference loop (multiply-adds, no wait but its end, as long idle as "
+              f"the dense engine): {result['threads']} threads loaded / idle = {result['load_ratio_reference']:.2f}x, "
+              f"{result['threads']} threads / 1 thread, both loaded = {two / one:.2f}x: what this machine gives "
+              f"{result['threads']} threads and 1 under this load")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -126,6 +126,19 @@ def test_panel_route_matches_numpy(C, H, W, kh, s, O):
     close(out, conv_reference(x, w, kh, kh, s, s, bias, False))
 
 
+def test_reference_loop_runs_every_unit_once_on_any_number_of_threads():
+    """The yardstick of bench --load: every unit gives the same float, so the sum tells a unit
+    skipped or run twice by the threads' sharing."""
+    one_unit = K.yardstick(1, 1, 500)
+    assert 0 < one_unit < 8
+    for threads in (1, 2, 3, 5):
+        assert K.yardstick(threads, 37, 500) == 37 * one_unit
+    assert K.yardstick(2, 0, 500) == 0
+    assert K.yardstick(2, 4, 0) == 4 * K.yardstick(1, 1, 0) != 4 * one_unit
+    with pytest.raises(ValueError, match="yardstick"):
+        K.yardstick(0, 4, 10)
+
+
 def test_threads_and_programs_give_the_same_floats():
     C, H, W, kh, O = 8, 14, 14, 3, 40
     x = RNG.standard_normal((C, H, W)).astype(np.float32)
