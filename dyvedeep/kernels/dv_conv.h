@@ -335,6 +335,9 @@ static void dv_conv_ocvec(const float *src, const long *tap_off, const int *pos_
                             a41 = dv_loadn(part + 264); a50 = dv_loadn(part + 320); a51 = dv_loadn(part + 328);
                         }
                         const float *wk = w;
+                        /* two taps per pass: SqueezeNet's 3 x 3 and 1 x 1 layers 0.95x-0.96x the
+                         * time (docs/notes/2026-12-05-yardstick-and-unrolling.md) */
+                        _Pragma("GCC unroll 2")
                         for (int k = 0; k < kc; ++k, wk += 64) {
                             long t = tap[k];
                             dv_vn w0 = dv_loadn(wk), w1 = dv_loadn(wk + 8), x;
