@@ -4,8 +4,8 @@ measured in one run (the engines alternate in blocks of images).
     python tools/step_profile.py MODEL.onnx [--threads 2] [--images 30] [--data SPEC]
 
 Every compiled program of both dense engines keeps its steps' clock readings
-(``Program.profiling``); per layer (a conv and its max-pooling run band by band count as one),
-the median over images of its steps' seconds is printed for one thread and for ``--threads``,
+(``Program.profiling``); per layer (a conv and its max-pooling count as one where either engine
+runs them band by band), the median over images of its steps' seconds is printed for one thread and for ``--threads``,
 with their ratio (the speed-up of the layer), the step kinds, and the totals. A step's time runs
 from the end of the step before to the end of the barrier after it: the slowest thread and the
 wait for it. Runs in which a program of the several-thread engine took one thread (its
@@ -28,16 +28,16 @@ from dyvedeep.plan import build_plan
 BLOCK, WARMUP = 10, 3
 
 
-def layer_rows(engine: Engine) -> list[tuple[str, list[str], CompiledRun, int, int]]:
-    """(layer name, step kinds, its run, first step, end step) of every compiled layer."""
+def layer_rows(engine: Engine) -> list[tuple[int, list[str], CompiledRun, int, int]]:
+    """(layer index, step kinds, its run, first step, end step) of every compiled layer (a
+    banded conv + pool pair: one row, under the conv's index)."""
     rows = []
     for part in engine.compiled_runs or ():
         if not isinstance(part, CompiledRun):
             continue
         kinds = part.program.step_kinds()
         for index, first, end in part.step_ranges:
-            name = engine.plan.layers[index].name + (" (+ pool, banded)" if index in part.banded else "")
-            rows.append((name, sorted(set(kinds[first:end])), part, first, end))
+            rows.append((index, sorted(set(kinds[first:end])), part, first, end))
     return rows
 
 
@@ -76,16 +76,28 @@ def main() -> None:
                         continue
                     seconds[threads].setdefault(id(part), []).append(np.array(part.program.step_seconds()))
     medians = {t: {key: np.median(np.stack(v), axis=0) * 1e6 for key, v in seconds[t].items()} for t in engines}
+    # per engine, layer index -> (step kinds, us); None where every run of it was left out. A conv
+    # and its pooling banded in either engine are one row in both (the bands are a thread-count
+    # choice: EngineTuning.ocvec_bands_threads).
+    banded = set().union(*(part.banded for e in engines.values() for part in e.compiled_runs or ()
+                           if isinstance(part, CompiledRun)))
+    layers: dict[int, dict[int, tuple[set[str], float | None]]] = {}
+    for t, engine in engines.items():
+        layers[t] = {}
+        for index, kinds, part, first, end in layer_rows(engine):
+            us = float(medians[t][id(part)][first:end].sum()) if id(part) in medians[t] else None
+            key = index - 1 if index - 1 in banded else index
+            before_kinds, before_us = layers[t].get(key, (set(), 0.0))
+            layers[t][key] = (before_kinds | set(kinds), None if us is None or before_us is None else before_us + us)
     print(f"{'layer':40s} {'steps':22s} {'1 thread us':>12s} {f'{args.threads} threads us':>13s} {'ratio':>6s}")
     totals = {t: 0.0 for t in engines}
-    rows = {t: layer_rows(engines[t]) for t in engines}
-    for row_one, row_many in zip(rows[1], rows[args.threads]):
-        name, kinds = row_one[:2]
-        if any(id(part) not in medians[t] for t, (_, _, part, _, _) in ((1, row_one), (args.threads, row_many))):
+    for index in sorted(layers[1]):
+        name = plan.layers[index].name + (" (+ pool)" if index in banded else "")
+        kinds = sorted(layers[1][index][0] | layers[args.threads].get(index, (set(), None))[0])
+        us = {t: layers[t].get(index, (None, None))[1] for t in engines}
+        if any(v is None for v in us.values()):
             print(f"{name:40s} {','.join(kinds):22s} {'-':>12s} {'-':>13s}")  # every run of it left out
             continue
-        us = {t: float(medians[t][id(part)][first:end].sum())
-              for t, (_, _, part, first, end) in ((1, row_one), (args.threads, row_many))}
         for t in us:
             totals[t] += us[t]
         print(f"{name:40s} {','.join(kinds):22s} {us[1]:12.1f} {us[args.threads]:13.1f} "
