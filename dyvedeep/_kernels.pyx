@@ -1,13 +1,15 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Cython kernels of the engine: convolution (im2col inside the engine's own GEMM, see
-kernels/), pooling, LRN, softmax, fully connected (BLAS sgemv), and the knobs' kernels (SFMA's
+kernels/), pooling, LRN, softmax, fully connected (dv_gemv_rows), and the knobs' kernels (SFMA's
 channel statistics, the knob conv kernel with SPET inside, SDSS's cells, union and fill), and a
 decision gate's decision (GateKernel, docs/gates.md).
 
 Layout: one image at a time, channels first (C, H, W), float32, C-contiguous. Every inner loop
 runs without the GIL; ``threads`` spreads the outer loop over OpenMP threads. The convolutions'
 GEMM is the register-tiled kernel of kernels/dv_gemm.h (tiles sized per instruction set at build
-time: AVX-512, AVX2, NEON); the fully connected layers use the BLAS that SciPy ships (scipy.linalg.cython_blas), called in row-major form.
+time: AVX-512, AVX2, NEON), as is the fully connected layers' product (a step of a compiled run);
+the knobs' fully-connected partial sums use the BLAS that SciPy ships (scipy.linalg.cython_blas),
+called in row-major form.
 """
 from cython.parallel cimport prange
 from libc.math cimport exp, expf, powf, sqrt, fabs
@@ -107,6 +109,7 @@ cdef extern from "_program.h" nogil:
         DV_STEP_SFMA_SELECT
         DV_STEP_SFMA_CONSTANT
         DV_STEP_OCVEC
+        DV_STEP_GEMV
     enum:
         DV_ELT_ADD
         DV_ELT_SUB
@@ -178,6 +181,7 @@ cdef extern from "_program.h" nogil:
         dv_mean_args mean
         dv_add_args add
         dv_eltwise_args elt
+        dv_product product
     ctypedef struct dv_step:
         int kind, threads
         dv_sfma_state* sfma
@@ -240,7 +244,7 @@ STEP_KINDS = {DV_STEP_PAD: "pad", DV_STEP_PHASE: "phase", DV_STEP_DIRECT: "direc
               DV_STEP_IM2COL: "im2col", DV_STEP_GEMM: "gemm", DV_STEP_MAXPOOL: "maxpool",
               DV_STEP_AVGPOOL: "avgpool", DV_STEP_MEAN: "mean", DV_STEP_ADD: "add", DV_STEP_ELTWISE: "eltwise",
               DV_STEP_SFMA_STATS: "sfma-stats", DV_STEP_SFMA_SELECT: "sfma-select",
-              DV_STEP_SFMA_CONSTANT: "sfma-constant", DV_STEP_OCVEC: "ocvec"}
+              DV_STEP_SFMA_CONSTANT: "sfma-constant", DV_STEP_OCVEC: "ocvec", DV_STEP_GEMV: "gemv"}
 
 #: Program.run tries the way it is not using (all threads or one) for two runs in a row (the
 #: first, cold, not judged): PROBE_FIRST runs after it settled on a way, then twice as long after
@@ -543,26 +547,28 @@ cdef void _bias_only(float[:, ::1] out, const float[::1] bias, bint relu):
             out[o, j] = v
 
 
-def gemv_bias(const float[:, ::1] W, const float[::1] x, const float[::1] bias, float[::1] out, bint relu=False):
-    """out = W @ x + bias (fully connected, BLAS sgemv), then ReLU if asked."""
-    cdef int O = W.shape[0], Kd = W.shape[1], inc = 1, o
-    cdef char trans = b'T'
-    cdef float one = 1.0, zero = 0.0, v
+def gemv_bias(const float[:, ::1] W, const float[::1] x, const float[::1] bias, float[::1] out, bint relu=False,
+              int threads=1, Program program=None):
+    """out = W @ x + bias (a fully-connected layer on one image, dv_gemv_rows), then ReLU if
+    asked; threads share out the rows."""
+    cdef int O = W.shape[0], Kd = W.shape[1]
     if x.shape[0] != Kd or bias.shape[0] != O or out.shape[0] != O:
         raise ValueError("gemv_bias: shape mismatch")
     if O == 0:
         return
-    with nogil:
-        if Kd == 0:
-            for o in range(O):
-                out[o] = 0.0
-        else:
-            sgemv(&trans, &Kd, &O, &one, <float*>&W[0, 0], &Kd, <float*>&x[0], &inc, &zero, &out[0], &inc)
-        for o in range(O):
-            v = out[o] + bias[o]
-            if relu and v < 0.0:
-                v = 0.0
-            out[o] = v
+    cdef dv_step s
+    memset(&s, 0, sizeof(dv_step))
+    s.kind = DV_STEP_GEMV
+    s.threads = threads
+    s.x = &x[0] if Kd > 0 else NULL
+    s.out = &out[0]
+    s.u.product.W = &W[0, 0] if Kd > 0 else NULL
+    s.u.product.ldw = Kd
+    s.u.product.O = O
+    s.u.product.K = Kd
+    s.u.product.bias = &bias[0]
+    s.u.product.relu = relu
+    _emit(program, &s, 1, (W, x, bias, out) if program is not None else None)
 
 
 def gemv_rows(const float[:, ::1] W, const float[::1] x, float[::1] out, int k0, int k1,

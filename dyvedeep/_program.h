@@ -2,7 +2,8 @@
  *
  * A step is one dense-path kernel over a layer (or a group, or a band of rows of one) with the
  * number of threads that share it out: padding, phase planes, the direct and panel convolution
- * routes, unfolding and GEMM, max and average pooling, channel means, residual Adds; and SFMA
+ * routes, unfolding and GEMM, max and average pooling, channel means, residual Adds,
+ * fully-connected layers; and SFMA
  * alone in a conv layer (its statistic, its choice of maps, its constant). dv_run_steps runs a list
  * of them inside one parallel region, each thread doing its share of a step and then waiting
  * at a barrier for the others before the next step (the channel-vector step's shares are of
@@ -37,7 +38,8 @@ enum {
     DV_STEP_SFMA_STATS,    /* SFMA (alone) in a conv layer: dv_map_sums of each input map, maps shared out */
     DV_STEP_SFMA_SELECT,   /* dv_sfma_select: the maps dropped; the kept maps' weight rows shared out */
     DV_STEP_SFMA_CONSTANT, /* the dropped maps' constant added, then the ReLU: output rows shared out */
-    DV_STEP_OCVEC     /* dv_conv_ocvec: units of (64-channel block, DV_OC_UNIT positions) claimed, running sums per thread */
+    DV_STEP_OCVEC,    /* dv_conv_ocvec: units of (64-channel block, DV_OC_UNIT positions) claimed, running sums per thread */
+    DV_STEP_GEMV      /* dv_gemv_rows (a fully-connected layer, product only: u.product), rows shared out */
 };
 
 /* The product part of a convolution or GEMM step: out (O rows, ldo floats apart) = W (O x K,
@@ -113,6 +115,7 @@ typedef struct {
         dv_mean_args mean;
         dv_add_args add;
         dv_eltwise_args elt;
+        dv_product product;     /* DV_STEP_GEMV: out = W x + bias (ldo unused) */
     } u;
 } dv_step;
 
@@ -381,6 +384,12 @@ static void dv_step_share(const dv_step *s, const float *x, int t, int T, dv_cla
         long begin, end;
         dv_share_blocks64(a->n, t, T, &begin, &end);
         dv_add_relu(x, a->b, s->out, begin, end, a->relu);
+        break;
+    }
+    case DV_STEP_GEMV: {
+        const dv_product *p = &s->u.product;
+        dv_share(p->O, t, T, &b, &e);
+        dv_gemv_rows(p->W, p->ldw, p->K, x, p->bias, p->relu, s->out, b, e);
         break;
     }
     case DV_STEP_ELTWISE: {

@@ -126,6 +126,29 @@ def test_panel_route_matches_numpy(C, H, W, kh, s, O):
     close(out, conv_reference(x, w, kh, kh, s, s, bias, False))
 
 
+@pytest.mark.parametrize("O, Kd", [(5, 40), (64, 1024), (10, 64), (7, 3), (3, 37), (4, 0)])
+def test_fully_connected_product_matches_numpy_on_any_number_of_threads(O, Kd):
+    """gemv_bias (a fully-connected layer on one image): W x + bias as numpy's in double, the
+    same floats on 1, 2 or 3 threads and as a step of a program, ReLU as the max with 0."""
+    W = RNG.standard_normal((O, Kd)).astype(np.float32)
+    x = RNG.standard_normal(Kd).astype(np.float32)
+    bias = RNG.standard_normal(O).astype(np.float32)
+    outs = []
+    for threads in (1, 2, 3):
+        out = np.full(O, np.nan, np.float32)
+        K.gemv_bias(W, x, bias, out, threads=threads)
+        outs.append(out)
+    close(outs[0], W.astype(np.float64) @ x + bias)
+    assert all(np.array_equal(outs[0], out) for out in outs[1:])
+    program, out = K.Program(), np.full(O, np.nan, np.float32)
+    K.gemv_bias(W, x, bias, out, relu=True, threads=2, program=program)
+    assert np.isnan(out).all() and program.step_kinds() == ["gemv"]
+    program.run()
+    assert np.array_equal(out, np.maximum(outs[0], 0))
+    with pytest.raises(ValueError, match="gemv_bias"):
+        K.gemv_bias(W, x, bias[:-1], out)
+
+
 def test_reference_loop_runs_every_unit_once_on_any_number_of_threads():
     """The yardstick of bench --load: every unit gives the same float, so the sum tells a unit
     skipped or run twice by the threads' sharing."""

@@ -341,15 +341,16 @@ class Engine:
 
     def _compilable(self, layer: Layer, values: dict[str, np.ndarray]) -> bool:
         """Whether a layer joins a compiled run: a conv without knobs or with SFMA alone
-        (sfma_alone_compilable), a pooling, a Concat whose
+        (sfma_alone_compilable), a fully-connected layer without SPET, a pooling, a Concat whose
         inputs are all written in place, a ReLU or an Add of two tensors of its shape (a residual
         block's), an elementwise op of tensors of its shape and scalars (plain.is_simple_eltwise),
         or a view (none of them reading the image, which changes per call)."""
         if layer.op == Op.CONV:
             cp = self.layer_plans[layer.name]
             return cp.knobs is None or sfma_alone_compilable(cp)
-        if layer.op == Op.ALIAS:
-            return not np.shares_memory(values[layer.inputs[0]], self._image)
+        if layer.op in (Op.ALIAS, Op.FC):
+            return (layer.op == Op.ALIAS or self.layer_plans[layer.name].spet is None) and not np.shares_memory(
+                values[layer.inputs[0]], self._image)
         if layer.op == Op.CONCAT:
             return all(t in self.in_place for t in layer.inputs)
         if layer.op in (Op.RELU, Op.ELTWISE):
@@ -413,6 +414,10 @@ class Engine:
             return out
         if layer.op == Op.ALIAS:
             return inputs[0].reshape(layer.out_shape)
+        if layer.op == Op.FC:
+            K.gemv_bias(W=layer.weight, x=inputs[0].reshape(-1), bias=layer.bias, out=out.reshape(-1), relu=layer.relu,
+                        threads=threads, program=program)
+            return out
         if layer.op == Op.CONCAT:  # every input was written in place
             return out
         if plain.is_residual_add_or_relu(layer):
@@ -475,7 +480,7 @@ class Engine:
         x = np.ascontiguousarray(inputs[0].reshape(-1))
         out = out.reshape(-1)
         if fp.spet is None:
-            K.gemv_bias(W=layer.weight, x=x, bias=layer.bias, out=out, relu=layer.relu)
+            K.gemv_bias(W=layer.weight, x=x, bias=layer.bias, out=out, relu=layer.relu, threads=self.kernel_threads)
             self.counter.plain_runs[index] += 1
         else:
             self.counter.add(index, fc_spet(fp, x, out, self.kernel_threads))

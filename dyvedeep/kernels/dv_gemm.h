@@ -1,6 +1,7 @@
 /* The GEMM of the engine: register tiles (8 output rows times 16, 32 or 48 columns) over an
  * unfolded input in 32-column panels or over the direct route's vectors loaded in place, their
- * stores (bias, ReLU, masks), and the drivers sharing a layer's tiles out. */
+ * stores (bias, ReLU, masks), and the drivers sharing a layer's tiles out; and the
+ * matrix-vector product of a fully-connected layer on one image. */
 #ifndef DYVEDEEP_DV_GEMM_H
 #define DYVEDEEP_DV_GEMM_H
 
@@ -239,6 +240,39 @@ static void dv_gemm_tiles(const float *W, long ldw, int O, const float *cols, lo
         accbuf = (dv_v16 *)(((unsigned long)accbuf + 63) & ~63ul);
         for (int t = tile_begin; t < tile_end; ++t)
             dv_gemm_tile_rows(W, ldw, O, cols + (long)t * lds, ldc, out, ldo, K, N, bias, relu, t, accbuf);
+    }
+}
+
+/* out[o] = bias[o] + W[o, 0..K-1] . x (rows ldw floats apart), ReLU'd if relu, for o in
+ * [begin, end): a fully-connected layer on one image. Each dot product in four machine-vector
+ * lanes of running sums (x[k] w[k] into lane set (k / DV_VW) % 4 while whole groups of 4 DV_VW
+ * last, then into the first), summed in a fixed order, then the tail in order: the same floats
+ * for any split of the rows. */
+static void dv_gemv_rows(const float *W, long ldw, int K, const float *x, const float *bias, int relu, float *out,
+                         int begin, int end)
+{
+    for (int o = begin; o < end; ++o) {
+        const float *w = W + (long)o * ldw;
+        dv_vn acc[4], a, b;
+        for (int j = 0; j < 4; ++j) acc[j] = (dv_vn){0};
+        int k = 0;
+        for (; k + 4 * DV_VW <= K; k += 4 * DV_VW)
+            for (int j = 0; j < 4; ++j) {
+                memcpy(&a, w + k + j * DV_VW, sizeof a);
+                memcpy(&b, x + k + j * DV_VW, sizeof b);
+                acc[j] += a * b;
+            }
+        for (; k + DV_VW <= K; k += DV_VW) {
+            memcpy(&a, w + k, sizeof a);
+            memcpy(&b, x + k, sizeof b);
+            acc[0] += a * b;
+        }
+        dv_vn lanes = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        float sum = 0.0f;
+        for (int l = 0; l < DV_VW; ++l) sum += lanes[l];
+        for (; k < K; ++k) sum += w[k] * x[k];
+        float v = bias[o] + sum;
+        out[o] = relu && v < 0.0f ? 0.0f : v;
     }
 }
 
