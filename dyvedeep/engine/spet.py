@@ -236,6 +236,6 @@ def fc_spet(fp: FcPlan, x: np.ndarray, out: np.ndarray, threads: int) -> dict[st
     tally(counts, {"ops": overhead["overhead_spet"], "overhead_spet": overhead["overhead_spet"]})
     counts["fallbacks"] = 0
     if terminated == 0:
-        K.gemv_bias(W=w, x=x, bias=layer.bias, out=out, relu=layer.relu)
+        K.gemv_bias(W=w, x=x, bias=layer.bias, out=out, relu=layer.relu, threads=threads)
         tally(counts, fallback_costs(layer.dense_macs))
     return counts
