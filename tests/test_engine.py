@@ -366,12 +366,11 @@ def test_conv_and_maxpool_run_band_by_band_bit_exactly(tmp_path, conv_attrs, poo
 def test_strided_conv_on_the_channel_vector_route(tmp_path, conv_attrs, pool_attrs, threads):
     """A strided conv takes the channel-vector route (ocvec_strided_threads; 32 output
     channels, a multiple of ocvec_channel_multiple) and, feeding a max-pooling, runs with it
-    band by band (ocvec_bands_threads), each thread pooling the rows it computed: the same
-    floats as its own route (phase or panel) and as layer by layer, onnxruntime's, both layers
-    counted once per image; unbanded (the output too small for bands, or by default on several
-    threads) the same floats again."""
+    band by band (ocvec_bands), each thread pooling the rows it computed: the same floats as its
+    own route (phase or panel) and as layer by layer, onnxruntime's, both layers counted once
+    per image; unbanded (the output too small for bands) the same floats again."""
     tuning = EngineTuning(parallel_min_work=0, conv_pool_min_bytes=0, ocvec_channel_multiple=16,
-                          ocvec_strided_threads=3, ocvec_bands_threads=3, conv_pool_band_bytes=4 * 32 * 18 * 5)
+                          ocvec_strided_threads=3, ocvec_bands=True, conv_pool_band_bytes=4 * 32 * 18 * 5)
     path, x = conv_relu_maxpool(tmp_path / "s.onnx", conv_attrs, pool_attrs, cout=32)
     plan = build_plan(path)
     engine = Engine(plan, threads=threads, tuning=tuning)
@@ -389,10 +388,7 @@ def test_strided_conv_on_the_channel_vector_route(tmp_path, conv_attrs, pool_att
     assert not unbanded.conv_pool_bands and [st.route.name for st in unbanded.layer_plans.values()] == ["ocvec"]
     assert np.array_equal(banded, unbanded.run(x))
     assert EngineTuning().ocvec_strided_threads == {"avx2": 2, "avx512": 1}.get(K.ISA, 0)
-    # by default, the channel-vector route's bands are for one-thread engines only
-    default_bands = Engine(plan, threads=threads, tuning=dataclasses.replace(tuning, ocvec_bands_threads=1))
-    assert bool(default_bands.conv_pool_bands) == (threads == 1)
-    assert np.array_equal(banded, default_bands.run(x))
+    assert not EngineTuning().ocvec_bands  # by default the channel-vector route runs unbanded
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -77,8 +77,7 @@ def main() -> None:
                     seconds[threads].setdefault(id(part), []).append(np.array(part.program.step_seconds()))
     medians = {t: {key: np.median(np.stack(v), axis=0) * 1e6 for key, v in seconds[t].items()} for t in engines}
     # per engine, layer index -> (step kinds, us); None where every run of it was left out. A conv
-    # and its pooling banded in either engine are one row in both (the bands are a thread-count
-    # choice: EngineTuning.ocvec_bands_threads).
+    # and its pooling banded in either engine are one row in both.
     banded = set().union(*(part.banded for e in engines.values() for part in e.compiled_runs or ()
                            if isinstance(part, CompiledRun)))
     layers: dict[int, dict[int, tuple[set[str], float | None]]] = {}

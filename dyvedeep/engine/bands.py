@@ -42,13 +42,12 @@ class ConvPoolBands:
 
 
 def plan_conv_pool_bands(plan: Plan, index: int, cp: ConvPlan, readers: dict[str, list[int]],
-                         tuning: EngineTuning, threads: int) -> ConvPoolBands | None:
-    """The band plan of conv layer ``index`` with the max-pooling after it in an engine of
-    ``threads`` threads, or None when the pair does not qualify (see
-    EngineTuning.conv_pool_min_bytes and ocvec_bands_threads)."""
+                         tuning: EngineTuning) -> ConvPoolBands | None:
+    """The band plan of conv layer ``index`` with the max-pooling after it, or None when the
+    pair does not qualify (see EngineTuning.conv_pool_min_bytes and ocvec_bands)."""
     layer, geom, route = cp.layer, cp.geom, cp.route
     if (index + 1 >= len(plan.layers) or geom.groups != 1 or route.name not in ("direct", "phase", "ocvec")
-            or cp.knobs is not None or (route.name == "ocvec" and threads > tuning.ocvec_bands_threads)):
+            or cp.knobs is not None or (route.name == "ocvec" and not tuning.ocvec_bands)):
         return None
     pool = plan.layers[index + 1]
     if (pool.op != Op.MAXPOOL or pool.inputs != [layer.output] or readers.get(layer.output) != [index + 1]

@@ -132,7 +132,7 @@ class Engine:
         self.conv_pool_bands: dict[int, ConvPoolBands] = {}  # conv layer index -> its bands
         for i, layer in enumerate(plan.layers):
             if layer.op == Op.CONV and layer.output not in self.in_place:
-                bands = plan_conv_pool_bands(plan, i, self.layer_plans[layer.name], readers, tuning, self.threads)
+                bands = plan_conv_pool_bands(plan, i, self.layer_plans[layer.name], readers, tuning)
                 if bands is not None:
                     self.conv_pool_bands[i] = bands
                     geom = self.layer_plans[layer.name].geom

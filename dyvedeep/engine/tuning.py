@@ -101,13 +101,14 @@ class EngineTuning:
     #: (AVX2 tiles; docs/notes/2026-12-05-claimed-units.md). The AVX-512 tiles were measured
     #: on one thread only.
     ocvec_strided_threads: int = {"avx2": 2, "avx512": 1}.get(K.ISA, 0)
-    #: A conv on the channel-vector route runs band by band with its max-pooling (ConvPoolBands)
-    #: only in engines of at most this many threads. On two threads of the AVX2 host the bands
-    #: (each a conv step and a pooling step) cost more than the L2 they keep: SqueezeNet v1.1's
-    #: conv1 + pool1 took 840-910 us banded, 745-750 us whole, the network 0.98x-0.99x the time
-    #: whole, SqueezeNet v1.0 0.93x; on one thread 1.015x and 0.985x
-    #: (docs/notes/2026-12-05-yardstick-and-unrolling.md).
-    ocvec_bands_threads: int = 1
+    #: Whether a conv on the channel-vector route runs band by band with its max-pooling
+    #: (ConvPoolBands). Not by default: on two threads of the AVX2 host the bands (each a conv
+    #: step and a pooling step) cost more than the L2 they keep (SqueezeNet v1.1's conv1 + pool1
+    #: 840-910 us banded, 745-750 us whole; the network 0.98x-0.99x the time whole, SqueezeNet
+    #: v1.0 0.93x), and on one thread they gained 0.985x-1.015x. The same choice on any number
+    #: of threads, so that the executed MACs (a band's shared rows count twice) do not depend on
+    #: it (docs/notes/2026-12-05-yardstick-and-unrolling.md).
+    ocvec_bands: bool = False
 
 
 DEFAULT_TUNING = EngineTuning()
