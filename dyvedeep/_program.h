@@ -2,12 +2,12 @@
  *
  * A step is one dense-path kernel over a layer (or a group, or a band of rows of one) with the
  * number of threads that share it out: padding, phase planes, the direct and panel convolution
- * routes, unfolding and GEMM, max and average pooling, channel means, residual Adds,
- * fully-connected layers; and SFMA
- * alone in a conv layer (its statistic, its choice of maps, its constant). dv_run_steps runs a list
- * of them inside one parallel region, each thread doing its share of a step and then waiting
- * at a barrier for the others before the next step (the channel-vector step's shares are of
- * units that a thread done with its own takes from the others: dv_claim). The wrappers of
+ * routes, unfolding and GEMM, max and average pooling, channel means, residual Adds, the
+ * product of a fully-connected layer; and SFMA alone in a conv layer (its statistic, its choice
+ * of maps, its constant). dv_run_steps runs a list of them inside one parallel region, each
+ * thread doing its share of a step and then waiting at a barrier for the others before the next
+ * step (the channel-vector step's shares are of units that a thread done with its own takes
+ * from the others: dv_claim). The wrappers of
  * _kernels.pyx either run their steps at once or append them to a Program, which holds a whole
  * run of dense layers (docs/engine.md: one parallel region per image instead of one per kernel
  * call). Each share is the same kernel call either way, so every output is computed by the
