@@ -181,12 +181,12 @@ def test_bench_load_times_idle_and_loaded_blocks(tmp_path, capsys, small_model, 
                                                               / result[f"latency_{name}_ms"])
     assert result["latency_dense_1thread_ms"] > 0 and result["latency_dense_1thread_loaded_ms"] > 0
     assert "loaded / idle" in out and "2 threads / 1 thread" in out
-    # the reference loops, on 2 threads and on 1, each sized to the dense engine's idle time there
-    for name, engine in (("reference", "dense"), ("reference_1thread", "dense_1thread")):
-        assert result[f"latency_{name}_loaded_ms"] > 0
+    # the reference loops, on 2 threads and on 1 (each sized to the dense engine's idle time
+    # there; not checked: a network this small runs its two-thread engine on one thread or two)
+    for name in ("reference", "reference_1thread"):
+        assert result[f"latency_{name}_ms"] > 0 and result[f"latency_{name}_loaded_ms"] > 0
         assert result[f"load_ratio_{name}"] == pytest.approx(result[f"latency_{name}_loaded_ms"]
                                                               / result[f"latency_{name}_ms"])
-        assert 0.2 < result[f"latency_{name}_ms"] / result[f"latency_{engine}_ms"] < 5
     assert "reference loop" in out and f"{result['load_ratio_reference']:.2f}x" in out
     assert child_pids() == before
 
