@@ -340,7 +340,8 @@ def test_conv_and_maxpool_run_band_by_band_bit_exactly(tmp_path, conv_attrs, poo
     bands here: several, each sharing rows with the next): the same floats as layer by layer,
     both layers counted, and forward without bands still gives the conv's own output. Threads
     share out the conv's 8-row blocks of weights (rows_first, three blocks here) or its tiles."""
-    tuning = EngineTuning(parallel_min_work=0, conv_pool_min_bytes=0, conv_pool_rows_first=rows_first,
+    tuning = EngineTuning(parallel_min_work=0, conv_pool_bands=True, conv_pool_min_bytes=0,
+                          conv_pool_rows_first=rows_first,
                           conv_pool_band_bytes=4 * 20 * 18 * 5)  # 5 rows of 18, 2 of 37
     path, x = conv_relu_maxpool(tmp_path / "f.onnx", conv_attrs, pool_attrs, cout=20)
     plan = build_plan(path)
@@ -366,11 +367,11 @@ def test_conv_and_maxpool_run_band_by_band_bit_exactly(tmp_path, conv_attrs, poo
 def test_strided_conv_on_the_channel_vector_route(tmp_path, conv_attrs, pool_attrs, threads):
     """A strided conv takes the channel-vector route (ocvec_strided_threads; 32 output
     channels, a multiple of ocvec_channel_multiple) and, feeding a max-pooling, runs with it
-    band by band (ocvec_bands), each thread pooling the rows it computed: the same floats as its
+    band by band (conv_pool_bands), each thread pooling the rows it computed: the same floats as its
     own route (phase or panel) and as layer by layer, onnxruntime's, both layers counted once
     per image; unbanded (the output too small for bands) the same floats again."""
     tuning = EngineTuning(parallel_min_work=0, conv_pool_min_bytes=0, ocvec_channel_multiple=16,
-                          ocvec_strided_threads=3, ocvec_bands=True, conv_pool_band_bytes=4 * 32 * 18 * 5)
+                          ocvec_strided_threads=3, conv_pool_bands=True, conv_pool_band_bytes=4 * 32 * 18 * 5)
     path, x = conv_relu_maxpool(tmp_path / "s.onnx", conv_attrs, pool_attrs, cout=32)
     plan = build_plan(path)
     engine = Engine(plan, threads=threads, tuning=tuning)
@@ -388,7 +389,7 @@ def test_strided_conv_on_the_channel_vector_route(tmp_path, conv_attrs, pool_att
     assert not unbanded.conv_pool_bands and [st.route.name for st in unbanded.layer_plans.values()] == ["ocvec"]
     assert np.array_equal(banded, unbanded.run(x))
     assert EngineTuning().ocvec_strided_threads == {"avx2": 2, "avx512": 1}.get(K.ISA, 0)
-    assert not EngineTuning().ocvec_bands  # by default the channel-vector route runs unbanded
+    assert EngineTuning().conv_pool_bands == (K.ISA != "avx2")  # decided per instruction set
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -460,7 +461,8 @@ def test_compiled_runs_equal_python_dispatch(tmp_path, threads):
     """Engine.run through compiled runs (one parallel region per run of dense layers) gives the
     floats and op counts of the kernels called one by one from Python, on every image of a
     batch (the steps read each image, not the one they were built with)."""
-    tuning = EngineTuning(conv_pool_min_bytes=0, conv_pool_band_bytes=4 * 8 * 16 * 5,  # 5 of 24 rows
+    tuning = EngineTuning(conv_pool_bands=True, conv_pool_min_bytes=0,
+                          conv_pool_band_bytes=4 * 8 * 16 * 5,  # 5 of 24 rows
                           ocvec_pointwise=False)
     path = mixed_network(tmp_path)
     plan = build_plan(path)
@@ -489,7 +491,7 @@ def test_profiled_programs_time_every_step_of_each_layer(tmp_path, threads):
     banded conv and its pooling: one); with ``profiling`` on, a run keeps one time per step (kinds
     named), each >= 0, summing to at most the run's wall time, and the floats do not change;
     an append forgets the times, and a program not profiled has none."""
-    tuning = EngineTuning(conv_pool_min_bytes=0, conv_pool_band_bytes=4 * 8 * 16 * 5)
+    tuning = EngineTuning(conv_pool_bands=True, conv_pool_min_bytes=0, conv_pool_band_bytes=4 * 8 * 16 * 5)
     plan = build_plan(mixed_network(tmp_path))
     x = RNG.normal(0, 1, (1, *plan.input_shape)).astype(np.float32)
     engine = Engine(plan, threads=threads, tuning=tuning)

@@ -217,7 +217,8 @@ def test_conv_run_band_by_band_executes_the_shared_rows_twice(tmp_path):
     pooled 3x3 / 2 with padding 1, in bands of one pooled row: conv rows 0-1, then 2p-1..2p+1
     for p = 1..18, then 37-38: 2 + 18 x 3 + 2 = 58 rows run for 39. Layer by layer (forward,
     no bands) the dense MACs."""
-    tuning = EngineTuning(parallel_min_work=0, conv_pool_min_bytes=0, conv_pool_band_bytes=4 * 6 * 18 * 5)
+    tuning = EngineTuning(parallel_min_work=0, conv_pool_bands=True, conv_pool_min_bytes=0,
+                          conv_pool_band_bytes=4 * 6 * 18 * 5)
     nodes = [helper.make_node("Conv", ["data", "W", "b"], ["a"], name="a", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["r"], name="r"),
              helper.make_node("MaxPool", ["r"], ["out"], name="p", kernel_shape=[3, 3], strides=[2, 2],

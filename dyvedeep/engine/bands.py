@@ -44,10 +44,10 @@ class ConvPoolBands:
 def plan_conv_pool_bands(plan: Plan, index: int, cp: ConvPlan, readers: dict[str, list[int]],
                          tuning: EngineTuning) -> ConvPoolBands | None:
     """The band plan of conv layer ``index`` with the max-pooling after it, or None when the
-    pair does not qualify (see EngineTuning.conv_pool_min_bytes and ocvec_bands)."""
+    pair does not qualify (see EngineTuning.conv_pool_bands and conv_pool_min_bytes)."""
     layer, geom, route = cp.layer, cp.geom, cp.route
-    if (index + 1 >= len(plan.layers) or geom.groups != 1 or route.name not in ("direct", "phase", "ocvec")
-            or cp.knobs is not None or (route.name == "ocvec" and not tuning.ocvec_bands)):
+    if (not tuning.conv_pool_bands or index + 1 >= len(plan.layers) or geom.groups != 1
+            or route.name not in ("direct", "phase", "ocvec") or cp.knobs is not None):
         return None
     pool = plan.layers[index + 1]
     if (pool.op != Op.MAXPOOL or pool.inputs != [layer.output] or readers.get(layer.output) != [index + 1]

@@ -21,6 +21,15 @@ class EngineTuning:
     #: kernels take (SqueezeNet on 2 threads: 1M ran 5 % faster than 2M, 0.5M no better). In a
     #: compiled run every step is shared by all threads: a barrier costs far less.
     parallel_min_work: int = 1_000_000
+    #: Whether a conv layer and the max-pooling that alone reads it may run band by band
+    #: (ConvPoolBands, below). Not with the AVX2 tiles: there SqueezeNet's strided conv1 takes the
+    #: channel-vector route on one and two threads, and on two its bands (each a conv step and a
+    #: pooling step) cost more than the L2 they keep (conv1 + pool1 840-910 us banded, 745-750 us
+    #: whole; the network 0.98x-0.99x the time whole, SqueezeNet v1.0 0.93x; on one thread
+    #: 0.985x-1.015x). Decided per instruction set, never per thread count: the route of a layer
+    #: may differ with the threads, and a band's shared rows count twice in the executed MACs,
+    #: which must not depend on them (docs/notes/2026-12-05-yardstick-and-unrolling.md).
+    conv_pool_bands: bool = K.ISA != "avx2"
     #: A conv layer on the direct or phase route (no knobs) whose only reader is a max-pooling
     #: runs with it band by band of output rows (ConvPoolBands) when its output has at least this
     #: many bytes: each band of the conv output is pooled while it is still in L2, instead of the
@@ -101,14 +110,6 @@ class EngineTuning:
     #: (AVX2 tiles; docs/notes/2026-12-05-claimed-units.md). The AVX-512 tiles were measured
     #: on one thread only.
     ocvec_strided_threads: int = {"avx2": 2, "avx512": 1}.get(K.ISA, 0)
-    #: Whether a conv on the channel-vector route runs band by band with its max-pooling
-    #: (ConvPoolBands). Not by default: on two threads of the AVX2 host the bands (each a conv
-    #: step and a pooling step) cost more than the L2 they keep (SqueezeNet v1.1's conv1 + pool1
-    #: 840-910 us banded, 745-750 us whole; the network 0.98x-0.99x the time whole, SqueezeNet
-    #: v1.0 0.93x), and on one thread they gained 0.985x-1.015x. The same choice on any number
-    #: of threads, so that the executed MACs (a band's shared rows count twice) do not depend on
-    #: it (docs/notes/2026-12-05-yardstick-and-unrolling.md).
-    ocvec_bands: bool = False
 
 
 DEFAULT_TUNING = EngineTuning()
