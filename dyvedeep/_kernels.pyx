@@ -16,7 +16,7 @@ from libc.math cimport exp, expf, powf, sqrt, fabs
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-from scipy.linalg.cython_blas cimport sgemm, sgemv, sdot
+from scipy.linalg.cython_blas cimport sgemm, sdot
 
 import numpy as np
 cimport numpy as cnp

@@ -5,8 +5,9 @@ measured in one run (the engines alternate in blocks of images).
 
 Every compiled program of both dense engines keeps its steps' clock readings
 (``Program.profiling``); per layer (a conv and its max-pooling count as one where either engine
-runs them band by band), the median over images of its steps' seconds is printed for one thread and for ``--threads``,
-with their ratio (the speed-up of the layer), the step kinds, and the totals. A step's time runs
+runs them band by band), the median over images of its steps' seconds is printed for one
+thread and for ``--threads``, with their ratio (the speed-up of the layer), the step kinds, and
+the totals. A step's time runs
 from the end of the step before to the end of the barrier after it: the slowest thread and the
 wait for it. Runs in which a program of the several-thread engine took one thread (its
 ThreadChoice: a busy machine, or a probe) are left out and counted. Layers on the Python path
